@@ -1,0 +1,1 @@
+"""Evaluation: metric functions, full and sampled ranking, beyond-accuracy measures, reports."""

@@ -1,0 +1,1 @@
+"""Classical teachers behind one Recommender protocol: Popularity, BPR-MF, SASRec."""
