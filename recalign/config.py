@@ -1,0 +1,277 @@
+"""Recipes: pydantic models, YAML loading and `key=value` overrides; unknown keys anywhere are errors."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from recalign.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSpec(_Strict):
+    """Where the interactions come from: a source + raw files (prepared on the fly), or a prepared folder."""
+
+    source: str | None = Field(None, description="dataset source name (see `recalign data prepare --help`)")
+    raw: str | None = Field(None, description="raw file or folder the source reads (not needed for `synthetic`)")
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword options of the source")
+    path: str | None = Field(None, description="a folder written by `recalign data prepare` (instead of source)")
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> "DataSpec":
+        if (self.source is None) == (self.path is None):
+            raise ValueError("give exactly one of 'source' (with 'raw' and 'options') or 'path'")
+        if self.path is not None and (self.raw is not None or self.options):
+            raise ValueError("'raw' and 'options' belong to 'source', not to 'path'")
+        return self
+
+
+class SplitSpec(_Strict):
+    """How interactions are split into train / (train2) / valid / test."""
+
+    kind: Literal["leave_one_out", "global_temporal", "random"] = "leave_one_out"
+    fractions: list[float] | None = Field(
+        None, description="global_temporal: train1, train2, valid, test (default 0.6 0.1 0.1 0.2); "
+                          "random: train, valid, test (default 0.8 0.1 0.1)")
+    seed: int | None = Field(None, description="random split seed (default: the recipe seed)")
+    kcore: int | list[int] | None = Field(None, description="k-core filter before splitting: k or [k_user, k_item]")
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions_sum_to_one(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (any(f < 0 for f in value) or abs(sum(value) - 1.0) > 1e-6):
+            raise ValueError(f"fractions must be non-negative and sum to 1, got {value}")
+        return value
+
+    @field_validator("kcore")
+    @classmethod
+    def _kcore_pair(cls, value: int | list[int] | None) -> int | list[int] | None:
+        if isinstance(value, list) and len(value) != 2:
+            raise ValueError("kcore is k or [k_user, k_item]")
+        return value
+
+
+class EvalSpec(_Strict):
+    """How every stage is evaluated (one evaluator for all, so numbers are comparable)."""
+
+    ks: list[int] = Field(default_factory=lambda: [1, 5, 10, 20], description="cut-offs K of the @K metrics")
+    protocol: Literal["full", "sampled"] = Field("full", description="rank all items, or target + n_negatives")
+    n_negatives: int = Field(100, ge=1, description="negatives per user for the sampled protocol")
+    exclude_history: bool = Field(True, description="never recommend items the user already interacted with")
+    table: list[str] | None = Field(
+        None, description="metric columns of the results table (default: hr/ndcg/recall/mrr at 10)")
+
+    @field_validator("ks")
+    @classmethod
+    def _positive_ks(cls, value: list[int]) -> list[int]:
+        if not value or any(k < 1 for k in value):
+            raise ValueError("ks must be a non-empty list of positive integers")
+        return sorted(set(value))
+
+
+class StageSpec(_Strict):
+    """One step of a recipe: a unique name, a registered kind and that kind's params."""
+
+    name: str = Field(description="unique name; also the stage's folder under stages/")
+    kind: str = Field(description="a kind registered in recalign.stages.STAGE_KINDS")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not value or not all(c.isalnum() or c in "-_." for c in value) or value.startswith("."):
+            raise ValueError(f"stage name {value!r} must be letters, digits, '-', '_' or '.'")
+        return value
+
+
+class Recipe(_Strict):
+    """A whole experiment: data, split, evaluation protocol and the stages to run in order."""
+
+    name: str = Field(description="run name; the default run folder is runs/<name>")
+    description: str = ""
+    seed: int = Field(0, description="seed of every stage (python, numpy, torch)")
+    data: DataSpec
+    split: SplitSpec = Field(default_factory=SplitSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    stages: list[StageSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_stage_names(self) -> "Recipe":
+        seen: set[str] = set()
+        for stage in self.stages:
+            if stage.name in seen:
+                raise ValueError(f"two stages are named {stage.name!r}")
+            seen.add(stage.name)
+        return self
+
+    def stage(self, name: str) -> StageSpec:
+        """The stage called `name`."""
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise ConfigError(f"no stage named {name!r}; stages: {', '.join(s.name for s in self.stages)}")
+
+    def to_yaml(self) -> str:
+        """The resolved recipe (defaults filled in) as YAML."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+# ---- loading --------------------------------------------------------------------------------------
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """Parse a YAML mapping; syntax errors name file:line."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{file}: no such recipe file")
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{file}:{mark.line + 1}" if mark is not None else str(file)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{file}: not UTF-8 text ({exc.reason})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: a recipe is a YAML mapping (name, seed, data, split, eval, stages)")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `a.b.c=value` into (["a", "b", "c"], value parsed as a YAML scalar or flow list)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} must look like key=value (dotted key, e.g. stages.sasrec.params.epochs=5)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # not YAML: keep the literal text (e.g. a path with a colon)
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Return a copy of the raw recipe dict with each `key=value` applied; stages are addressed by name."""
+    result = copy.deepcopy(raw)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node: Any = result
+        walked: list[str] = []
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                node, index = _list_child(node, part, walked, text)
+                walked.append(part)
+                if last:
+                    raise ConfigError(f"override {text!r}: cannot replace a whole stage; set its fields instead")
+                continue
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: '{'.'.join(walked)}' is not a mapping")
+            walked.append(part)
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+    return result
+
+
+def _list_child(items: list, part: str, walked: list[str], text: str) -> tuple[Any, int]:
+    """Find a stage in the stages list by name (or by index)."""
+    for index, entry in enumerate(items):
+        if isinstance(entry, dict) and entry.get("name") == part:
+            return entry, index
+    if part.isdigit() and int(part) < len(items):
+        return items[int(part)], int(part)
+    names = [str(e.get("name")) for e in items if isinstance(e, dict)]
+    raise ConfigError(f"override {text!r}: no stage named {part!r} under '{'.'.join(walked)}'; "
+                      f"stages: {', '.join(names) or '(none)'}")
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe YAML, apply `key=value` overrides and validate everything (stage params included)."""
+    raw = read_yaml(path)
+    return recipe_from_dict(apply_overrides(raw, overrides or []), source=str(path),
+                            override_keys=[parse_override(o)[0] for o in overrides or []])
+
+
+def recipe_from_dict(raw: dict, source: str = "<recipe>", override_keys: list[list[str]] | None = None) -> Recipe:
+    """Validate a recipe mapping; errors name the full dotted key and where it came from."""
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, raw, source, override_keys or [])) from None
+    for stage in recipe.stages:
+        stage.params = validate_stage_params(stage, source=source, override_keys=override_keys or [])
+    return recipe
+
+
+def validate_stage_params(stage: StageSpec, source: str = "<recipe>",
+                          override_keys: list[list[str]] | None = None) -> dict:
+    """Check a stage's params against its kind's params model; returns the params with defaults filled in."""
+    from recalign.stages import STAGE_KINDS, get_stage
+
+    if stage.kind not in STAGE_KINDS:
+        raise ConfigError(f"{source}: stages.{stage.name}.kind: unknown stage kind {stage.kind!r}; "
+                          f"choose one of: {', '.join(sorted(STAGE_KINDS))}")
+    try:
+        model = get_stage(stage.kind).params
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"{source}: stages.{stage.name}.kind: stage kind {stage.kind!r} is not available "
+                          f"({exc})") from None
+    try:
+        return model.model_validate(stage.params).model_dump(mode="json")
+    except ValidationError as exc:
+        prefix = ["stages", stage.name, "params"]
+        raise ConfigError(_describe(exc, None, source, override_keys or [], prefix=prefix)) from None
+
+
+def _describe(exc: ValidationError, raw: dict | None, source: str, override_keys: list[list[str]],
+              prefix: list[str] | None = None) -> str:
+    """One line for the first validation error: where, the dotted key (stages by name) and what was wrong."""
+    first = exc.errors()[0]
+    loc = list(prefix or []) + [str(p) for p in first.get("loc", ())]
+    loc = _name_stages(loc, raw)
+    key = ".".join(loc) or "(top level)"
+    kind = first.get("type", "")
+    if kind == "extra_forbidden":
+        what = "unknown key"
+    elif kind == "missing":
+        what = "missing required key"
+    else:
+        what = first.get("msg", "invalid value")
+        if first.get("input") is not None and kind not in ("model_type", "dict_type"):
+            what += f" (got {first['input']!r})"
+    from_override = bool(loc) and any(loc[:len(k)] == k or k[:len(loc)] == loc for k in override_keys)
+    origin = f"{source} (override)" if from_override else source
+    return f"{origin}: {key}: {what}"
+
+
+def _name_stages(loc: list[str], raw: dict | None) -> list[str]:
+    """Replace `stages.<index>` by `stages.<name>` so users see the name they wrote."""
+    if raw is None or len(loc) < 2 or loc[0] != "stages" or not loc[1].isdigit():
+        return loc
+    stages = raw.get("stages")
+    index = int(loc[1])
+    if isinstance(stages, list) and index < len(stages) and isinstance(stages[index], dict) \
+            and isinstance(stages[index].get("name"), str):
+        return [loc[0], stages[index]["name"], *loc[2:]]
+    return loc
+
+
+def stable_hash(value: Any) -> str:
+    """A short hash of a JSON-able value (keys sorted), used to notice changed stage configs."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]

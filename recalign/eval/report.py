@@ -1,0 +1,133 @@
+"""Results tables (rich, Markdown) from the metrics.json files of run folders."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from rich.table import Table
+
+from recalign.errors import RecalignError
+
+DEFAULT_COLUMNS = ("hr@10", "ndcg@10", "recall@10", "mrr@10")
+TIME_KEYS = ("train_seconds", "stage_seconds")
+
+
+def read_run_metrics(run_dir: str | os.PathLike) -> dict:
+    """The run's metrics.json: {"recipe", "dataset", "seed", "stages": {name: metrics}}."""
+    path = Path(run_dir) / "metrics.json"
+    if not Path(run_dir).is_dir():
+        raise RecalignError(f"{run_dir}: no such run folder")
+    if not path.is_file():
+        raise RecalignError(f"{run_dir}: no metrics.json (has the run finished a stage?)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RecalignError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+
+
+def choose_columns(stages: dict[str, dict], wanted: list[str] | None = None) -> list[str]:
+    """Metric columns: the requested ones, else the default @10 metrics that at least one stage reports."""
+    if wanted:
+        return list(wanted)
+    present = {key for metrics in stages.values() for key in metrics}
+    columns = [c for c in DEFAULT_COLUMNS if c in present]
+    if not columns:  # no @10: fall back to the largest K each metric family reports
+        columns = sorted(k for k in present if "@" in k)[:4]
+    return columns
+
+
+def stage_seconds(metrics: dict) -> float | None:
+    """Training time when the stage reports it, else the stage's wall time."""
+    for key in TIME_KEYS:
+        if isinstance(metrics.get(key), (int, float)):
+            return float(metrics[key])
+    return None
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, bool) or value is None:
+        return "-" if value is None else str(value)
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def table_rows(stages: dict[str, dict], columns: list[str]) -> list[list[str]]:
+    """One row per stage: name, kind/model, the metric columns and the time."""
+    rows = []
+    for name, metrics in stages.items():
+        model = metrics.get("model") or metrics.get("kind") or ""
+        seconds = stage_seconds(metrics)
+        rows.append([name, str(model), *[_cell(metrics.get(c)) for c in columns],
+                     "-" if seconds is None else f"{seconds:.1f}"])
+    return rows
+
+
+def results_table(summary: dict, columns: list[str] | None = None, title: str | None = None) -> Table:
+    """A rich table: rows = stages, columns = metrics + train time."""
+    stages = summary.get("stages", {})
+    columns = choose_columns(stages, columns)
+    table = Table(title=title or f"{summary.get('recipe', 'run')} (dataset {summary.get('dataset', '?')})")
+    table.add_column("stage", style="bold")
+    table.add_column("model")
+    for column in columns:
+        table.add_column(column.upper().replace("RECALL", "Recall").replace("NDCG", "NDCG"), justify="right")
+    table.add_column("train s", justify="right")
+    for row in table_rows(stages, columns):
+        table.add_row(*row)
+    return table
+
+
+def markdown_table(summary: dict, columns: list[str] | None = None) -> str:
+    """The same table as GitHub Markdown."""
+    stages = summary.get("stages", {})
+    columns = choose_columns(stages, columns)
+    header = ["stage", "model", *columns, "train s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(columns) + 1)) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(stages, columns)]
+    return "\n".join(lines)
+
+
+def write_report(run_dir: str | os.PathLike, columns: list[str] | None = None) -> Path:
+    """Write run_dir/report.md: what ran on which data, the results table, every metric per stage."""
+    from recalign.runs import write_atomic
+
+    folder = Path(run_dir)
+    summary = read_run_metrics(folder)
+    if columns is None:
+        columns = _recipe_columns(folder)
+    dataset = {}
+    if (folder / "dataset.json").is_file():
+        dataset = json.loads((folder / "dataset.json").read_text())
+    lines = [f"# Run `{summary.get('recipe', folder.name)}`", ""]
+    if dataset:
+        counts = dataset.get("counts", {})
+        lines += [f"Dataset `{dataset.get('name')}` (source `{dataset.get('source')}`, fingerprint "
+                  f"`{dataset.get('fingerprint')}`): {counts.get('users')} users, {counts.get('items')} items, "
+                  f"{counts.get('interactions')} interactions; split `{dataset.get('split', {}).get('kind')}`; "
+                  f"seed {summary.get('seed')}.", ""]
+    lines += ["## Results", "", markdown_table(summary, columns), "",
+              "The resolved recipe is `config.yaml`; per-stage artifacts are under `stages/<name>/`.", "",
+              "## All metrics", ""]
+    for name, metrics in summary.get("stages", {}).items():
+        lines += [f"### {name}", "", "| metric | value |", "|---|---:|"]
+        lines += [f"| {k} | {_cell(v)} |" for k, v in metrics.items() if not isinstance(v, (dict, list))]
+        lines.append("")
+    path = folder / "report.md"
+    write_atomic(path, "\n".join(lines))
+    return path
+
+
+def _recipe_columns(folder: Path) -> list[str] | None:
+    """The `eval.table` columns of the run's recipe, when it set them."""
+    import yaml
+
+    config = folder / "config.yaml"
+    if not config.is_file():
+        return None
+    try:
+        return (yaml.safe_load(config.read_text()) or {}).get("eval", {}).get("table")
+    except yaml.YAMLError:
+        return None

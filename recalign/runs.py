@@ -1,0 +1,385 @@
+"""Run folders: resolved config, dataset fingerprint, one folder per stage, resume, seeding, metrics and report.
+
+Layout of a run folder:
+    config.yaml            the resolved recipe (defaults filled in, overrides applied)
+    dataset.json           fingerprint and counts of the dataset the stages saw
+    data/                  the prepared dataset (when the recipe names a source), reused on re-runs
+    stages/<name>/         each stage's artifacts + metrics.json + DONE (written last, via a temp folder rename)
+    metrics.json           every finished stage's metrics
+    log.txt  report.md
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+import torch
+
+from recalign.config import DataSpec, Recipe, SplitSpec, StageSpec, stable_hash
+from recalign.data.dataset import Dataset
+from recalign.errors import ConfigError, RecalignError
+
+if TYPE_CHECKING:
+    from recalign.data.split import Split
+    from recalign.teachers.base import Recommender
+
+DONE = "DONE"
+
+
+# ---- small file helpers ---------------------------------------------------------------------------
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write text to `path` via a temp file in the same folder and a rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Atomically write pretty JSON."""
+    write_atomic(path, json.dumps(value, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch global generators (components still take explicit seeds)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+# ---- the context a stage runs in --------------------------------------------------------------------
+
+@dataclass
+class RunContext:
+    """What a stage sees: its folder, the dataset and split, the seed, the recipe, and earlier stages' outputs."""
+
+    run_dir: Path
+    stage_dir: Path
+    dataset: Dataset
+    split: "Split | None"
+    seed: int
+    progress: bool
+    recipe: Recipe
+    stage: StageSpec | None = None
+    echo: Callable[[str], None] | None = field(default=None, repr=False)
+
+    def stage_output(self, name: str) -> Path:
+        """The folder of an earlier, finished stage."""
+        folder = self.run_dir / "stages" / name
+        if not (folder / DONE).is_file():
+            names = [s.name for s in self.recipe.stages]
+            hint = "" if name in names else f"; stages: {', '.join(names)}"
+            raise ConfigError(f"stage {name!r} has not finished in {self.run_dir}{hint}")
+        return folder
+
+    def load_teacher(self, stage_name: str) -> "Recommender":
+        """Load the teacher a finished "teacher" stage saved under its `model/` folder."""
+        return load_teacher_dir(self.stage_output(stage_name) / "model")
+
+    def log(self, message: str) -> None:
+        """Append a timestamped line to the run's log.txt (and echo it when progress is on)."""
+        prefix = f"[{self.stage.name}] " if self.stage is not None else ""
+        append_log(self.run_dir, prefix + message)
+        if self.echo is not None and self.progress:
+            self.echo(prefix + message)
+
+    def evaluate(self, model: "Recommender", part: str = "test", **overrides: Any) -> dict:
+        """Evaluate a recommender with the recipe's protocol (ks, full/sampled, history exclusion, seed)."""
+        from recalign.eval.evaluate import evaluate
+
+        spec = self.recipe.eval
+        options = dict(ks=tuple(spec.ks), protocol=spec.protocol, n_negatives=spec.n_negatives, seed=self.seed,
+                       exclude_history=spec.exclude_history, progress=self.progress)
+        options.update(overrides)
+        if self.split is None:
+            raise ConfigError("this recipe has no split to evaluate on")
+        return evaluate(model, self.dataset, self.split, part=part, **options)
+
+
+def load_teacher_dir(folder: Path) -> "Recommender":
+    """Load a teacher saved with `Recommender.save` (its teacher.json names the class)."""
+    from recalign.teachers.registry import get_teacher
+
+    meta_file = folder / "teacher.json"
+    if not meta_file.is_file():
+        raise RecalignError(f"{folder}: no saved teacher here (teacher.json missing)")
+    try:
+        name = json.loads(meta_file.read_text())["teacher"]
+    except (json.JSONDecodeError, KeyError):
+        raise RecalignError(f"{meta_file}: not a teacher description") from None
+    return get_teacher(name).load(folder)
+
+
+def append_log(run_dir: Path, message: str) -> None:
+    """Append one timestamped line to run_dir/log.txt."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "log.txt", "a", encoding="utf-8") as out:
+        out.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+
+
+# ---- data and split ---------------------------------------------------------------------------------
+
+def _raw_signature(raw: str | None) -> list:
+    """Names, sizes and mtimes of the raw files, to notice when a cached preparation is stale."""
+    if raw is None:
+        return []
+    path = Path(raw)
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+    else:
+        raise RecalignError(f"{raw}: no such file or folder")
+    return [[str(p.relative_to(path) if path.is_dir() else p.name), p.stat().st_size, p.stat().st_mtime_ns]
+            for p in files]
+
+
+def prepare_data(spec: DataSpec, cache_dir: Path | None = None) -> Dataset:
+    """The recipe's dataset: load `path`, or prepare `source` from `raw` (reusing `cache_dir` when unchanged).
+
+    Nothing is written to `cache_dir` unless preparation succeeds.
+    """
+    if spec.path is not None:
+        folder = Path(spec.path)
+        if not folder.exists():
+            raise RecalignError(f"{folder}: no such dataset folder")
+        return Dataset.load(folder)
+    from recalign.data.sources import prepare_source
+
+    key = _prepare_key(spec)
+    if cache_dir is not None and (cache_dir / "dataset.json").is_file() and (cache_dir / "prepare.json").is_file():
+        try:
+            if json.loads((cache_dir / "prepare.json").read_text()) == key:
+                return Dataset.load(cache_dir)
+        except (json.JSONDecodeError, RecalignError):
+            pass  # a damaged cache is simply rebuilt
+    return prepare_source(spec.source, spec.raw, **spec.options)
+
+
+def _prepare_key(spec: DataSpec) -> dict:
+    """What a prepared dataset depends on: source, raw path, options and the raw files' sizes/mtimes."""
+    key = {"source": spec.source, "raw": str(Path(spec.raw).resolve()) if spec.raw else None,
+           "options": spec.options, "files": _raw_signature(spec.raw)}
+    return json.loads(json.dumps(key, default=str))
+
+
+def save_prepared(dataset: Dataset, spec: DataSpec, cache_dir: Path) -> None:
+    """Cache a prepared dataset in a run folder so re-runs skip preparation."""
+    dataset.save(cache_dir)
+    write_json(cache_dir / "prepare.json", _prepare_key(spec))
+
+
+def make_split(dataset: Dataset, spec: SplitSpec, seed: int) -> tuple[Dataset, "Split"]:
+    """Apply the optional k-core filter, then split; returns the (possibly filtered) dataset and the split."""
+    from recalign.data import split as splits
+
+    if spec.kcore is not None:
+        k_user, k_item = (spec.kcore, spec.kcore) if isinstance(spec.kcore, int) else spec.kcore
+        dataset = splits.kcore_filter(dataset, k_user, k_item)
+    if spec.kind == "leave_one_out":
+        if spec.fractions is not None:
+            raise ConfigError("split.fractions: leave_one_out takes no fractions")
+        return dataset, splits.leave_one_out_split(dataset)
+    if spec.kind == "global_temporal":
+        fractions = tuple(spec.fractions) if spec.fractions is not None else (0.6, 0.1, 0.1, 0.2)
+        if len(fractions) != 4:
+            raise ConfigError("split.fractions: global_temporal takes 4 fractions (train1, train2, valid, test)")
+        return dataset, splits.global_temporal_split(dataset, fractions=fractions)
+    fractions = tuple(spec.fractions) if spec.fractions is not None else (0.8, 0.1, 0.1)
+    if len(fractions) != 3:
+        raise ConfigError("split.fractions: random takes 3 fractions (train, valid, test)")
+    return dataset, splits.random_split(dataset, fractions=fractions, seed=spec.seed if spec.seed is not None else seed)
+
+
+# ---- running a recipe -------------------------------------------------------------------------------
+
+def stage_hashes(recipe: Recipe, data_fingerprint: str) -> dict[str, str]:
+    """Per stage, a hash of everything its result depends on: its own config, data, split, eval, seed, and
+    the hashes of earlier stages its params name (e.g. `teacher: bprmf`), so retraining a teacher re-runs
+    the stages built on it."""
+    common = {"data": data_fingerprint, "split": recipe.split.model_dump(mode="json"),
+              "eval": recipe.eval.model_dump(mode="json", exclude={"table"}), "seed": recipe.seed}
+    hashes: dict[str, str] = {}
+    for stage in recipe.stages:
+        deps = sorted(name for name in _strings(stage.params) if name in hashes)
+        hashes[stage.name] = stable_hash({**common, "kind": stage.kind, "params": stage.params,
+                                          "depends": {d: hashes[d] for d in deps}})
+    return hashes
+
+
+def _strings(value: Any) -> set[str]:
+    if isinstance(value, str):
+        return {value}
+    if isinstance(value, dict):
+        return set().union(*(_strings(v) for v in value.values())) if value else set()
+    if isinstance(value, (list, tuple)):
+        return set().union(*(_strings(v) for v in value)) if value else set()
+    return set()
+
+
+def stage_is_done(stage_dir: Path, config_hash: str) -> bool:
+    """True when the stage finished with this exact config (its DONE marker holds the hash)."""
+    marker = stage_dir / DONE
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("config_hash") == config_hash
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
+def run_recipe(recipe: Recipe, run_dir: str | os.PathLike, progress: bool = True,
+               echo: Callable[[str], None] | None = None) -> dict:
+    """Run every stage of a recipe in `run_dir`, skipping stages already finished with the same config.
+
+    Returns {"recipe", "dataset", "stages": {name: metrics}}, also written to run_dir/metrics.json.
+    Data preparation and the split happen before the folder is created, so bad data leaves nothing behind.
+    """
+    from recalign.eval.report import write_report
+    from recalign.stages import get_stage
+
+    run_dir = Path(run_dir)
+    raw_dataset = prepare_data(recipe.data, cache_dir=run_dir / "data")
+    dataset, split = make_split(raw_dataset, recipe.split, recipe.seed)
+    fingerprint = dataset.fingerprint()
+
+    fresh = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        if recipe.data.source is not None and not _cache_is_fresh(recipe.data, run_dir / "data"):
+            save_prepared(raw_dataset, recipe.data, run_dir / "data")
+        write_atomic(run_dir / "config.yaml", recipe.to_yaml())
+        write_json(run_dir / "dataset.json", {
+            "fingerprint": fingerprint, "name": dataset.name, "source": dataset.info.get("source"),
+            "counts": {"users": dataset.n_users, "items": dataset.n_items,
+                       "interactions": len(dataset.interactions)},
+            "split": {"kind": recipe.split.kind, "train": len(split.train), "valid": len(split.valid),
+                      "test": len(split.test), **{k: len(v) for k, v in split.extra.items()}},
+        })
+    except BaseException:
+        if fresh:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    append_log(run_dir, f"run {recipe.name}: dataset {dataset.name} ({fingerprint}), "
+                        f"{dataset.n_users} users, {dataset.n_items} items, {len(dataset.interactions)} interactions")
+
+    hashes = stage_hashes(recipe, fingerprint)
+    results: dict[str, dict] = {}
+    stages_root = run_dir / "stages"
+    stages_root.mkdir(exist_ok=True)
+    for spec in recipe.stages:
+        final = stages_root / spec.name
+        if stage_is_done(final, hashes[spec.name]):
+            results[spec.name] = json.loads((final / "metrics.json").read_text())
+            append_log(run_dir, f"[{spec.name}] finished earlier with the same config: skipped")
+            if echo is not None and progress:
+                echo(f"[{spec.name}] finished earlier with the same config: skipped")
+            continue
+        results[spec.name] = _run_stage(spec, hashes[spec.name], run_dir, dataset, split, recipe, progress, echo,
+                                        get_stage)
+        _write_summary(run_dir, recipe, fingerprint, results)
+    summary = _write_summary(run_dir, recipe, fingerprint, results)
+    write_report(run_dir)
+    return summary
+
+
+def _cache_is_fresh(spec: DataSpec, cache_dir: Path) -> bool:
+    try:
+        return (cache_dir / "dataset.json").is_file() and \
+            json.loads((cache_dir / "prepare.json").read_text()) == _prepare_key(spec)
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _run_stage(spec: StageSpec, config_hash: str, run_dir: Path, dataset: Dataset, split: "Split",
+               recipe: Recipe, progress: bool, echo: Callable[[str], None] | None, get_stage) -> dict:
+    """Run one stage in a temp folder and rename it into place when it succeeded."""
+    stage = get_stage(spec.kind)
+    params = stage.params.model_validate(spec.params)
+    final = run_dir / "stages" / spec.name
+    tmp = run_dir / "stages" / f".{spec.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    ctx = RunContext(run_dir=run_dir, stage_dir=tmp, dataset=dataset, split=split, seed=recipe.seed,
+                     progress=progress, recipe=recipe, stage=spec, echo=echo)
+    ctx.log(f"start ({spec.kind}, config {config_hash})")
+    seed_everything(recipe.seed)
+    started = time.perf_counter()
+    try:
+        metrics = stage.run(ctx, params)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        ctx.log(f"failed: {type(exc).__name__}: {exc}")
+        raise
+    seconds = time.perf_counter() - started
+    if not isinstance(metrics, dict):
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RecalignError(f"stage {spec.name!r} ({spec.kind}) returned {type(metrics).__name__}, not a dict")
+    metrics = {"kind": spec.kind, **metrics, "stage_seconds": round(seconds, 3)}
+    write_json(tmp / "metrics.json", metrics)
+    write_json(tmp / DONE, {"config_hash": config_hash, "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    ctx.log(f"done in {seconds:.1f}s")
+    return json.loads((final / "metrics.json").read_text())
+
+
+def _write_summary(run_dir: Path, recipe: Recipe, fingerprint: str, results: dict[str, dict]) -> dict:
+    summary = {"recipe": recipe.name, "dataset": fingerprint, "seed": recipe.seed, "stages": results}
+    write_json(run_dir / "metrics.json", summary)
+    return summary
+
+
+def load_run_recipe(run_dir: str | os.PathLike) -> Recipe:
+    """The resolved recipe stored in a run folder."""
+    from recalign.config import load_recipe
+
+    folder = Path(run_dir)
+    if not folder.is_dir():
+        raise RecalignError(f"{folder}: no such run folder")
+    if not (folder / "config.yaml").is_file():
+        raise RecalignError(f"{folder}: not a run folder (no config.yaml)")
+    return load_recipe(folder / "config.yaml")
+
+
+def open_run(run_dir: str | os.PathLike) -> tuple[Recipe, Dataset, "Split"]:
+    """Recipe, dataset and split of an existing run folder (for re-evaluation)."""
+    folder = Path(run_dir)
+    recipe = load_run_recipe(folder)
+    cache = folder / "data"
+    if recipe.data.source is not None and (cache / "dataset.json").is_file():
+        dataset = Dataset.load(cache)
+    else:
+        dataset = prepare_data(recipe.data)
+    dataset, split = make_split(dataset, recipe.split, recipe.seed)
+    return recipe, dataset, split
