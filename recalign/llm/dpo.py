@@ -11,6 +11,7 @@ reference from `config._name_or_path` (which may not exist on disk).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass, field
@@ -169,20 +170,17 @@ def train_dpo(model, tokenizer, pairs: Sequence[dict], settings: DPOSettings | N
         _make_active_adapter_trainable(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if not progress:
-        from datasets.utils.logging import disable_progress_bar
-
-        disable_progress_bar()  # the per-map bars of TRL's dataset preparation
     dataset = HFDataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
-    trainer = DPOTrainer(
-        model=model,
-        ref_model=ref_model,
-        args=dpo_config(settings, output_dir, progress),
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=callbacks,
-    )
+    with _dataset_progress_bars(progress):  # TRL maps the dataset three times, each with a bar
+        trainer = DPOTrainer(
+            model=model,
+            ref_model=ref_model,
+            args=dpo_config(settings, output_dir, progress),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=callbacks,
+        )
     if not progress:
         from transformers.trainer_callback import PrinterCallback
 
@@ -195,6 +193,21 @@ def train_dpo(model, tokenizer, pairs: Sequence[dict], settings: DPOSettings | N
         trained.delete_adapter("ref")
     trained.eval()
     return DPOResult(model=trained, log_history=list(trainer.state.log_history))
+
+
+@contextlib.contextmanager
+def _dataset_progress_bars(enabled: bool):
+    """Turn the `datasets` progress bars off for the block when `enabled` is False, then restore them."""
+    from datasets.utils import logging as ds_logging
+
+    was_enabled = ds_logging.is_progress_bar_enabled()
+    if not enabled and was_enabled:
+        ds_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not enabled and was_enabled:
+            ds_logging.enable_progress_bar()
 
 
 def _make_active_adapter_trainable(model) -> None:
