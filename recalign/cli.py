@@ -1,0 +1,325 @@
+"""The `recalign` command line: data, teacher, eval, run, report.
+
+Every error a user can cause prints one line `recalign: error: ...` on stderr and exits with code 2,
+leaving no half-written output folder behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from recalign.errors import ConfigError, RecalignError
+
+app = typer.Typer(
+    help="recalign: LLM- and RL-based recommendation on one data model and one evaluator.\n\n"
+         "Quick start: `recalign run recipes/demo.yaml` trains Popularity, BPR-MF and SASRec on synthetic data "
+         "and prints one results table.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
+)
+data_app = typer.Typer(help="Prepare, inspect and download datasets.", no_args_is_help=True)
+teacher_app = typer.Typer(help="Train classical teachers (popularity, bprmf, sasrec).", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(teacher_app, name="teacher")
+
+out = Console()
+err = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn errors a user can cause into one line on stderr and exit code 2."""
+    try:
+        yield
+    except RecalignError as exc:
+        _fail(str(exc), getattr(exc, "exit_code", 2))
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+        _fail(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc), 2)
+    except KeyboardInterrupt:
+        _fail("interrupted (finished stages are kept; re-run the same command to resume)", 130)
+
+
+def _fail(message: str, code: int) -> None:
+    first_line = " ".join(message.split("\n")[0].split()) or "failed"
+    typer.echo(f"recalign: error: {first_line}", err=True)
+    raise typer.Exit(code)
+
+
+def _existing(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise RecalignError(f"{path}: no such {what}")
+    return path
+
+
+def _parse_options(pairs: list[str]) -> dict:
+    """`key=value` pairs (values parsed as YAML scalars) into a nested dict."""
+    from recalign.config import parse_override
+
+    options: dict = {}
+    for pair in pairs:
+        parts, value = parse_override(pair)
+        node = options
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"option {pair!r} conflicts with an earlier option")
+        node[parts[-1]] = value
+    return options
+
+
+@contextlib.contextmanager
+def _staged_output(target: Path) -> Iterator[Path]:
+    """A temp folder next to `target`, renamed to `target` only if the block succeeds."""
+    if target.exists() and not (target / "dataset.json").is_file() and any(target.iterdir()):
+        raise RecalignError(f"{target}: exists and is not a prepared dataset; choose another --out")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp / "dataset"
+        if target.exists():
+            shutil.rmtree(target)
+        (tmp / "dataset").rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+def _source_names() -> str:
+    try:
+        from recalign.data.sources import SOURCES
+        return ", ".join(sorted(SOURCES))
+    except (ImportError, AttributeError):
+        return "see recalign/data/sources"
+
+
+@data_app.command("prepare")
+def data_prepare(
+    source: str = typer.Argument(..., help="dataset source, e.g. movielens, amazon, goodreads, steam, seqtxt, synthetic"),
+    raw: Optional[Path] = typer.Option(None, "--raw", help="raw file or folder the source reads"),
+    out_dir: Path = typer.Option(..., "--out", help="folder to write the prepared dataset into"),
+    options: Optional[List[str]] = typer.Argument(None, help="source options as key=value"),
+) -> None:
+    """Convert raw files into a prepared dataset folder (Parquet tables + dataset.json).
+
+    The folder is written to a temp path and renamed at the end, so a bad raw file leaves nothing behind.
+
+    \b
+    Examples:
+        recalign data prepare movielens --raw ../shared/data/ml-100k --out data/ml-100k
+        recalign data prepare synthetic --out data/synth n_users=200 n_items=100
+    """
+    with user_errors():
+        from recalign.data.sources import prepare_source
+
+        if raw is not None:
+            _existing(raw, "file or folder")
+        kwargs = _parse_options(options or [])
+        dataset = prepare_source(source, str(raw) if raw is not None else None, **kwargs)
+        with _staged_output(out_dir) as tmp:
+            dataset.save(tmp)
+        stats = dataset.stats()
+        out.print(f"prepared {source} -> {out_dir}: {stats['users']} users, {stats['items']} items, "
+                  f"{stats['interactions']} interactions (fingerprint {dataset.fingerprint()})")
+
+
+@data_app.command("stats")
+def data_stats(
+    folder: Path = typer.Argument(..., help="a prepared dataset folder"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+) -> None:
+    """Users, items, interactions, density and sequence-length quantiles of a prepared dataset.
+
+    \b
+    Example:
+        recalign data stats data/ml-100k --json
+    """
+    with user_errors():
+        from recalign.data.dataset import Dataset
+
+        stats = Dataset.load(_existing(folder, "dataset folder")).stats()
+        if as_json:
+            typer.echo(json.dumps(stats, indent=2))
+            return
+        table = Table(title=f"{stats['name']} ({stats.get('source')})")
+        table.add_column("statistic")
+        table.add_column("value", justify="right")
+        for key in ("users", "items", "interactions"):
+            table.add_row(key, f"{stats[key]:,}")
+        table.add_row("density", f"{stats['density']:.5f}")
+        for key in ("items_with_title", "categories"):
+            if key in stats:
+                table.add_row(key.replace("_", " "), f"{stats[key]:,}")
+        for key, value in stats["sequence_length"].items():
+            table.add_row(f"sequence length {key}", f"{value:.1f}" if isinstance(value, float) else str(value))
+        out.print(table)
+
+
+@data_app.command("download")
+def data_download(
+    name: str = typer.Argument(..., help="dataset name (see the list printed for an unknown name)"),
+    out_dir: Path = typer.Option(..., "--out", help="folder to put the raw files into"),
+    from_file: Optional[Path] = typer.Option(None, "--from", help="use an already downloaded archive/file instead"),
+) -> None:
+    """Fetch a public dataset's raw files (checked against known SHA-256 sums), or unpack a local copy.
+
+    \b
+    Examples:
+        recalign data download ml-100k --out raw/ml-100k
+        recalign data download ml-100k --out raw/ml-100k --from ~/Downloads/ml-100k.zip
+    """
+    with user_errors():
+        from recalign.data import download as downloads
+
+        if from_file is not None:
+            _existing(from_file, "file")
+        result = downloads.download(name, out_dir, from_file=from_file)
+        out.print(f"{name} -> {result if result is not None else out_dir}")
+
+
+# ---- teachers, evaluation, runs ------------------------------------------------------------------------
+
+@teacher_app.command("train")
+def teacher_train(
+    model: str = typer.Argument(..., help="teacher name: popularity, bprmf or sasrec"),
+    data: Path = typer.Option(..., "--data", help="a prepared dataset folder"),
+    run_dir: Path = typer.Option(..., "--out", help="run folder to write (model, metrics.json, report.md)"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="teacher settings as key=value, e.g. epochs=5"),
+    split: str = typer.Option("leave_one_out", "--split", help="leave_one_out | global_temporal | random"),
+    seed: int = typer.Option(0, "--seed", help="random seed"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """Train one teacher on a prepared dataset, evaluate it, and save it in a run folder.
+
+    The model is saved under RUN/stages/MODEL/model and its metrics in RUN/metrics.json.
+
+    \b
+    Examples:
+        recalign teacher train sasrec --data data/ml-100k --out runs/sasrec-ml100k epochs=20
+        recalign teacher train bprmf --data data/ml-100k --out runs/bprmf --split global_temporal
+    """
+    with user_errors():
+        from recalign.config import recipe_from_dict
+
+        _existing(data, "dataset folder")
+        params = {"model": model, **_parse_options(overrides or [])}
+        recipe = recipe_from_dict({
+            "name": run_dir.name, "seed": seed, "data": {"path": str(data)}, "split": {"kind": split},
+            "stages": [{"name": model, "kind": "teacher", "params": params}],
+        }, source="teacher train")
+        _run(recipe, run_dir, quiet)
+
+
+@app.command("run")
+def run(
+    recipe_yaml: Path = typer.Argument(..., metavar="RECIPE", help="a recipe YAML, e.g. recipes/demo.yaml"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. seed=3"),
+    run_dir: Optional[Path] = typer.Option(None, "--out", help="run folder (default runs/<recipe name>)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """Run a recipe: prepare data, split, run every stage, print one results table.
+
+    Finished stages with an unchanged config are skipped, so a killed run resumes where it stopped.
+    Overrides use dotted keys; stages are addressed by name.
+
+    \b
+    Examples:
+        recalign run recipes/demo.yaml
+        recalign run recipes/demo.yaml seed=3 stages.sasrec.params.epochs=5 eval.ks=[5,10] --out runs/demo-s3
+    """
+    with user_errors():
+        from recalign.config import load_recipe
+
+        recipe = load_recipe(recipe_yaml, overrides or [])
+        _run(recipe, run_dir if run_dir is not None else Path("runs") / recipe.name, quiet)
+
+
+def _run(recipe, run_dir: Path, quiet: bool) -> None:
+    from recalign.eval.report import results_table
+    from recalign.runs import run_recipe
+
+    summary = run_recipe(recipe, run_dir, progress=not quiet, echo=lambda line: err.print(line, highlight=False))
+    out.print(results_table(summary, recipe.eval.table))
+    out.print(f"run folder: {run_dir} (report.md, metrics.json)")
+
+
+@app.command("eval")
+def evaluate_run(
+    run: Path = typer.Argument(..., help="a run folder with teacher stages"),
+    protocol: Optional[str] = typer.Option(None, "--protocol", help="full | sampled (default: the run's)"),
+    part: str = typer.Option("test", "--part", help="test | valid"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """Re-evaluate the saved teachers of a run folder and print the results table.
+
+    \b
+    Example:
+        recalign eval runs/demo --protocol sampled
+    """
+    with user_errors():
+        from recalign.eval.report import results_table
+        from recalign.runs import DONE, RunContext, open_run
+
+        _existing(run_dir, "run folder")
+        recipe, dataset, split = open_run(run_dir)
+        if protocol is not None:
+            if protocol not in ("full", "sampled"):
+                raise ConfigError(f"--protocol: expected full or sampled, got {protocol!r}")
+            recipe.eval.protocol = protocol
+        if part not in ("test", "valid"):
+            raise ConfigError(f"--part: expected test or valid, got {part!r}")
+        rows: dict[str, dict] = {}
+        for stage in recipe.stages:
+            model_dir = run_dir / "stages" / stage.name / "model"
+            if stage.kind != "teacher" or not (run_dir / "stages" / stage.name / DONE).is_file():
+                continue
+            ctx = RunContext(run_dir=run_dir, stage_dir=run_dir / "stages" / stage.name, dataset=dataset,
+                             split=split, seed=recipe.seed, progress=not quiet, recipe=recipe, stage=stage)
+            model = ctx.load_teacher(stage.name)
+            metrics = ctx.evaluate(model, part=part)
+            rows[stage.name] = {"model": getattr(model, "name", stage.kind), **metrics}
+            del model_dir
+        if not rows:
+            raise RecalignError(f"{run_dir}: no finished teacher stage to evaluate")
+        summary = {"recipe": recipe.name, "dataset": dataset.fingerprint(), "stages": rows}
+        out.print(results_table(summary, recipe.eval.table,
+                                title=f"{recipe.name}: {part} ({recipe.eval.protocol} ranking)"))
+
+
+@app.command("report")
+def report(
+    run_dir: Path = typer.Argument(..., help="a run folder"),
+    columns: Optional[str] = typer.Option(None, "--columns", help="comma-separated metrics, e.g. hr@10,ndcg@10"),
+) -> None:
+    """(Re)write RUN/report.md from its metrics.json and print the results table.
+
+    \b
+    Example:
+        recalign report runs/demo --columns hr@5,ndcg@5,hr@10,ndcg@10
+    """
+    with user_errors():
+        from recalign.eval.report import read_run_metrics, results_table, write_report
+
+        _existing(run_dir, "run folder")
+        chosen = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
+        path = write_report(run_dir, chosen)
+        out.print(results_table(read_run_metrics(run_dir), chosen))
+        out.print(f"wrote {path}")
+
+
+def main() -> None:
+    """Entry point of the `recalign` console script."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
