@@ -119,10 +119,10 @@ def data_prepare(
         recalign data prepare synthetic --out data/synth n_users=200 n_items=100
     """
     with user_errors():
-        from recalign.data.sources import prepare_source
-
         if raw is not None:
             _existing(raw, "file or folder")
+        from recalign.data.sources import prepare_source
+
         kwargs = _parse_options(options or [])
         dataset = prepare_source(source, str(raw) if raw is not None else None, **kwargs)
         with _staged_output(out_dir) as tmp:
@@ -178,10 +178,10 @@ def data_download(
         recalign data download ml-100k --out raw/ml-100k --from ~/Downloads/ml-100k.zip
     """
     with user_errors():
-        from recalign.data import download as downloads
-
         if from_file is not None:
             _existing(from_file, "file")
+        from recalign.data import download as downloads
+
         result = downloads.download(name, out_dir, from_file=from_file)
         out.print(f"{name} -> {result if result is not None else out_dir}")
 
@@ -254,7 +254,7 @@ def _run(recipe, run_dir: Path, quiet: bool) -> None:
 
 @app.command("eval")
 def evaluate_run(
-    run: Path = typer.Argument(..., help="a run folder with teacher stages"),
+    run_dir: Path = typer.Argument(..., metavar="RUN", help="a run folder with teacher stages"),
     protocol: Optional[str] = typer.Option(None, "--protocol", help="full | sampled (default: the run's)"),
     part: str = typer.Option("test", "--part", help="test | valid"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
@@ -279,7 +279,6 @@ def evaluate_run(
             raise ConfigError(f"--part: expected test or valid, got {part!r}")
         rows: dict[str, dict] = {}
         for stage in recipe.stages:
-            model_dir = run_dir / "stages" / stage.name / "model"
             if stage.kind != "teacher" or not (run_dir / "stages" / stage.name / DONE).is_file():
                 continue
             ctx = RunContext(run_dir=run_dir, stage_dir=run_dir / "stages" / stage.name, dataset=dataset,
@@ -287,7 +286,6 @@ def evaluate_run(
             model = ctx.load_teacher(stage.name)
             metrics = ctx.evaluate(model, part=part)
             rows[stage.name] = {"model": getattr(model, "name", stage.kind), **metrics}
-            del model_dir
         if not rows:
             raise RecalignError(f"{run_dir}: no finished teacher stage to evaluate")
         summary = {"recipe": recipe.name, "dataset": dataset.fingerprint(), "stages": rows}
@@ -297,7 +295,7 @@ def evaluate_run(
 
 @app.command("report")
 def report(
-    run_dir: Path = typer.Argument(..., help="a run folder"),
+    run_dir: Path = typer.Argument(..., metavar="RUN", help="a run folder"),
     columns: Optional[str] = typer.Option(None, "--columns", help="comma-separated metrics, e.g. hr@10,ndcg@10"),
 ) -> None:
     """(Re)write RUN/report.md from its metrics.json and print the results table.

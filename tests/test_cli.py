@@ -1,0 +1,204 @@
+"""The command line: every bad input gives exit 2, one line naming file/line/field, and no output folder."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import sys
+import types
+
+import numpy as np
+import pandas as pd
+import pytest
+from pydantic import BaseModel, ConfigDict
+from typer.testing import CliRunner
+
+from recalign import stages
+from recalign.cli import app
+from recalign.data.dataset import build_dataset
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *fragments: str) -> str:
+    """Exit code 2 and exactly one stderr line `recalign: error: ...` containing every fragment."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("recalign: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def only(folder) -> list[str]:
+    """Names in a folder (to check nothing was left behind)."""
+    return sorted(p.name for p in folder.iterdir())
+
+
+# ---- bad raw data --------------------------------------------------------------------------------------
+
+def test_garbled_movielens_line(tmp_path):
+    raw = tmp_path / "ml"
+    raw.mkdir()
+    (raw / "u.data").write_text("1\t10\t4\t881250949\n2\t20\t5\t881250950\n3\tnot-a-number\t3\n")
+    result = invoke("data", "prepare", "movielens", "--raw", raw, "--out", tmp_path / "out")
+    assert_one_line_error(result, "u.data:3")
+    assert only(tmp_path) == ["ml"]
+
+
+def test_goodreads_record_missing_field(tmp_path):
+    raw = tmp_path / "goodreads"
+    (raw / "data" / "Goodreads").mkdir(parents=True)
+    (raw / "eval" / "Goodreads").mkdir(parents=True)
+    titles = ["Book A", "Book B", "Book C"]
+    (raw / "eval" / "Goodreads" / "id2name.json").write_text(json.dumps({str(i): t for i, t in enumerate(titles)}))
+    (raw / "eval" / "Goodreads" / "name2id.json").write_text(json.dumps({t: i for i, t in enumerate(titles)}))
+    (raw / "eval" / "Goodreads" / "name2genre.json").write_text(json.dumps({t: ["fiction"] for t in titles}))
+    (raw / "eval" / "Goodreads" / "genre_dict.json").write_text(json.dumps({"fiction": 0}))
+    good = {"instruction": "Recommend a book.",
+            "input": 'The user has played the following books before: "Book A", "Book B", please write a new books',
+            "output": '"Book C"\n'}
+    bad = {"instruction": "Recommend a book.", "input": good["input"]}  # no "output"
+    (raw / "data" / "Goodreads" / "train.json").write_text(json.dumps([good, bad], indent=1))
+    result = invoke("data", "prepare", "goodreads", "--raw", raw, "--out", tmp_path / "out")
+    assert_one_line_error(result, "train.json", "output")
+    assert only(tmp_path) == ["goodreads"]
+
+
+def test_amazon_text_line_missing_field(tmp_path):
+    raw = tmp_path / "sci"
+    raw.mkdir()
+    (raw / "Scientific.text").write_text("item_id:token\ttext:token_seq\nA1\tA microscope. Lab.\nA2\n")
+    (raw / "Scientific.item2index").write_text("A1\t0\nA2\t1\n")
+    (raw / "Scientific.user2index").write_text("U1\t0\n")
+    header = "user_id:token\titem_id_list:token_seq\titem_id:token\n"
+    (raw / "Scientific.train.inter").write_text(header + "0\t0\t1\n")
+    (raw / "Scientific.valid.inter").write_text(header + "0\t0 1\t0\n")
+    (raw / "Scientific.test.inter").write_text(header + "0\t0 1 0\t1\n")
+    result = invoke("data", "prepare", "amazon", "--raw", raw, "--out", tmp_path / "out")
+    assert_one_line_error(result, "Scientific.text:3")
+    assert only(tmp_path) == ["sci"]
+
+
+def test_pickle_referencing_a_callable_is_refused(tmp_path):
+    raw = tmp_path / "steam"
+    raw.mkdir()
+
+    class Boom:  # pickles as a call to os.system; only written, never loaded unrestricted
+        def __reduce__(self):
+            import os
+            return (os.system, ("echo should-never-run",))
+
+    (raw / "test.pkl").write_bytes(pickle.dumps({1: [1, 2, 3], 2: Boom()}, protocol=4))
+    assert b"system" in (raw / "test.pkl").read_bytes()
+    result = invoke("data", "prepare", "steam", "--raw", raw, "--out", tmp_path / "out")
+    line = assert_one_line_error(result, "test.pkl")
+    assert "system" in line
+    assert "should-never-run" not in result.output
+    assert only(tmp_path) == ["steam"]
+
+
+def test_unknown_source_lists_choices(tmp_path):
+    result = invoke("data", "prepare", "netflix-prize", "--out", tmp_path / "out")
+    assert_one_line_error(result, "netflix-prize", "movielens")
+    assert only(tmp_path) == []
+
+
+def test_nonexistent_paths(tmp_path):
+    missing = tmp_path / "nowhere"
+    assert_one_line_error(invoke("data", "prepare", "movielens", "--raw", missing, "--out", tmp_path / "o"),
+                          "nowhere")
+    assert_one_line_error(invoke("data", "stats", missing), "nowhere")
+    assert_one_line_error(invoke("run", missing / "recipe.yaml"), "recipe.yaml")
+    assert_one_line_error(invoke("report", missing), "nowhere")
+    assert_one_line_error(invoke("eval", missing), "nowhere")
+    assert_one_line_error(invoke("teacher", "train", "bprmf", "--data", missing, "--out", tmp_path / "r"),
+                          "nowhere")
+    assert only(tmp_path) == []
+
+
+# ---- bad recipes ----------------------------------------------------------------------------------------
+
+def test_recipe_with_unknown_key_creates_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.yaml").write_text("name: bad\ndata: {source: synthetic}\neval: {ks: [10], colour: red}\n")
+    result = invoke("run", "r.yaml")
+    assert_one_line_error(result, "r.yaml", "eval.colour", "unknown key")
+    result = invoke("run", "r.yaml", "eval.colour=blue", "--out", tmp_path / "x")
+    assert_one_line_error(result, "eval.colour")
+    assert only(tmp_path) == ["r.yaml"]
+
+
+def test_recipe_syntax_error_names_line(tmp_path):
+    (tmp_path / "r.yaml").write_text("name: bad\ndata:\n  source: [synthetic\n")
+    assert_one_line_error(invoke("run", tmp_path / "r.yaml", "--out", tmp_path / "run"), "r.yaml:")
+    assert only(tmp_path) == ["r.yaml"]
+
+
+def test_bad_override_key(tmp_path):
+    (tmp_path / "r.yaml").write_text(
+        "name: ok\ndata: {source: synthetic}\nstages:\n  - {name: pop, kind: teacher, params: {model: popularity}}\n")
+    assert_one_line_error(invoke("run", tmp_path / "r.yaml", "stages.sasrec.params.epochs=5", "--out",
+                                 tmp_path / "run"), "no stage named 'sasrec'")
+    assert_one_line_error(invoke("run", tmp_path / "r.yaml", "seed", "--out", tmp_path / "run"), "key=value")
+    assert only(tmp_path) == ["r.yaml"]
+
+
+# ---- working commands ----------------------------------------------------------------------------------
+
+class EchoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    score: float = 0.5
+
+
+@pytest.fixture
+def echo_stage(monkeypatch):
+    module = types.ModuleType("recalign_test_cli_stages")
+    module.ECHO = stages.Stage(params=EchoParams, run=lambda ctx, p: {"hr@10": p.score, "ndcg@10": p.score / 2})
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(stages.STAGE_KINDS, "echo", f"{module.__name__}:ECHO")
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    rng = np.random.default_rng(1)
+    frame = pd.DataFrame([(f"u{u}", f"i{int(rng.integers(15))}", t) for u in range(10) for t in range(5)],
+                         columns=["user", "item", "timestamp"])
+    return build_dataset(frame, name="tiny", source="test").save(tmp_path / "tiny")
+
+
+def test_data_stats_json_and_table(prepared):
+    result = invoke("data", "stats", prepared, "--json")
+    assert result.exit_code == 0, result.output
+    stats = json.loads(result.stdout)
+    assert stats["users"] == 10 and stats["interactions"] == 50
+    assert stats["sequence_length"]["median"] == 5
+    result = invoke("data", "stats", prepared)
+    assert result.exit_code == 0 and "interactions" in result.stdout and "50" in result.stdout
+
+
+def test_run_report_and_overrides(tmp_path, prepared, echo_stage):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: echo\ndata: {{path: {prepared}}}\nstages:\n"
+                      "  - {name: a, kind: echo}\n  - {name: b, kind: echo, params: {score: 0.25}}\n")
+    run_dir = tmp_path / "run"
+    result = invoke("run", recipe, "stages.a.params.score=0.75", "--out", run_dir, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "0.7500" in result.stdout and "0.2500" in result.stdout and "0.3750" in result.stdout
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["stages"]["a"]["hr@10"] == 0.75
+    result = invoke("report", run_dir, "--columns", "ndcg@10")
+    assert result.exit_code == 0 and "0.1250" in result.stdout and "0.7500" not in result.stdout
+    assert "| b | echo | 0.1250 |" in (run_dir / "report.md").read_text()
+
+
+def test_help_has_examples():
+    for command in (["run"], ["data", "prepare"], ["data", "stats"], ["data", "download"], ["teacher", "train"],
+                    ["eval"], ["report"]):
+        result = invoke(*command, "--help")
+        assert result.exit_code == 0 and "Example" in result.stdout, command

@@ -1,0 +1,157 @@
+"""Run folders: layout, resume after a failed stage, config-change re-runs, seeding, reports."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from recalign import stages
+from recalign.config import recipe_from_dict
+from recalign.data.dataset import build_dataset
+from recalign.errors import RecalignError
+from recalign.runs import RunContext, run_recipe
+
+CALLS: list[str] = []
+
+
+class ToyParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    value: int = 1
+    fail: bool = False
+    teacher: str | None = None
+
+
+def toy_run(ctx: RunContext, params: ToyParams) -> dict:
+    """Record the call, write an artifact, draw from the seeded global generators, maybe fail."""
+    CALLS.append(ctx.stage.name)
+    (ctx.stage_dir / "artifact.txt").write_text(str(params.value))
+    if params.teacher is not None:  # reads an earlier stage's output
+        upstream = int((ctx.stage_output(params.teacher) / "artifact.txt").read_text())
+    else:
+        upstream = 0
+    if params.fail:
+        raise RecalignError("toy stage failed on purpose")
+    ctx.log("toy stage ran")
+    return {"value": params.value + upstream, "draw": float(torch.rand(1)) + float(np.random.rand()),
+            "n_train": len(ctx.split.train)}
+
+
+@pytest.fixture(autouse=True)
+def toy_stage_kind(monkeypatch):
+    module = types.ModuleType("recalign_test_runs_stages")
+    module.TOY = stages.Stage(params=ToyParams, run=toy_run)
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(stages.STAGE_KINDS, "toy", f"{module.__name__}:TOY")
+    CALLS.clear()
+
+
+@pytest.fixture
+def dataset_dir(tmp_path):
+    """A prepared dataset folder: 12 users x 6 time-ordered interactions over 10 items."""
+    rng = np.random.default_rng(0)
+    rows = [(f"u{u}", f"i{int(rng.integers(10))}", t) for u in range(12) for t in range(6)]
+    frame = pd.DataFrame(rows, columns=["user", "item", "timestamp"])
+    folder = tmp_path / "prepared"
+    build_dataset(frame, name="toy", source="test").save(folder)
+    return folder
+
+
+def recipe(dataset_dir, **stage_params):
+    """Two toy stages; `stage_params` maps stage name -> params."""
+    return recipe_from_dict({
+        "name": "toy-run", "seed": 5, "data": {"path": str(dataset_dir)},
+        "stages": [{"name": "first", "kind": "toy", "params": stage_params.get("first", {})},
+                   {"name": "second", "kind": "toy", "params": stage_params.get("second", {"teacher": "first"})}],
+    })
+
+
+def test_run_folder_layout(tmp_path, dataset_dir):
+    run_dir = tmp_path / "run"
+    summary = run_recipe(recipe(dataset_dir), run_dir, progress=False)
+    for name in ("config.yaml", "dataset.json", "metrics.json", "log.txt", "report.md"):
+        assert (run_dir / name).is_file(), name
+    for stage in ("first", "second"):
+        assert (run_dir / "stages" / stage / "DONE").is_file()
+        assert json.loads((run_dir / "stages" / stage / "metrics.json").read_text())["kind"] == "toy"
+    on_disk = json.loads((run_dir / "metrics.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    assert on_disk["stages"]["second"]["value"] == 1 + 1  # its own value + the upstream artifact
+    info = json.loads((run_dir / "dataset.json").read_text())
+    assert info["counts"] == {"users": 12, "items": 10, "interactions": 72}
+    # leave-one-out: 12 users, one valid and one test interaction each
+    assert info["split"]["valid"] == 12 and info["split"]["test"] == 12 and info["split"]["train"] == 48
+    assert on_disk["stages"]["first"]["n_train"] == 48
+    assert "toy stage ran" in (run_dir / "log.txt").read_text()
+    assert "| first | toy |" in (run_dir / "report.md").read_text()
+
+
+def test_failed_stage_resumes_without_rerunning_finished_ones(tmp_path, dataset_dir):
+    run_dir = tmp_path / "run"
+    with pytest.raises(RecalignError, match="on purpose"):
+        run_recipe(recipe(dataset_dir, second={"teacher": "first", "fail": True}), run_dir, progress=False)
+    assert CALLS == ["first", "second"]
+    assert (run_dir / "stages" / "first" / "DONE").is_file()
+    assert not (run_dir / "stages" / "second").exists()
+    assert sorted(p.name for p in (run_dir / "stages").iterdir()) == ["first"]  # no half-done temp folder
+    assert "failed" in (run_dir / "log.txt").read_text()
+
+    CALLS.clear()
+    summary = run_recipe(recipe(dataset_dir), run_dir, progress=False)
+    assert CALLS == ["second"]
+    assert set(summary["stages"]) == {"first", "second"}
+
+    CALLS.clear()
+    run_recipe(recipe(dataset_dir), run_dir, progress=False)
+    assert CALLS == []  # everything finished with the same config: a no-op
+
+
+def test_changed_config_reruns_that_stage_and_its_dependents(tmp_path, dataset_dir):
+    run_dir = tmp_path / "run"
+    run_recipe(recipe(dataset_dir), run_dir, progress=False)
+    CALLS.clear()
+    summary = run_recipe(recipe(dataset_dir, second={"teacher": "first", "value": 7}), run_dir, progress=False)
+    assert CALLS == ["second"] and summary["stages"]["second"]["value"] == 8
+    CALLS.clear()
+    summary = run_recipe(recipe(dataset_dir, first={"value": 4}, second={"teacher": "first", "value": 7}),
+                         run_dir, progress=False)
+    assert CALLS == ["first", "second"] and summary["stages"]["second"]["value"] == 11
+
+
+def test_independent_stage_is_not_rerun_when_another_changes(tmp_path, dataset_dir):
+    run_dir = tmp_path / "run"
+    run_recipe(recipe(dataset_dir, second={}), run_dir, progress=False)
+    CALLS.clear()
+    run_recipe(recipe(dataset_dir, first={"value": 2}, second={}), run_dir, progress=False)
+    assert CALLS == ["first"]
+
+
+def test_seed_makes_runs_repeatable(tmp_path, dataset_dir):
+    first = run_recipe(recipe(dataset_dir), tmp_path / "a", progress=False)
+    again = run_recipe(recipe(dataset_dir), tmp_path / "b", progress=False)
+    assert first["stages"] == again["stages"]
+    assert (tmp_path / "a" / "stages" / "first" / "metrics.json").read_text().split("stage_seconds")[0] == \
+        (tmp_path / "b" / "stages" / "first" / "metrics.json").read_text().split("stage_seconds")[0]
+    other = recipe(dataset_dir)
+    other.seed = 6
+    different = run_recipe(other, tmp_path / "c", progress=False)
+    assert different["stages"]["first"]["draw"] != first["stages"]["first"]["draw"]
+
+
+def test_missing_dataset_creates_no_run_folder(tmp_path):
+    bad = recipe_from_dict({"name": "x", "data": {"path": str(tmp_path / "absent")},
+                            "stages": [{"name": "s", "kind": "toy"}]})
+    with pytest.raises(RecalignError, match="absent"):
+        run_recipe(bad, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_stage_output_of_unfinished_stage_is_an_error(tmp_path, dataset_dir):
+    with pytest.raises(RecalignError, match="'nope' has not finished"):
+        run_recipe(recipe(dataset_dir, second={"teacher": "nope"}), tmp_path / "run", progress=False)
