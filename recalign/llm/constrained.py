@@ -35,6 +35,7 @@ class CatalogTrie:
         indptr: torch.Tensor,
         tokens: torch.Tensor,
         node_item: torch.Tensor,
+        edge_start: torch.Tensor,
         *,
         vocab_size: int,
         eos_token_id: int,
@@ -46,6 +47,9 @@ class CatalogTrie:
         self.indptr_ = indptr
         self.tokens_ = tokens
         self.node_item_ = node_item
+        # Position of each node's first outgoing edge in `keys_` and its number of edges (the dead sink: 0).
+        self.edge_start_ = edge_start
+        self.edge_count_ = torch.bincount(keys // vocab_size, minlength=node_item.shape[0])
         self.vocab_size = int(vocab_size)
         self.eos_token_id = int(eos_token_id)
         self.max_depth = int(max_depth)
@@ -158,6 +162,7 @@ class CatalogTrie:
             torch.from_numpy(indptr),
             torch.from_numpy(allowed),
             torch.from_numpy(node_item),
+            torch.from_numpy(edge_starts),
             vocab_size=vocab,
             eos_token_id=eos,
             max_depth=width,
@@ -177,6 +182,7 @@ class CatalogTrie:
                 self.indptr_.to(device),
                 self.tokens_.to(device),
                 self.node_item_.to(device),
+                self.edge_start_.to(device),
                 vocab_size=self.vocab_size,
                 eos_token_id=self.eos_token_id,
                 max_depth=self.max_depth,
@@ -192,9 +198,16 @@ class CatalogTrie:
         """Node reached from each ``nodes[i]`` by ``tokens[i]`` (the dead sink when the edge does not exist)."""
         tokens = tokens.long()
         keys = nodes * self.vocab_size + tokens
-        pos = torch.searchsorted(self.keys_, keys).clamp_(max=self.keys_.shape[0] - 1)
+        count = self.edge_count_[nodes]
+        # Most nodes below the first few tokens have one child: its edge is at edge_start_. Only beams at
+        # branching nodes need the binary search over all edge keys.
+        pos = self.edge_start_[nodes]
+        branching = (count > 1).nonzero().squeeze(1)
+        if branching.numel():
+            pos[branching] = torch.searchsorted(self.keys_, keys[branching])
+        pos.clamp_(max=self.keys_.shape[0] - 1)
         # Out-of-range tokens would alias another node's key, hence the explicit range check.
-        hit = (self.keys_[pos] == keys) & (tokens >= 0) & (tokens < self.vocab_size) & (nodes < self.n_nodes)
+        hit = (self.keys_[pos] == keys) & (count > 0) & (tokens >= 0) & (tokens < self.vocab_size)
         return torch.where(hit, self.children_[pos], torch.full_like(nodes, self.dead))
 
     def walk(self, token_matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
