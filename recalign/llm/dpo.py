@@ -109,6 +109,7 @@ def dpo_config(settings: DPOSettings, output_dir: str | Path, progress: bool = F
         bf16=False,
         fp16=False,
         gradient_checkpointing=False,
+        activation_checkpointing=False,  # the new name; setting it too keeps transformers from warning
         report_to="none",
         save_strategy="no",
         eval_strategy="no",
