@@ -1,0 +1,388 @@
+"""SPRec (Gao et al., WWW 2025; systems.md §3): SFT, then self-play DPO whose negatives are the model's own answers.
+
+The algorithm, as `run_sprec` runs it (one template for SFT, generation and DPO: `recalign.llm.prompts`):
+
+    θ₀ ← SFT(base model + LoRA, train rows)                          stage 0, also the "sft" baseline
+    evaluate(θ₀)                                                      iteration 0 of every variant
+    for variant v in {dpo_random, sprec}:
+        θ ← θ₀
+        for i = 1 .. N:
+            P  ← n_pairs train rows, sampled with seed (seed, v, i)
+            y⁺ ← the ground-truth next item of each row
+            y⁻ ← sprec:      ground(generate(θ, P))   the current model's own top prediction
+                 dpo_random: a uniform catalog item
+            drop rows where y⁻ = y⁺ or y⁻ is not a catalog item        (recalign; the original checks neither)
+            θ ← SFT step(θ, rows with y⁺)                             continue the adapter on the positives
+            θ ← DPO(θ, π_ref = θ frozen, (P, y⁺, y⁻), β)
+            evaluate(θ); save θ to iter_<i>/ ; state.json ← i         a killed loop resumes after the last i
+
+Evaluation (metrics.md §2.3, protocol `sprec_rows`): greedy generation, the first quoted title is embedded and
+the K nearest catalog titles are the top-K list; HR/NDCG@K, DivRatio@K, ORRatio@K, MGU@K, DGU@K and AvgPop@K.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from recalign.errors import ConfigError
+from recalign.llm.dpo import DPOSettings, LoraSettings
+from recalign.llm.grounding import GroundingConfig
+
+VARIANTS = ("sft", "dpo_random", "sprec")
+STATE_FILE = "state.json"
+
+
+# ---- configuration ------------------------------------------------------------------------------------
+
+class SFTStepSettings(BaseModel):
+    """One supervised fine-tuning pass (stage 0, and the per-iteration step on the positives)."""
+
+    model_config = ConfigDict(extra="forbid")
+    rows: int = Field(4096, ge=1, description="train rows sampled for this pass (SPRec stage 0: 4096)")
+    epochs: float = Field(1.0, gt=0.0, description="passes over the rows (SPRec stage 0: 4)")
+    learning_rate: float = Field(3e-4, gt=0.0, description="learning rate (SPRec: 3e-4 stage 0, 2e-5 per iteration)")
+    batch_size: int = Field(4, ge=1, description="rows per micro-batch")
+    grad_accum: int = Field(4, ge=1, description="gradient accumulation steps")
+    max_steps: int = Field(-1, description="optimizer steps; -1 = derived from epochs")
+
+
+class GenerationSettings(BaseModel):
+    """Greedy decoding of one title per prompt."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_new_tokens: int = Field(32, ge=1, description="tokens per answer (SPRec: 128 for pairs, 32 for evaluation)")
+    batch_size: int = Field(16, ge=1, description="prompts per generate call")
+
+
+class SPRecConfig(BaseModel):
+    """Everything one SPRec run depends on; defaults follow the original where it is sound."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field("tiny", description="base model: HF id, local folder, .gguf file, or 'tiny' (random Llama)")
+    variants: list[Literal["sft", "dpo_random", "sprec"]] = Field(
+        default_factory=lambda: list(VARIANTS), description="which variants to run; 'sft' is the stage-0 model")
+    iterations: int = Field(5, ge=1, description="self-play iterations N (SPRec README: 5)")
+    n_pairs: int = Field(2048, ge=1, description="train prompts sampled per iteration (SPRec: 2048)")
+    max_history: int = Field(10, ge=1, description="most recent history titles in a prompt")
+    train_users: Literal["all", "train_only"] = Field(
+        "all", description="rows from every user's train sequence, or only users without valid/test items "
+                           "(SPRec's separate Alpaca train file)")
+    sft: SFTStepSettings = Field(default_factory=lambda: SFTStepSettings(epochs=4.0),
+                                 description="stage-0 SFT")
+    sft_step: SFTStepSettings | None = Field(
+        default_factory=lambda: SFTStepSettings(rows=2048, epochs=1.0, learning_rate=2e-5),
+        description="per-iteration SFT on the positives before DPO (null = skip); `rows` is ignored")
+    dpo: DPOSettings = Field(default_factory=DPOSettings, description="the DPO step (β = 0.1, lr 2e-5, 2×4)")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapter (r 16, α 32, dropout 0.05)")
+    grounding: GroundingConfig = Field(default_factory=lambda: GroundingConfig(kind="embedding"),
+                                       description="generated title -> catalog items (SPRec: embedding k-NN)")
+    pair_generation: GenerationSettings = Field(default_factory=lambda: GenerationSettings(max_new_tokens=64),
+                                                description="decoding of the self-play negatives")
+    eval_generation: GenerationSettings = Field(default_factory=GenerationSettings,
+                                                description="decoding at evaluation")
+    ks: list[int] = Field(default_factory=lambda: [1, 5, 10], description="cut-offs K")
+    eval_part: Literal["valid", "test"] = Field("test", description="split part evaluated after every iteration")
+    eval_rows: int | None = Field(None, ge=1, description="evaluate a seeded subsample of this many rows (null = all)")
+    genres: list[str] | None = Field(None, description="tracked genres G for MGU/DGU (null = every item category)")
+    check_pairs: bool = Field(True, description="drop pairs whose rejected item is ungrounded or equals chosen; "
+                                                "false = the original (raw generated title, no checks)")
+    seed: int = Field(0, description="seed of the row samples, random negatives and training")
+
+
+# ---- rows: (history, next item) ----------------------------------------------------------------------
+
+@dataclass
+class Rows:
+    """Next-item rows: per row the user, the last `max_history` history items (time order) and the target item."""
+
+    users: np.ndarray
+    histories: list[list[int]]
+    targets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def take(self, index: np.ndarray) -> "Rows":
+        """The rows at `index`, in that order."""
+        return Rows(self.users[index], [self.histories[i] for i in index], self.targets[index])
+
+
+def train_rows(dataset, split, max_history: int, users: str = "all") -> Rows:
+    """One row per user with >= 2 train items: history = train sequence without its last item, target = last."""
+    seqs = dataset.sequences(split.train)
+    candidates = np.flatnonzero(seqs.lengths() >= 2)
+    if users == "train_only":
+        later = np.unique(np.concatenate([split.valid["user_id"].to_numpy(), split.test["user_id"].to_numpy()]))
+        candidates = np.setdiff1d(candidates, later)
+    histories = [seqs[u][:-1][-max_history:].tolist() for u in candidates]
+    targets = np.array([seqs[u][-1] for u in candidates], dtype=np.int64)
+    return Rows(candidates.astype(np.int64), histories, targets)
+
+
+def eval_rows(dataset, split, part: str, max_history: int) -> Rows:
+    """One row per user with an item in `part`: history = `split.history(part)`, target = the user's first item."""
+    frame = split.part(part).sort_values(["user_id", "timestamp"], kind="stable")
+    first = frame.drop_duplicates("user_id", keep="first")
+    users = first["user_id"].to_numpy().astype(np.int64)
+    seqs = dataset.sequences(split.history(part))
+    histories = [seqs[u][-max_history:].tolist() for u in users]
+    return Rows(users, histories, first["item_id"].to_numpy().astype(np.int64))
+
+
+def sample_rows(rows: Rows, n: int, seed: int) -> Rows:
+    """n rows drawn without replacement (all of them, shuffled, when n >= len(rows))."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(rows))[: min(n, len(rows))]
+    return rows.take(order)
+
+
+# ---- preference pairs ----------------------------------------------------------------------------------
+
+@dataclass
+class Pairs:
+    """DPO pairs over rows: chosen = target item, rejected = an item id (or a raw title in parity mode)."""
+
+    rows: Rows
+    rejected_items: np.ndarray            # [P] item ids (-1 where the parity mode keeps a raw title)
+    rejected_titles: list[str]            # [P] what the rejected completion names
+    generations: list[str] | None = None  # [P] the model's raw answers (self-play only)
+    dropped_equal: int = 0
+    dropped_ungrounded: int = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def self_play_pairs(rows: Rows, generations: list[str], grounder, titles: list[str], check: bool = True) -> Pairs:
+    """Rejected = the item the model's own answer grounds to; drop rows where it equals the target or is not grounded.
+
+    With `check=False` (the original) the rejected completion is the raw generated title, kept unconditionally.
+    """
+    from recalign.llm.grounding import extract_title
+
+    generated = [extract_title(g) for g in generations]
+    if not check:
+        return Pairs(rows, np.full(len(rows), -1, dtype=np.int64), generated, list(generations))
+    rejected = grounder.ground(generated).numpy().astype(np.int64)
+    ungrounded = rejected < 0
+    equal = (rejected == rows.targets) & ~ungrounded
+    keep = np.flatnonzero(~ungrounded & ~equal)
+    return Pairs(rows.take(keep), rejected[keep], [titles[i] for i in rejected[keep]],
+                 [generations[i] for i in keep], dropped_equal=int(equal.sum()),
+                 dropped_ungrounded=int(ungrounded.sum()))
+
+
+def random_pairs(rows: Rows, n_items: int, titles: list[str], seed: int) -> Pairs:
+    """Rejected = a uniform catalog item other than the target (the DPO baseline of the paper)."""
+    if n_items < 2:
+        raise ConfigError("dpo_random needs a catalog of at least 2 items")
+    generator = torch.Generator().manual_seed(seed)
+    draw = torch.randint(0, n_items - 1, (len(rows),), generator=generator).numpy()
+    rejected = draw + (draw >= rows.targets)  # skip the target: uniform over the other n_items - 1 items
+    return Pairs(rows, rejected.astype(np.int64), [titles[i] for i in rejected])
+
+
+# ---- the loop ------------------------------------------------------------------------------------------
+
+IterationHook = Callable[[str, int], None]
+
+
+def run_sprec(config: SPRecConfig, dataset, split, work_dir: str | Path, *, progress: bool = False,
+              on_iteration_start: IterationHook | None = None, log: Callable[[str], None] | None = None) -> dict:
+    """Run SFT and every configured variant for `config.iterations` iterations, resuming from `work_dir`.
+
+    Returns {"iterations": [{variant, iteration, metrics...}, ...], "final": {variant: metrics}}; the same table
+    is kept in work_dir/state.json after every finished iteration.
+    """
+    from recalign.llm.grounding import make_grounder
+
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    say = log or (lambda message: None)
+    state = _load_state(work, config)
+    titles = dataset.titles()
+    grounder = make_grounder(config.grounding, titles)
+    train = train_rows(dataset, split, config.max_history, config.train_users)
+    if len(train) == 0:
+        raise ConfigError("SPRec: no train rows (every user needs >= 2 train interactions)")
+    test = eval_rows(dataset, split, config.eval_part, config.max_history)
+    if config.eval_rows is not None:
+        test = sample_rows(test, config.eval_rows, config.seed + 7919)
+    popularity = np.bincount(split.train["item_id"].to_numpy(), minlength=dataset.n_items)
+    evaluate = _Evaluator(config, dataset, test, grounder, popularity, progress)
+
+    # Stage 0: SFT on train rows -> the "sft" variant (iteration 0 of every variant).
+    sft_dir = work / "sft"
+    if not _finished(sft_dir):
+        say("stage 0: SFT")
+        model, tokenizer = _base_model(config)
+        rows = sample_rows(train, config.sft.rows, config.seed)
+        model = _sft(model, tokenizer, rows, titles, dataset, config.sft, config, work / "tmp", progress)
+        metrics = evaluate(model, tokenizer)
+        _save_checkpoint(model, tokenizer, sft_dir, {"variant": "sft", "iteration": 0, **metrics})
+        state["iterations"] = [r for r in state["iterations"] if r["iteration"] != 0]
+        state["iterations"].append({"variant": "sft", "iteration": 0, **metrics})
+        _write_state(work, state)
+        del model
+
+    for variant in [v for v in config.variants if v != "sft"]:
+        for iteration in range(1, config.iterations + 1):
+            folder = work / variant / f"iter_{iteration}"
+            if _finished(folder):
+                continue  # a finished iteration is never recomputed
+            if on_iteration_start is not None:
+                on_iteration_start(variant, iteration)
+            say(f"{variant}: iteration {iteration}/{config.iterations}")
+            previous = sft_dir if iteration == 1 else work / variant / f"iter_{iteration - 1}"
+            model, tokenizer = _load_checkpoint(config, previous)
+            seed = config.seed + 1000 * VARIANTS.index(variant) + iteration
+            prompts = sample_rows(train, config.n_pairs, seed)
+            if variant == "sprec":  # y⁻ = the current model's own top prediction, grounded
+                answers = _generate(model, tokenizer, prompts, titles, dataset, config.pair_generation, config,
+                                    progress)
+                pairs = self_play_pairs(prompts, answers, grounder, titles, check=config.check_pairs)
+            else:  # y⁻ = a random catalog item
+                pairs = random_pairs(prompts, dataset.n_items, titles, seed)
+            if len(pairs) == 0:
+                raise ConfigError(f"SPRec {variant} iteration {iteration}: every pair was dropped "
+                                  f"({pairs.dropped_equal} equal to the target, {pairs.dropped_ungrounded} "
+                                  "ungrounded); raise n_pairs or check the grounding")
+            if config.sft_step is not None:  # continue the adapter on the positives, then DPO from there
+                model = _sft(model, tokenizer, pairs.rows, titles, dataset, config.sft_step, config, work / "tmp",
+                             progress)
+            model, dpo_log = _dpo(model, tokenizer, pairs, titles, dataset, config, work / "tmp", progress)
+            metrics = evaluate(model, tokenizer)
+            record = {"variant": variant, "iteration": iteration, **metrics, **dpo_log,
+                      "pairs": len(pairs), "dropped_equal": pairs.dropped_equal,
+                      "dropped_ungrounded": pairs.dropped_ungrounded}
+            _write_pairs(folder.parent / f".pairs_{iteration}.jsonl", pairs, titles)
+            _save_checkpoint(model, tokenizer, folder, record)
+            shutil.move(str(folder.parent / f".pairs_{iteration}.jsonl"), folder / "pairs.jsonl")
+            state["iterations"] = [r for r in state["iterations"]
+                                   if (r["variant"], r["iteration"]) != (variant, iteration)]
+            state["iterations"].append(record)
+            _write_state(work, state)
+            del model
+    shutil.rmtree(work / "tmp", ignore_errors=True)
+    return _summary(state, config)
+
+
+def _summary(state: dict, config: SPRecConfig) -> dict:
+    """Rows sorted by (variant, iteration) and the last iteration of each variant."""
+    rows = sorted(state["iterations"], key=lambda r: (VARIANTS.index(r["variant"]), r["iteration"]))
+    final: dict[str, dict] = {}
+    for record in rows:
+        if record["variant"] == "sft" or record["variant"] in config.variants:
+            final[record["variant"]] = record
+    return {"iterations": rows, "final": final}
+
+
+# ---- evaluation -----------------------------------------------------------------------------------------
+
+class _Evaluator:
+    """Greedy answer -> K nearest catalog items -> accuracy and beyond-accuracy metrics at every K."""
+
+    def __init__(self, config: SPRecConfig, dataset, rows: Rows, grounder, popularity: np.ndarray, progress: bool):
+        self.config, self.dataset, self.rows, self.grounder = config, dataset, rows, grounder
+        self.popularity, self.progress = torch.as_tensor(popularity), progress
+        self.item_genres = dataset.item_categories()
+        self.genres = tracked_genres(dataset, config.genres)
+
+    def __call__(self, model, tokenizer) -> dict:
+        from recalign.llm.grounding import extract_title
+
+        answers = _generate(model, tokenizer, self.rows, self.dataset.titles(), self.dataset,
+                            self.config.eval_generation, self.config, self.progress)
+        generated = [extract_title(a) for a in answers]
+        k_max = max(self.config.ks)
+        lists = self.grounder.topk(generated, k_max)
+        targets = torch.as_tensor(self.rows.targets)
+        return list_metrics(lists, targets, self.rows.histories, self.config.ks, self.popularity,
+                            self.item_genres, self.genres)
+
+
+def list_metrics(lists: torch.Tensor, targets: torch.Tensor, histories: list[list[int]], ks: list[int],
+                 popularity: torch.Tensor, item_genres: list[list[str]], genres: list[str]) -> dict:
+    """HR/NDCG@K (metrics.md §2.1) and DivRatio/ORRatio/AvgPop/MGU/DGU@K (§2.3) of top-K lists (-1 = empty slot)."""
+    from recalign.eval import beyond
+    from recalign.eval.metrics import ranking_metrics
+
+    out: dict = {"n_rows": int(len(targets)), "valid_ratio": float((lists[:, 0] >= 0).float().mean())}
+    out.update({k: float(v) for k, v in ranking_metrics(lists, targets, list(ks), metrics=("hr", "ndcg", "mrr")).items()})
+    history_items = np.fromiter((i for h in histories for i in h), dtype=np.int64)
+    n_items = len(item_genres)
+    for k in ks:
+        out[f"div_ratio@{k}"] = beyond.div_ratio(lists, k)
+        out[f"or_ratio@{k}"] = beyond.or_ratio(lists, k, n_items)
+        out[f"avg_pop@{k}"] = beyond.avg_popularity(lists, k, popularity)
+        out[f"mgu@{k}"], out[f"dgu@{k}"] = beyond.mgu_dgu(lists, k, history_items, item_genres, genres)
+    return out
+
+
+def tracked_genres(dataset, genres: list[str] | None) -> list[str]:
+    """The tracked genre set G: `genres`, or every category that occurs in the catalog."""
+    if genres is not None:
+        return list(genres)
+    return sorted({c for cats in dataset.item_categories() for c in cats})
+
+
+# ---- checkpoints and state --------------------------------------------------------------------------------
+
+def _finished(folder: Path) -> bool:
+    return (folder / "metrics.json").is_file()
+
+
+def _save_checkpoint(model, tokenizer, folder: Path, record: dict) -> None:
+    """Adapter + tokenizer + metrics.json, written to a temp folder and renamed, so a kill leaves no half iteration."""
+    from recalign.runs import write_json
+
+    tmp = folder.parent / f".{folder.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp / "adapter")
+    tokenizer.save_pretrained(tmp / "adapter")
+    write_json(tmp / "metrics.json", record)
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+
+
+def _load_state(work: Path, config: SPRecConfig) -> dict:
+    """The iteration table so far; a state from a different config is an error rather than silently mixed."""
+    path = work / STATE_FILE
+    fingerprint = config.model_dump(mode="json", exclude={"variants", "iterations"})
+    if not path.is_file():
+        return {"config": fingerprint, "iterations": []}
+    state = json.loads(path.read_text())
+    if state.get("config") != fingerprint:
+        raise ConfigError(f"{path}: written by a different SPRec config; use a fresh work folder")
+    return state
+
+
+def _write_state(work: Path, state: dict) -> None:
+    from recalign.runs import write_json
+
+    state["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    write_json(work / STATE_FILE, state)  # atomic: temp file + rename
+
+
+def _write_pairs(path: Path, pairs: Pairs, titles: list[str]) -> None:
+    """The pairs of one iteration, for inspection (chosen/rejected item ids and titles, the raw answer)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as out:
+        for j in range(len(pairs)):
+            record = {"user": int(pairs.rows.users[j]), "chosen": int(pairs.rows.targets[j]),
+                      "chosen_title": titles[int(pairs.rows.targets[j])],
+                      "rejected": int(pairs.rejected_items[j]), "rejected_title": pairs.rejected_titles[j]}
+            if pairs.generations is not None:
+                record["generation"] = pairs.generations[j]
+            out.write(json.dumps(record) + "\n")

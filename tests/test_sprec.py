@@ -1,0 +1,103 @@
+"""SPRec (recalign.methods.sprec): preference pairs, beyond-accuracy metrics by hand, and the resumable loop."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from recalign.data.dataset import build_dataset
+from recalign.data.split import leave_one_out_split
+from recalign.llm.grounding import ExactGrounder
+from recalign.methods.sprec import (Rows, eval_rows, list_metrics, random_pairs, sample_rows, self_play_pairs,
+                                    train_rows)
+
+TITLES = ["Alpha", "Beta", "Gamma", "Delta", "Epsilon", "Zeta"]
+
+
+def _rows(targets: list[int]) -> Rows:
+    return Rows(np.arange(len(targets)), [[5]] * len(targets), np.asarray(targets, dtype=np.int64))
+
+
+def test_self_play_rejected_is_the_grounded_answer_and_never_the_target():
+    rows = _rows([0, 1, 2, 3, 4])
+    answers = ['"Beta"\n', '"Beta"\n', "", '"Not a book"', '"Alpha" is nice']
+    pairs = self_play_pairs(rows, answers, ExactGrounder(TITLES), TITLES)
+    # row 1 names its own target, row 2 says nothing, row 3 names no catalog item: all three are dropped
+    assert pairs.dropped_equal == 1 and pairs.dropped_ungrounded == 2
+    assert pairs.rows.targets.tolist() == [0, 4]
+    assert pairs.rejected_items.tolist() == [1, 0]
+    assert pairs.rejected_titles == ["Beta", "Alpha"]
+    assert pairs.generations == ['"Beta"\n', '"Alpha" is nice']
+    assert (pairs.rejected_items != pairs.rows.targets).all()
+
+
+def test_self_play_parity_mode_keeps_raw_titles_unchecked():
+    rows = _rows([1, 2])
+    pairs = self_play_pairs(rows, ['"Beta"', '"Nope"'], ExactGrounder(TITLES), TITLES, check=False)
+    assert len(pairs) == 2 and pairs.rejected_titles == ["Beta", "Nope"]  # the original keeps rejected == chosen
+
+
+def test_random_negatives_are_seeded_uniform_and_never_the_target():
+    rows = _rows([0, 3, 5] * 400)
+    first = random_pairs(rows, len(TITLES), TITLES, seed=7)
+    again = random_pairs(rows, len(TITLES), TITLES, seed=7)
+    assert np.array_equal(first.rejected_items, again.rejected_items)
+    assert (first.rejected_items != rows.targets).all()
+    assert set(first.rejected_items[rows.targets == 3].tolist()) == {0, 1, 2, 4, 5}
+
+
+def test_beyond_accuracy_metrics_match_hand_computed_values():
+    lists = torch.tensor([[0, 1], [0, 2], [3, 0]])
+    targets = torch.tensor([1, 3, 3])
+    histories = [[1], [1, 2], [0]]
+    popularity = torch.tensor([10, 4, 2, 0])
+    item_genres = [["a"], ["b"], ["a", "b"], []]
+    m = list_metrics(lists, targets, histories, [1, 2], popularity, item_genres, ["a", "b"])
+    # K = 2: distinct {0,1,2,3} over 3·2 slots; item 0 in 3 lists, the next two in 1 each
+    assert m["div_ratio@2"] == pytest.approx(4 / 6)
+    assert m["or_ratio@2"] == pytest.approx(5 / 6)
+    assert m["avg_pop@2"] == pytest.approx((7 + 6 + 5) / 3)
+    # GH over history items 1, 1, 2, 0: a = 0+0+0.5+1 = 1.5, b = 1+1+0.5 = 2.5 -> (0.375, 0.625)
+    # GP over 0,1 | 0,2 | 3,0: a = 1+1+0.5+1 = 3.5, b = 1+0.5 = 1.5 -> (0.7, 0.3); d = (0.325, -0.325)
+    assert m["mgu@2"] == pytest.approx(0.325)
+    assert m["dgu@2"] == pytest.approx(0.65)
+    assert m["hr@2"] == pytest.approx(2 / 3)
+    assert m["ndcg@2"] == pytest.approx((1 / math.log2(3) + 1) / 3)
+    # K = 1: lists 0, 0, 3 -> GP = (1, 0) (item 3 has no tracked genre), d = (0.625, -0.625)
+    assert m["div_ratio@1"] == pytest.approx(2 / 3)
+    assert m["or_ratio@1"] == pytest.approx(1.0)
+    assert m["mgu@1"] == pytest.approx(0.625)
+    assert m["dgu@1"] == pytest.approx(1.25)
+    assert m["hr@1"] == pytest.approx(1 / 3)
+    assert m["avg_pop@1"] == pytest.approx((10 + 10 + 0) / 3)
+
+
+def _toy_dataset(n_users: int = 12, n_items: int = len(TITLES), length: int = 5, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for user in range(n_users):
+        start = int(rng.integers(n_items))
+        for t in range(length):  # a cyclic "next title" pattern the model can learn
+            rows.append({"user": f"u{user}", "item": f"i{(start + t) % n_items}", "timestamp": t})
+    items = pd.DataFrame({"item": [f"i{i}" for i in range(n_items)], "title": TITLES,
+                          "categories": [["a"], ["b"], ["a", "b"], ["c"], ["a"], []]})
+    return build_dataset(pd.DataFrame(rows), items=items, name="toy", source="synthetic")
+
+
+def test_rows_follow_the_split():
+    dataset = _toy_dataset()
+    split = leave_one_out_split(dataset)
+    train = train_rows(dataset, split, max_history=2)
+    test = eval_rows(dataset, split, "test", max_history=10)
+    seqs = dataset.sequences()
+    user = int(test.users[0])
+    assert test.histories[0] == seqs[user][:-1].tolist() and test.targets[0] == seqs[user][-1]
+    row = int(np.flatnonzero(train.users == user)[0])
+    assert train.histories[row] == seqs[user][0:2].tolist() and train.targets[row] == seqs[user][2]
+    assert len(train_rows(dataset, split, 2, users="train_only")) == 0  # every toy user has a test item
+    picked = sample_rows(train, 5, seed=1)
+    assert len(picked) == 5 and len(set(picked.users.tolist())) == 5
