@@ -66,7 +66,8 @@ class DQNConfig(BaseModel):
     target_sync: int = Field(8, ge=1, description="copy the online net into the target net every this many "
                                                   "gradient steps")
     grad_clip: float | None = Field(10.0, gt=0.0, description="clip the gradient norm (None: no clipping)")
-    seed: int = Field(0, description="seed of network init, exploration, replay sampling and dropout")
+    seed: int | None = Field(None, description="seed of network init, exploration, replay sampling and dropout "
+                                               "(None: 0; the TRD stage uses the recipe seed)")
 
 
 def hidden_sizes_for(dim: int, config: DQNConfig) -> list[int]:
@@ -202,11 +203,16 @@ class QNetwork(nn.Module):
 
     def forward(self, users: torch.Tensor, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Q-values [B, A] for users [B], states [B, S] and candidate actions [B, A] (-1 = empty slot)."""
-        n_rows, n_actions = actions.shape
-        context = torch.cat([self.user(users), self.item(states).flatten(1)], dim=1)
-        action = self.item(torch.where(actions >= 0, actions, self.pad_item))
-        x = torch.cat([context.unsqueeze(1).expand(n_rows, n_actions, -1), action], dim=2)
-        for layer in self.hidden:
+        context = torch.cat([self.user(users), self.item(states).flatten(1)], dim=1)  # [B, (S+1)d]
+        action = self.item(torch.where(actions >= 0, actions, self.pad_item))         # [B, A, d]
+        # The first layer over [context; action] is split by columns: W [c; a] = W_c c + W_a a. The context
+        # part is computed once per row instead of once per action (same function, A times less work).
+        first = self.hidden[0]
+        n_context = context.shape[1]
+        x = (F.linear(context, first.weight[:, :n_context], first.bias).unsqueeze(1)
+             + F.linear(action, first.weight[:, n_context:]))
+        x = F.relu(F.dropout(x, p=self.dropout, training=self.training))
+        for layer in self.hidden[1:]:
             x = F.relu(F.dropout(layer(x), p=self.dropout, training=self.training))
         return self.out(x).squeeze(2)
 
@@ -272,7 +278,8 @@ class DQNReranker:
             raise ConfigError(f"dqn: field '{'.'.join(map(str, first['loc']))}': {first['msg']}") from None
         self.n_items = item_embeddings.shape[0]
         self.pad_item = self.n_items
-        self._init_generator = torch.Generator().manual_seed(self.config.seed)
+        self.seed = self.config.seed if self.config.seed is not None else 0
+        self._init_generator = torch.Generator().manual_seed(self.seed)
         self.q_net_ = QNetwork(user_embeddings, item_embeddings, self.config, self._init_generator)
         self.history_: list[dict] = []
 
@@ -284,7 +291,7 @@ class DQNReranker:
         cfg = self.config
         if episodes.relevant is None:
             raise ConfigError("dqn: training episodes need ground-truth labels (relevant)")
-        generator = torch.Generator().manual_seed(cfg.seed + 1)
+        generator = torch.Generator().manual_seed(self.seed + 1)
         q_net = self.q_net_
         target_net = copy.deepcopy(q_net).eval()
         optimizer = torch.optim.Adam([p for p in q_net.parameters() if p.requires_grad], lr=cfg.lr,
@@ -293,7 +300,7 @@ class DQNReranker:
         best_score, best_state, gradient_steps = -math.inf, None, 0
 
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed + 2)  # dropout draws from the global generator; keep it seeded and local
+            torch.manual_seed(self.seed + 2)  # dropout draws from the global generator; keep it seeded and local
             with _progress(progress, cfg.epochs, "DQN epochs") as advance:
                 for epoch in range(1, cfg.epochs + 1):
                     returns, losses = [], []
