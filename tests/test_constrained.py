@@ -98,6 +98,25 @@ def test_random_masked_walks_always_end_on_catalog_items(catalog, seed):
         assert first_id[title] == item
 
 
+@settings(max_examples=30, deadline=None)
+@given(catalog=catalogs, seed=st.integers(0, 2**16))
+def test_processor_state_follows_reordered_beams(catalog, seed):
+    """The cached per-row state equals a walk from the root even when beams are reordered and duplicated."""
+    trie = CatalogTrie.from_sequences(catalog, eos_token_id=EOS, vocab_size=8)
+    processor = TrieLogitsProcessor(trie, prompt_length=2)
+    gen = torch.Generator().manual_seed(seed)
+    rows = 16
+    input_ids = torch.randint(0, 8, (rows, 2), generator=gen)  # the "prompt"
+    for _ in range(trie.max_depth + 1):
+        nodes = processor.nodes(input_ids[:, 2:])
+        assert torch.equal(nodes, trie.walk(input_ids[:, 2:])[0])
+        scores = trie.mask_(torch.rand(rows, 8, generator=gen), nodes)
+        token = torch.multinomial(scores.exp(), 1, generator=gen)
+        token[0] = 7  # one row sometimes leaves the trie
+        parent = torch.randint(0, rows, (rows,), generator=gen)  # beam reordering with repeats
+        input_ids = torch.cat([input_ids[parent], token[parent]], 1)
+
+
 def test_distinct_top_k_dedupes_sorts_and_pads():
     items = torch.tensor([[3, 3, -1, 5, 7, 2]])
     scores = torch.tensor([[-1.0, -0.5, -0.1, -1.0, -2e8, -1.0]])

@@ -253,19 +253,53 @@ class CatalogTrie:
 class TrieLogitsProcessor:
     """HF `generate` logits processor: keep only tokens that continue a catalog item's token path.
 
-    The beam's trie node is recomputed from its generated tokens each step (one vectorised lookup per generated
-    position): `generate` reorders beams without telling processors, so a cached per-row state would be wrong.
+    `generate` reorders beams between steps without telling processors, so each row's parent is found again:
+    the hash of the row's generated prefix is looked up among the previous step's rows (an exact token
+    comparison confirms it), and the parent's trie node is advanced by the new token. Rows without a confirmed
+    parent (first call, another generate run) are walked from the root, one vectorised lookup per position.
     """
 
     def __init__(self, trie: CatalogTrie, prompt_length: int):
         self.trie = trie
         self.prompt_length = int(prompt_length)
+        self._previous: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._weights: torch.Tensor | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         """Mask ``scores`` [B, V] to the allowed continuations of each row of ``input_ids``."""
         trie = self.trie.to(scores.device)
-        nodes, _ = trie.walk(input_ids[:, self.prompt_length :])
-        return trie.mask_(scores, nodes)
+        return trie.mask_(scores, self.nodes(input_ids[:, self.prompt_length :]))
+
+    def _hash(self, tokens: torch.Tensor) -> torch.Tensor:
+        """64-bit hash of each row (random odd weight per position; int64 arithmetic wraps around)."""
+        width = tokens.shape[1]
+        if self._weights is None or self._weights.shape[0] < width or self._weights.device != tokens.device:
+            gen = torch.Generator().manual_seed(0)
+            w = torch.randint(-(2**62), 2**62, (max(64, 2 * width),), generator=gen) | 1
+            self._weights = w.to(tokens.device)
+        return (tokens * self._weights[:width]).sum(1)
+
+    def nodes(self, generated: torch.Tensor) -> torch.Tensor:
+        """Trie node of every row of ``generated`` [B, T] (the tokens after the prompt)."""
+        trie = self.trie.to(generated.device)
+        rows, width = generated.shape
+        nodes = None
+        if self._previous is not None and width >= 1 and self._previous[0].shape[1] == width - 1:
+            prev_tokens, prev_nodes, prev_hashes, prev_order = self._previous
+            prefix = generated[:, :-1]
+            h = self._hash(prefix)
+            pos = torch.searchsorted(prev_hashes, h).clamp_(max=prev_hashes.shape[0] - 1)
+            parent = prev_order[pos]
+            confirmed = (prev_hashes[pos] == h) & (prev_tokens[parent] == prefix).all(1)
+            nodes = trie.advance(prev_nodes[parent], generated[:, -1])
+            if not bool(confirmed.all()):
+                lost = (~confirmed).nonzero().squeeze(1)
+                nodes[lost] = trie.walk(generated[lost])[0]
+        if nodes is None:
+            nodes = trie.walk(generated)[0]
+        hashes, order = torch.sort(self._hash(generated))
+        self._previous = (generated.clone(), nodes, hashes, order)
+        return nodes
 
 
 class BeamSearchConfig(BaseModel):
