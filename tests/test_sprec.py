@@ -101,3 +101,75 @@ def test_rows_follow_the_split():
     assert len(train_rows(dataset, split, 2, users="train_only")) == 0  # every toy user has a test item
     picked = sample_rows(train, 5, seed=1)
     assert len(picked) == 5 and len(set(picked.users.tolist())) == 5
+
+
+# ---- the loop on a tiny random model ----------------------------------------------------------------------
+
+from recalign.methods.sprec import SPRecConfig, run_sprec  # noqa: E402
+from tests.test_dpo import tiny_model_and_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llm")
+    model, tokenizer = tiny_model_and_tokenizer(seed=0)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _config(model_dir, **overrides) -> SPRecConfig:
+    settings = dict(
+        model=str(model_dir), iterations=2, n_pairs=8, max_history=3,
+        sft={"rows": 16, "epochs": 1, "learning_rate": 5e-3, "batch_size": 8, "grad_accum": 1, "max_steps": 2},
+        sft_step={"epochs": 1, "learning_rate": 1e-3, "batch_size": 8, "grad_accum": 1, "max_steps": 1},
+        dpo={"learning_rate": 1e-3, "batch_size": 4, "grad_accum": 1, "max_steps": 2, "max_length": 512},
+        lora={"r": 4, "alpha": 8, "dropout": 0.0},
+        # every non-empty answer grounds to its nearest title by edit similarity (threshold 0), like embedding k-NN
+        grounding={"kind": "fuzzy", "metric": "ratio", "threshold": 0},
+        pair_generation={"max_new_tokens": 8, "batch_size": 8},
+        eval_generation={"max_new_tokens": 8, "batch_size": 8},
+        ks=[1, 5], genres=["a", "b", "c"], seed=0)
+    settings.update(overrides)
+    return SPRecConfig(**settings)
+
+
+def test_loop_pairs_are_own_grounded_answers_and_resume_after_a_kill(tiny_model_dir, tmp_path):
+    import json
+
+    from recalign.llm.grounding import extract_title, make_grounder
+
+    dataset = _toy_dataset(n_users=16)
+    split = leave_one_out_split(dataset)
+    config = _config(tiny_model_dir, variants=["sft", "sprec"])
+    started: list[tuple[str, int]] = []
+
+    def kill_in_iteration_2(variant: str, iteration: int) -> None:
+        started.append((variant, iteration))
+        if iteration == 2:
+            raise KeyboardInterrupt("simulated kill")
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sprec(config, dataset, split, tmp_path, on_iteration_start=kill_in_iteration_2)
+    first = tmp_path / "sprec" / "iter_1"
+    assert (first / "metrics.json").is_file() and not (tmp_path / "sprec" / "iter_2").exists()
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert [(r["variant"], r["iteration"]) for r in state["iterations"]] == [("sft", 0), ("sprec", 1)]
+    stamp = (first / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
+
+    resumed: list[tuple[str, int]] = []
+    summary = run_sprec(config, dataset, split, tmp_path, on_iteration_start=lambda v, i: resumed.append((v, i)))
+    assert resumed == [("sprec", 2)]  # neither SFT nor iteration 1 ran again
+    assert (first / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
+    assert [(r["variant"], r["iteration"]) for r in summary["iterations"]] == [("sft", 0), ("sprec", 1), ("sprec", 2)]
+    for record in summary["iterations"]:
+        assert 0.0 <= record["hr@5"] <= 1.0 and 0.0 < record["div_ratio@5"] <= 1.0
+
+    grounder = make_grounder(config.grounding, dataset.titles())
+    for iteration in (1, 2):
+        pairs = [json.loads(line) for line in
+                 (tmp_path / "sprec" / f"iter_{iteration}" / "pairs.jsonl").read_text().splitlines()]
+        assert pairs, "self-play produced no pairs"
+        own = grounder.ground([extract_title(p["generation"]) for p in pairs]).tolist()
+        assert [p["rejected"] for p in pairs] == own  # the model's own answers, grounded
+        assert all(p["rejected"] != p["chosen"] for p in pairs)

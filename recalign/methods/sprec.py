@@ -224,7 +224,7 @@ def run_sprec(config: SPRecConfig, dataset, split, work_dir: str | Path, *, prog
     sft_dir = work / "sft"
     if not _finished(sft_dir):
         say("stage 0: SFT")
-        model, tokenizer = _base_model(config)
+        model, tokenizer = _base_model(config, work)
         rows = sample_rows(train, config.sft.rows, config.seed)
         model = _sft(model, tokenizer, rows, titles, dataset, config.sft, config, work / "tmp", progress)
         metrics = evaluate(model, tokenizer)
@@ -243,7 +243,7 @@ def run_sprec(config: SPRecConfig, dataset, split, work_dir: str | Path, *, prog
                 on_iteration_start(variant, iteration)
             say(f"{variant}: iteration {iteration}/{config.iterations}")
             previous = sft_dir if iteration == 1 else work / variant / f"iter_{iteration - 1}"
-            model, tokenizer = _load_checkpoint(config, previous)
+            model, tokenizer = _load_checkpoint(work, previous)
             seed = config.seed + 1000 * VARIANTS.index(variant) + iteration
             prompts = sample_rows(train, config.n_pairs, seed)
             if variant == "sprec":  # y⁻ = the current model's own top prediction, grounded
@@ -386,3 +386,122 @@ def _write_pairs(path: Path, pairs: Pairs, titles: list[str]) -> None:
             if pairs.generations is not None:
                 record["generation"] = pairs.generations[j]
             out.write(json.dumps(record) + "\n")
+
+
+# ---- LLM blocks: one prompt template for SFT, generation and DPO ------------------------------------------
+
+INSTRUCTION = ("Given a list of items the user recently enjoyed, please recommend a new item that the user may "
+               "like. Answer with one title in double quotes.")
+
+
+def _prompt_text(tokenizer, history: list[int], titles: list[str]) -> str:
+    """The chat-rendered prompt of one row (the same string for SFT, generation and DPO)."""
+    listed = ", ".join(f'"{titles[i]}"' for i in history)
+    messages = [{"role": "user", "content": f"{INSTRUCTION}\nThe user has enjoyed: {listed}"}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _answer_text(title: str) -> str:
+    """The completion naming one item: its quoted title and a newline (EOS is appended by the trainers)."""
+    return f'"{title}"\n'
+
+
+def _base_model(config: SPRecConfig, work: Path):
+    """Base model + tokenizer with a fresh LoRA adapter; the base is kept on disk under work/base for reloads."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from recalign.llm.dpo import _lora_config
+
+    base = work / "base"
+    if not (base / "config.json").is_file():
+        model, tokenizer = _load_named_model(config.model)
+        tmp = work / ".base.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(base)
+    torch.manual_seed(config.seed)  # the LoRA A init
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return get_peft_model(model, _lora_config(config.lora)), tokenizer
+
+
+def _load_named_model(name: str):
+    """A model named in the config: HF id or local folder through transformers (fp32 on CPU)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32), AutoTokenizer.from_pretrained(name)
+    except OSError as exc:
+        raise ConfigError(f"sprec.model: cannot load {name!r}: {str(exc).splitlines()[0]}") from None
+
+
+def _load_checkpoint(work: Path, folder: Path):
+    """The base model (work/base) with the adapter saved in `folder`, trainable."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(work / "base", dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder / "adapter")
+    return PeftModel.from_pretrained(model, folder / "adapter", is_trainable=True), tokenizer
+
+
+def _sft(model, tokenizer, rows: Rows, titles: list[str], dataset, settings: SFTStepSettings,
+         config: SPRecConfig, scratch: Path, progress: bool):
+    """Continue the LoRA adapter on prompt -> ground-truth answer, loss on the answer tokens only."""
+    from datasets import Dataset as HFDataset
+    from trl import SFTConfig, SFTTrainer
+
+    from recalign.llm.dpo import _dataset_progress_bars, _use_cpu
+
+    data = HFDataset.from_list([{"prompt": _prompt_text(tokenizer, h, titles),
+                                 "completion": _answer_text(titles[int(t)])}
+                                for h, t in zip(rows.histories, rows.targets)])
+    args = SFTConfig(output_dir=str(scratch), num_train_epochs=settings.epochs, max_steps=settings.max_steps,
+                     learning_rate=settings.learning_rate, per_device_train_batch_size=settings.batch_size,
+                     gradient_accumulation_steps=settings.grad_accum, max_length=config.dpo.max_length,
+                     completion_only_loss=True, logging_steps=1, seed=config.seed, use_cpu=_use_cpu(config.dpo.device),
+                     bf16=False, fp16=False, gradient_checkpointing=False, activation_checkpointing=False,
+                     report_to="none", save_strategy="no", disable_tqdm=not progress)
+    with _dataset_progress_bars(progress):
+        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    if not progress:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    return trainer.model
+
+
+def _generate(model, tokenizer, rows: Rows, titles: list[str], dataset, settings: GenerationSettings,
+              config: SPRecConfig, progress: bool) -> list[str]:
+    """Greedy answers for every row, in batches (left padding)."""
+    device = next(model.parameters()).device
+    prompts = [_prompt_text(tokenizer, h, titles) for h in rows.histories]
+    tokenizer.padding_side = "left"
+    answers: list[str] = []
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(prompts), settings.batch_size):
+            batch = tokenizer(prompts[start: start + settings.batch_size], return_tensors="pt", padding=True,
+                              add_special_tokens=False).to(device)
+            out = model.generate(**batch, max_new_tokens=settings.max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+            answers.extend(tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True))
+    return answers
+
+
+def _dpo(model, tokenizer, pairs: Pairs, titles: list[str], dataset, config: SPRecConfig, scratch: Path,
+         progress: bool):
+    """DPO on (prompt, ground truth, rejected); π_ref = the incoming adapter, frozen (TRL's "ref" adapter copy)."""
+    from recalign.llm.dpo import train_dpo
+
+    records = [{"prompt": _prompt_text(tokenizer, h, titles), "chosen": _answer_text(titles[int(t)]),
+                "rejected": _answer_text(r)}
+               for h, t, r in zip(pairs.rows.histories, pairs.rows.targets, pairs.rejected_titles)]
+    settings = config.dpo.model_copy(update={"seed": config.seed})
+    result = train_dpo(model, tokenizer, records, settings, output_dir=scratch, progress=progress)
+    return result.model, result.summary()
