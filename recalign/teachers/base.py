@@ -71,7 +71,7 @@ class Recommender(ABC):
         category:   "+C" keeps only items of category C, "-C" drops them.
         """
         self._check_fitted()
-        users = torch.as_tensor(np.asarray(users), dtype=torch.long)
+        users = torch.as_tensor(np.array(users, dtype=np.int64))  # a copy: pandas arrays may be read-only
         allowed = self._category_mask(category)
         out_items, out_scores = [], []
         for start in range(0, len(users), batch_size):

@@ -1,0 +1,53 @@
+"""The "teacher" recipe stage: fit a classical teacher on the split's train part, save it, evaluate it on test."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from recalign.errors import ConfigError
+from recalign.stages import Stage
+from recalign.teachers.registry import get_teacher
+
+if TYPE_CHECKING:
+    from recalign.runs import RunContext
+
+
+class TeacherStageParams(BaseModel):
+    """Params of a teacher stage."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(description="teacher name: popularity | bprmf | sasrec")
+    params: dict[str, Any] = Field(default_factory=dict, description="overrides of the teacher's config fields")
+
+
+def run_teacher_stage(ctx: "RunContext", params: TeacherStageParams) -> dict:
+    """Fit on split.train (early stopping on split.valid), save to <stage>/model, evaluate on split.test."""
+    if ctx.split is None:
+        raise ConfigError("a teacher stage needs a split (add `split:` to the recipe)")
+    cls = get_teacher(params.model)
+    overrides = dict(params.params)
+    overrides.setdefault("seed", ctx.seed)
+    try:
+        teacher = cls(**overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"stage '{ctx.stage.name if ctx.stage else 'teacher'}': params: {exc}") from None
+    split = ctx.split
+    ctx.log(f"fit {params.model} on {len(split.train)} train interactions ({len(split.valid)} valid)")
+    started = time.perf_counter()
+    teacher.fit(ctx.dataset, split.train, split.valid if len(split.valid) else None, progress=ctx.progress,
+                valid_history=split.history("valid"))
+    train_seconds = time.perf_counter() - started
+    teacher.save(ctx.stage_dir / "model")
+    metrics = ctx.evaluate(teacher, part="test")
+    extra = {"epochs_trained": getattr(teacher, "epochs_trained_", None),
+             "best_epoch": getattr(teacher, "best_epoch_", None)}
+    ctx.log(f"{params.model}: trained in {train_seconds:.1f}s")
+    return {"teacher": params.model, **metrics, "train_seconds": round(train_seconds, 3),
+            **{k: v for k, v in extra.items() if v is not None}}
+
+
+TEACHER_STAGE = Stage(params=TeacherStageParams, run=run_teacher_stage,
+                      description="fit a classical teacher (popularity, bprmf, sasrec), save it, evaluate on test")

@@ -1,0 +1,93 @@
+"""Shared training plumbing for the learned teachers: epoch progress bar, cheap validation recall, early stopping."""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+
+from recalign.data.dataset import UserSequences
+
+
+@contextmanager
+def epoch_progress(total: int, description: str, enabled: bool) -> Iterator[Callable[..., None]]:
+    """A rich progress bar over epochs; yields `advance(**fields)` which steps it and shows the fields."""
+    if not enabled:
+        yield lambda **fields: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[info]}")]
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task(description, total=total, info="")
+
+        def advance(**fields) -> None:
+            info = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
+            bar.update(task, advance=1, info=info)
+
+        yield advance
+
+
+class ValidationRecall:
+    """Recall@k of a score function on held-out interactions, history excluded, over a fixed user sample.
+
+    Built once per fit (the relevant sets and the user sample do not change between epochs), so each check is a
+    chunked full ranking: cheap enough to run every few epochs.
+    """
+
+    def __init__(self, valid: pd.DataFrame, history: UserSequences, k: int = 10, max_users: int | None = 10000,
+                 seed: int = 0):
+        users = np.unique(valid["user_id"].to_numpy())
+        if max_users is not None and len(users) > max_users:
+            users = np.sort(np.random.default_rng(seed).choice(users, size=max_users, replace=False))
+        self.users = users
+        self.history = history
+        self.k = k
+        keep = valid["user_id"].isin(users).to_numpy()
+        rows = np.searchsorted(users, valid["user_id"].to_numpy()[keep])
+        self.rows = torch.from_numpy(rows.astype(np.int64))
+        self.cols = torch.from_numpy(valid["item_id"].to_numpy()[keep].astype(np.int64))
+        # relevant items of a user that are already in the history can never be hit; recall counts them anyway
+        self.n_relevant = torch.bincount(self.rows, minlength=len(users)).clamp(min=1).float()
+
+    def __call__(self, score: Callable[[np.ndarray], torch.Tensor], chunk: int = 1024) -> float:
+        """Mean recall@k over the sampled users."""
+        if len(self.users) == 0:
+            return 0.0
+        hits = torch.zeros(len(self.users))
+        for start in range(0, len(self.users), chunk):
+            batch = self.users[start:start + chunk]
+            scores = score(batch).float().clone()
+            rows, cols = self.history.mask_coordinates(batch)
+            scores[rows, cols] = -torch.inf
+            top = torch.topk(scores, self.k, dim=1).indices  # a full stable sort is too slow for a per-epoch check
+            in_chunk = (self.rows >= start) & (self.rows < start + len(batch))
+            relevant = torch.zeros_like(scores, dtype=torch.bool)
+            relevant[self.rows[in_chunk] - start, self.cols[in_chunk]] = True
+            hits[start:start + len(batch)] = relevant.gather(1, top).sum(1).float()
+        return float((hits / self.n_relevant).mean())
+
+
+class EarlyStopping:
+    """Keeps the best state seen so far (higher metric is better) and says when `patience` checks brought nothing."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.best = -float("inf")
+        self.best_epoch = -1
+        self.best_state: dict | None = None
+        self.bad_checks = 0
+
+    def update(self, metric: float, epoch: int, state: dict) -> bool:
+        """Record a check; returns True when training should stop."""
+        if metric > self.best:
+            self.best, self.best_epoch, self.bad_checks = metric, epoch, 0
+            self.best_state = copy.deepcopy(state)
+        else:
+            self.bad_checks += 1
+        return self.bad_checks >= self.patience
