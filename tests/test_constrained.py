@@ -74,7 +74,7 @@ def test_terminator_inside_a_title_is_a_data_error():
 catalogs = st.lists(st.lists(st.integers(1, 6), min_size=0, max_size=5), min_size=1, max_size=12)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(catalog=catalogs, seed=st.integers(0, 2**16))
 def test_random_masked_walks_always_end_on_catalog_items(catalog, seed):
     """Sampling any token allowed by the mask, step after step, always spells a catalog item."""
@@ -182,7 +182,7 @@ def test_beam_search_returns_the_exact_top_k_when_beams_cover_the_catalog(tiny_l
         assert 3 not in items[row].tolist()  # duplicate title of item 2 is never returned
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     titles=st.lists(
         st.lists(st.sampled_from(WORDS), min_size=1, max_size=4).map(" ".join), min_size=1, max_size=10
