@@ -247,7 +247,7 @@ def _run(recipe, run_dir: Path, quiet: bool) -> None:
     from recalign.eval.report import results_table
     from recalign.runs import run_recipe
 
-    summary = run_recipe(recipe, run_dir, progress=not quiet, echo=lambda line: err.print(line, highlight=False))
+    summary = run_recipe(recipe, run_dir, progress=not quiet, echo=lambda line: err.print(line, highlight=False, markup=False))
     out.print(results_table(summary, recipe.eval.table))
     out.print(f"run folder: {run_dir} (report.md, metrics.json)")
 

@@ -52,7 +52,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 def write_json(path: Path, value: Any) -> None:
     """Atomically write pretty JSON."""
-    write_atomic(path, json.dumps(value, indent=2, sort_keys=True, default=_json_default) + "\n")
+    write_atomic(path, json.dumps(value, indent=2, default=_json_default) + "\n")
 
 
 def _json_default(value: Any) -> Any:

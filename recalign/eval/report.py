@@ -54,14 +54,30 @@ def _cell(value: object) -> str:
     return str(value)
 
 
+def column_title(metric: str) -> str:
+    """Display name of a metric key: hr@10 -> HR@10, ndcg@10 -> NDCG@10, recall@10 -> Recall@10."""
+    name, at, k = metric.partition("@")
+    pretty = {"hr": "HR", "ndcg": "NDCG", "mrr": "MRR", "map": "MAP", "recall": "Recall",
+              "precision": "Precision", "coverage": "Coverage"}.get(name, name)
+    return pretty + at + k
+
+
+def has_times(stages: dict[str, dict]) -> bool:
+    """Whether any stage reports a time (else the time column is left out)."""
+    return any(stage_seconds(m) is not None for m in stages.values())
+
+
 def table_rows(stages: dict[str, dict], columns: list[str]) -> list[list[str]]:
-    """One row per stage: name, kind/model, the metric columns and the time."""
+    """One row per stage: name, model, the metric columns and (when any stage has one) the time."""
     rows = []
+    with_time = has_times(stages)
     for name, metrics in stages.items():
-        model = metrics.get("model") or metrics.get("kind") or ""
-        seconds = stage_seconds(metrics)
-        rows.append([name, str(model), *[_cell(metrics.get(c)) for c in columns],
-                     "-" if seconds is None else f"{seconds:.1f}"])
+        model = metrics.get("model") or metrics.get("teacher") or metrics.get("kind") or ""
+        row = [name, str(model), *[_cell(metrics.get(c)) for c in columns]]
+        if with_time:
+            seconds = stage_seconds(metrics)
+            row.append("-" if seconds is None else f"{seconds:.1f}")
+        rows.append(row)
     return rows
 
 
@@ -73,8 +89,9 @@ def results_table(summary: dict, columns: list[str] | None = None, title: str | 
     table.add_column("stage", style="bold")
     table.add_column("model")
     for column in columns:
-        table.add_column(column.upper().replace("RECALL", "Recall").replace("NDCG", "NDCG"), justify="right")
-    table.add_column("train s", justify="right")
+        table.add_column(column_title(column), justify="right")
+    if has_times(stages):
+        table.add_column("train s", justify="right")
     for row in table_rows(stages, columns):
         table.add_row(*row)
     return table
@@ -84,8 +101,8 @@ def markdown_table(summary: dict, columns: list[str] | None = None) -> str:
     """The same table as GitHub Markdown."""
     stages = summary.get("stages", {})
     columns = choose_columns(stages, columns)
-    header = ["stage", "model", *columns, "train s"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(columns) + 1)) + "|"]
+    header = ["stage", "model", *map(column_title, columns)] + (["train s"] if has_times(stages) else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(stages, columns)]
     return "\n".join(lines)
 
