@@ -182,3 +182,9 @@ def test_loop_pairs_are_own_grounded_answers_and_resume_after_a_kill(tiny_model_
         own = grounder.ground([extract_title(p["generation"]) for p in pairs]).tolist()
         assert [p["rejected"] for p in pairs] == own  # the model's own answers, grounded
         assert all(p["rejected"] != p["chosen"] for p in pairs)
+    from recalign.methods.sprec import iteration_table, plot_iterations
+
+    table = iteration_table(summary)
+    assert table.count("\n| sprec |") == 2 and "| sft | 0 |" in table
+    png = plot_iterations(summary, tmp_path / "curves.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

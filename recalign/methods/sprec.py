@@ -505,3 +505,100 @@ def _dpo(model, tokenizer, pairs: Pairs, titles: list[str], dataset, config: SPR
     settings = config.dpo.model_copy(update={"seed": config.seed})
     result = train_dpo(model, tokenizer, records, settings, output_dir=scratch, progress=progress)
     return result.model, result.summary()
+
+
+# ---- report: one table of all variants per iteration, and NDCG@5 / DivRatio@5 over iterations ----------
+
+TABLE_COLUMNS = ("hr@5", "ndcg@5", "div_ratio@5", "or_ratio@5", "mgu@5", "dgu@5", "avg_pop@5", "valid_ratio",
+                 "pairs")
+
+
+def iteration_table(summary: dict, columns: tuple[str, ...] = TABLE_COLUMNS) -> str:
+    """Markdown table: one row per (variant, iteration)."""
+    head = "| variant | iteration | " + " | ".join(columns) + " |"
+    lines = [head, "|" + "---|" * (len(columns) + 2)]
+    for record in summary["iterations"]:
+        cells = []
+        for c in columns:
+            value = record.get(c)
+            cells.append("" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value)))
+        lines.append(f"| {record['variant']} | {record['iteration']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_iterations(summary: dict, path: str | Path, metrics: tuple[str, ...] = ("ndcg@5", "div_ratio@5")) -> Path:
+    """PNG of each metric over iterations, one line per variant; every variant starts from the SFT model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = summary["iterations"]
+    sft = next((r for r in records if r["variant"] == "sft"), None)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6))
+    for axis, metric in zip(np.atleast_1d(axes), metrics):
+        for variant in ("dpo_random", "sprec"):
+            points = sorted((r["iteration"], r[metric]) for r in records if r["variant"] == variant and metric in r)
+            if sft is not None and points:
+                points = [(0, sft[metric])] + points
+            if points:
+                xs, ys = zip(*points)
+                axis.plot(xs, ys, marker="o", label={"dpo_random": "DPO (random negatives)", "sprec": "SPRec"}[variant])
+        if sft is not None and metric in sft:
+            axis.axhline(sft[metric], color="grey", linestyle="--", label="SFT")
+        axis.set_xlabel("iteration")
+        axis.set_title(metric.replace("_", " ").replace("div ratio", "DivRatio").upper().replace("DIVRATIO", "DivRatio"))
+        axis.grid(alpha=0.3)
+        axis.xaxis.get_major_locator().set_params(integer=True)
+    np.atleast_1d(axes)[0].legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(path)
+    tmp = out.with_name(f".{out.stem}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(out)
+    return out
+
+
+# ---- the recipe stage ---------------------------------------------------------------------------------------
+
+def _run_stage(ctx, params: SPRecConfig) -> dict:
+    """Recipe stage "sprec": run the loop in a persistent work folder (resumable), then report into the stage."""
+    from recalign.config import stable_hash
+    from recalign.runs import write_atomic, write_json
+
+    config = params if "seed" in params.model_fields_set else params.model_copy(update={"seed": ctx.seed})
+    if ctx.split is None:
+        raise ConfigError("the sprec stage needs a split")
+    # The stage folder is rebuilt from scratch on every attempt; iterations live outside it so a kill resumes.
+    key = stable_hash({"config": config.model_dump(mode="json", exclude={"variants", "iterations"}),
+                       "data": ctx.dataset.fingerprint(), "split": ctx.recipe.split.model_dump(mode="json")})
+    work = ctx.run_dir / "work" / f"{ctx.stage.name if ctx.stage else 'sprec'}-{key}"
+    summary = run_sprec(config, ctx.dataset, ctx.split, work, progress=ctx.progress, log=ctx.log)
+    write_json(ctx.stage_dir / "iterations.json", summary["iterations"])
+    write_atomic(ctx.stage_dir / "iterations.md", iteration_table(summary))
+    plot_iterations(summary, ctx.stage_dir / "ndcg_divratio.png")
+    last = max(r["iteration"] for r in summary["iterations"])
+    (ctx.stage_dir / "final").mkdir()
+    for variant, record in summary["final"].items():
+        source = work / "sft" if variant == "sft" else work / variant / f"iter_{record['iteration']}"
+        shutil.copytree(source / "adapter", ctx.stage_dir / "final" / variant)
+    metrics: dict = {"iterations": last, "work_dir": str(work)}
+    for variant, record in summary["final"].items():
+        for name, value in record.items():
+            if name not in ("variant", "iteration") and isinstance(value, (int, float)):
+                metrics[f"{variant}/{name}"] = value
+    if "sprec" in summary["final"]:  # the headline columns of `recalign report` read the SPRec model
+        metrics.update({k: v for k, v in summary["final"]["sprec"].items() if "@" in k})
+    return metrics
+
+
+def _stage():
+    from recalign.stages import Stage
+
+    return Stage(params=SPRecConfig, run=_run_stage,
+                 description="SPRec: SFT, then self-play DPO with the model's own grounded answers as negatives; "
+                             "baselines SFT and DPO with random negatives")
+
+
+SPREC_STAGE = _stage()
