@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -228,6 +229,8 @@ def main() -> None:
             "torch": torch.__version__,
             "machine": platform.processor() or platform.machine(),
             "seed": args.seed,
+            "load_average_1min_at_end": os.getloadavg()[0],
+            "load_note": "2 CPU cores shared with other jobs: medians move with the load; min = least disturbed",
         },
         "recalign_ms": {"median": med(ours_t), "min": min(ours_t), "repeats": len(ours_t)},
         "dict_trie_ms": {
