@@ -215,6 +215,14 @@ def test_constrained_beam_search_yields_only_distinct_sorted_catalog_items(tiny_
         assert finite == sorted(finite, reverse=True)
 
 
+def test_beam_search_rejects_unknown_settings(tiny_lm):
+    from recalign.errors import ConfigError
+
+    model, tokenizer = tiny_lm
+    with pytest.raises(ConfigError, match="beams"):
+        constrained_beam_search(model, tokenizer, PROMPTS, ["dune"], beams=3)
+
+
 def test_processor_constrains_sampling_too(tiny_lm):
     model, tokenizer = tiny_lm
     titles = ["dune", "dune messiah", "emma", "the hobbit", "red river"]

@@ -340,7 +340,10 @@ def constrained_beam_search(
     """
     from transformers import LogitsProcessorList
 
-    cfg = (config or BeamSearchConfig()).model_copy(update=overrides)
+    try:
+        cfg = BeamSearchConfig(**{**(config or BeamSearchConfig()).model_dump(), **overrides})
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        raise ConfigError(f"constrained beam search: {str(exc).splitlines()[0]} ({sorted(overrides)})") from exc
     trie = catalog if isinstance(catalog, CatalogTrie) else CatalogTrie.from_titles(
         catalog, tokenizer, prefix=cfg.prefix, suffix=cfg.suffix
     )

@@ -287,13 +287,11 @@ def make_grounder(
 ) -> Grounder:
     """Build the grounder named by ``kind`` ('exact' | 'fuzzy' | 'embedding', or a GroundingConfig)."""
     encoder = overrides.pop("encoder", None)
-    if isinstance(kind, GroundingConfig):
-        cfg = kind.model_copy(update=overrides)
-    else:
-        try:
-            cfg = GroundingConfig(kind=kind, **overrides)
-        except Exception as exc:
-            raise ConfigError(f"grounding: {exc}".splitlines()[0] + f" ({kind=}, {sorted(overrides)})") from exc
+    base = kind.model_dump() if isinstance(kind, GroundingConfig) else {"kind": kind}
+    try:
+        cfg = GroundingConfig(**{**base, **overrides})
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        raise ConfigError(f"grounding: {str(exc).splitlines()[0]} ({base['kind']=}, {sorted(overrides)})") from exc
     if cfg.kind == "exact":
         return ExactGrounder(catalog_titles)
     if cfg.kind == "fuzzy":
