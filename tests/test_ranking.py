@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from recalign.data.dataset import UserSequences
-from recalign.eval.ranking import (full_ranking, full_ranking_topk, rank_candidates, sampled_ranking,
-                                   topk_items)
+from recalign.eval.ranking import (_blocked_topk, full_ranking, full_ranking_topk, rank_candidates,
+                                   sampled_ranking, topk_items)
 
 
 def reference_topk(scores, k):
@@ -96,3 +96,32 @@ def test_sampled_ranking_with_history_exclusion():
     masked, _ = sampled_ranking(lambda u: scores, [0], hist, cands, exclude_history=True)
     assert kept.tolist() == [[1, 3, 2]]
     assert masked.tolist() == [[3, 2, -1]]
+
+
+def test_blocked_topk_is_exact_with_ties_and_masked_rows():
+    gen = torch.Generator().manual_seed(3)
+    n_valid, k = 1000, 10
+    scores = torch.full((64, 1024), -torch.inf)
+    # few distinct values -> ties everywhere, including across block maxima and the k-th position
+    scores[:, :n_valid] = torch.randint(0, 40, (64, n_valid), generator=gen).float()
+    scores[5, :n_valid] = -torch.inf   # a fully masked row
+    scores[6, :n_valid - 3] = -torch.inf  # only 3 items left
+    scores[7, :n_valid] = torch.randn(n_valid, generator=gen)  # no ties: the pruned path alone
+    got = _blocked_topk(scores, n_valid, k)
+    want = reference_topk(scores[:, :n_valid], k)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_embedding_path_blocked_equals_reference_with_quantised_scores():
+    gen = torch.Generator().manual_seed(4)
+    user_emb = torch.randint(-2, 3, (50, 4), generator=gen).float()
+    item_emb = torch.randint(-2, 3, (700, 4), generator=gen).float()  # integer scores: many ties
+    rng = np.random.default_rng(1)
+    hist = history([rng.choice(700, rng.integers(0, 300), replace=False).tolist() for _ in range(50)], 700)
+    users = np.arange(50)
+    items, values = full_ranking_topk(user_emb, item_emb, hist, users, 10, chunk=16)
+    scores = user_emb @ item_emb.T
+    rows, cols = hist.mask_coordinates(users)
+    scores[rows, cols] = -torch.inf
+    want_items, want_values = reference_topk(scores, 10)
+    assert torch.equal(items, want_items) and torch.equal(values, want_values)
