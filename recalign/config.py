@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from recalign.errors import ConfigError
+from recalign.errors import ConfigError, RecalignError
 
 
 class _Strict(BaseModel):
@@ -232,11 +232,31 @@ def validate_stage_params(stage: StageSpec, source: str = "<recipe>",
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"{source}: stages.{stage.name}.kind: stage kind {stage.kind!r} is not available "
                           f"({exc})") from None
+    prefix = ["stages", stage.name, "params"]
     try:
-        return model.model_validate(stage.params).model_dump(mode="json")
+        params = model.model_validate(stage.params).model_dump(mode="json")
+        _check_nested_teacher(stage.kind, params)
+    except RecalignError as exc:  # a lookup inside validation failed, e.g. an unknown teacher name
+        raise ConfigError(f"{source}: stages.{stage.name}.params: {exc}") from None
     except ValidationError as exc:
-        prefix = ["stages", stage.name, "params"]
         raise ConfigError(_describe(exc, None, source, override_keys or [], prefix=prefix)) from None
+    return params
+
+
+def _check_nested_teacher(kind: str, params: dict) -> None:
+    """A teacher stage keeps the teacher's own settings in a free-form `params` dict: check them against the
+    teacher's Config now, so a misspelt key fails when the recipe is loaded, not after earlier stages trained."""
+    if kind != "teacher" or not isinstance(params.get("model"), str):
+        return
+    from recalign.teachers.registry import get_teacher
+
+    config = get_teacher(params["model"]).Config
+    try:
+        config.model_validate(params.get("params") or {})
+    except ValidationError as exc:
+        errors = [{"type": e["type"], "loc": ("params", *e["loc"]), "input": e.get("input"),
+                   **({"ctx": e["ctx"]} if "ctx" in e else {})} for e in exc.errors()]
+        raise ValidationError.from_exception_data(config.__name__, errors) from None
 
 
 def _describe(exc: ValidationError, raw: dict | None, source: str, override_keys: list[list[str]],

@@ -171,3 +171,15 @@ def test_resolved_recipe_round_trips_through_yaml(tmp_path):
     recipe = load_recipe(write(tmp_path, RECIPE), ["seed=9"])
     again = load_recipe(write(tmp_path, recipe.to_yaml(), "resolved.yaml"))
     assert again == recipe
+
+
+def test_teacher_settings_are_checked_when_the_recipe_loads(tmp_path):
+    text = ("name: t\ndata: {source: synthetic}\nstages:\n"
+            "  - {name: sasrec, kind: teacher, params: {model: sasrec, params: {epochs: 2}}}\n")
+    recipe = load_recipe(write(tmp_path, text), ["stages.sasrec.params.params.dim=16"])
+    assert recipe.stage("sasrec").params == {"model": "sasrec", "params": {"epochs": 2, "dim": 16}}
+    with pytest.raises(ConfigError, match=r"recipe\.yaml \(override\): stages\.sasrec\.params\.params\.epocs: "
+                                          r"unknown key"):
+        load_recipe(write(tmp_path, text), ["stages.sasrec.params.params.epocs=5"])
+    with pytest.raises(ConfigError, match=r"stages\.sasrec\.params: unknown teacher 'gru4rec'.*sasrec"):
+        load_recipe(write(tmp_path, text), ["stages.sasrec.params.model=gru4rec"])
