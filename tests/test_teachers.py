@@ -169,10 +169,12 @@ def test_bprmf_early_stopping_keeps_best_valid_epoch(latent):
 
 # ---- SASRec ----------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("loss", ["sampled_softmax", "ce", "bce"])
-def test_sasrec_loss_falls(sequential, loss):
+@pytest.mark.parametrize("loss,logq", [("sampled_softmax", False), ("sampled_softmax", True), ("ce", False),
+                                       ("bce", False)])
+def test_sasrec_loss_falls(sequential, loss, logq):
     data, train, _, _ = sequential
-    model = SASRec(**{**SMALL_SASREC, "epochs": 8, "loss": loss}).fit(data, train, progress=False)
+    model = SASRec(**{**SMALL_SASREC, "epochs": 8, "loss": loss, "logq_correction": logq}).fit(
+        data, train, progress=False)
     assert model.loss_history_[-1] < 0.7 * model.loss_history_[0], model.loss_history_
 
 

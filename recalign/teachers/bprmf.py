@@ -77,7 +77,8 @@ class BPRMF(Recommender):
                     neg = torch.einsum("bd,bnd->bn", eu, ej)
                     loss = -F.logsigmoid(pos - neg).mean()
                     if cfg.l2 > 0:
-                        loss = loss + cfg.l2 * (eu.pow(2).sum() + ei.pow(2).sum() + ej.pow(2).sum() / cfg.negatives) / len(idx)
+                        penalty = eu.pow(2).sum() + ei.pow(2).sum() + ej.pow(2).sum() / cfg.negatives
+                        loss = loss + cfg.l2 * penalty / len(idx)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
@@ -92,7 +93,8 @@ class BPRMF(Recommender):
                     fields["valid_recall@10"] = recall
                     stop = stopper.update(recall, epoch + 1, {"u": users_emb.detach(), "i": items_emb.detach()})
                 advance(**fields)
-                if stop or (cfg.max_train_seconds is not None and time.perf_counter() - started > cfg.max_train_seconds):
+                out_of_time = cfg.max_train_seconds is not None and time.perf_counter() - started > cfg.max_train_seconds
+                if stop or out_of_time:
                     break
         if stopper is not None and stopper.best_state is not None:
             self.user_embeddings_, self.item_embeddings_ = stopper.best_state["u"], stopper.best_state["i"]

@@ -32,10 +32,11 @@ class SASRecConfig(TeacherConfig):
     heads: int = Field(1, ge=1, description="attention heads per block (dim must be divisible by heads)")
     dropout: float = Field(0.2, ge=0, lt=1, description="dropout on embeddings, attention and feed-forward")
     loss: Literal["bce", "ce", "sampled_softmax"] = Field(
-        "sampled_softmax", description="bce: one positive vs `negatives` uniform negatives per position; "
-        "ce: softmax cross-entropy over the full catalog; sampled_softmax: softmax over the positive and "
-        "`negatives` uniform negatives shared by the whole batch")
-    negatives: int = Field(256, ge=1, description="negatives per position (bce) or per batch (sampled_softmax)")
+        "sampled_softmax", description="bce: the positive vs `bce_negatives` uniform negatives per position "
+        "(the original paper); ce: softmax cross-entropy over the full catalog; sampled_softmax: softmax over the "
+        "positive and `negatives` uniform negatives shared by the whole batch (much cheaper than ce)")
+    negatives: int = Field(256, ge=1, description="sampled_softmax: uniform negatives shared by a batch")
+    bce_negatives: int = Field(1, ge=1, description="bce: uniform negatives per position")
     logq_correction: bool = Field(False, description="sampled_softmax only: add log(n_items / negatives) to the "
                                   "negatives' logits so the sampled loss estimates the full softmax")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
@@ -161,7 +162,8 @@ class SASRec(Recommender):
                     fields["valid_recall@10"] = recall
                     stop = stopper.update(recall, epoch + 1, self.network_.state_dict())
                 advance(**fields)
-                if stop or (cfg.max_train_seconds is not None and time.perf_counter() - started > cfg.max_train_seconds):
+                out_of_time = cfg.max_train_seconds is not None and time.perf_counter() - started > cfg.max_train_seconds
+                if stop or out_of_time:
                     break
         if stopper is not None and stopper.best_state is not None:
             self.network_.load_state_dict(stopper.best_state)
@@ -196,7 +198,7 @@ class SASRec(Recommender):
             return F.cross_entropy(hidden @ weights.T, targets)
         positive = (hidden * weights[targets]).sum(-1)
         if cfg.loss == "bce":
-            negatives = torch.randint(n_items, (len(targets), cfg.negatives), generator=generator)
+            negatives = torch.randint(n_items, (len(targets), cfg.bce_negatives), generator=generator)
             negative = torch.einsum("md,mnd->mn", hidden, weights[negatives])
             return (F.binary_cross_entropy_with_logits(positive, torch.ones_like(positive))
                     + F.binary_cross_entropy_with_logits(negative, torch.zeros_like(negative), reduction="none")
