@@ -175,9 +175,7 @@ def list_metrics(lists: torch.Tensor, relevant: list[set[int]], ks: list[int], p
     """HR/NDCG/... @K of ranked lists with multiple positives per user, via the shared evaluator."""
     from recalign.eval.metrics import ranking_metrics
 
-    if parity == "daisy":
-        return ranking_metrics(lists, relevant, ks, parity="daisy")
-    return ranking_metrics(lists, relevant, ks)
+    return ranking_metrics(lists, relevant, ks, parity=None if parity == "standard" else parity)
 
 
 # ---- steps 4-6: the whole run -------------------------------------------------------------------------
@@ -192,6 +190,7 @@ class TRDResult:
     student_test: dict
     student: DQNReranker
     test_users: torch.Tensor
+    test_relevant: list[set[int]]
     teacher_test_lists: torch.Tensor
     student_test_lists: torch.Tensor
     counts: dict = field(default_factory=dict)
@@ -245,7 +244,7 @@ def run_trd(dataset: Dataset, split: "Split", teacher: "Recommender", config: TR
         teacher_test=list_metrics(teacher_test_lists, test.relevant, config.ks, config.parity),
         student_valid=list_metrics(student_valid_lists, valid.relevant, config.ks, config.parity),
         student_test=list_metrics(student_test_lists, test.relevant, config.ks, config.parity),
-        student=student, test_users=test.episodes.users, teacher_test_lists=teacher_test_lists,
+        student=student, test_users=test.episodes.users, test_relevant=test.relevant, teacher_test_lists=teacher_test_lists,
         student_test_lists=student_test_lists, seconds=seconds,
         counts={"n_train_users": len(train.episodes), "n_valid_users": len(valid.episodes),
                 "n_users": len(test.episodes), "n_users_cold": test.n_cold})

@@ -56,12 +56,12 @@ class DQNConfig(BaseModel):
                                                             "probability, i.e. 0.1 here)")
     train_steps: int = Field(50, ge=1, description="episode length (picks per user) in training")
     list_length: int = Field(20, ge=1, description="picks per user at inference = length of the refined list")
-    epochs: int = Field(10, ge=1, description="passes over the training users (the original makes one)")
+    epochs: int = Field(4, ge=1, description="passes over the training users (the original makes one)")
     users_per_batch: int = Field(64, ge=1, description="users stepped together by the batched environment")
     buffer_size: int = Field(20_000, ge=1, description="replay buffer capacity in transitions (original: 20, "
                                                        "for one user at a time)")
-    batch_size: int = Field(256, ge=1, description="transitions per gradient step (original: 4)")
-    learning_starts: int = Field(512, ge=1, description="transitions in the buffer before learning starts")
+    batch_size: int = Field(128, ge=1, description="transitions per gradient step (original: 4)")
+    learning_starts: int = Field(256, ge=1, description="transitions in the buffer before learning starts")
     updates_per_step: int = Field(1, ge=1, description="gradient steps per batched environment step")
     target_sync: int = Field(8, ge=1, description="copy the online net into the target net every this many "
                                                   "gradient steps")
