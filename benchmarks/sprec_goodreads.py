@@ -123,7 +123,7 @@ def tiny_model_dir(folder: Path) -> Path:
 def budget(tiny: bool) -> dict:
     """The documented run budget (see the module docstring); `--tiny` shrinks everything for a smoke test."""
     if tiny:
-        return dict(iterations=2, n_pairs=16, sft={"rows": 32, "epochs": 1, "learning_rate": 3e-3,
+        return dict(iterations=2, n_pairs=16, sft={"rows": 64, "epochs": 3, "learning_rate": 3e-3,
                                                    "batch_size": 8, "grad_accum": 1},
                     sft_step={"epochs": 1, "learning_rate": 1e-3, "batch_size": 8, "grad_accum": 1},
                     dpo={"learning_rate": 1e-3, "batch_size": 4, "grad_accum": 1, "max_length": 1024},

@@ -252,21 +252,21 @@ def run_sprec(config: SPRecConfig, dataset, split, work_dir: str | Path, *, prog
                 pairs = self_play_pairs(prompts, answers, grounder, titles, check=config.check_pairs)
             else:  # y⁻ = a random catalog item
                 pairs = random_pairs(prompts, dataset.n_items, titles, seed)
-            if len(pairs) == 0:
-                raise ConfigError(f"SPRec {variant} iteration {iteration}: every pair was dropped "
-                                  f"({pairs.dropped_equal} equal to the target, {pairs.dropped_ungrounded} "
-                                  "ungrounded); raise n_pairs or check the grounding")
-            if config.sft_step is not None:  # continue the adapter on the positives, then DPO from there
-                model = _sft(model, tokenizer, pairs.rows, titles, dataset, config.sft_step, config, work / "tmp",
-                             progress)
-            model, dpo_log = _dpo(model, tokenizer, pairs, titles, dataset, config, work / "tmp", progress)
+            dpo_log: dict = {}
+            if len(pairs) == 0:  # nothing to learn from: keep the model, still evaluate and checkpoint
+                say(f"{variant} iteration {iteration}: every pair was dropped ({pairs.dropped_equal} equal to the "
+                    f"target, {pairs.dropped_ungrounded} ungrounded); the model is unchanged")
+            else:
+                if config.sft_step is not None:  # continue the adapter on the positives, then DPO from there
+                    model = _sft(model, tokenizer, pairs.rows, titles, dataset, config.sft_step, config,
+                                 work / "tmp", progress)
+                model, dpo_log = _dpo(model, tokenizer, pairs, titles, dataset, config, work / "tmp", progress)
             metrics = evaluate(model, tokenizer)
             record = {"variant": variant, "iteration": iteration, **metrics, **dpo_log,
                       "pairs": len(pairs), "dropped_equal": pairs.dropped_equal,
                       "dropped_ungrounded": pairs.dropped_ungrounded}
-            _write_pairs(folder.parent / f".pairs_{iteration}.jsonl", pairs, titles)
-            _save_checkpoint(model, tokenizer, folder, record)
-            shutil.move(str(folder.parent / f".pairs_{iteration}.jsonl"), folder / "pairs.jsonl")
+            _save_checkpoint(model, tokenizer, folder, record,
+                             extra=lambda tmp: _write_pairs(tmp / "pairs.jsonl", pairs, titles))
             state["iterations"] = [r for r in state["iterations"]
                                    if (r["variant"], r["iteration"]) != (variant, iteration)]
             state["iterations"].append(record)
@@ -341,13 +341,17 @@ def _finished(folder: Path) -> bool:
     return (folder / "metrics.json").is_file()
 
 
-def _save_checkpoint(model, tokenizer, folder: Path, record: dict) -> None:
-    """Adapter + tokenizer + metrics.json, written to a temp folder and renamed, so a kill leaves no half iteration."""
+def _save_checkpoint(model, tokenizer, folder: Path, record: dict,
+                     extra: Callable[[Path], None] | None = None) -> None:
+    """Adapter + tokenizer + metrics.json (+ `extra` files), written to a temp folder and renamed into place, so a
+    kill leaves no half-written iteration."""
     from recalign.runs import write_json
 
     tmp = folder.parent / f".{folder.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    if extra is not None:
+        extra(tmp)
     model.save_pretrained(tmp / "adapter")
     tokenizer.save_pretrained(tmp / "adapter")
     write_json(tmp / "metrics.json", record)
