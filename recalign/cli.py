@@ -211,11 +211,17 @@ def teacher_train(
         from recalign.config import recipe_from_dict
 
         _existing(data, "dataset folder")
-        params = {"model": model, **_parse_options(overrides or [])}
-        recipe = recipe_from_dict({
-            "name": run_dir.name, "seed": seed, "data": {"path": str(data)}, "split": {"kind": split},
-            "stages": [{"name": model, "kind": "teacher", "params": params}],
-        }, source="teacher train")
+        params = {"model": model, "params": _parse_options(overrides or [])}
+        try:
+            recipe = recipe_from_dict({
+                "name": run_dir.name, "seed": seed, "data": {"path": str(data)}, "split": {"kind": split},
+                "stages": [{"name": model, "kind": "teacher", "params": params}],
+            }, source=f"teacher train {model}")
+        except ConfigError as exc:  # speak in this command's terms, not the generated recipe's keys
+            message = str(exc)
+            for key in (f"stages.{model}.params.params.", f"stages.{model}.params: ", f"stages.{model}."):
+                message = message.replace(key, "")
+            raise ConfigError(message) from None
         _run(recipe, run_dir, quiet)
 
 

@@ -296,17 +296,22 @@ def run_recipe(recipe: Recipe, run_dir: str | os.PathLike, progress: bool = True
     results: dict[str, dict] = {}
     stages_root = run_dir / "stages"
     stages_root.mkdir(exist_ok=True)
-    for spec in recipe.stages:
-        final = stages_root / spec.name
-        if stage_is_done(final, hashes[spec.name]):
-            results[spec.name] = json.loads((final / "metrics.json").read_text())
-            append_log(run_dir, f"[{spec.name}] finished earlier with the same config: skipped")
-            if echo is not None and progress:
-                echo(f"[{spec.name}] finished earlier with the same config: skipped")
-            continue
-        results[spec.name] = _run_stage(spec, hashes[spec.name], run_dir, dataset, split, recipe, progress, echo,
-                                        get_stage)
-        _write_summary(run_dir, recipe, fingerprint, results)
+    try:
+        for spec in recipe.stages:
+            final = stages_root / spec.name
+            if stage_is_done(final, hashes[spec.name]):
+                results[spec.name] = json.loads((final / "metrics.json").read_text())
+                append_log(run_dir, f"[{spec.name}] finished earlier with the same config: skipped")
+                if echo is not None and progress:
+                    echo(f"[{spec.name}] finished earlier with the same config: skipped")
+                continue
+            results[spec.name] = _run_stage(spec, hashes[spec.name], run_dir, dataset, split, recipe, progress,
+                                            echo, get_stage)
+            _write_summary(run_dir, recipe, fingerprint, results)
+    except BaseException:
+        if fresh and not results:  # nothing finished, so nothing to resume: leave no folder behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     summary = _write_summary(run_dir, recipe, fingerprint, results)
     write_report(run_dir)
     return summary

@@ -185,3 +185,9 @@ def test_teacher_stages_same_seed_identical_metrics(tmp_path, dataset_dir):
                      seed=0, progress=False, recipe=teacher_recipe({"path": str(dataset_dir)}))
     assert type(ctx.load_teacher("bprmf")).__name__ == "BPRMF"
     assert (tmp_path / "a" / "stages" / "sasrec" / "model" / "teacher.json").is_file()
+
+
+def test_failure_before_any_stage_finished_leaves_no_folder(tmp_path, dataset_dir):
+    with pytest.raises(RecalignError, match="on purpose"):
+        run_recipe(recipe(dataset_dir, first={"fail": True}), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
