@@ -202,3 +202,23 @@ def test_help_has_examples():
                     ["eval"], ["report"]):
         result = invoke(*command, "--help")
         assert result.exit_code == 0 and "Example" in result.stdout, command
+
+
+def test_teacher_train_then_eval(tmp_path, prepared):
+    run_dir = tmp_path / "pop"
+    result = invoke("teacher", "train", "popularity", "--data", prepared, "--out", run_dir, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert (run_dir / "stages" / "popularity" / "model" / "teacher.json").is_file()
+    trained = json.loads((run_dir / "metrics.json").read_text())["stages"]["popularity"]
+    assert trained["n_users"] == 10
+    result = invoke("eval", run_dir, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert f"{trained['hr@10']:.4f}" in result.stdout  # re-evaluating the saved model gives the same numbers
+
+
+def test_teacher_train_bad_setting_leaves_nothing(tmp_path, prepared):
+    result = invoke("teacher", "train", "bprmf", "--data", prepared, "--out", tmp_path / "r", "epocs=3")
+    assert_one_line_error(result, "epocs", "unknown key")
+    result = invoke("teacher", "train", "gru4rec", "--data", prepared, "--out", tmp_path / "r")
+    assert_one_line_error(result, "unknown teacher 'gru4rec'")
+    assert not (tmp_path / "r").exists()
