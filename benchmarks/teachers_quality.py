@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import sys
@@ -139,7 +140,7 @@ def run_dataset(which: str, quick: bool, progress: bool) -> dict:
             "interactions": len(dataset.interactions), "test_users": len(test),
             "protocol": "leave-one-out, full ranking over all items, history excluded",
             "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-            "quick": quick}
+            "quick": quick, "evaluator": "recalign.eval.evaluate" if split is not None else "local fallback"}
     return {"info": info, "models": results}
 
 
@@ -174,6 +175,8 @@ def main() -> None:
                         help="torch threads; 1 is far faster than 2 on a busy shared 2-core machine")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.no_progress:  # per-epoch lines (loss, valid recall) instead of bars, e.g. under nohup
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     suffix = "_quick" if args.quick else ""
     for which in ("beauty", "ml100k"):
         if args.only not in (None, which):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -12,12 +13,25 @@ import torch
 
 from recalign.data.dataset import UserSequences
 
+logger = logging.getLogger("recalign.teachers")
+
 
 @contextmanager
 def epoch_progress(total: int, description: str, enabled: bool) -> Iterator[Callable[..., None]]:
-    """A rich progress bar over epochs; yields `advance(**fields)` which steps it and shows the fields."""
+    """A rich progress bar over epochs; yields `advance(**fields)` which steps it and shows the fields.
+
+    Each epoch is also logged at INFO level on the "recalign.teachers" logger (for runs without a terminal).
+    """
+    done = [0]
+
+    def log(**fields) -> str:
+        done[0] += 1
+        info = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
+        logger.info("%s epoch %d/%d %s", description, done[0], total, info)
+        return info
+
     if not enabled:
-        yield lambda **fields: None
+        yield log
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -27,8 +41,7 @@ def epoch_progress(total: int, description: str, enabled: bool) -> Iterator[Call
         task = bar.add_task(description, total=total, info="")
 
         def advance(**fields) -> None:
-            info = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
-            bar.update(task, advance=1, info=info)
+            bar.update(task, advance=1, info=log(**fields))
 
         yield advance
 
