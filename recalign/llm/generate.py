@@ -1,0 +1,238 @@
+"""Batched text generation with one interface over three backends.
+
+- ``"transformers"`` (default): `model.generate` on left-padded batches; prompts are sorted by token length so a
+  batch wastes little padding, and answers come back in the input order. Greedy, sampling (seeded) and beam search;
+  an optional logits processor (e.g. trie-constrained decoding, `TrieConstraint`).
+- ``"openai"``: an OpenAI-compatible HTTP server (vLLM's `vllm serve`, `transformers serve`, ...) through its
+  ``/v1/completions`` endpoint with the rendered prompt text; `model` is the served model name.
+- ``"vllm"``: vLLM in-process (`vllm.LLM`); `model` is a model folder/id or an `LLM`. ``"auto"`` picks vLLM when
+  it is importable and a GPU is present, else transformers.
+
+Every backend returns ``list[list[str]]``: for each prompt, its `num_return_sequences` answers (special tokens
+removed, the prompt not repeated).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any, Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from recalign.errors import ConfigError, RecalignError
+
+BACKENDS = ("auto", "transformers", "openai", "vllm")
+
+
+class GenerationSettings(BaseModel):
+    """How answers are decoded (greedy by default)."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_new_tokens: int = Field(32, ge=1, description="tokens generated per answer at most")
+    do_sample: bool = Field(False, description="sample (temperature/top_p) instead of greedy/beam search")
+    temperature: float = Field(1.0, gt=0.0, description="sampling temperature")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
+    num_beams: int = Field(1, ge=1, description="beam width (1 = greedy or sampling)")
+    num_return_sequences: int = Field(1, ge=1, description="answers per prompt (<= num_beams for beam search)")
+    seed: int = Field(0, description="seed of the sampling draws")
+
+    @model_validator(mode="after")
+    def _sequences_fit(self) -> "GenerationSettings":
+        if not self.do_sample and self.num_return_sequences > self.num_beams:
+            raise ValueError("num_return_sequences must be <= num_beams without sampling "
+                             "(greedy decoding has one answer per prompt)")
+        return self
+
+
+class TrieConstraint:
+    """Trie-constrained decoding as a per-batch logits processor: every answer walks a catalog title's tokens.
+
+    The trie (`recalign.llm.constrained.CatalogTrie`) must be built with the prefix/suffix that surround the
+    title in the answer (`PromptTemplate.title_affixes`).
+    """
+
+    def __init__(self, trie: Any):
+        self.trie = trie
+
+    def for_batch(self, prompt_length: int):
+        """A fresh processor for one left-padded batch whose prompts are `prompt_length` tokens wide."""
+        from recalign.llm.constrained import TrieLogitsProcessor
+
+        return TrieLogitsProcessor(self.trie, prompt_length)
+
+
+def generate(model, tokenizer, prompts: Sequence[str], settings: GenerationSettings | None = None,
+             batch_size: int = 8, logits_processor: Any = None, backend: str = "transformers",
+             progress: bool = False, **backend_options: Any) -> list[list[str]]:
+    """Answers for every prompt (rendered prompt strings): `num_return_sequences` strings each, in input order.
+
+    `logits_processor`: None, a processor, a list of processors, or an object with `for_batch(prompt_length)`
+    (e.g. `TrieConstraint`) that builds one per batch. `backend_options`: `base_url`, `api_key`, `timeout`
+    (openai); `llm_options` (vllm).
+    """
+    settings = settings or GenerationSettings()
+    if batch_size < 1:
+        raise ConfigError("generation batch_size must be >= 1")
+    if backend not in BACKENDS:
+        raise ConfigError(f"generation backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        backend = "vllm" if _vllm_usable() and logits_processor is None else "transformers"
+    prompts = list(prompts)
+    if not prompts:
+        return []
+    if backend == "transformers":
+        return _generate_transformers(model, tokenizer, prompts, settings, batch_size, logits_processor, progress)
+    if logits_processor is not None:
+        raise ConfigError(f"generation backend {backend!r} takes no logits processor; use 'transformers'")
+    if backend == "openai":
+        return _generate_openai(model, prompts, settings, batch_size, progress, **backend_options)
+    return _generate_vllm(model, prompts, settings, **backend_options)
+
+
+def _vllm_usable() -> bool:
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
+def _batches(count: int, batch_size: int, progress: bool, description: str):
+    starts = range(0, count, batch_size)
+    if not progress:
+        return starts
+    from rich.progress import track
+
+    return track(starts, description=description, total=len(starts))
+
+
+# ---- transformers ---------------------------------------------------------------------------------------------
+
+def _processors(logits_processor: Any, prompt_length: int):
+    from transformers import LogitsProcessorList
+
+    if logits_processor is None:
+        return None
+    if hasattr(logits_processor, "for_batch"):
+        return LogitsProcessorList([logits_processor.for_batch(prompt_length)])
+    if isinstance(logits_processor, (list, tuple)):
+        return LogitsProcessorList(list(logits_processor))
+    return LogitsProcessorList([logits_processor])
+
+
+def _generate_transformers(model, tokenizer, prompts: list[str], settings: GenerationSettings, batch_size: int,
+                           logits_processor: Any, progress: bool) -> list[list[str]]:
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    device = next(model.parameters()).device
+    encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    # Longest first: similar lengths share a batch (little padding), and a too-long batch fails at once.
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    answers: list[list[str]] = [[] for _ in prompts]
+    n_return = settings.num_return_sequences
+    options = dict(max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
+                   num_beams=settings.num_beams, num_return_sequences=n_return,
+                   pad_token_id=tokenizer.pad_token_id)
+    if settings.do_sample:
+        options.update(temperature=settings.temperature, top_p=settings.top_p)
+    else:  # greedy/beam: neutral sampling fields, so a model's generation_config defaults do not warn or apply
+        options.update(temperature=None, top_p=None, top_k=None)
+    was_training, old_side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"  # every row's answer starts at the same column
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            torch.manual_seed(settings.seed)  # sampling draws; the caller's generator is left as it was
+            for start in _batches(len(order), batch_size, progress, "generating"):
+                index = order[start:start + batch_size]
+                batch = tokenizer.pad({"input_ids": [encoded[i] for i in index]}, return_tensors="pt",
+                                      padding=True)
+                width = batch["input_ids"].shape[1]
+                out = model.generate(input_ids=batch["input_ids"].to(device),
+                                     attention_mask=batch["attention_mask"].to(device),
+                                     logits_processor=_processors(logits_processor, width), **options)
+                texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+                for row, i in enumerate(index):
+                    answers[i] = texts[row * n_return:(row + 1) * n_return]
+    finally:
+        tokenizer.padding_side = old_side
+        model.train(was_training)
+    return answers
+
+
+# ---- OpenAI-compatible HTTP server ------------------------------------------------------------------------------
+
+def completions_url(base_url: str) -> str:
+    """The /v1/completions URL of a server given as 'http://host:port' or 'http://host:port/v1'."""
+    base = base_url.rstrip("/")
+    return f"{base}/completions" if base.endswith("/v1") else f"{base}/v1/completions"
+
+
+def _generate_openai(model, prompts: list[str], settings: GenerationSettings, batch_size: int, progress: bool,
+                     base_url: str | None = None, api_key: str | None = None, timeout: float = 120.0
+                     ) -> list[list[str]]:
+    import httpx
+
+    if base_url is None:
+        raise ConfigError("generation backend 'openai' needs base_url (e.g. http://127.0.0.1:8000)")
+    if settings.num_beams > 1:
+        raise ConfigError("generation backend 'openai' does not do beam search; use 'transformers' or sampling")
+    name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not name:
+        raise ConfigError("generation backend 'openai': pass the served model name as `model`")
+    url = completions_url(base_url)
+    n = settings.num_return_sequences
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    answers: list[list[str]] = []
+    with httpx.Client(timeout=timeout, headers=headers) as client:
+        for start in _batches(len(prompts), batch_size, progress, "generating (server)"):
+            batch = prompts[start:start + batch_size]
+            body = {"model": name, "prompt": batch, "max_tokens": settings.max_new_tokens, "n": n,
+                    "temperature": settings.temperature if settings.do_sample else 0.0,
+                    "top_p": settings.top_p if settings.do_sample else 1.0, "seed": settings.seed + start}
+            try:
+                response = client.post(url, json=body)
+            except httpx.HTTPError as exc:
+                raise RecalignError(f"generation server {url}: {type(exc).__name__}: {exc}") from None
+            if response.status_code != 200:
+                detail = response.text.strip().splitlines()[:1] or [""]
+                raise RecalignError(f"generation server {url}: HTTP {response.status_code} {detail[0][:200]}")
+            answers.extend(_choices(response.json(), len(batch), n, url))
+    return answers
+
+
+def _choices(payload: Any, n_prompts: int, n: int, url: str) -> list[list[str]]:
+    """Group a completions response's choices by prompt (choice index = prompt * n + j)."""
+    choices = payload.get("choices") if isinstance(payload, dict) else None
+    if not isinstance(choices, list) or len(choices) != n_prompts * n:
+        got = len(choices) if isinstance(choices, list) else "no"
+        raise RecalignError(f"generation server {url}: expected {n_prompts * n} choices, got {got}")
+    grouped: list[list[str]] = [[""] * n for _ in range(n_prompts)]
+    for position, choice in enumerate(choices):
+        index = choice.get("index", position) if isinstance(choice, dict) else position
+        if not isinstance(index, int) or not 0 <= index < n_prompts * n:
+            raise RecalignError(f"generation server {url}: choice index {index!r} out of range")
+        grouped[index // n][index % n] = str(choice.get("text") or "")
+    return grouped
+
+
+# ---- vLLM in-process ------------------------------------------------------------------------------------------------
+
+def _generate_vllm(model, prompts: list[str], settings: GenerationSettings, llm_options: dict | None = None
+                   ) -> list[list[str]]:
+    try:
+        from vllm import LLM, SamplingParams
+    except ImportError:
+        raise ConfigError("generation backend 'vllm': vllm is not installed (pip install vllm, on a GPU machine)") \
+            from None
+    if settings.num_beams > 1:
+        raise ConfigError("generation backend 'vllm': beam search is not wired here; use 'transformers'")
+    if isinstance(model, LLM):
+        llm = model
+    elif isinstance(model, str):
+        llm = LLM(model=model, seed=settings.seed, **(llm_options or {}))
+    else:
+        raise ConfigError("generation backend 'vllm': pass a model folder/id (a merged model) or a vllm.LLM")
+    params = SamplingParams(n=settings.num_return_sequences, max_tokens=settings.max_new_tokens,
+                            temperature=settings.temperature if settings.do_sample else 0.0,
+                            top_p=settings.top_p if settings.do_sample else 1.0, seed=settings.seed)
+    outputs = llm.generate(prompts, params)
+    return [[o.text for o in out.outputs] for out in outputs]
