@@ -110,3 +110,45 @@ def test_multi_target_temporal_part_and_bad_protocol(setup):
     assert out["n_users"] == 2
     with pytest.raises(ConfigError):
         evaluate(model, dataset, split, protocol="bogus", progress=False)
+
+
+class DotModel(Recommender):
+    """Scores = user . item embeddings; `expose` decides whether evaluate may see the embeddings."""
+
+    name = "dot"
+
+    def __init__(self, users, items, expose=True, shift=0.0):
+        super().__init__()
+        self.users, self.items, self.shift = users, items, shift
+        if expose:
+            self.user_embeddings_, self.item_embeddings_ = users, items
+
+    def fit(self, dataset, train, valid=None, progress=True):
+        self._remember_catalog(dataset)
+        return self
+
+    def score(self, users, history):
+        return self.users[torch.as_tensor(np.asarray(users))] @ self.items.T + self.shift
+
+
+def test_factor_fast_path_gives_the_generic_result():
+    rng = np.random.default_rng(0)
+    rows = [(str(u), str(i), t) for u in range(30) for t, i in enumerate(rng.choice(200, 12, replace=False))]
+    items = pd.DataFrame({"item": [str(i) for i in range(200)]})
+    dataset = build_dataset(pd.DataFrame(rows, columns=["user", "item", "timestamp"]), items=items,
+                            name="t", source="test")
+    split = leave_one_out_split(dataset)
+    gen = torch.Generator().manual_seed(0)
+    users, item_emb = torch.randn(30, 8, generator=gen), torch.randn(200, 8, generator=gen)
+    for exclude in (True, False):
+        fast = evaluate(DotModel(users, item_emb).fit(dataset, split.train), dataset, split, ks=(5, 10),
+                        exclude_history=exclude, progress=False)
+        slow = evaluate(DotModel(users, item_emb, expose=False).fit(dataset, split.train), dataset, split,
+                        ks=(5, 10), exclude_history=exclude, progress=False)
+        assert fast == slow
+    # embeddings whose dot product is not the score (a per-item shift changes the order) are not used
+    from recalign.eval.evaluate import factor_embeddings
+
+    shifted = DotModel(users, item_emb, shift=1.0).fit(dataset, split.train)
+    assert factor_embeddings(shifted, dataset.sequences(split.train)) is None
+    assert factor_embeddings(DotModel(users, item_emb), dataset.sequences(split.train)) is not None

@@ -125,3 +125,12 @@ def test_embedding_path_blocked_equals_reference_with_quantised_scores():
     scores[rows, cols] = -torch.inf
     want_items, want_values = reference_topk(scores, 10)
     assert torch.equal(items, want_items) and torch.equal(values, want_values)
+
+
+def test_threads_option_gives_same_lists_and_restores_setting():
+    gen = torch.Generator().manual_seed(5)
+    user_emb, item_emb = torch.randn(20, 8, generator=gen), torch.randn(400, 8, generator=gen)
+    before = torch.get_num_threads()
+    one = full_ranking_topk(user_emb, item_emb, None, np.arange(20), 5, threads=1)
+    default = full_ranking_topk(user_emb, item_emb, None, np.arange(20), 5)
+    assert torch.equal(one[0], default[0]) and torch.get_num_threads() == before

@@ -16,7 +16,7 @@ from recalign.data.split import Split
 from recalign.errors import ConfigError, DataError
 from recalign.eval.beyond import avg_popularity, coverage, popularity
 from recalign.eval.metrics import ranking_metrics
-from recalign.eval.ranking import full_ranking, sampled_ranking
+from recalign.eval.ranking import full_ranking, full_ranking_topk, sampled_ranking
 
 if TYPE_CHECKING:
     from recalign.teachers.base import Recommender
@@ -61,6 +61,20 @@ def _candidates(dataset: Dataset, users: np.ndarray, relevant: torch.Tensor, n_n
     return cands
 
 
+def factor_embeddings(model: "Recommender", history: UserSequences) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(user, item) embeddings when the model's scores are their dot products (checked on a few users)."""
+    users_emb = getattr(model, "user_embeddings_", None)
+    items_emb = getattr(model, "item_embeddings_", None)
+    if not isinstance(users_emb, torch.Tensor) or not isinstance(items_emb, torch.Tensor):
+        return None
+    probe = np.arange(min(4, users_emb.shape[0]))
+    expected = users_emb[torch.from_numpy(probe)].detach().float() @ items_emb.detach().float().T
+    actual = model.score(probe, history).detach().float()
+    if actual.shape != expected.shape or not torch.allclose(actual, expected, rtol=1e-5, atol=1e-6):
+        return None
+    return users_emb, items_emb
+
+
 def evaluate(
     model: "Recommender",
     dataset: Dataset,
@@ -95,7 +109,11 @@ def evaluate(
         raise DataError(f"split part {part!r} has no interactions to evaluate", field="part")
     score_fn = (lambda batch: model.score(batch, history))
     with torch.no_grad():
-        if protocol == "full":
+        factors = factor_embeddings(model, history) if protocol == "full" else None
+        if factors is not None:  # factor model (e.g. BPR-MF): the blocked matmul path, same lists
+            lists, _ = full_ranking_topk(factors[0], factors[1], history if exclude_history else None, users,
+                                         max(ks), progress=progress)
+        elif protocol == "full":
             lists, _ = full_ranking(score_fn, users, history, max(ks), exclude_history=exclude_history,
                                     chunk=batch_size, progress=progress)
         else:

@@ -141,15 +141,25 @@ def full_ranking_topk(
     history: UserSequences | None,
     users: Sequence[int] | np.ndarray | torch.Tensor,
     k: int,
-    chunk: int = 256,
+    chunk: int = 512,
     progress: bool = False,
+    threads: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k by dot product for factor models, history items masked: (items [U, k], scores [U, k]).
 
     Same result as `full_ranking` with `topk_items` (ties by ascending item id; -1 = empty slot), faster:
     scores go chunk by chunk into one reused, cache-sized buffer whose width is padded to whole blocks,
     history items are masked in place with one flat index_fill_, and `_blocked_topk` prunes by block maxima.
+    threads: torch intra-op threads for this call (restored after); on a CPU shared with other busy jobs,
+    1 avoids multi-threaded barriers that wait for a descheduled thread (benchmarks/fullrank.py).
     """
+    if threads is not None and threads != torch.get_num_threads():
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return full_ranking_topk(user_emb, item_emb, history, users, k, chunk, progress)
+        finally:
+            torch.set_num_threads(previous)
     users_np = np.asarray(users, dtype=np.int64).reshape(-1)
     users_t = torch.from_numpy(users_np)
     n_items, dim = item_emb.shape
