@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from recalign.eval.metrics import first_occurrence
+from recalign.eval.ranking import first_occurrence
 
 
 def _top_items(lists: torch.Tensor, k: int) -> torch.Tensor:

@@ -14,6 +14,10 @@ from typing import Iterable, Sequence
 import torch
 
 from recalign.errors import ConfigError
+from recalign.eval.ranking import first_occurrence
+
+# List-set metrics live in beyond.py; re-exported so every metric is reachable from this module.
+from recalign.eval.beyond import avg_popularity, coverage, div_ratio, mgu_dgu, or_ratio  # noqa: E402,F401
 
 Relevant = torch.Tensor | Sequence[Iterable[int]]
 PARITY_OPTIONS = (None, "daisy")
@@ -22,16 +26,6 @@ PARITY_OPTIONS = (None, "daisy")
 def _check_parity(parity: str | None, metric: str) -> None:
     if parity not in PARITY_OPTIONS:
         raise ConfigError(f"{metric}: unknown parity option {parity!r}; expected one of {PARITY_OPTIONS}")
-
-
-def first_occurrence(lists: torch.Tensor) -> torch.Tensor:
-    """True where an item appears for the first time in its row (and is not an empty slot)."""
-    values, order = torch.sort(lists, dim=1, stable=True)  # stable: equal ids keep left-to-right order
-    first_sorted = torch.ones_like(values, dtype=torch.bool)
-    first_sorted[:, 1:] = values[:, 1:] != values[:, :-1]
-    first = torch.empty_like(first_sorted)
-    first.scatter_(1, order, first_sorted)
-    return first & (lists >= 0)
 
 
 def _padded(relevant: Sequence[Iterable[int]]) -> torch.Tensor:
