@@ -36,24 +36,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from recalign.errors import ConfigError
 from recalign.llm.dpo import DPOSettings, LoraSettings
 from recalign.llm.grounding import GroundingConfig
+from recalign.llm.train import SFTSettings
+from recalign.llm.tasks import Rows, SeqRecTask, eval_rows, prompts_for, sample_rows
+from recalign.llm.tasks import train_rows as task_train_rows
 
 VARIANTS = ("sft", "dpo_random", "sprec")
 STATE_FILE = "state.json"
 
 
 # ---- configuration ------------------------------------------------------------------------------------
-
-class SFTStepSettings(BaseModel):
-    """One supervised fine-tuning pass (stage 0, and the per-iteration step on the positives)."""
-
-    model_config = ConfigDict(extra="forbid")
-    rows: int = Field(4096, ge=1, description="train rows sampled for this pass (SPRec stage 0: 4096)")
-    epochs: float = Field(1.0, gt=0.0, description="passes over the rows (SPRec stage 0: 4)")
-    learning_rate: float = Field(3e-4, gt=0.0, description="learning rate (SPRec: 3e-4 stage 0, 2e-5 per iteration)")
-    batch_size: int = Field(4, ge=1, description="rows per micro-batch")
-    grad_accum: int = Field(4, ge=1, description="gradient accumulation steps")
-    max_steps: int = Field(-1, description="optimizer steps; -1 = derived from epochs")
-
 
 class GenerationSettings(BaseModel):
     """Greedy decoding of one title per prompt."""
@@ -76,11 +67,14 @@ class SPRecConfig(BaseModel):
     train_users: Literal["all", "train_only"] = Field(
         "all", description="rows from every user's train sequence, or only users without valid/test items "
                            "(SPRec's separate Alpaca train file)")
-    sft: SFTStepSettings = Field(default_factory=lambda: SFTStepSettings(epochs=4.0),
-                                 description="stage-0 SFT")
-    sft_step: SFTStepSettings | None = Field(
-        default_factory=lambda: SFTStepSettings(rows=2048, epochs=1.0, learning_rate=2e-5),
-        description="per-iteration SFT on the positives before DPO (null = skip); `rows` is ignored")
+    sft_rows: int = Field(4096, ge=1, description="train rows sampled for the stage-0 SFT (SPRec: 4096)")
+    sft: SFTSettings = Field(default_factory=lambda: SFTSettings(epochs=4.0, learning_rate=3e-4, batch_size=4,
+                                                                 grad_accum=4, max_length=512),
+                             description="stage-0 SFT (SPRec: 4 epochs, lr 3e-4, 4x4)")
+    sft_step: SFTSettings | None = Field(
+        default_factory=lambda: SFTSettings(epochs=1.0, learning_rate=2e-5, batch_size=4, grad_accum=4,
+                                            max_length=512),
+        description="per-iteration SFT on the positives before DPO (null = skip; SPRec: 1 epoch, lr 2e-5)")
     dpo: DPOSettings = Field(default_factory=DPOSettings, description="the DPO step (β = 0.1, lr 2e-5, 2×4)")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapter (r 16, α 32, dropout 0.05)")
     grounding: GroundingConfig = Field(default_factory=lambda: GroundingConfig(kind="embedding"),
@@ -98,51 +92,18 @@ class SPRecConfig(BaseModel):
     seed: int = Field(0, description="seed of the row samples, random negatives and training")
 
 
-# ---- rows: (history, next item) ----------------------------------------------------------------------
-
-@dataclass
-class Rows:
-    """Next-item rows: per row the user, the last `max_history` history items (time order) and the target item."""
-
-    users: np.ndarray
-    histories: list[list[int]]
-    targets: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def take(self, index: np.ndarray) -> "Rows":
-        """The rows at `index`, in that order."""
-        return Rows(self.users[index], [self.histories[i] for i in index], self.targets[index])
-
+# ---- rows: (history, next item), from the LLM core's SeqRec task ------------------------------------------
 
 def train_rows(dataset, split, max_history: int, users: str = "all") -> Rows:
-    """One row per user with >= 2 train items: history = train sequence without its last item, target = last."""
-    seqs = dataset.sequences(split.train)
-    candidates = np.flatnonzero(seqs.lengths() >= 2)
+    """One row per user from the train part: history = train sequence without its last item, target = last item.
+
+    `users="train_only"` keeps users without valid/test items (SPRec's separate train file of Alpaca rows).
+    """
+    rows = task_train_rows(dataset, split, max_history)
     if users == "train_only":
         later = np.unique(np.concatenate([split.valid["user_id"].to_numpy(), split.test["user_id"].to_numpy()]))
-        candidates = np.setdiff1d(candidates, later)
-    histories = [seqs[u][:-1][-max_history:].tolist() for u in candidates]
-    targets = np.array([seqs[u][-1] for u in candidates], dtype=np.int64)
-    return Rows(candidates.astype(np.int64), histories, targets)
-
-
-def eval_rows(dataset, split, part: str, max_history: int) -> Rows:
-    """One row per user with an item in `part`: history = `split.history(part)`, target = the user's first item."""
-    frame = split.part(part).sort_values(["user_id", "timestamp"], kind="stable")
-    first = frame.drop_duplicates("user_id", keep="first")
-    users = first["user_id"].to_numpy().astype(np.int64)
-    seqs = dataset.sequences(split.history(part))
-    histories = [seqs[u][-max_history:].tolist() for u in users]
-    return Rows(users, histories, first["item_id"].to_numpy().astype(np.int64))
-
-
-def sample_rows(rows: Rows, n: int, seed: int) -> Rows:
-    """n rows drawn without replacement (all of them, shuffled, when n >= len(rows))."""
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(rows))[: min(n, len(rows))]
-    return rows.take(order)
+        rows = rows.take(np.flatnonzero(~np.isin(rows.users, later)))
+    return rows
 
 
 # ---- preference pairs ----------------------------------------------------------------------------------
@@ -225,7 +186,7 @@ def run_sprec(config: SPRecConfig, dataset, split, work_dir: str | Path, *, prog
     if not _finished(sft_dir):
         say("stage 0: SFT")
         model, tokenizer = _base_model(config, work)
-        rows = sample_rows(train, config.sft.rows, config.seed)
+        rows = sample_rows(train, config.sft_rows, config.seed)
         model = _sft(model, tokenizer, rows, titles, dataset, config.sft, config, work / "tmp", progress)
         metrics = evaluate(model, tokenizer)
         _save_checkpoint(model, tokenizer, sft_dir, {"variant": "sft", "iteration": 0, **metrics})
@@ -243,7 +204,7 @@ def run_sprec(config: SPRecConfig, dataset, split, work_dir: str | Path, *, prog
                 on_iteration_start(variant, iteration)
             say(f"{variant}: iteration {iteration}/{config.iterations}")
             previous = sft_dir if iteration == 1 else work / variant / f"iter_{iteration - 1}"
-            model, tokenizer = _load_checkpoint(work, previous)
+            model, tokenizer = _load_checkpoint(work, previous, config)
             seed = config.seed + 1000 * VARIANTS.index(variant) + iteration
             prompts = sample_rows(train, config.n_pairs, seed)
             if variant == "sprec":  # y⁻ = the current model's own top prediction, grounded
@@ -394,97 +355,47 @@ def _write_pairs(path: Path, pairs: Pairs, titles: list[str]) -> None:
 
 # ---- LLM blocks: one prompt template for SFT, generation and DPO ------------------------------------------
 
-INSTRUCTION = ("Given a list of items the user recently enjoyed, please recommend a new item that the user may "
-               "like. Answer with one title in double quotes.")
+def _prompts(tokenizer, rows: Rows, titles: list[str], config: SPRecConfig) -> list[str]:
+    """The chat-rendered SeqRec prompt of every row (the same strings for SFT, generation and DPO)."""
+    return prompts_for(SeqRecTask(max_history=config.max_history), rows, titles, tokenizer)
 
 
-def _prompt_text(tokenizer, history: list[int], titles: list[str]) -> str:
-    """The chat-rendered prompt of one row (the same string for SFT, generation and DPO)."""
-    listed = ", ".join(f'"{titles[i]}"' for i in history)
-    messages = [{"role": "user", "content": f"{INSTRUCTION}\nThe user has enjoyed: {listed}"}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-def _answer_text(title: str) -> str:
-    """The completion naming one item: its quoted title and a newline (EOS is appended by the trainers)."""
-    return f'"{title}"\n'
+def _answer_text(title: str, config: SPRecConfig) -> str:
+    """The completion naming one item (the SeqRec template's quoted title; EOS is appended by the trainers)."""
+    return SeqRecTask(max_history=config.max_history).completion([title])
 
 
 def _base_model(config: SPRecConfig, work: Path):
-    """Base model + tokenizer with a fresh LoRA adapter; the base is kept on disk under work/base for reloads."""
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Base model (`recalign.llm.models`: HF id, folder, GGUF, "smollm2" or "tiny") with a fresh LoRA adapter."""
+    from recalign.llm.models import load_model
 
-    from recalign.llm.dpo import _lora_config
-
-    base = work / "base"
-    if not (base / "config.json").is_file():
-        model, tokenizer = _load_named_model(config.model)
-        tmp = work / ".base.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        tmp.rename(base)
-    torch.manual_seed(config.seed)  # the LoRA A init
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return get_peft_model(model, _lora_config(config.lora)), tokenizer
+    return load_model(config.model, dtype="float32", lora=config.lora, seed=config.seed, progress=False)
 
 
-def _load_named_model(name: str):
-    """A model named in the config: HF id or local folder through transformers (fp32 on CPU)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_checkpoint(work: Path, folder: Path, config: SPRecConfig):
+    """The base model with the adapter saved in `folder`, trainable."""
+    from recalign.llm.models import load_model
 
-    try:
-        return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32), AutoTokenizer.from_pretrained(name)
-    except OSError as exc:
-        raise ConfigError(f"sprec.model: cannot load {name!r}: {str(exc).splitlines()[0]}") from None
+    return load_model(config.model, dtype="float32", adapter=folder / "adapter", trainable=True, seed=config.seed,
+                      progress=False)
 
 
-def _load_checkpoint(work: Path, folder: Path):
-    """The base model (work/base) with the adapter saved in `folder`, trainable."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _sft(model, tokenizer, rows: Rows, titles: list[str], dataset, settings: SFTSettings, config: SPRecConfig, scratch: Path,
+         progress: bool):
+    """Continue the LoRA adapter on prompt -> ground-truth answer (loss on the answer tokens only)."""
+    from recalign.llm.train import train_sft
 
-    model = AutoModelForCausalLM.from_pretrained(work / "base", dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder / "adapter")
-    return PeftModel.from_pretrained(model, folder / "adapter", is_trainable=True), tokenizer
-
-
-def _sft(model, tokenizer, rows: Rows, titles: list[str], dataset, settings: SFTStepSettings,
-         config: SPRecConfig, scratch: Path, progress: bool):
-    """Continue the LoRA adapter on prompt -> ground-truth answer, loss on the answer tokens only."""
-    from datasets import Dataset as HFDataset
-    from trl import SFTConfig, SFTTrainer
-
-    from recalign.llm.dpo import _dataset_progress_bars, _use_cpu
-
-    data = HFDataset.from_list([{"prompt": _prompt_text(tokenizer, h, titles),
-                                 "completion": _answer_text(titles[int(t)])}
-                                for h, t in zip(rows.histories, rows.targets)])
-    args = SFTConfig(output_dir=str(scratch), num_train_epochs=settings.epochs, max_steps=settings.max_steps,
-                     learning_rate=settings.learning_rate, per_device_train_batch_size=settings.batch_size,
-                     gradient_accumulation_steps=settings.grad_accum, max_length=config.dpo.max_length,
-                     completion_only_loss=True, logging_steps=1, seed=config.seed, use_cpu=_use_cpu(config.dpo.device),
-                     bf16=False, fp16=False, gradient_checkpointing=False, activation_checkpointing=False,
-                     report_to="none", save_strategy="no", disable_tqdm=not progress)
-    with _dataset_progress_bars(progress):
-        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
-    if not progress:
-        from transformers.trainer_callback import PrinterCallback
-
-        trainer.remove_callback(PrinterCallback)
-    trainer.train()
-    return trainer.model
+    examples = [{"prompt": p, "completion": _answer_text(titles[int(t)], config)}
+                for p, t in zip(_prompts(tokenizer, rows, titles, config), rows.targets)]
+    return train_sft(model, tokenizer, examples, settings.model_copy(update={"seed": config.seed}),
+                     output_dir=scratch, progress=progress).model
 
 
 def _generate(model, tokenizer, rows: Rows, titles: list[str], dataset, settings: GenerationSettings,
               config: SPRecConfig, progress: bool) -> list[str]:
     """Greedy answers for every row, in batches (left padding)."""
     device = next(model.parameters()).device
-    prompts = [_prompt_text(tokenizer, h, titles) for h in rows.histories]
+    prompts = _prompts(tokenizer, rows, titles, config)
     tokenizer.padding_side = "left"
     answers: list[str] = []
     model.eval()
@@ -503,9 +414,9 @@ def _dpo(model, tokenizer, pairs: Pairs, titles: list[str], dataset, config: SPR
     """DPO on (prompt, ground truth, rejected); π_ref = the incoming adapter, frozen (TRL's "ref" adapter copy)."""
     from recalign.llm.dpo import train_dpo
 
-    records = [{"prompt": _prompt_text(tokenizer, h, titles), "chosen": _answer_text(titles[int(t)]),
-                "rejected": _answer_text(r)}
-               for h, t, r in zip(pairs.rows.histories, pairs.rows.targets, pairs.rejected_titles)]
+    records = [{"prompt": p, "chosen": _answer_text(titles[int(t)], config), "rejected": _answer_text(r, config)}
+               for p, t, r in zip(_prompts(tokenizer, pairs.rows, titles, config), pairs.rows.targets,
+                                  pairs.rejected_titles)]
     settings = config.dpo.model_copy(update={"seed": config.seed})
     result = train_dpo(model, tokenizer, records, settings, output_dir=scratch, progress=progress)
     return result.model, result.summary()
