@@ -123,15 +123,16 @@ def tiny_model_dir(folder: Path) -> Path:
 def budget(tiny: bool) -> dict:
     """The documented run budget (see the module docstring); `--tiny` shrinks everything for a smoke test."""
     if tiny:
-        return dict(iterations=2, n_pairs=16, sft={"rows": 64, "epochs": 3, "learning_rate": 3e-3,
-                                                   "batch_size": 8, "grad_accum": 1},
-                    sft_step={"epochs": 1, "learning_rate": 1e-3, "batch_size": 8, "grad_accum": 1},
+        return dict(iterations=2, n_pairs=16, sft_rows=64, sft={"epochs": 3, "learning_rate": 3e-3,
+                                                                "batch_size": 8, "grad_accum": 1, "max_length": 1024},
+                    sft_step={"epochs": 1, "learning_rate": 1e-3, "batch_size": 8, "grad_accum": 1,
+                              "max_length": 1024},
                     dpo={"learning_rate": 1e-3, "batch_size": 4, "grad_accum": 1, "max_length": 1024},
                     eval_rows=32, pair_generation={"max_new_tokens": 16, "batch_size": 16},
                     eval_generation={"max_new_tokens": 16, "batch_size": 16})
-    return dict(iterations=2, n_pairs=128, sft={"rows": 512, "epochs": 1, "learning_rate": 3e-4,
-                                                "batch_size": 4, "grad_accum": 4},
-                sft_step={"epochs": 1, "learning_rate": 2e-5, "batch_size": 4, "grad_accum": 4},
+    return dict(iterations=2, n_pairs=128, sft_rows=512, sft={"epochs": 1, "learning_rate": 3e-4,
+                                                              "batch_size": 4, "grad_accum": 4, "max_length": 512},
+                sft_step={"epochs": 1, "learning_rate": 2e-5, "batch_size": 4, "grad_accum": 4, "max_length": 512},
                 dpo={"learning_rate": 2e-5, "batch_size": 2, "grad_accum": 4, "beta": 0.1, "max_length": 512},
                 eval_rows=200, pair_generation={"max_new_tokens": 32, "batch_size": 16},
                 eval_generation={"max_new_tokens": 32, "batch_size": 16})
@@ -140,7 +141,7 @@ def budget(tiny: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="random 2-layer Llama, tiny budget (smoke test)")
-    parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct",
+    parser.add_argument("--model", default="smollm2",
                         help="base model: HF id, local folder or .gguf")
     parser.add_argument("--iterations", type=int, default=None, help="override the budget's iterations")
     parser.add_argument("--work", default=None, help="work folder (resumable); default: a temp folder")
@@ -160,8 +161,7 @@ def main() -> None:
     if args.iterations is not None:
         settings["iterations"] = args.iterations
     scratch = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="sprec-goodreads-"))
-    model = str(tiny_model_dir(scratch / "tiny-model")) if args.tiny and not (scratch / "tiny-model").exists() \
-        else (str(scratch / "tiny-model") if args.tiny else args.model)
+    model = "tiny" if args.tiny else args.model  # recalign.llm.models names: "tiny", "smollm2", folder, HF id, GGUF
     config = SPRecConfig(model=model, max_history=10, train_users="train_only", ks=[1, 5, 10], genres=TRACKED, eval_part="test",
                          grounding={"kind": "embedding", "cache_dir": str(scratch / "embeddings")}, seed=0,
                          **settings)
