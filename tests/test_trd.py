@@ -105,7 +105,7 @@ def picked_items(picked: list[torch.Tensor], user: int) -> list[int]:
 def test_one_action_reproduces_the_teacher_list_exactly():
     episodes = fake_episodes(n_users=4, n_candidates=30)
     student = random_reranker(n_users=4, n_actions=1, epochs=1, train_steps=10, learning_starts=8,
-                              batch_size=8, users_per_batch=2)
+                              batch_size=8, users_per_batch=2, hidden_sizes=[16])
     student.fit(episodes)
     lists = student.rerank(RerankEpisodes(episodes.users, episodes.candidates, None, episodes.teacher_scores,
                                           episodes.start_states), length=30)
@@ -132,8 +132,9 @@ def test_student_learns_to_pull_relevant_items_up():
     users = torch.randn(n_users, dim, generator=gen) * 0.1
     train = fake_episodes(n_users=n_users, n_candidates=40, seed=1)
     test = fake_episodes(n_users=n_users, n_candidates=40, seed=2, labels=False)
-    student = DQNReranker(users, items, DQNConfig(n_actions=10, epochs=4, train_steps=20, users_per_batch=8,
-                                                  batch_size=64, learning_starts=64, lr=0.003, seed=0))
+    student = DQNReranker(users, items, DQNConfig(n_actions=10, epochs=3, train_steps=20, users_per_batch=8,
+                                                  batch_size=64, learning_starts=64, lr=0.003, seed=0,
+                                                  hidden_sizes=[32, 16]))
     student.fit(train)
     lists = student.rerank(test, length=10)
     precision = lambda lists: float((lists % 3 == 0).float().mean())  # noqa: E731
@@ -163,3 +164,105 @@ def test_bad_setting_is_a_config_error_naming_the_field():
         random_reranker(n_actions=0)
     with pytest.raises(ConfigError, match="gama"):
         random_reranker(gama=0.5)
+
+
+# ---- the method on a synthetic temporal dataset ---------------------------------------------------------
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from recalign.data.dataset import build_dataset  # noqa: E402
+from recalign.data.split import global_temporal_split  # noqa: E402
+from recalign.methods.trd import TRDConfig, run_trd, sample_pools, teacher_lists, train_teacher  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def temporal():
+    """40 users x 60 items; each user has a taste cluster of 20 items and 24 time-interleaved interactions."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for user in range(40):
+        cluster = (user % 3) * 20
+        items = rng.choice(np.arange(cluster, cluster + 20), size=16, replace=False).tolist()
+        items += rng.choice(np.setdiff1d(np.arange(60), items), size=8, replace=False).tolist()
+        for step, item in enumerate(items):
+            rows.append({"user": f"u{user}", "item": f"i{item}", "timestamp": step * 100 + user})
+    dataset = build_dataset(pd.DataFrame(rows), name="synthetic-temporal", source="test")
+    split = global_temporal_split(dataset)
+    teacher = train_teacher("bprmf", dataset, split, {"dim": 8, "epochs": 5}, seed=0)
+    return dataset, split, teacher
+
+
+def test_pools_hold_every_positive_no_seen_item_and_are_seeded():
+    positives = torch.zeros(3, 30, dtype=torch.bool)
+    positives[0, [1, 2]] = True
+    positives[1, 5] = True
+    positives[2, list(range(12))] = True  # more positives than cand_num
+    seen = torch.zeros(3, 30, dtype=torch.bool)
+    seen[:, 20:] = True
+    pools = sample_pools(positives, seen, cand_num=10, generator=torch.Generator().manual_seed(0))
+    again = sample_pools(positives, seen, cand_num=10, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(pools, again)
+    assert pools.shape == (3, 12)
+    for row in range(3):
+        items = [i for i in pools[row].tolist() if i >= 0]
+        assert len(items) == len(set(items)) == (10 if row < 2 else 12)
+        assert set(torch.nonzero(positives[row]).flatten().tolist()) <= set(items)
+        assert not set(items) & set(range(20, 30))
+
+
+def test_teacher_lists_follow_teacher_scores_and_start_from_history(temporal):
+    dataset, split, teacher = temporal
+    lists = teacher_lists(teacher, dataset, split, "test", cand_num=30, state_len=5, seed=0)
+    episodes = lists.episodes
+    scores = episodes.teacher_scores
+    assert (scores[:, :-1] >= scores[:, 1:]).all()  # best first
+    history = dataset.sequences(split.history("test"))
+    for row, user in enumerate(episodes.users.tolist()):
+        relevant = lists.relevant[row]
+        assert relevant == set(split.test.loc[split.test["user_id"] == user, "item_id"].tolist())
+        flagged = {int(i) for i, r in zip(episodes.candidates[row], episodes.relevant[row]) if r}
+        assert flagged == relevant
+        past = history[user][-5:].tolist()
+        assert episodes.start_states[row].tolist() == [dataset.n_items] * (5 - len(past)) + past
+        assert not set(episodes.candidates[row].tolist()) & set(history[user].tolist())
+
+
+def test_trd_with_one_action_equals_the_teacher(temporal):
+    dataset, split, teacher = temporal
+    config = TRDConfig(cand_num=40, ks=[1, 5, 10],
+                       dqn=DQNConfig(n_actions=1, epochs=1, train_steps=5, learning_starts=8, batch_size=8))
+    result = run_trd(dataset, split, teacher, config, seed=0)
+    assert torch.equal(result.student_test_lists, result.teacher_test_lists)
+    assert result.student_test == result.teacher_test
+    assert result.counts["n_users"] == split.test["user_id"].nunique()
+
+
+def test_trd_stage_runs_in_a_recipe(temporal, tmp_path):
+    from recalign.config import Recipe
+    from recalign.runs import run_recipe
+
+    dataset, _, _ = temporal
+    dataset.save(tmp_path / "data")
+    recipe = Recipe.model_validate({
+        "name": "trd-test", "seed": 0, "data": {"path": str(tmp_path / "data")},
+        "split": {"kind": "global_temporal"},
+        "stages": [{"name": "bprmf", "kind": "teacher", "params": {"model": "bprmf", "params": {"dim": 8,
+                                                                                                 "epochs": 3}}},
+                   {"name": "trd", "kind": "trd", "params": {
+                       "teacher": "bprmf", "cand_num": 40, "ks": [1, 10],
+                       "dqn": {"epochs": 2, "train_steps": 5, "learning_starts": 8, "batch_size": 8}}}]})
+    summary = run_recipe(recipe, tmp_path / "run", progress=False)
+    metrics = summary["stages"]["trd"]
+    assert metrics["model"] == "trd(bprmf)" and metrics["protocol"] == "trd_temporal"
+    assert {"ndcg@10", "hr@1", "teacher.ndcg@10", "valid.ndcg@10", "best_epoch"} <= set(metrics)
+    assert metrics["best_epoch"] in (1, 2)
+    assert (tmp_path / "run" / "stages" / "trd" / "student.pt").is_file()
+
+
+def test_trd_needs_the_global_temporal_split(temporal):
+    from recalign.data.split import leave_one_out_split
+
+    dataset, _, teacher = temporal
+    with pytest.raises(ConfigError, match="global_temporal"):
+        run_trd(dataset, leave_one_out_split(dataset), teacher, TRDConfig(cand_num=40))

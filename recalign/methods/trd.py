@@ -76,7 +76,7 @@ def train_teacher(name: str, dataset: Dataset, split: "Split", params: dict, see
     from recalign.teachers.registry import get_teacher
 
     model = get_teacher(name)(**{"seed": seed, **params})
-    return model.fit(dataset, split.train, split.valid, progress=progress)
+    return model.fit(dataset, split.train, split.valid, progress=progress, valid_history=split.history("valid"))
 
 
 # ---- step 3: candidate pools and teacher lists ------------------------------------------------------
@@ -134,8 +134,8 @@ def item_matrix(frame: pd.DataFrame, users: np.ndarray, n_items: int) -> torch.T
     row_of = pd.Series(np.arange(len(users)), index=users)
     frame = frame[frame["user_id"].isin(row_of.index)]
     matrix = torch.zeros(len(users), n_items, dtype=torch.bool)
-    rows = torch.as_tensor(row_of[frame["user_id"]].to_numpy(dtype=np.int64))
-    matrix[rows, torch.as_tensor(frame["item_id"].to_numpy(dtype=np.int64))] = True
+    rows = torch.from_numpy(np.array(row_of[frame["user_id"]], dtype=np.int64))
+    matrix[rows, torch.from_numpy(np.array(frame["item_id"], dtype=np.int64))] = True
     return matrix
 
 
