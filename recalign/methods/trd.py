@@ -63,6 +63,9 @@ class TRDConfig(BaseModel):
                                                                          "metrics (non-standard, metrics.md 4)")
     oracle_test_transitions: bool = Field(False, description="let test hits update the state as the original "
                                                              "does (leaks test labels; parity only)")
+    fractions: list[float] = Field(default_factory=lambda: [0.6, 0.1, 0.1, 0.2],
+                                   description="train1/train2/valid/test fractions of the global temporal split "
+                                               "the stage makes itself when the recipe's split is another kind")
     embedding_dim: int = Field(32, ge=1, description="embedding size when the teacher has no user/item "
                                                      "embeddings to copy (then they start as N(0, 0.01))")
     dqn: DQNConfig = Field(default_factory=DQNConfig, description="the student's settings (rl/dqn.py)")
@@ -211,7 +214,7 @@ def run_trd(dataset: Dataset, split: "Split", teacher: "Recommender", config: TR
             progress: bool = False, log: Callable[[str], None] | None = None) -> TRDResult:
     """Steps 3-6 of the algorithm box for an already trained teacher."""
     dqn_config = config.dqn if config.dqn.seed is not None else config.dqn.model_copy(update={"seed": seed})
-    depth = max(config.ks)
+    depth = max(*config.ks, dqn_config.list_length)  # the student's list; metrics cut it at each K
     pool_seed = seed if config.candidate_seed is None else config.candidate_seed
     started = time.perf_counter()
     lists = {part: teacher_lists(teacher, dataset, split, part, config.cand_num, dqn_config.state_len, pool_seed)
@@ -252,21 +255,35 @@ def run_trd(dataset: Dataset, split: "Split", teacher: "Recommender", config: TR
 
 # ---- the recipe stage ---------------------------------------------------------------------------------
 
-def resolve_teacher(ctx: "RunContext", config: TRDConfig) -> tuple["Recommender", float]:
+def stage_split(ctx: "RunContext", config: TRDConfig) -> tuple["Split", bool]:
+    """The recipe's split when it is global temporal; otherwise the stage's own one (returns split, own?)."""
+    if ctx.split is not None and "train2" in ctx.split.extra:
+        return ctx.split, False
+    if config.teacher in {stage.name for stage in ctx.recipe.stages}:
+        kind = ctx.recipe.split.kind
+        raise ConfigError(f"trd stage: teacher stage '{config.teacher}' was trained on the recipe's {kind} split, "
+                          f"which overlaps TRD's temporal test part; use split.kind: global_temporal, or give a "
+                          f"teacher model name (e.g. teacher: bprmf) so TRD trains it on its own train1")
+    from recalign.data.split import global_temporal_split
+
+    ctx.log(f"recipe split is {ctx.recipe.split.kind}: TRD uses its own global temporal split {config.fractions}")
+    return global_temporal_split(ctx.dataset, fractions=tuple(config.fractions)), True
+
+
+def resolve_teacher(ctx: "RunContext", split: "Split", config: TRDConfig) -> tuple["Recommender", float]:
     """An earlier stage's teacher, or a teacher model trained here on train1; returns (teacher, train seconds)."""
     if config.teacher in {stage.name for stage in ctx.recipe.stages}:
         return ctx.load_teacher(config.teacher), 0.0
     started = time.perf_counter()
-    teacher = train_teacher(config.teacher, ctx.dataset, ctx.split, config.teacher_params, ctx.seed, ctx.progress)
+    teacher = train_teacher(config.teacher, ctx.dataset, split, config.teacher_params, ctx.seed, ctx.progress)
     return teacher, time.perf_counter() - started
 
 
 def run_stage(ctx: "RunContext", config: TRDConfig) -> dict:
     """The `trd` stage: teacher -> pools -> student on train2 -> select on valid -> test metrics."""
-    if ctx.split is None or "train2" not in ctx.split.extra:
-        raise ConfigError("trd stage: the recipe needs split.kind: global_temporal")
-    teacher, teacher_seconds = resolve_teacher(ctx, config)
-    result = run_trd(ctx.dataset, ctx.split, teacher, config, seed=ctx.seed, progress=ctx.progress, log=ctx.log)
+    split, own_split = stage_split(ctx, config)
+    teacher, teacher_seconds = resolve_teacher(ctx, split, config)
+    result = run_trd(ctx.dataset, split, teacher, config, seed=ctx.seed, progress=ctx.progress, log=ctx.log)
     torch.save(result.student.state_dict(), ctx.stage_dir / "student.pt")
     torch.save({"users": result.test_users, "teacher": result.teacher_test_lists,
                 "student": result.student_test_lists}, ctx.stage_dir / "test_lists.pt")
@@ -280,6 +297,7 @@ def run_stage(ctx: "RunContext", config: TRDConfig) -> dict:
     return {
         "model": f"trd({getattr(teacher, 'name', config.teacher)})",
         "protocol": "trd_temporal", "parity": config.parity, "cand_num": config.cand_num,
+        "split": "own global_temporal " + str(config.fractions) if own_split else "recipe global_temporal",
         "candidate_seed": ctx.seed if config.candidate_seed is None else config.candidate_seed,
         "oracle_test_transitions": config.oracle_test_transitions,
         "best_epoch": result.student.best_epoch_, **result.counts,
