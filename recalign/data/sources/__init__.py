@@ -1,0 +1,83 @@
+"""Dataset sources: one module per raw format, each turning files as originally distributed into a Dataset.
+
+The registry maps a source name to "module:attribute" of a `Source`, imported only when used.
+To add a source: write `recalign/data/sources/<name>.py` with an options model and a `load(raw, options)` function,
+wrap them in a `Source`, and add a line to `SOURCES`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from recalign.data.dataset import Dataset
+from recalign.errors import ConfigError, DataError
+
+
+class SourceOptions(BaseModel):
+    """Base of every source's options: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A raw format: its options schema and the function that reads it."""
+
+    name: str
+    options: type[SourceOptions]
+    load: Callable[[Path | None, SourceOptions], Dataset]
+    description: str
+    needs_raw: bool = True
+
+
+SOURCES: dict[str, str] = {
+    "movielens-100k": "recalign.data.sources.movielens:MOVIELENS_100K",
+    "movielens-1m": "recalign.data.sources.movielens:MOVIELENS_1M",
+    "amazon2014": "recalign.data.sources.amazon:AMAZON_2014",
+    "amazon2018": "recalign.data.sources.amazon:AMAZON_2018",
+    "unisrec": "recalign.data.sources.unisrec:UNISREC",
+    "s3rec": "recalign.data.sources.s3rec:S3REC",
+    "goodreads-sprec": "recalign.data.sources.goodreads:GOODREADS_SPREC",
+    "reclmgen-pickle": "recalign.data.sources.seedformat:RECLMGEN",
+    "recgpt-pickle": "recalign.data.sources.seedformat:RECGPT",
+    "synthetic": "recalign.data.sources.synthetic:SYNTHETIC",
+}
+
+
+def get_source(name: str) -> Source:
+    """Resolve a source name; unknown names are config errors listing the choices."""
+    if name not in SOURCES:
+        raise ConfigError(f"unknown source '{name}'; choose one of: {', '.join(SOURCES)}")
+    module, attribute = SOURCES[name].split(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def prepare_source(name: str, raw: str | Path | None = None, **options) -> Dataset:
+    """Read raw files of source `name` (options validated against its schema) into a Dataset."""
+    source = get_source(name)
+    try:
+        opts = source.options(**options)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(x) for x in first.get("loc", ()))
+        raise ConfigError(f"source '{name}': option '{loc}': {first.get('msg')}") from None
+    if raw is not None:
+        raw = Path(raw)
+        if not raw.exists():
+            raise DataError("no such file or directory", path=raw)
+    elif source.needs_raw:
+        raise ConfigError(f"source '{name}' needs --raw PATH (the folder or file as distributed)")
+    return source.load(raw, opts)
+
+
+def require_file(folder: Path, name: str) -> Path:
+    """`folder/name` if it exists, else a DataError naming the missing file."""
+    path = folder / name if folder.is_dir() else folder
+    if not path.is_file():
+        raise DataError(f"missing file '{name}'", path=folder)
+    return path
