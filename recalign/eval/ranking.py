@@ -93,15 +93,22 @@ def full_ranking(
     """
     users = np.asarray(users, dtype=np.int64).reshape(-1)
     out_items, out_scores = [], []
+    buffer = None
     with _progress(progress, "ranking") as bar:
         task = bar.add_task("full ranking", total=len(users)) if bar is not None else None
         for start in range(0, len(users), chunk):
             batch = users[start:start + chunk]
-            # A copy: models may hand back views of their own state (e.g. an expanded popularity row).
-            scores = score_fn(batch).detach().float().clone()
+            raw = score_fn(batch).detach()
+            n_items = raw.shape[1]
+            if buffer is None:  # padded to whole blocks for `_blocked_topk`; pad columns stay -inf
+                buffer = torch.full((min(chunk, len(users)), -(-n_items // _BLOCK) * _BLOCK), -torch.inf)
+            # A copy, never the model's tensor: models may hand back views of their own state.
+            scores = buffer[:len(batch)]
+            scores[:, :n_items].copy_(raw)
             if exclude_history:
-                scores.index_put_(history.mask_coordinates(batch), torch.tensor(-torch.inf))
-            items, values = topk_items(scores, k)
+                rows, cols = history.mask_coordinates(batch)
+                scores.view(-1).index_fill_(0, rows * scores.shape[1] + cols, -torch.inf)
+            items, values = _blocked_topk(scores, n_items, k)
             out_items.append(_empty_slots(items, values))
             out_scores.append(values)
             if bar is not None:
