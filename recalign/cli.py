@@ -104,7 +104,7 @@ def _source_names() -> str:
 
 @data_app.command("prepare")
 def data_prepare(
-    source: str = typer.Argument(..., help="dataset source, e.g. movielens, amazon, goodreads, steam, seqtxt, synthetic"),
+    source: str = typer.Argument(..., help="dataset source; one of: " + _source_names()),
     raw: Optional[Path] = typer.Option(None, "--raw", help="raw file or folder the source reads"),
     out_dir: Path = typer.Option(..., "--out", help="folder to write the prepared dataset into"),
     options: Optional[List[str]] = typer.Argument(None, help="source options as key=value"),
@@ -115,7 +115,7 @@ def data_prepare(
 
     \b
     Examples:
-        recalign data prepare movielens --raw ../shared/data/ml-100k --out data/ml-100k
+        recalign data prepare movielens-100k --raw ../shared/data/ml-100k --out data/ml-100k
         recalign data prepare synthetic --out data/synth n_users=200 n_items=100
     """
     with user_errors():
