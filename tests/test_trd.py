@@ -266,3 +266,24 @@ def test_trd_needs_the_global_temporal_split(temporal):
     dataset, _, teacher = temporal
     with pytest.raises(ConfigError, match="global_temporal"):
         run_trd(dataset, leave_one_out_split(dataset), teacher, TRDConfig(cand_num=40))
+
+
+def test_trd_stage_under_a_non_temporal_recipe_split(temporal, tmp_path):
+    from recalign.config import Recipe
+    from recalign.runs import run_recipe
+
+    dataset, _, _ = temporal
+    dataset.save(tmp_path / "data")
+    base = {"name": "trd-loo", "seed": 0, "data": {"path": str(tmp_path / "data")},
+            "split": {"kind": "leave_one_out"}}
+    tiny = {"cand_num": 40, "ks": [1, 10], "teacher_params": {"dim": 8, "epochs": 2},
+            "dqn": {"epochs": 1, "train_steps": 4, "learning_starts": 8, "batch_size": 8}}
+    own = Recipe.model_validate({**base, "stages": [{"name": "trd", "kind": "trd",
+                                                     "params": {"teacher": "bprmf", **tiny}}]})
+    metrics = run_recipe(own, tmp_path / "own", progress=False)["stages"]["trd"]
+    assert metrics["split"].startswith("own global_temporal")
+    leaky = Recipe.model_validate({**base, "stages": [
+        {"name": "mf", "kind": "teacher", "params": {"model": "bprmf", "params": {"dim": 8, "epochs": 2}}},
+        {"name": "trd", "kind": "trd", "params": {"teacher": "mf", **tiny}}]})
+    with pytest.raises(ConfigError, match="overlaps"):
+        run_recipe(leaky, tmp_path / "leaky", progress=False)
