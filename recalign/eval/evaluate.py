@@ -44,11 +44,12 @@ def _distinct_counts(padded: torch.Tensor) -> np.ndarray:
 
 def _candidates(dataset: Dataset, users: np.ndarray, relevant: torch.Tensor, n_negatives: int, seed: int,
                 path: str | os.PathLike | None) -> torch.Tensor:
-    """[targets..., n negatives] per user, reused from `path` when it holds the same users and seed."""
+    """[targets..., n negatives] per user, reused from `path` when it holds the same users, targets and seed."""
     if path is not None and Path(path).is_file():
         saved_users, saved, saved_seed = load_candidates(path)
+        width = relevant.shape[1]
         if saved_seed == seed and torch.equal(saved_users, torch.from_numpy(users)) \
-                and saved.shape[1] == relevant.shape[1] + n_negatives:
+                and saved.shape[1] == width + n_negatives and torch.equal(saved[:, :width], relevant):
             return saved
     if relevant.shape[1] == 1:
         cands = candidate_lists(dataset, None, users, relevant[:, 0], n_negatives, seed)

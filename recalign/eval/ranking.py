@@ -64,7 +64,8 @@ def topk_items(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     return _order_ties_by_id(indices, values)
 
 
-def _progress(enabled: bool, description: str):
+def _progress(enabled: bool):
+    """A transient rich progress bar (or a no-op context when disabled)."""
     if not enabled:
         return nullcontext(None)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -94,7 +95,7 @@ def full_ranking(
     users = np.asarray(users, dtype=np.int64).reshape(-1)
     out_items, out_scores = [], []
     buffer = None
-    with _progress(progress, "ranking") as bar:
+    with _progress(progress) as bar:
         task = bar.add_task("full ranking", total=len(users)) if bar is not None else None
         for start in range(0, len(users), chunk):
             batch = users[start:start + chunk]
@@ -195,7 +196,7 @@ def full_ranking_topk(
         rows, cols = history.mask_coordinates(users_np)
         flat = rows * n_pad + cols
         row_starts = np.searchsorted(rows.numpy(), np.arange(0, len(users_np) + chunk, chunk))
-    with _progress(progress, "ranking") as bar, torch.no_grad():
+    with _progress(progress) as bar, torch.no_grad():
         task = bar.add_task("full ranking", total=len(users_np)) if bar is not None else None
         for index, start in enumerate(range(0, len(users_np), chunk)):
             batch = users_t[start:start + chunk]
@@ -246,7 +247,7 @@ def sampled_ranking(
     """Rank each user's candidate list (target + negatives): (items [U, C or k], scores); -1 = empty slot."""
     users = np.asarray(users, dtype=np.int64).reshape(-1)
     out_items, out_scores = [], []
-    with _progress(progress, "ranking") as bar:
+    with _progress(progress) as bar:
         task = bar.add_task("sampled ranking", total=len(users)) if bar is not None else None
         for start in range(0, len(users), chunk):
             batch = users[start:start + chunk]
