@@ -57,8 +57,9 @@ def get_source(name: str) -> Source:
     return getattr(importlib.import_module(module), attribute)
 
 
-def prepare_source(name: str, raw: str | Path | None = None, **options) -> Dataset:
-    """Read raw files of source `name` (options validated against its schema) into a Dataset."""
+def prepare_source(source_name: str, raw: str | Path | None = None, /, **options) -> Dataset:
+    """Read raw files of source `source_name` (options validated against its schema) into a Dataset."""
+    name = source_name
     source = get_source(name)
     try:
         opts = source.options(**options)

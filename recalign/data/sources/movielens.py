@@ -1,0 +1,89 @@
+"""MovieLens-100K (`u.data`, `u.item`, `u.genre`) and MovieLens-1M (`ratings.dat`, `movies.dat`) as distributed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from pydantic import Field
+
+from recalign.data.dataset import Dataset, build_dataset
+from recalign.data.sources import Source, SourceOptions, require_file
+from recalign.data.sources.tabular import read_delimited
+
+ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
+                 "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
+                 "War", "Western"]
+
+
+class MovieLensOptions(SourceOptions):
+    """Options shared by both MovieLens sizes."""
+
+    min_rating: float | None = Field(None, description="keep only ratings >= this value (e.g. 4); default keeps all")
+
+
+def _filter_ratings(frame: pd.DataFrame, options: MovieLensOptions) -> pd.DataFrame:
+    if options.min_rating is not None:
+        frame = frame[frame["rating"] >= options.min_rating]
+    return frame
+
+
+def load_ml100k(raw: Path, options: MovieLensOptions) -> Dataset:
+    """Read the ml-100k folder: ratings from u.data, titles + genre flags from u.item (latin-1)."""
+    data_path = require_file(raw, "u.data")
+    folder = data_path.parent
+    ratings = read_delimited(data_path, "\t", ["user", "item", "rating", "timestamp"],
+                             numeric=("user", "item", "rating", "timestamp"))
+    ratings = _filter_ratings(ratings, options)
+    files = [data_path]
+    items = None
+    item_path = folder / "u.item"
+    if item_path.is_file():
+        genre_path = folder / "u.genre"
+        genres = ML100K_GENRES
+        if genre_path.is_file():
+            table = read_delimited(genre_path, "|", ["name", "index"], numeric=("index",))
+            genres = table.sort_values("index")["name"].tolist()
+            files.append(genre_path)
+        columns = ["item", "title", "release", "video_release", "url"] + [f"g{i}" for i in range(len(genres))]
+        meta = read_delimited(item_path, "|", columns, encoding="latin-1", numeric=("item",),
+                              min_columns=len(columns))
+        flags = meta[[f"g{i}" for i in range(len(genres))]].to_numpy() == "1"
+        meta["item"] = meta["item"].astype("int64").astype(str)
+        meta["categories"] = [[g for g, on in zip(genres, row) if on] for row in flags]
+        meta["text"] = [f"{t}. Genres: {', '.join(c)}." for t, c in zip(meta["title"], meta["categories"])]
+        items = meta[["item", "title", "categories", "text"]]
+        files.append(item_path)
+    ratings["user"] = ratings["user"].astype("int64").astype(str)
+    ratings["item"] = ratings["item"].astype("int64").astype(str)
+    return build_dataset(ratings, items=items, name="ml-100k", source="movielens-100k", raw_files=files,
+                         options=options.model_dump())
+
+
+def load_ml1m(raw: Path, options: MovieLensOptions) -> Dataset:
+    """Read the ml-1m folder: ratings.dat and movies.dat ('::'-separated, latin-1)."""
+    data_path = require_file(raw, "ratings.dat")
+    folder = data_path.parent
+    ratings = read_delimited(data_path, "::", ["user", "item", "rating", "timestamp"],
+                             numeric=("user", "item", "rating", "timestamp"), encoding="latin-1")
+    ratings = _filter_ratings(ratings, options)
+    files = [data_path]
+    items = None
+    movies_path = folder / "movies.dat"
+    if movies_path.is_file():
+        meta = read_delimited(movies_path, "::", ["item", "title", "genres"], numeric=("item",),
+                              encoding="latin-1")
+        meta["item"] = meta["item"].astype("int64").astype(str)
+        meta["categories"] = meta["genres"].str.split("|")
+        meta["text"] = meta["title"] + ". Genres: " + meta["genres"].str.replace("|", ", ", regex=False) + "."
+        items = meta[["item", "title", "categories", "text"]]
+        files.append(movies_path)
+    ratings["user"] = ratings["user"].astype("int64").astype(str)
+    ratings["item"] = ratings["item"].astype("int64").astype(str)
+    return build_dataset(ratings, items=items, name="ml-1m", source="movielens-1m", raw_files=files,
+                         options=options.model_dump(), keep_items_without_interactions=False)
+
+
+MOVIELENS_100K = Source("movielens-100k", MovieLensOptions, load_ml100k,
+                        "MovieLens 100K folder (u.data, u.item, u.genre)")
+MOVIELENS_1M = Source("movielens-1m", MovieLensOptions, load_ml1m, "MovieLens 1M folder (ratings.dat, movies.dat)")
