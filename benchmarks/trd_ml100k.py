@@ -35,6 +35,8 @@ from recalign.data.dataset import build_dataset  # noqa: E402
 from recalign.data.split import global_temporal_split  # noqa: E402
 from recalign.eval.metrics import ranking_metrics  # noqa: E402
 from recalign.methods.trd import TRDConfig, run_trd, train_teacher  # noqa: E402
+from recalign.teachers.bprmf import BPRMF  # noqa: E402
+from recalign.teachers.popularity import Popularity  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "ml-100k"
 KS = [1, 5, 10]
@@ -54,7 +56,7 @@ def load_ml100k() -> "tuple":
     return dataset, global_temporal_split(dataset, fractions=(0.6, 0.1, 0.1, 0.2))
 
 
-def run_seed(dataset, split, dqn: dict, seed: int) -> dict:
+def run_seed(dataset, split, dqn: dict, seed: int, other_teachers: list[str]) -> dict:
     """Teacher + TRD for one seed: test metrics of both (standard and daisy), wall times, training log."""
     started = time.perf_counter()
     teacher = train_teacher("bprmf", dataset, split, TEACHER_PARAMS, seed)
@@ -63,6 +65,23 @@ def run_seed(dataset, split, dqn: dict, seed: int) -> dict:
     started = time.perf_counter()
     result = run_trd(dataset, split, teacher, config, seed=seed)
     trd_seconds = time.perf_counter() - started
+    # Context, not the acceptance comparison: the same pools ranked by models that also saw train2 + valid
+    # (the TRD teacher sees train1 only, while the student's state holds the user's latest items).
+    context = {}
+    history = split.history("test")
+    bprmf_later = BPRMF(seed=seed, **TEACHER_PARAMS).fit(dataset, split.history("valid"), split.valid,
+                                                         progress=False, valid_history=split.history("valid"))
+    popularity = Popularity(seed=seed).fit(dataset, history, progress=False)
+    for name, model in (("bprmf_train1+train2", bprmf_later), ("popularity_pretest", popularity)):
+        ranked = model.recommend(result.test_users.numpy(), dataset.sequences(history), k=20,
+                                 candidates=result.test_pools, exclude_history=False)[0]
+        context[name] = ranking_metrics(ranked, result.test_relevant, KS)
+    # TRD over other teachers (trained on train1, same DQN settings): does the student also lift them?
+    others = {}
+    for name in other_teachers:
+        other = run_trd(dataset, split, train_teacher(name, dataset, split, {}, seed), config, seed=seed)
+        others[name] = {"teacher": other.teacher_test, "trd": other.student_test,
+                        "best_epoch": other.student.best_epoch_}
     warm = torch.as_tensor([u in set(split.train["user_id"].tolist()) for u in result.test_users.tolist()])
     relevant = result.test_relevant
     subset = lambda rows: [relevant[i] for i in torch.nonzero(rows).flatten().tolist()]  # noqa: E731
@@ -76,6 +95,7 @@ def run_seed(dataset, split, dqn: dict, seed: int) -> dict:
         "trd_warm": ranking_metrics(result.student_test_lists[warm], subset(warm), KS),
         "teacher_cold": ranking_metrics(result.teacher_test_lists[~warm], subset(~warm), KS),
         "trd_cold": ranking_metrics(result.student_test_lists[~warm], subset(~warm), KS),
+        "context_baselines": context, "other_teachers": others,
         "best_epoch": result.student.best_epoch_, "epochs": result.student.history_,
         "counts": {**result.counts, "n_users_warm": int(warm.sum())},
         "seconds": {"teacher_train": teacher_seconds, "trd_total": trd_seconds, **result.seconds},
@@ -98,13 +118,19 @@ def tune(dataset, split, base: dict, seed: int = 0) -> tuple[dict, list[dict]]:
 
 
 def summarise(runs: list[dict], key: str) -> dict:
-    """mean and std (population of seeds, n-1) of each reported metric."""
+    """Mean and sample std over seeds of each reported metric; `key` may be nested ("a/b")."""
     out = {}
     for metric in REPORTED:
-        values = [r[key][metric] for r in runs]
+        values = [_lookup(r, key)[metric] for r in runs]
         out[metric] = {"mean": statistics.fmean(values),
                        "std": statistics.stdev(values) if len(values) > 1 else 0.0}
     return out
+
+
+def _lookup(run: dict, key: str) -> dict:
+    for part in key.split("/"):
+        run = run[part]
+    return run
 
 
 def main() -> None:
@@ -112,6 +138,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--tune", action="store_true", help="choose DQN settings on validation first")
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 epochs (smoke run)")
+    parser.add_argument("--other-teachers", nargs="*", default=["popularity"],
+                        help="further teachers (trained on train1) to run TRD over, for context")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "trd_ml100k.json")
     args = parser.parse_args()
@@ -130,13 +158,18 @@ def main() -> None:
         tuning = {"grid": GRID, "selected_on": "validation ndcg@10, seed 0", "trials": trials, "chosen": dqn}
     runs = []
     for seed in seeds:
-        runs.append(run_seed(dataset, split, dqn, seed))
+        runs.append(run_seed(dataset, split, dqn, seed, args.other_teachers))
         console.print(f"seed {seed}: teacher ndcg@10 {runs[-1]['teacher']['ndcg@10']:.4f}  "
                       f"trd {runs[-1]['trd']['ndcg@10']:.4f}  (best epoch {runs[-1]['best_epoch']}, "
                       f"{runs[-1]['seconds']['trd_total']:.0f}s)")
 
     summary = {name: summarise(runs, name) for name in ("teacher", "trd", "teacher_daisy", "trd_daisy",
-                                                         "teacher_warm", "trd_warm", "teacher_cold", "trd_cold")}
+                                                         "teacher_warm", "trd_warm", "teacher_cold", "trd_cold",
+                                                         "context_baselines/bprmf_train1+train2",
+                                                         "context_baselines/popularity_pretest",
+                                                         *[f"other_teachers/{name}/{who}"
+                                                           for name in args.other_teachers
+                                                           for who in ("teacher", "trd")])}
     gains = [(r["trd"]["ndcg@10"] - r["teacher"]["ndcg@10"]) / r["teacher"]["ndcg@10"] for r in runs]
     mean_gain = (summary["trd"]["ndcg@10"]["mean"] - summary["teacher"]["ndcg@10"]["mean"]) \
         / summary["teacher"]["ndcg@10"]["mean"]
@@ -144,7 +177,8 @@ def main() -> None:
     report = {
         "benchmark": "trd_ml100k", "protocol": "trd_temporal", "dataset": "ml-100k (ratings binarised to 1)",
         "split": split.info.get("sizes"), "cand_num": 1000, "ks": KS, "metrics": "standard (metrics.md 2.1); "
-        "*_daisy = parity='daisy'", "teacher": {"model": "bprmf", "params": TEACHER_PARAMS, "trained_on": "train1"},
+        "*_daisy = parity='daisy'; context_baselines and other_teachers are context only",
+        "teacher": {"model": "bprmf", "params": TEACHER_PARAMS, "trained_on": "train1"},
         "dqn": dqn, "seeds": seeds, "tuning": tuning, "runs": runs, "summary": summary,
         "ndcg@10_relative_gain": {"of_means": mean_gain, "per_seed": gains},
         "goal_ndcg@10_gain_5pct_met": mean_gain >= 0.05,
@@ -169,6 +203,17 @@ def main() -> None:
         table.add_row(metric, f"{t['mean']:.4f} ± {t['std']:.4f}", f"{s['mean']:.4f} ± {s['std']:.4f}",
                       f"{(s['mean'] - t['mean']) / t['mean']:+.1%}" if t["mean"] else "-")
     console.print(table)
+    for label, a, b in (("warm users (in train1)", "teacher_warm", "trd_warm"),
+                        ("cold users (not in train1)", "teacher_cold", "trd_cold")):
+        console.print(f"{label}: ndcg@10 teacher {summary[a]['ndcg@10']['mean']:.4f} "
+                      f"trd {summary[b]['ndcg@10']['mean']:.4f}")
+    for name in ("bprmf_train1+train2", "popularity_pretest"):
+        console.print(f"context, same pools: {name} ndcg@10 "
+                      f"{summary['context_baselines/' + name]['ndcg@10']['mean']:.4f}")
+    for name in args.other_teachers:
+        console.print(f"teacher {name} (train1): ndcg@10 teacher "
+                      f"{summary[f'other_teachers/{name}/teacher']['ndcg@10']['mean']:.4f} trd "
+                      f"{summary[f'other_teachers/{name}/trd']['ndcg@10']['mean']:.4f}")
     seconds = [r["seconds"] for r in runs]
     console.print(f"wall per seed: teacher {statistics.fmean(s['teacher_train'] for s in seconds):.1f}s, "
                   f"TRD {statistics.fmean(s['trd_total'] for s in seconds):.1f}s; total {report['wall_seconds']:.0f}s")

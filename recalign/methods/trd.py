@@ -194,6 +194,7 @@ class TRDResult:
     student: DQNReranker
     test_users: torch.Tensor
     test_relevant: list[set[int]]
+    test_pools: torch.Tensor  # the teacher's full ranked test pools [U, C] (-1 padding)
     teacher_test_lists: torch.Tensor
     student_test_lists: torch.Tensor
     counts: dict = field(default_factory=dict)
@@ -247,7 +248,8 @@ def run_trd(dataset: Dataset, split: "Split", teacher: "Recommender", config: TR
         teacher_test=list_metrics(teacher_test_lists, test.relevant, config.ks, config.parity),
         student_valid=list_metrics(student_valid_lists, valid.relevant, config.ks, config.parity),
         student_test=list_metrics(student_test_lists, test.relevant, config.ks, config.parity),
-        student=student, test_users=test.episodes.users, test_relevant=test.relevant, teacher_test_lists=teacher_test_lists,
+        student=student, test_users=test.episodes.users, test_relevant=test.relevant,
+        test_pools=test.episodes.candidates, teacher_test_lists=teacher_test_lists,
         student_test_lists=student_test_lists, seconds=seconds,
         counts={"n_train_users": len(train.episodes), "n_valid_users": len(valid.episodes),
                 "n_users": len(test.episodes), "n_users_cold": test.n_cold})
