@@ -31,8 +31,20 @@ teacher_app = typer.Typer(help="Train classical teachers (popularity, bprmf, sas
 app.add_typer(data_app, name="data")
 app.add_typer(teacher_app, name="teacher")
 
-out = Console()
 err = Console(stderr=True)
+
+
+class _Out:
+    """stdout console; wide when stdout is not a terminal, so piped tables are not squeezed to 80 columns."""
+
+    def print(self, *objects, **kwargs) -> None:
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=200)
+        console.print(*objects, **kwargs)
+
+
+out = _Out()
 
 
 @contextlib.contextmanager
@@ -311,10 +323,10 @@ def report(
         recalign report runs/demo --columns hr@5,ndcg@5,hr@10,ndcg@10
     """
     with user_errors():
-        from recalign.eval.report import read_run_metrics, results_table, write_report
+        from recalign.eval.report import read_run_metrics, recipe_columns, results_table, write_report
 
         _existing(run_dir, "run folder")
-        chosen = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
+        chosen = [c.strip() for c in columns.split(",") if c.strip()] if columns else recipe_columns(run_dir)
         path = write_report(run_dir, chosen)
         out.print(results_table(read_run_metrics(run_dir), chosen))
         out.print(f"wrote {path}")

@@ -114,7 +114,7 @@ def write_report(run_dir: str | os.PathLike, columns: list[str] | None = None) -
     folder = Path(run_dir)
     summary = read_run_metrics(folder)
     if columns is None:
-        columns = _recipe_columns(folder)
+        columns = recipe_columns(folder)
     dataset = {}
     if (folder / "dataset.json").is_file():
         dataset = json.loads((folder / "dataset.json").read_text())
@@ -137,7 +137,7 @@ def write_report(run_dir: str | os.PathLike, columns: list[str] | None = None) -
     return path
 
 
-def _recipe_columns(folder: Path) -> list[str] | None:
+def recipe_columns(folder: Path) -> list[str] | None:
     """The `eval.table` columns of the run's recipe, when it set them."""
     import yaml
 
