@@ -1,0 +1,112 @@
+"""SFT wrapper (recalign.llm.train): completion-only labels on token level, loss falls, adapters reload."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+pytest.importorskip("peft")
+
+from recalign.errors import ConfigError  # noqa: E402
+from recalign.llm.generate import GenerationSettings, generate  # noqa: E402
+from recalign.llm.models import LoraSettings, load_model, save_model, tiny_model  # noqa: E402
+from recalign.llm.tasks import SeqRecTask, parse_title, rows_from_sequences, sft_examples  # noqa: E402
+from recalign.llm.train import SFTSettings, make_sft_trainer, train_sft  # noqa: E402
+
+TITLES = ["Dune", "Emma", "Ulysses", "Beloved", "Hamlet", "Walden"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run far faster on one thread than two on a shared, loaded CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model(seed=0)
+
+
+def test_labels_mask_exactly_the_prompt_tokens(tiny, tmp_path):
+    model, tokenizer = tiny
+    rows = rows_from_sequences([[0, 1, 2], [3, 4, 5, 0]], max_history=3)
+    examples = sft_examples(SeqRecTask(), rows, TITLES, tokenizer)  # real chat template, real tokenizer
+    trainer = make_sft_trainer(model, tokenizer, examples, SFTSettings(max_steps=1), output_dir=tmp_path)
+    data = trainer.train_dataset
+    assert len(data) == 2
+    for example, row in zip(examples, data):
+        prompt_ids = tokenizer(example["prompt"], add_special_tokens=False)["input_ids"]
+        n = len(prompt_ids)
+        ids, labels = row["input_ids"], row["labels"]
+        assert ids[:n] == prompt_ids                                   # the prompt is tokenized as at inference
+        assert labels[:n] == [-100] * n                                # no loss on any prompt token
+        assert labels[n:] == ids[n:]                                   # loss on every completion token ...
+        assert tokenizer.decode(ids[n:]) == example["completion"] + tokenizer.eos_token  # ... and on EOS
+    # The collator pads and keeps the prompt masked (EOS doubles as pad: the completion's EOS must stay a label).
+    batch = trainer.data_collator([dict(r) for r in data])
+    for i, row in enumerate(data):
+        n_pad = batch["labels"].shape[1] - len(row["input_ids"])
+        labels = batch["labels"][i].tolist()
+        real = labels[:len(row["input_ids"])] if n_pad >= 0 else labels
+        assert real == row["labels"]
+        assert labels[len(row["input_ids"]):] == [-100] * n_pad
+        assert row["labels"][-1] == tokenizer.eos_token_id
+
+
+def test_without_completion_only_every_token_is_a_label(tiny, tmp_path):
+    model, tokenizer = tiny
+    examples = [{"prompt": "Dune Emma ->", "completion": ' "Ulysses"'}]
+    trainer = make_sft_trainer(model, tokenizer, examples, SFTSettings(max_steps=1, completion_only=False),
+                               output_dir=tmp_path)
+    row = trainer.train_dataset[0]
+    assert row["labels"] == row["input_ids"]
+
+
+def _short_examples():
+    """6 prompts 'A B ->' whose answer is the title two places further along (a fixed, learnable mapping)."""
+    return [{"prompt": f"{TITLES[i]} {TITLES[(i + 1) % 6]} ->", "completion": f' "{TITLES[(i + 2) % 6]}"'}
+            for i in range(6)]
+
+
+def test_lora_sft_loss_falls_and_the_model_learns_the_titles(tmp_path):
+    model, tokenizer = tiny_model(seed=0)
+    examples = _short_examples()
+    prompts = [e["prompt"] for e in examples]
+    targets = [TITLES[(i + 2) % 6] for i in range(6)]
+    with torch.no_grad():
+        base_logits = model(input_ids=tokenizer(prompts[0], return_tensors="pt", add_special_tokens=False)
+                            ["input_ids"]).logits
+    before = [parse_title(a[0]) for a in generate(model, tokenizer, prompts, GenerationSettings(max_new_tokens=6))]
+    settings = SFTSettings(learning_rate=1e-2, max_steps=15, batch_size=6, seed=0)
+    result = train_sft(model, tokenizer, examples, settings, output_dir=tmp_path / "scratch",
+                       lora=LoraSettings(r=8, alpha=16, dropout=0.0))
+    losses = result.losses
+    assert len(losses) == 15
+    assert losses[-1] < losses[0] - 0.5
+    assert result.summary()["sft_steps"] == 15
+    after = [parse_title(a[0]) for a in generate(result.model, tokenizer, prompts,
+                                                 GenerationSettings(max_new_tokens=6))]
+    hits_before = sum(a == t for a, t in zip(before, targets))
+    hits_after = sum(a == t for a, t in zip(after, targets))
+    assert hits_before == 0 and hits_after >= 3
+    # LoRA: the base weights did not move (adapter off = the untrained model's logits)
+    ids = tokenizer(prompts[0], return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad(), result.model.disable_adapter():
+        assert torch.equal(result.model(input_ids=ids).logits, base_logits)
+    # The saved adapter on the same (seeded) tiny base reproduces the answers.
+    save_model(result.model, tokenizer, tmp_path / "adapter")
+    reloaded, _ = load_model("tiny", seed=0, adapter=tmp_path / "adapter", progress=False)
+    again = [parse_title(a[0]) for a in generate(reloaded, tokenizer, prompts, GenerationSettings(max_new_tokens=6))]
+    assert again == after
+
+
+def test_bad_examples_are_config_errors(tiny, tmp_path):
+    model, tokenizer = tiny
+    with pytest.raises(ConfigError, match="at least one"):
+        train_sft(model, tokenizer, [], output_dir=tmp_path)
+    with pytest.raises(ConfigError, match="missing field"):
+        train_sft(model, tokenizer, [{"prompt": "x"}], output_dir=tmp_path)
