@@ -46,7 +46,7 @@ def test_garbled_movielens_line(tmp_path):
     raw = tmp_path / "ml"
     raw.mkdir()
     (raw / "u.data").write_text("1\t10\t4\t881250949\n2\t20\t5\t881250950\n3\tnot-a-number\t3\n")
-    result = invoke("data", "prepare", "movielens", "--raw", raw, "--out", tmp_path / "out")
+    result = invoke("data", "prepare", "movielens-100k", "--raw", raw, "--out", tmp_path / "out")
     assert_one_line_error(result, "u.data:3")
     assert only(tmp_path) == ["ml"]
 
@@ -111,7 +111,7 @@ def test_unknown_source_lists_choices(tmp_path):
 
 def test_nonexistent_paths(tmp_path):
     missing = tmp_path / "nowhere"
-    assert_one_line_error(invoke("data", "prepare", "movielens", "--raw", missing, "--out", tmp_path / "o"),
+    assert_one_line_error(invoke("data", "prepare", "movielens-100k", "--raw", missing, "--out", tmp_path / "o"),
                           "nowhere")
     assert_one_line_error(invoke("data", "stats", missing), "nowhere")
     assert_one_line_error(invoke("run", missing / "recipe.yaml"), "recipe.yaml")
