@@ -1,0 +1,195 @@
+"""A plain LLM sequential recommender (BIGRec-style) and its recipe stage, kind "llm-sft".
+
+    rows   <- SeqRec rows of the split: history titles -> the next item's title     (recalign.llm.tasks)
+    θ      <- SFT(base model + LoRA, train rows), loss on the answer only            (recalign.llm.train)
+    answer <- generate(θ, test prompts), greedy; optionally trie-constrained        (recalign.llm.generate)
+    top-K  <- the K catalog items nearest to the answer's title                     (recalign.llm.grounding)
+    metrics: HR/NDCG/MRR@K (recalign.eval.metrics) + valid_title_rate (the answer names a catalog title exactly)
+
+Decodings: "greedy" (free text), "constrained" (greedy under a catalog trie: the answer is always a title;
+`recalign.llm.constrained`). With a list task (k > 1) the answer's own titles, grounded, are the list
+(`recalign.llm.evaluate`). The first decoding's metrics are unprefixed; later ones carry "<decoding>." keys.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from recalign.errors import ConfigError
+from recalign.llm.dpo import LoraSettings
+from recalign.llm.generate import GenerationSettings
+from recalign.llm.grounding import GroundingConfig
+from recalign.llm.tasks import Rows, SeqRecTask
+from recalign.llm.train import SFTSettings
+from recalign.stages import Stage
+
+if TYPE_CHECKING:
+    from recalign.runs import RunContext
+
+Decoding = Literal["greedy", "constrained"]
+
+
+class LLMSFTParams(BaseModel):
+    """Params of an "llm-sft" stage (defaults: a budget a 2-core CPU finishes; raise them on a GPU)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field("smollm2", description="base model: HF id, local folder, .gguf file, 'smollm2' or 'tiny'")
+    task: SeqRecTask = Field(default_factory=SeqRecTask, description="prompt task (history length, k titles)")
+    train_rows: int | None = Field(512, ge=1, description="seeded subsample of SFT rows (null = all)")
+    lora: LoraSettings | None = Field(default_factory=lambda: LoraSettings(r=8, alpha=16, dropout=0.05),
+                                      description="LoRA adapter; null = full fine-tuning")
+    sft: SFTSettings = Field(default_factory=SFTSettings, description="SFT hyper-parameters")
+    generation: GenerationSettings = Field(default_factory=GenerationSettings, description="decoding settings")
+    batch_size: int = Field(8, ge=1, description="prompts per generate call")
+    decodings: list[Decoding] = Field(default_factory=lambda: ["greedy"],
+                                      description="decodings evaluated: greedy and/or constrained (catalog trie)")
+    grounding: GroundingConfig = Field(default_factory=lambda: GroundingConfig(kind="embedding"),
+                                       description="answer title -> K nearest catalog items (BIGRec/SPRec: "
+                                                   "embedding L2)")
+    eval_part: Literal["valid", "test"] = Field("test", description="split part evaluated")
+    eval_rows: int | None = Field(200, ge=1, description="seeded subsample of evaluation users (null = all)")
+    ks: list[int] | None = Field(None, description="cut-offs K (default: the recipe's eval.ks)")
+    device: str = Field("auto", description="'auto', 'cpu' or 'cuda'")
+    dtype: str = Field("auto", description="'auto' (fp32 on CPU, bf16 on GPU), 'float32' or 'bfloat16'")
+    save: Literal["adapter", "merged", "none"] = Field("adapter", description="what is saved under <stage>/model")
+
+
+# ---- evaluation of a trained model -----------------------------------------------------------------------------
+
+def evaluate_answers(answers: Sequence[str], rows: Rows, titles: Sequence[str], grounder, ks: Sequence[int],
+                     task: SeqRecTask) -> tuple[dict, torch.Tensor]:
+    """Metrics of one answer per row, and the top-K lists [R, max K] (-1 padded).
+
+    k = 1: the K catalog items nearest to the answer's title; valid_title_rate = share of answers whose title
+    exactly names a catalog item. k > 1: the answer's titles, grounded in order (`recalign.llm.evaluate`).
+    """
+    from recalign.eval.metrics import ranking_metrics
+    from recalign.llm.grounding import ExactGrounder
+    from recalign.llm.tasks import parse_title, parse_titles
+
+    targets = torch.as_tensor(rows.targets, dtype=torch.long)
+    k_max = max(ks)
+    if task.k > 1:
+        from recalign.llm.evaluate import evaluate_generated, final_lists, ground_lists
+
+        grounded, n_outputs = ground_lists([parse_titles(a, task.k) for a in answers], grounder, task.k)
+        metrics = evaluate_generated(grounded, targets, ks=ks, n_outputs=n_outputs, history=rows.histories)
+        lists = final_lists(grounded)
+        return metrics, lists
+    parsed = [parse_title(a) for a in answers]
+    exact = ExactGrounder(titles).ground(parsed)
+    lists = grounder.topk(parsed, k_max)
+    metrics = {k: float(v) for k, v in ranking_metrics(lists, targets, list(ks),
+                                                       metrics=("hr", "ndcg", "mrr")).items()}
+    metrics["valid_title_rate"] = float((exact >= 0).float().mean()) if len(parsed) else 0.0
+    metrics["grounded_rate"] = float((lists[:, 0] >= 0).float().mean()) if len(parsed) else 0.0
+    metrics["n_rows"] = len(parsed)
+    return metrics, lists
+
+
+def catalog_constraint(titles: Sequence[str], tokenizer, task: SeqRecTask):
+    """The trie of every catalog title wrapped in the answer's quotes, as a per-batch logits processor."""
+    from recalign.llm.constrained import CatalogTrie
+    from recalign.llm.generate import TrieConstraint
+
+    if task.k != 1:
+        raise ConfigError("constrained decoding needs a one-title task (task.k = 1)")
+    prefix, suffix = task.template().title_affixes()
+    return TrieConstraint(CatalogTrie.from_titles(list(titles), tokenizer, prefix=prefix, suffix=suffix))
+
+
+def evaluate_llm(model, tokenizer, task: SeqRecTask, rows: Rows, titles: Sequence[str], grounder,
+                 ks: Sequence[int], decodings: Sequence[str] = ("greedy",),
+                 generation: GenerationSettings | None = None, batch_size: int = 8, progress: bool = False,
+                 ) -> tuple[dict, dict[str, list[str]]]:
+    """Generate for `rows` with every decoding and score the answers; returns (metrics, answers per decoding)."""
+    from recalign.llm.generate import generate
+    from recalign.llm.tasks import prompts_for
+
+    prompts = prompts_for(task, rows, titles, tokenizer)
+    metrics: dict = {}
+    answers: dict[str, list[str]] = {}
+    for position, decoding in enumerate(decodings):
+        processor = catalog_constraint(titles, tokenizer, task) if decoding == "constrained" else None
+        started = time.perf_counter()
+        outputs = generate(model, tokenizer, prompts, generation, batch_size=batch_size,
+                           logits_processor=processor, progress=progress)
+        seconds = time.perf_counter() - started
+        answers[decoding] = [o[0] for o in outputs]
+        scored, _ = evaluate_answers(answers[decoding], rows, titles, grounder, ks, task)
+        scored["generation_seconds"] = round(seconds, 3)
+        prefix = "" if position == 0 else f"{decoding}."
+        metrics.update({f"{prefix}{key}": value for key, value in scored.items()})
+    return metrics, answers
+
+
+# ---- the stage --------------------------------------------------------------------------------------------------
+
+def run_llm_sft_stage(ctx: "RunContext", params: LLMSFTParams) -> dict:
+    """SFT a causal LM on the split's train rows, generate for evaluation users, ground and score."""
+    from recalign.llm.grounding import make_grounder
+    from recalign.llm.models import load_model, save_model
+    from recalign.llm.tasks import sample_rows, sft_examples
+    from recalign.llm.train import train_sft
+
+    if ctx.split is None:
+        raise ConfigError("an llm-sft stage needs a split (add `split:` to the recipe)")
+    if not params.decodings:
+        raise ConfigError("llm-sft: decodings must name at least one of greedy, constrained")
+    ks = sorted(set(params.ks or ctx.recipe.eval.ks))
+    titles = ctx.dataset.titles()
+    task = params.task
+    train = sample_rows(task.train_rows(ctx.dataset, ctx.split), params.train_rows, ctx.seed)
+    evaluation = sample_rows(task.eval_rows(ctx.dataset, ctx.split, params.eval_part), params.eval_rows,
+                             ctx.seed + 7919)
+    if len(train) == 0 or len(evaluation) == 0:
+        raise ConfigError(f"llm-sft: {len(train)} train rows and {len(evaluation)} {params.eval_part} rows; "
+                          "every user needs >= 2 train interactions and a held-out item")
+    ctx.log(f"load {params.model}; SFT on {len(train)} rows, evaluate {len(evaluation)} {params.eval_part} rows")
+    model, tokenizer = load_model(params.model, device=params.device, dtype=params.dtype, seed=ctx.seed,
+                                  progress=ctx.progress)
+    sft = params.sft.model_copy(update={"seed": ctx.seed, "device": params.device})
+    result = train_sft(model, tokenizer, sft_examples(task, train, titles, tokenizer), sft,
+                       output_dir=ctx.stage_dir / "scratch", lora=params.lora, progress=ctx.progress)
+    ctx.log(f"SFT: {result.summary()}")
+    grounder = make_grounder(params.grounding, titles)
+    metrics, answers = evaluate_llm(result.model, tokenizer, task, evaluation, titles, grounder, ks,
+                                    params.decodings, params.generation, params.batch_size, ctx.progress)
+    _write_answers(ctx.stage_dir / "answers.jsonl", evaluation, answers, titles)
+    if params.save != "none":
+        save_model(result.model, tokenizer, ctx.stage_dir / "model", merge=params.save == "merged")
+    _remove(ctx.stage_dir / "scratch")
+    return {"model": params.model, "train_rows": len(train), **result.summary(), **metrics}
+
+
+def _write_answers(path: Path, rows: Rows, answers: dict[str, list[str]], titles: Sequence[str]) -> None:
+    """One JSON line per evaluation row: user, history, target and each decoding's raw answer."""
+    from recalign.runs import write_atomic
+
+    lines = []
+    for i in range(len(rows)):
+        record = {"user": int(rows.users[i]), "history": [int(x) for x in rows.histories[i]],
+                  "target": int(rows.targets[i]), "target_title": titles[int(rows.targets[i])]}
+        record.update({f"answer_{decoding}": texts[i] for decoding, texts in answers.items()})
+        lines.append(json.dumps(record, ensure_ascii=False))
+    write_atomic(path, "\n".join(lines) + "\n")
+
+
+def _remove(folder: Path) -> None:
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+LLM_SFT_STAGE = Stage(params=LLMSFTParams, run=run_llm_sft_stage,
+                      description="BIGRec-style LLM recommender: SFT (LoRA) on history -> next title, generate, "
+                                  "ground, evaluate HR/NDCG@K and the valid-title rate")
+
+__all__ = ["LLMSFTParams", "LLM_SFT_STAGE", "evaluate_answers", "evaluate_llm", "catalog_constraint",
+           "run_llm_sft_stage"]
