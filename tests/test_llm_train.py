@@ -150,3 +150,13 @@ def test_llm_sft_stage_runs_end_to_end_and_constrained_answers_are_titles(tmp_pa
     lines = [json.loads(line) for line in (stage_dir / "answers.jsonl").read_text().splitlines()]
     assert len(lines) == 3
     assert all(parse_title(line["answer_constrained"]) in TITLES for line in lines)
+    # `recalign eval` path: the saved adapter, evaluated again, gives the same numbers.
+    from recalign.llm.stage import LLMSFTParams, reevaluate_llm_stage
+    from recalign.runs import RunContext, open_run
+
+    recipe, dataset, split = open_run(tmp_path / "run")
+    ctx = RunContext(run_dir=tmp_path / "run", stage_dir=stage_dir, dataset=dataset, split=split, seed=recipe.seed,
+                     progress=False, recipe=recipe, stage=recipe.stages[0])
+    again = reevaluate_llm_stage(ctx, LLMSFTParams(**recipe.stages[0].params))
+    for key in ("hr@1", "hr@5", "ndcg@5", "valid_title_rate", "constrained.hr@5", "constrained.valid_title_rate"):
+        assert again[key] == metrics[key], key

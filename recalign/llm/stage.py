@@ -153,10 +153,10 @@ def run_llm_sft_stage(ctx: "RunContext", params: LLMSFTParams) -> dict:
                           "every user needs >= 2 train interactions and a held-out item")
     ctx.log(f"load {params.model}; SFT on {len(train)} rows, evaluate {len(evaluation)} {params.eval_part} rows")
     model, tokenizer = load_model(params.model, device=params.device, dtype=params.dtype, seed=ctx.seed,
-                                  progress=ctx.progress)
+                                  lora=params.lora, progress=ctx.progress)  # the LoRA init is seeded too
     sft = params.sft.model_copy(update={"seed": ctx.seed, "device": params.device})
     result = train_sft(model, tokenizer, sft_examples(task, train, titles, tokenizer), sft,
-                       output_dir=ctx.stage_dir / "scratch", lora=params.lora, progress=ctx.progress)
+                       output_dir=ctx.stage_dir / "scratch", progress=ctx.progress)
     ctx.log(f"SFT: {result.summary()}")
     grounder = make_grounder(params.grounding, titles)
     metrics, answers = evaluate_llm(result.model, tokenizer, task, evaluation, titles, grounder, ks,
@@ -166,6 +166,31 @@ def run_llm_sft_stage(ctx: "RunContext", params: LLMSFTParams) -> dict:
         save_model(result.model, tokenizer, ctx.stage_dir / "model", merge=params.save == "merged")
     _remove(ctx.stage_dir / "scratch")
     return {"model": params.model, "train_rows": len(train), **result.summary(), **metrics}
+
+
+def reevaluate_llm_stage(ctx: "RunContext", params: LLMSFTParams, part: str | None = None) -> dict:
+    """Evaluate the model a finished llm-sft stage saved under <stage>/model again (for `recalign eval`)."""
+    from recalign.llm.grounding import make_grounder
+    from recalign.llm.models import load_model
+    from recalign.llm.tasks import sample_rows
+
+    if ctx.split is None:
+        raise ConfigError("llm-sft evaluation needs the run's split")
+    if params.save == "none":
+        raise ConfigError(f"{ctx.stage_dir}: the stage saved no model (save: none); re-run it with save: adapter")
+    folder = ctx.stage_dir / "model"
+    if params.save == "merged":
+        model, tokenizer = load_model(str(folder), device=params.device, dtype=params.dtype, progress=ctx.progress)
+    else:
+        model, tokenizer = load_model(params.model, device=params.device, dtype=params.dtype, seed=ctx.seed,
+                                      adapter=folder, progress=ctx.progress)
+    part = part or params.eval_part
+    titles = ctx.dataset.titles()
+    rows = sample_rows(params.task.eval_rows(ctx.dataset, ctx.split, part), params.eval_rows, ctx.seed + 7919)
+    ks = sorted(set(params.ks or ctx.recipe.eval.ks))
+    metrics, _ = evaluate_llm(model, tokenizer, params.task, rows, titles, make_grounder(params.grounding, titles),
+                              ks, params.decodings, params.generation, params.batch_size, ctx.progress)
+    return {"model": params.model, "part": part, **metrics}
 
 
 def _write_answers(path: Path, rows: Rows, answers: dict[str, list[str]], titles: Sequence[str]) -> None:
@@ -192,4 +217,4 @@ LLM_SFT_STAGE = Stage(params=LLMSFTParams, run=run_llm_sft_stage,
                                   "ground, evaluate HR/NDCG@K and the valid-title rate")
 
 __all__ = ["LLMSFTParams", "LLM_SFT_STAGE", "evaluate_answers", "evaluate_llm", "catalog_constraint",
-           "run_llm_sft_stage"]
+           "run_llm_sft_stage", "reevaluate_llm_stage"]
