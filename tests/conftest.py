@@ -1,0 +1,38 @@
+"""Shared fixtures: a hand-written tiny dataset and a small seeded synthetic one (no files needed)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from recalign.data.dataset import Dataset, build_dataset
+
+# Three users, five items, two categories. Sequences by time (dense ids in brackets):
+#   alice: i1[0] i2[1] i3[2] i4[3]   bob: i2[1] i3[2] i5[4]   carol: i1[0] i3[2] i4[3] i5[4]
+TINY_ITEMS = pd.DataFrame({
+    "item": ["i1", "i2", "i3", "i4", "i5"],
+    "title": ["Red Ocean 1", "Silent Garden 2", "Golden Empire 3", "Hidden River 4", "Broken Mirror 5"],
+    "categories": [["Mystery"], ["Mystery"], ["Romance"], ["Romance", "Mystery"], ["Romance"]],
+    "text": ["Red Ocean 1. A mystery.", "Silent Garden 2. A mystery.", "Golden Empire 3. A romance.",
+             "Hidden River 4. A romance mystery.", "Broken Mirror 5. A romance."],
+})
+TINY_INTERACTIONS = pd.DataFrame(
+    [("alice", "i1", 10, 5.0), ("bob", "i2", 11, 4.0), ("carol", "i1", 12, 3.0), ("alice", "i2", 20, 4.0),
+     ("bob", "i3", 21, 5.0), ("carol", "i3", 22, 4.0), ("alice", "i3", 30, 2.0), ("bob", "i5", 31, 5.0),
+     ("carol", "i4", 32, 5.0), ("alice", "i4", 40, 4.0), ("carol", "i5", 42, 1.0)],
+    columns=["user", "item", "timestamp", "rating"])
+
+
+@pytest.fixture()
+def tiny_dataset() -> Dataset:
+    """3 users x 5 items, 11 interactions, titles and categories (see the comment above for the sequences)."""
+    return build_dataset(TINY_INTERACTIONS, items=TINY_ITEMS, name="tiny", source="test")
+
+
+@pytest.fixture()
+def synthetic_dataset() -> Dataset:
+    """A small seeded synthetic dataset (200 users, 60 items, sequences of 10-20) with learnable structure."""
+    from recalign.data.sources.synthetic import SyntheticOptions, generate_synthetic
+
+    return generate_synthetic(SyntheticOptions(n_users=200, n_items=60, n_categories=4, min_length=10,
+                                               max_length=20, seed=0))
