@@ -65,23 +65,21 @@ def test_goodreads_record_missing_field(tmp_path):
             "output": '"Book C"\n'}
     bad = {"instruction": "Recommend a book.", "input": good["input"]}  # no "output"
     (raw / "data" / "Goodreads" / "train.json").write_text(json.dumps([good, bad], indent=1))
-    result = invoke("data", "prepare", "goodreads", "--raw", raw, "--out", tmp_path / "out")
+    result = invoke("data", "prepare", "goodreads-sprec", "--raw", raw, "--out", tmp_path / "out")
     assert_one_line_error(result, "train.json", "output")
     assert only(tmp_path) == ["goodreads"]
 
 
-def test_amazon_text_line_missing_field(tmp_path):
+def test_unisrec_garbled_history_line(tmp_path):
     raw = tmp_path / "sci"
     raw.mkdir()
-    (raw / "Scientific.text").write_text("item_id:token\ttext:token_seq\nA1\tA microscope. Lab.\nA2\n")
+    (raw / "Scientific.text").write_text("item_id:token\ttext:token_seq\nA1\tA microscope. Lab.\nA2\tA lamp. Lab.\n")
     (raw / "Scientific.item2index").write_text("A1\t0\nA2\t1\n")
-    (raw / "Scientific.user2index").write_text("U1\t0\n")
+    (raw / "Scientific.user2index").write_text("U1\t0\nU2\t1\n")
     header = "user_id:token\titem_id_list:token_seq\titem_id:token\n"
-    (raw / "Scientific.train.inter").write_text(header + "0\t0\t1\n")
-    (raw / "Scientific.valid.inter").write_text(header + "0\t0 1\t0\n")
-    (raw / "Scientific.test.inter").write_text(header + "0\t0 1 0\t1\n")
-    result = invoke("data", "prepare", "amazon", "--raw", raw, "--out", tmp_path / "out")
-    assert_one_line_error(result, "Scientific.text:3")
+    (raw / "Scientific.test.inter").write_text(header + "0\t0 1 0\t1\n1\t0 one\t1\n")
+    result = invoke("data", "prepare", "unisrec", "--raw", raw, "--out", tmp_path / "out")
+    assert_one_line_error(result, "Scientific.test.inter:3", "item_id_list")
     assert only(tmp_path) == ["sci"]
 
 
@@ -96,7 +94,7 @@ def test_pickle_referencing_a_callable_is_refused(tmp_path):
 
     (raw / "test.pkl").write_bytes(pickle.dumps({1: [1, 2, 3], 2: Boom()}, protocol=4))
     assert b"system" in (raw / "test.pkl").read_bytes()
-    result = invoke("data", "prepare", "steam", "--raw", raw, "--out", tmp_path / "out")
+    result = invoke("data", "prepare", "recgpt-pickle", "--raw", raw, "--out", tmp_path / "out")
     line = assert_one_line_error(result, "test.pkl")
     assert "system" in line
     assert "should-never-run" not in result.output
