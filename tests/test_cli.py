@@ -220,3 +220,15 @@ def test_teacher_train_bad_setting_leaves_nothing(tmp_path, prepared):
     result = invoke("teacher", "train", "gru4rec", "--data", prepared, "--out", tmp_path / "r")
     assert_one_line_error(result, "unknown teacher 'gru4rec'")
     assert not (tmp_path / "r").exists()
+
+
+def test_download_unknown_name_and_bad_archive(tmp_path):
+    import zipfile
+
+    assert_one_line_error(invoke("data", "download", "netflix", "--out", tmp_path / "raw"), "netflix", "ml-100k")
+    fake = tmp_path / "ml-100k.zip"
+    with zipfile.ZipFile(fake, "w") as archive:
+        archive.writestr("ml-100k/u.data", "1\t1\t5\t874965758\n")
+    result = invoke("data", "download", "ml-100k", "--out", tmp_path / "raw", "--from", fake)
+    assert_one_line_error(result, "ml-100k.zip", "checksum mismatch")
+    assert only(tmp_path) == ["ml-100k.zip"]
