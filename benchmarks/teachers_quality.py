@@ -140,7 +140,8 @@ def run_dataset(which: str, quick: bool, progress: bool) -> dict:
             "interactions": len(dataset.interactions), "test_users": len(test),
             "protocol": "leave-one-out, full ranking over all items, history excluded",
             "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-            "quick": quick, "evaluator": "recalign.eval.evaluate" if split is not None else "local fallback"}
+            "quick": quick, "command": " ".join(sys.argv),
+            "evaluator": "recalign.eval.evaluate" if split is not None else "local fallback"}
     return {"info": info, "models": results}
 
 
@@ -173,11 +174,19 @@ def main() -> None:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; 1 is far faster than 2 on a busy shared 2-core machine")
+    parser.add_argument("--set", action="append", default=[], metavar="MODEL.KEY=VALUE",
+                        help="override a teacher setting on every dataset, e.g. --set sasrec.negatives=512")
+    parser.add_argument("--tag", default="", help="suffix of the result file names (keeps tuning runs apart)")
     args = parser.parse_args()
+    for assignment in args.set:
+        target, _, value = assignment.partition("=")
+        model, _, key = target.partition(".")
+        for settings in SETTINGS.values():
+            settings[model][key] = json.loads(value)
     torch.set_num_threads(args.threads)
     if args.no_progress:  # per-epoch lines (loss, valid recall) instead of bars, e.g. under nohup
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
-    suffix = "_quick" if args.quick else ""
+    suffix = ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
     for which in ("beauty", "ml100k"):
         if args.only not in (None, which):
             continue
