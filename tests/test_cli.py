@@ -70,6 +70,17 @@ def test_goodreads_record_missing_field(tmp_path):
     assert only(tmp_path) == ["goodreads"]
 
 
+def test_amazon_review_missing_field(tmp_path):
+    raw = tmp_path / "amazon"
+    raw.mkdir()
+    good = {"reviewerID": "U1", "asin": "B01", "overall": 5.0, "unixReviewTime": 1400000000}
+    bad = {"reviewerID": "U2", "overall": 4.0, "unixReviewTime": 1400000100}  # no "asin"
+    (raw / "Toys_5.json").write_text("\n".join(json.dumps(r) for r in (good, good | {"asin": "B02"}, bad)) + "\n")
+    result = invoke("data", "prepare", "amazon2018", "--raw", raw, "--out", tmp_path / "out")
+    assert_one_line_error(result, "Toys_5.json:3", "asin")
+    assert only(tmp_path) == ["amazon"]
+
+
 def test_unisrec_garbled_history_line(tmp_path):
     raw = tmp_path / "sci"
     raw.mkdir()
