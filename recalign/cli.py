@@ -277,7 +277,7 @@ def evaluate_run(
     part: str = typer.Option("test", "--part", help="test | valid"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
-    """Re-evaluate the saved teachers of a run folder and print the results table.
+    """Re-evaluate the saved models of a run folder (teachers, LLM SFT stages) and print the results table.
 
     \b
     Example:
@@ -297,15 +297,25 @@ def evaluate_run(
             raise ConfigError(f"--part: expected test or valid, got {part!r}")
         rows: dict[str, dict] = {}
         for stage in recipe.stages:
-            if stage.kind != "teacher" or not (run_dir / "stages" / stage.name / DONE).is_file():
+            stage_dir = run_dir / "stages" / stage.name
+            if not (stage_dir / DONE).is_file():
                 continue
-            ctx = RunContext(run_dir=run_dir, stage_dir=run_dir / "stages" / stage.name, dataset=dataset,
-                             split=split, seed=recipe.seed, progress=not quiet, recipe=recipe, stage=stage)
-            model = ctx.load_teacher(stage.name)
-            metrics = ctx.evaluate(model, part=part)
-            rows[stage.name] = {"model": getattr(model, "name", stage.kind), **metrics}
+            ctx = RunContext(run_dir=run_dir, stage_dir=stage_dir, dataset=dataset, split=split, seed=recipe.seed,
+                             progress=not quiet, recipe=recipe, stage=stage)
+            if stage.kind == "teacher":
+                model = ctx.load_teacher(stage.name)
+                rows[stage.name] = {"model": getattr(model, "name", stage.kind), **ctx.evaluate(model, part=part)}
+            elif stage.kind == "llm-sft":
+                from recalign.llm.stage import reevaluate_llm_stage
+                from recalign.stages import get_stage
+
+                params = get_stage(stage.kind).params.model_validate(stage.params)
+                rows[stage.name] = reevaluate_llm_stage(ctx, params, part=part)
+            else:
+                err.print(f"[{stage.name}] {stage.kind} stages are not re-evaluated; see {run_dir}/metrics.json",
+                          markup=False, highlight=False)
         if not rows:
-            raise RecalignError(f"{run_dir}: no finished teacher stage to evaluate")
+            raise RecalignError(f"{run_dir}: no finished teacher or llm-sft stage to evaluate")
         summary = {"recipe": recipe.name, "dataset": dataset.fingerprint(), "stages": rows}
         out.print(results_table(summary, recipe.eval.table,
                                 title=f"{recipe.name}: {part} ({recipe.eval.protocol} ranking)"))
