@@ -89,3 +89,180 @@ def test_synthetic_is_seeded_and_structured():
     counts = np.bincount(pairs, minlength=a.n_items ** 2).reshape(a.n_items, a.n_items)
     share_top = counts.max(1).sum() / counts.sum()
     assert share_top > 0.4
+
+
+# ---- Amazon ----------------------------------------------------------------------------------------------
+
+def _write_jsonl(path, records, opener=open):
+    import json
+
+    with opener(path, "wt") as handle:
+        for record in records:
+            handle.write((record if isinstance(record, str) else json.dumps(record)) + "\n")
+
+
+def test_amazon2014_gz_reviews_and_literal_metadata(tmp_path):
+    import gzip
+
+    _write_jsonl(tmp_path / "reviews_Toy_5.json.gz", [
+        {"reviewerID": "A1", "asin": "B1", "overall": 5.0, "unixReviewTime": 300, "reviewText": "ok"},
+        {"reviewerID": "A2", "asin": "B2", "overall": 2.0, "unixReviewTime": 100},
+        {"reviewerID": "A1", "asin": "B2", "overall": 4.0, "unixReviewTime": 200},
+    ], opener=gzip.open)
+    _write_jsonl(tmp_path / "meta_Toy.json", [
+        repr({"asin": "B9", "title": "Not reviewed"}),
+        repr({"asin": "B2", "title": "Rose &amp; Oud Soap", "categories": [["Beauty", "Bath", "Soap"],
+                                                                           ["Beauty", "Gifts"]], "brand": "Q"}),
+    ])
+    ds = prepare_source("amazon2014", tmp_path)
+    assert (ds.n_users, ds.n_items, len(ds.interactions)) == (2, 2, 3)
+    assert ds.items["original_id"].tolist() == ["B1", "B2"]  # reviewed items only, first appearance order
+    assert ds.titles() == ["", "Rose & Oud Soap"]
+    assert ds.item_categories() == [[], ["Bath", "Soap", "Gifts"]]  # root department dropped
+    assert ds.items["text"][1] == "Rose & Oud Soap. Bath, Soap, Gifts. Q."
+    assert ds.sequences()[0].tolist() == [1, 0]  # A1: B2 at t=200, then B1 at t=300
+    assert set(ds.info["raw_files"]) == {"reviews_Toy_5.json.gz", "meta_Toy.json"}
+    assert len(prepare_source("amazon2014", tmp_path, min_rating=4).interactions) == 2
+
+
+def test_amazon2018_json_metadata_and_duplicates(tmp_path):
+    review = {"reviewerID": "U", "asin": "X", "overall": 5.0, "unixReviewTime": 10, "verified": True}
+    _write_jsonl(tmp_path / "Toy_5.json", [review, review, {**review, "asin": "Y", "unixReviewTime": 5}])
+    _write_jsonl(tmp_path / "meta_Toy.json", [{"asin": "Y", "title": "Yo-yo", "category": ["Toys", "Classic"]}])
+    ds = prepare_source("amazon2018", tmp_path / "Toy_5.json", meta="meta_Toy.json")
+    assert len(ds.interactions) == 2 and ds.info["duplicates_dropped"] == 1
+    assert ds.titles() == ["", "Yo-yo"] and ds.item_categories() == [[], ["Classic"]]
+    assert len(prepare_source("amazon2018", tmp_path / "Toy_5.json", drop_duplicates=False).interactions) == 3
+
+
+@pytest.mark.parametrize("line, where", [
+    ('{"reviewerID": "B", "overall": 1, "unixReviewTime": 2}', "bad.json:2, field 'asin': missing field"),
+    ('{"reviewerID": "B", "asin": "X", "overall": 1, ', "bad.json:2: invalid JSON"),
+    ('{"reviewerID": "B", "asin": "X", "overall": "high", "unixReviewTime": 2}', "bad.json:2, field 'overall'"),
+])
+def test_amazon_bad_record_names_file_line_and_field(tmp_path, line, where):
+    _write_jsonl(tmp_path / "bad.json", [{"reviewerID": "A", "asin": "X", "overall": 5, "unixReviewTime": 1}, line])
+    with pytest.raises(DataError) as err:
+        prepare_source("amazon2018", tmp_path / "bad.json")
+    assert where in str(err.value) and "\n" not in str(err.value)
+
+
+# ---- UniSRec ---------------------------------------------------------------------------------------------
+
+def _write_unisrec(folder, test_rows):
+    header = "user_id:token\titem_id_list:token_seq\titem_id:token\n"
+    (folder / "Toy.item2index").write_text("P0\t0\nP1\t1\nP2\t2\nP3\t3\n")
+    (folder / "Toy.user2index").write_text("R0\t0\nR1\t1\n")
+    (folder / "Toy.text").write_text("item_id:token\ttext:token_seq\n"
+                                     "P0\tAlpha Saw. Tools Saws. Acme. \nP1\t24 Oz. Bottle. Lab Glass. Corex. \n"
+                                     "P2\tGloves. Safety. \nP3\tTape. Tapes. TapeCo. \n")
+    # user 0: full sequence 3 1 0 2 (train prefixes written latest first); user 1: 2 3 1 0
+    (folder / "Toy.train.inter").write_text(header + "0\t3\t1\n1\t2 3\t1\n1\t2\t3\n")
+    (folder / "Toy.valid.inter").write_text(header + "0\t3 1\t0\n1\t2 3 1\t0\n")
+    (folder / "Toy.test.inter").write_text(header + "".join(test_rows))
+
+
+def test_unisrec_rebuilds_sequences_in_index_order(tmp_path):
+    _write_unisrec(tmp_path, ["0\t3 1 0\t2\n", "1\t2 3 1 0\t2\n"])
+    ds = prepare_source("unisrec", tmp_path)
+    assert (ds.n_users, ds.n_items, len(ds.interactions)) == (2, 4, 9)
+    assert ds.items["original_id"].tolist() == ["P0", "P1", "P2", "P3"]  # dense id = item2index index
+    assert ds.users["original_id"].tolist() == ["R0", "R1"]
+    assert ds.sequences()[0].tolist() == [3, 1, 0, 2] and ds.sequences()[1].tolist() == [2, 3, 1, 0, 2]
+    assert ds.titles() == ["Alpha Saw", "24 Oz. Bottle", "Gloves", "Tape"]
+    assert ds.items["text"][0].startswith("Alpha Saw. Tools Saws.")
+    assert prepare_source("unisrec", tmp_path / "Toy.text").n_users == 2  # any file of the set works
+
+
+def test_unisrec_inconsistent_test_row_is_an_error(tmp_path):
+    _write_unisrec(tmp_path, ["0\t3 1 0\t2\n", "1\t2 3 2 0\t2\n"])  # user 1's history disagrees with train/valid
+    with pytest.raises(DataError, match=r"Toy.test.inter:3, field 'item_id_list'"):
+        prepare_source("unisrec", tmp_path)
+
+
+# ---- SPRec Goodreads -------------------------------------------------------------------------------------
+
+def _write_goodreads(folder, records):
+    import json
+
+    (folder / "eval" / "Goodreads").mkdir(parents=True)
+    (folder / "data" / "Goodreads").mkdir(parents=True)
+    catalog = {"0": "Dune", "1": 'A Boy Called "It"', "2": "Emma, Again", "3": "Unread"}
+    (folder / "eval" / "Goodreads" / "id2name.json").write_text(json.dumps(catalog))
+    (folder / "eval" / "Goodreads" / "name2genre.json").write_text(json.dumps(
+        {"Dune": ["fiction", "fantasy, paranormal"], 'A Boy Called "It"': ["non-fiction"], "Emma, Again": []}))
+    (folder / "data" / "Goodreads" / "train.json").write_text(json.dumps(records))
+
+
+def _record(history, target):
+    titles = ", ".join(f'"{t}"' for t in history)
+    return {"instruction": "Recommend a book.", "input": f"The user has read: {titles}, please write a new book",
+            "output": f'"{target}"\n'}
+
+
+def test_goodreads_records_become_users(tmp_path):
+    _write_goodreads(tmp_path, [_record(["Dune", 'A Boy Called "It"'], "Emma, Again"),
+                                _record(["Emma, Again", "Lost Book"], "Dune")])
+    ds = prepare_source("goodreads-sprec", tmp_path)
+    assert ds.titles() == ["Dune", 'A Boy Called "It"', "Emma, Again", "Unread"]
+    assert ds.item_categories()[0] == ["fiction", "fantasy, paranormal"]
+    assert ds.users["original_id"].tolist() == ["data/Goodreads/train.json:0", "data/Goodreads/train.json:1"]
+    assert ds.sequences()[0].tolist() == [0, 1, 2] and ds.sequences()[1].tolist() == [2, 0]
+    assert ds.info["unknown_titles"] == 1 and ds.info["unknown_title_examples"] == ["Lost Book"]
+    assert ds.info["records"] == {"data/Goodreads/train.json": 2}
+    added = prepare_source("goodreads-sprec", tmp_path, unknown_titles="add")
+    assert added.n_items == 5 and added.sequences()[1].tolist() == [2, 4, 0]
+
+
+def test_goodreads_record_missing_field(tmp_path):
+    _write_goodreads(tmp_path, [_record(["Dune"], "Emma, Again"), {"instruction": "x", "input": '"Dune"'}])
+    with pytest.raises(DataError) as err:
+        prepare_source("goodreads-sprec", tmp_path)
+    assert "train.json" in str(err.value) and "record 1" in str(err.value) and "field 'output'" in str(err.value)
+    with pytest.raises(ConfigError, match="option 'files'"):
+        prepare_source("goodreads-sprec", tmp_path, files="train.json")
+
+
+# ---- seed pickle formats ---------------------------------------------------------------------------------
+
+def test_reclmgen_pickles_and_json(tmp_path):
+    import json
+    import pickle
+
+    sequential = {"u1": ["10", "30", "20"], "u2": ["20", "10"]}
+    meta = {"10": {"title": "Heat", "year": 1995}, "20": {"title": "Up"}, "30": {"title": "Ran"}}
+    category = {"Action": ["10", "30"], "Family": ["20"], "Drama": ["30"]}
+    for name, value in (("sequential", sequential), ("meta", meta), ("category", category)):
+        (tmp_path / f"{name}.pickle").write_bytes(pickle.dumps(value))
+    ds = prepare_source("reclmgen-pickle", tmp_path)
+    assert ds.titles() == ["Heat", "Up", "Ran"] and ds.items["text"][0] == "Heat. year: 1995"
+    assert ds.item_categories() == [["Action"], ["Family"], ["Action", "Drama"]]
+    assert ds.sequences()[0].tolist() == [0, 2, 1] and ds.info["ranking_candidates"] == 0
+    as_json = tmp_path / "json"
+    as_json.mkdir()
+    for name, value in (("sequential", sequential), ("meta", meta), ("category", category)):
+        (as_json / f"{name}.json").write_text(json.dumps(value))
+    assert prepare_source("reclmgen-pickle", as_json).interactions.equals(ds.interactions)
+
+
+def test_recgpt_pickle_and_refused_callable(tmp_path):
+    import os
+    import pickle
+
+    (tmp_path / "test.pkl").write_bytes(pickle.dumps({6: [5, 1, 5, 3], 22: [1, 3]}))
+    ds = prepare_source("recgpt-pickle", tmp_path)
+    assert ds.items["original_id"].tolist() == ["1", "3", "5"]  # sorted by integer id
+    assert ds.users["original_id"].tolist() == ["6", "22"]
+    assert ds.sequences()[0].tolist() == [2, 0, 2, 1] and len(ds.interactions) == 6
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    (tmp_path / "cold_test.pkl").write_bytes(pickle.dumps({1: [Evil()]}))
+    with pytest.raises(DataError) as err:
+        prepare_source("recgpt-pickle", tmp_path, file="cold_test")
+    assert "cold_test.pkl" in str(err.value) and "refuses global" in str(err.value)
+    (tmp_path / "odd.pkl").write_bytes(pickle.dumps({1: [1.5]}))
+    with pytest.raises(DataError, match="user 1: item ids must be int or str, got float"):
+        prepare_source("recgpt-pickle", tmp_path / "odd.pkl")

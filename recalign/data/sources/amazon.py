@@ -77,8 +77,7 @@ def read_reviews(path: Path, chunk_lines: int = 200_000) -> pd.DataFrame:
     """(user, item, rating, timestamp) from a JSON-lines review file, read in chunks with pandas."""
     frames = []
     try:
-        reader = pd.read_json(path, lines=True, chunksize=chunk_lines, dtype=False, compression="infer",
-                              convert_dates=False)
+        reader = pd.read_json(path, lines=True, chunksize=chunk_lines, dtype=False, compression="infer")
         for chunk in reader:
             missing = [f for f in REVIEW_FIELDS if f not in chunk.columns]
             if missing or chunk[list(REVIEW_FIELDS)].isna().to_numpy().any():
