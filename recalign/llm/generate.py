@@ -77,11 +77,16 @@ def generate(model, tokenizer, prompts: Sequence[str], settings: GenerationSetti
     if backend not in BACKENDS:
         raise ConfigError(f"generation backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "auto":
-        backend = "vllm" if _vllm_usable() and logits_processor is None else "transformers"
+        # vLLM loads its own copy of the weights: only worth it for a model given by name/folder.
+        backend = "vllm" if _vllm_usable() and logits_processor is None and isinstance(model, str) \
+            else "transformers"
     prompts = list(prompts)
     if not prompts:
         return []
     if backend == "transformers":
+        if isinstance(model, str) or tokenizer is None:
+            raise ConfigError("generation backend 'transformers' needs a loaded model and its tokenizer "
+                              "(recalign.llm.models.load_model)")
         return _generate_transformers(model, tokenizer, prompts, settings, batch_size, logits_processor, progress)
     if logits_processor is not None:
         raise ConfigError(f"generation backend {backend!r} takes no logits processor; use 'transformers'")
