@@ -144,6 +144,30 @@ def data_prepare(
                   f"{stats['interactions']} interactions (fingerprint {dataset.fingerprint()})")
 
 
+@data_app.command("sources")
+def data_sources(
+    name: Optional[str] = typer.Argument(None, help="show only this source's options"),
+) -> None:
+    """List the dataset sources, what raw files each reads, and its key=value options.
+
+    \b
+    Examples:
+        recalign data sources
+        recalign data sources synthetic
+    """
+    with user_errors():
+        from recalign.data.sources import SOURCES, get_source
+
+        names = [name] if name is not None else list(SOURCES)
+        for source_name in names:
+            source = get_source(source_name)
+            raw = "--raw PATH" if source.needs_raw else "no raw files"
+            out.print(f"[bold]{source_name}[/bold] ({raw}): {source.description}", highlight=False)
+            for field_name, info in source.options.model_fields.items():
+                default = info.get_default(call_default_factory=True)
+                out.print(f"    {field_name}={default!r}  {info.description or ''}", markup=False, highlight=False)
+
+
 @data_app.command("stats")
 def data_stats(
     folder: Path = typer.Argument(..., help="a prepared dataset folder"),

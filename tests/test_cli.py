@@ -207,7 +207,8 @@ def test_run_report_and_overrides(tmp_path, prepared, echo_stage):
 
 
 def test_help_has_examples():
-    for command in (["run"], ["data", "prepare"], ["data", "stats"], ["data", "download"], ["teacher", "train"],
+    for command in (["run"], ["data", "prepare"], ["data", "stats"], ["data", "download"], ["data", "sources"],
+                    ["teacher", "train"],
                     ["eval"], ["report"]):
         result = invoke(*command, "--help")
         assert result.exit_code == 0 and "Example" in result.stdout, command
@@ -243,3 +244,9 @@ def test_download_unknown_name_and_bad_archive(tmp_path):
     result = invoke("data", "download", "ml-100k", "--out", tmp_path / "raw", "--from", fake)
     assert_one_line_error(result, "ml-100k.zip", "checksum mismatch")
     assert only(tmp_path) == ["ml-100k.zip"]
+
+
+def test_data_sources_lists_options():
+    result = invoke("data", "sources", "synthetic")
+    assert result.exit_code == 0 and "n_users=1000" in result.stdout and "no raw files" in result.stdout
+    assert_one_line_error(invoke("data", "sources", "netflix"), "unknown source 'netflix'")
