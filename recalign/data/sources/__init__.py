@@ -1,8 +1,8 @@
 """Dataset sources: one module per raw format, each turning files as originally distributed into a Dataset.
 
-The registry maps a source name to "module:attribute" of a `Source`, imported only when used.
+`SOURCES` maps a source name to its `Source`; each module is imported only when its source is looked up.
 To add a source: write `recalign/data/sources/<name>.py` with an options model and a `load(raw, options)` function,
-wrap them in a `Source`, and add a line to `SOURCES`.
+wrap them in a `Source`, and add a "module:attribute" line to `_REGISTRY`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Mapping
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -35,7 +35,7 @@ class Source:
     needs_raw: bool = True
 
 
-SOURCES: dict[str, str] = {
+_REGISTRY: dict[str, str] = {
     "movielens-100k": "recalign.data.sources.movielens:MOVIELENS_100K",
     "movielens-1m": "recalign.data.sources.movielens:MOVIELENS_1M",
     "amazon2014": "recalign.data.sources.amazon:AMAZON_2014",
@@ -49,11 +49,30 @@ SOURCES: dict[str, str] = {
 }
 
 
+class _LazySources(Mapping):
+    """Source name -> Source, importing a source's module only when it is looked up (listing imports nothing)."""
+
+    def __getitem__(self, name: str) -> Source:
+        return get_source(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_REGISTRY)
+
+    def __len__(self) -> int:
+        return len(_REGISTRY)
+
+    def __contains__(self, name: object) -> bool:
+        return name in _REGISTRY
+
+
+SOURCES: Mapping[str, Source] = _LazySources()
+
+
 def get_source(name: str) -> Source:
     """Resolve a source name; unknown names are config errors listing the choices."""
-    if name not in SOURCES:
-        raise ConfigError(f"unknown source '{name}'; choose one of: {', '.join(SOURCES)}")
-    module, attribute = SOURCES[name].split(":")
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown source '{name}'; choose one of: {', '.join(_REGISTRY)}")
+    module, attribute = _REGISTRY[name].split(":")
     return getattr(importlib.import_module(module), attribute)
 
 
