@@ -214,9 +214,27 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>", override_keys: list[li
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, raw, source, override_keys or [])) from None
+    validate_data_source(recipe.data, source=source, override_keys=override_keys or [])
     for stage in recipe.stages:
         stage.params = validate_stage_params(stage, source=source, override_keys=override_keys or [])
     return recipe
+
+
+def validate_data_source(data: DataSpec, source: str = "<recipe>", override_keys: list[list[str]] | None = None) -> None:
+    """Check `data.source` is a registered source and `data.options` fit its options model (before any work)."""
+    if data.source is None:
+        return
+    from recalign.data.sources import SOURCES, get_source
+
+    if data.source not in SOURCES:
+        raise ConfigError(f"{source}: data.source: unknown source {data.source!r}; choose one of: "
+                          f"{', '.join(SOURCES)}")
+    try:
+        get_source(data.source).options.model_validate(data.options)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, None, source, override_keys or [], prefix=["data", "options"])) from None
+    if data.raw is None and get_source(data.source).needs_raw:
+        raise ConfigError(f"{source}: data.raw: source {data.source!r} needs the raw file or folder")
 
 
 def validate_stage_params(stage: StageSpec, source: str = "<recipe>",

@@ -183,3 +183,13 @@ def test_teacher_settings_are_checked_when_the_recipe_loads(tmp_path):
         load_recipe(write(tmp_path, text), ["stages.sasrec.params.params.epocs=5"])
     with pytest.raises(ConfigError, match=r"stages\.sasrec\.params: unknown teacher 'gru4rec'.*sasrec"):
         load_recipe(write(tmp_path, text), ["stages.sasrec.params.model=gru4rec"])
+
+
+def test_data_source_and_options_are_checked_when_the_recipe_loads(tmp_path):
+    path = write(tmp_path, RECIPE)
+    with pytest.raises(ConfigError, match=r"recipe\.yaml \(override\): data\.options\.n_user: unknown key"):
+        load_recipe(path, ["data.options.n_user=5"])
+    with pytest.raises(ConfigError, match=r"recipe\.yaml: data\.source: unknown source 'netflix'.*synthetic"):
+        load_recipe(write(tmp_path, RECIPE.replace("source: synthetic", "source: netflix")))
+    with pytest.raises(ConfigError, match=r"data\.raw: source 'movielens-100k' needs"):
+        load_recipe(path, ["data.source=movielens-100k", "data.options={}"])
