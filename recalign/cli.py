@@ -276,7 +276,7 @@ def run(
     \b
     Examples:
         recalign run recipes/demo.yaml
-        recalign run recipes/demo.yaml seed=3 stages.sasrec.params.epochs=5 eval.ks=[5,10] --out runs/demo-s3
+        recalign run recipes/demo.yaml seed=3 stages.sasrec.params.params.epochs=5 eval.ks=[5,10] --out runs/demo-s3
     """
     with user_errors():
         from recalign.config import load_recipe
