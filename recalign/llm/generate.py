@@ -134,7 +134,8 @@ def _generate_transformers(model, tokenizer, prompts: list[str], settings: Gener
     n_return = settings.num_return_sequences
     options = dict(max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
                    num_beams=settings.num_beams, num_return_sequences=n_return,
-                   pad_token_id=tokenizer.pad_token_id)
+                   pad_token_id=tokenizer.pad_token_id,
+                   use_cache=True)  # transformers' Trainer leaves config.use_cache=False after training
     if settings.do_sample:
         options.update(temperature=settings.temperature, top_p=settings.top_p)
     else:  # greedy/beam: neutral sampling fields, so a model's generation_config defaults do not warn or apply
