@@ -174,17 +174,37 @@ def teacher_recipe(data: dict, seed: int = 0):
         ]})
 
 
-def test_teacher_stages_same_seed_identical_metrics(tmp_path, dataset_dir):
-    first = run_recipe(teacher_recipe({"path": str(dataset_dir)}), tmp_path / "a", progress=False)
-    again = run_recipe(teacher_recipe({"path": str(dataset_dir)}), tmp_path / "b", progress=False)
+TINY_SYNTHETIC = {"source": "synthetic", "options": {"n_users": 40, "n_items": 30, "min_length": 4, "max_length": 8}}
+
+
+def test_teacher_stages_same_seed_identical_metrics(tmp_path):
+    first = run_recipe(teacher_recipe(TINY_SYNTHETIC), tmp_path / "a", progress=False)
+    again = run_recipe(teacher_recipe(TINY_SYNTHETIC), tmp_path / "b", progress=False)
     assert set(first["stages"]) == {"pop", "bprmf", "sasrec"}
     assert without_times(first) == without_times(again)
-    assert 0.0 <= first["stages"]["sasrec"]["hr@10"] <= 1.0 and first["stages"]["pop"]["n_users"] == 12
-    # the saved teachers load back through the run context and score like the originals
+    assert 0.0 <= first["stages"]["sasrec"]["hr@10"] <= 1.0 and first["stages"]["pop"]["n_users"] == 40
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["dataset"] == first["dataset"]
+    # the saved teachers load back through the run context
     ctx = RunContext(run_dir=tmp_path / "a", stage_dir=tmp_path / "a" / "stages" / "x", dataset=None, split=None,
-                     seed=0, progress=False, recipe=teacher_recipe({"path": str(dataset_dir)}))
+                     seed=0, progress=False, recipe=teacher_recipe(TINY_SYNTHETIC))
     assert type(ctx.load_teacher("bprmf")).__name__ == "BPRMF"
     assert (tmp_path / "a" / "stages" / "sasrec" / "model" / "teacher.json").is_file()
+
+
+def test_prepared_data_is_cached_and_changed_options_rerun(tmp_path):
+    run_dir = tmp_path / "run"
+    data = {"source": "synthetic", "options": {"n_users": 20, "n_items": 15, "min_length": 4, "max_length": 6}}
+    spec = recipe_from_dict({"name": "c", "data": data, "stages": [{"name": "only", "kind": "toy"}]})
+    first = run_recipe(spec, run_dir, progress=False)
+    cached = (run_dir / "data" / "interactions.parquet").stat().st_mtime_ns
+    CALLS.clear()
+    run_recipe(spec, run_dir, progress=False)
+    assert CALLS == [] and (run_dir / "data" / "interactions.parquet").stat().st_mtime_ns == cached
+    changed = recipe_from_dict({"name": "c", "data": {**data, "options": {**data["options"], "seed": 1}},
+                                "stages": [{"name": "only", "kind": "toy"}]})
+    second = run_recipe(changed, run_dir, progress=False)
+    assert CALLS == ["only"] and second["dataset"] != first["dataset"]
+    assert json.loads((run_dir / "data" / "dataset.json").read_text())["fingerprint"] == second["dataset"]
 
 
 def test_failure_before_any_stage_finished_leaves_no_folder(tmp_path, dataset_dir):
