@@ -151,6 +151,11 @@ def test_unisrec_rebuilds_sequences_in_index_order(tmp_path):
     assert ds.titles() == ["Alpha Saw", "24 Oz. Bottle", "Gloves", "Tape"]
     assert ds.items["text"][0].startswith("Alpha Saw. Tools Saws.")
     assert prepare_source("unisrec", tmp_path / "Toy.text").n_users == 2  # any file of the set works
+    # without train/valid files the test rows alone give history + target
+    (tmp_path / "Toy.train.inter").unlink()
+    only_test = prepare_source("unisrec", tmp_path, name="Toy")
+    assert only_test.sequences()[0].tolist() == [3, 1, 0, 2] and len(only_test.interactions) == 9
+    assert "Toy.train.inter" not in only_test.info["raw_files"]
 
 
 def test_unisrec_inconsistent_test_row_is_an_error(tmp_path):
