@@ -28,6 +28,22 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Prepare, inspect and download datasets.", no_args_is_help=True)
 teacher_app = typer.Typer(help="Train classical teachers (popularity, bprmf, sasrec).", no_args_is_help=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from recalign import __version__
+
+        typer.echo(f"recalign {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
+    """recalign: LLM- and RL-based recommendation on one data model and one evaluator."""
+
+
 app.add_typer(data_app, name="data")
 app.add_typer(teacher_app, name="teacher")
 
