@@ -166,7 +166,7 @@ def _raw_signature(raw: str | None) -> list:
 def prepare_data(spec: DataSpec, cache_dir: Path | None = None) -> Dataset:
     """The recipe's dataset: load `path`, or prepare `source` from `raw` (reusing `cache_dir` when unchanged).
 
-    Nothing is written to `cache_dir` unless preparation succeeds.
+    Only reads the cache; `save_prepared` writes it once the run folder exists.
     """
     if spec.path is not None:
         folder = Path(spec.path)
