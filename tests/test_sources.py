@@ -250,3 +250,12 @@ def test_recgpt_pickle_and_refused_callable(tmp_path):
     (tmp_path / "odd.pkl").write_bytes(pickle.dumps({1: [1.5]}))
     with pytest.raises(DataError, match="user 1: item ids must be int or str, got float"):
         prepare_source("recgpt-pickle", tmp_path / "odd.pkl")
+
+
+def test_shared_fixtures_match_their_description(tiny_dataset, synthetic_dataset):
+    seqs = tiny_dataset.sequences()
+    assert [seqs[u].tolist() for u in range(3)] == [[0, 1, 2, 3], [1, 2, 4], [0, 2, 3, 4]]
+    assert tiny_dataset.users["original_id"].tolist() == ["alice", "bob", "carol"]
+    assert sorted(tiny_dataset.category_index()) == ["Mystery", "Romance"]
+    assert (synthetic_dataset.n_users, synthetic_dataset.n_items) == (200, 60)
+    assert synthetic_dataset.sequences().lengths().max() <= 20
