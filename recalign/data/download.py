@@ -123,7 +123,7 @@ def _fetch(url: str, target: Path, progress: bool) -> dict[str, str | int]:
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as handle:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with _progress_bar(progress, total, target.name) as advance:
+            with _ProgressBar(progress, total, target.name) as advance:
                 for block in iter(lambda: response.read(1 << 16), b""):
                     handle.write(block)
                     sha.update(block)
@@ -198,7 +198,7 @@ def _complete(folder: Path, archive: Archive) -> bool:
         (folder / n).is_file() and sha256_file(folder / n) == h for n, h in archive.members.items())
 
 
-class _progress_bar:
+class _ProgressBar:
     """Context manager yielding `advance(n_bytes)`; a rich bar when `enabled`, else a no-op."""
 
     def __init__(self, enabled: bool, total: int | None, label: str):
