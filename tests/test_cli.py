@@ -224,6 +224,8 @@ def test_teacher_train_then_eval(tmp_path, prepared):
     result = invoke("eval", run_dir, "--quiet")
     assert result.exit_code == 0, result.output
     assert f"{trained['hr@10']:.4f}" in result.stdout  # re-evaluating the saved model gives the same numbers
+    assert_one_line_error(invoke("eval", run_dir, "--protocol", "nope"), "--protocol", "nope")
+    assert_one_line_error(invoke("eval", run_dir, "--part", "train"), "--part")
 
 
 def test_teacher_train_bad_setting_leaves_nothing(tmp_path, prepared):
