@@ -13,6 +13,15 @@ from recalign.rl.dqn import DQNConfig, DQNReranker, RerankEnv, RerankEpisodes, h
 PAD = 50  # n_items in the fake catalogs below; the padding item id
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny tensors: a second thread only adds synchronisation cost on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def fake_episodes(n_users: int = 3, n_candidates: int = 30, relevant_every: int = 3, seed: int = 0,
                   labels: bool = True) -> RerankEpisodes:
     """Teacher lists = a random permutation of the 50-item catalog per user (first n_candidates)."""
