@@ -161,3 +161,23 @@ def test_llm_sft_stage_runs_end_to_end_and_constrained_answers_are_titles(tmp_pa
     again = reevaluate_llm_stage(ctx, LLMSFTParams(**recipe.stages[0].params))
     for key in ("hr@1", "hr@5", "ndcg@5", "valid_title_rate", "constrained.hr@5", "constrained.valid_title_rate"):
         assert again[key] == metrics[key], key
+
+
+def test_evaluate_answers_one_title_and_list_answers_by_hand():
+    import math
+
+    from recalign.llm.grounding import ExactGrounder
+    from recalign.llm.stage import evaluate_answers
+
+    rows = rows_from_sequences([[0, 1, 2], [1, 2, 3], [2, 3, 4]])  # targets 2, 3, 4
+    grounder = ExactGrounder(TITLES)
+    one, lists = evaluate_answers(['"Ulysses"', 'Sure: "Hamlet"', "nothing"], rows, TITLES, grounder, (1, 2),
+                                  SeqRecTask())
+    assert lists[:, 0].tolist() == [2, 4, -1]
+    assert one["hr@1"] == pytest.approx(1 / 3) and one["hr@2"] == pytest.approx(1 / 3)
+    assert one["valid_title_rate"] == pytest.approx(2 / 3) and one["n_rows"] == 3
+    listed, lists = evaluate_answers(['1. "Emma"\n2. "Ulysses"', '1. "Beloved"', ""], rows, TITLES, grounder,
+                                     (1, 2), SeqRecTask(k=2))
+    assert lists.tolist() == [[1, 2], [3, -1], [-1, -1]]
+    assert listed["hr@1"] == pytest.approx(1 / 3) and listed["hr@2"] == pytest.approx(2 / 3)
+    assert listed["ndcg@2"] == pytest.approx((1 / math.log2(3) + 1) / 3)
