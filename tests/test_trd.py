@@ -296,3 +296,9 @@ def test_trd_stage_under_a_non_temporal_recipe_split(temporal, tmp_path):
         {"name": "trd", "kind": "trd", "params": {"teacher": "mf", **tiny}}]})
     with pytest.raises(ConfigError, match="overlaps"):
         run_recipe(leaky, tmp_path / "leaky", progress=False)
+    # A stage and a model share the name "bprmf": teacher_source picks the model, trained on TRD's own train1.
+    both = Recipe.model_validate({**base, "stages": [
+        {"name": "bprmf", "kind": "teacher", "params": {"model": "bprmf", "params": {"dim": 8, "epochs": 2}}},
+        {"name": "trd", "kind": "trd", "params": {"teacher": "bprmf", "teacher_source": "model", **tiny}}]})
+    metrics = run_recipe(both, tmp_path / "both", progress=False)["stages"]["trd"]
+    assert metrics["split"].startswith("own global_temporal") and metrics["teacher_train_seconds"] > 0

@@ -52,6 +52,9 @@ class TRDConfig(BaseModel):
     teacher: str = Field("bprmf", description="name of an earlier `teacher` stage of the recipe (trained on the "
                                               "split's train part = train1), or a teacher model name "
                                               "(bprmf, sasrec, popularity) that this stage trains on train1")
+    teacher_source: Literal["auto", "stage", "model"] = Field(
+        "auto", description="how to read `teacher`: 'stage' = an earlier stage, 'model' = a model trained here "
+                            "on train1, 'auto' = a stage when one has that name, else a model")
     teacher_params: dict = Field(default_factory=dict, description="config of a teacher this stage trains "
                                                                    "(ignored when `teacher` names a stage)")
     cand_num: int = Field(1000, ge=1, description="candidate pool size per user (positives + random negatives)")
@@ -257,15 +260,23 @@ def run_trd(dataset: Dataset, split: "Split", teacher: "Recommender", config: TR
 
 # ---- the recipe stage ---------------------------------------------------------------------------------
 
+def teacher_is_stage(ctx: "RunContext", config: TRDConfig) -> bool:
+    """Whether `teacher` names an earlier stage (else a model to train here)."""
+    is_stage = config.teacher in {stage.name for stage in ctx.recipe.stages}
+    if config.teacher_source == "stage" and not is_stage:
+        raise ConfigError(f"trd stage: no stage named '{config.teacher}' (teacher_source: stage)")
+    return is_stage if config.teacher_source == "auto" else config.teacher_source == "stage"
+
+
 def stage_split(ctx: "RunContext", config: TRDConfig) -> tuple["Split", bool]:
     """The recipe's split when it is global temporal; otherwise the stage's own one (returns split, own?)."""
     if ctx.split is not None and "train2" in ctx.split.extra:
         return ctx.split, False
-    if config.teacher in {stage.name for stage in ctx.recipe.stages}:
+    if teacher_is_stage(ctx, config):
         kind = ctx.recipe.split.kind
         raise ConfigError(f"trd stage: teacher stage '{config.teacher}' was trained on the recipe's {kind} split, "
-                          f"which overlaps TRD's temporal test part; use split.kind: global_temporal, or give a "
-                          f"teacher model name (e.g. teacher: bprmf) so TRD trains it on its own train1")
+                          f"which overlaps TRD's temporal test part; use split.kind: global_temporal, or set "
+                          f"teacher_source: model so TRD trains teacher '{config.teacher}' on its own train1")
     from recalign.data.split import global_temporal_split
 
     ctx.log(f"recipe split is {ctx.recipe.split.kind}: TRD uses its own global temporal split {config.fractions}")
@@ -274,7 +285,7 @@ def stage_split(ctx: "RunContext", config: TRDConfig) -> tuple["Split", bool]:
 
 def resolve_teacher(ctx: "RunContext", split: "Split", config: TRDConfig) -> tuple["Recommender", float]:
     """An earlier stage's teacher, or a teacher model trained here on train1; returns (teacher, train seconds)."""
-    if config.teacher in {stage.name for stage in ctx.recipe.stages}:
+    if teacher_is_stage(ctx, config):
         return ctx.load_teacher(config.teacher), 0.0
     started = time.perf_counter()
     teacher = train_teacher(config.teacher, ctx.dataset, split, config.teacher_params, ctx.seed, ctx.progress)
