@@ -218,6 +218,9 @@ def test_pools_hold_every_positive_no_seen_item_and_are_seeded():
         assert len(items) == len(set(items)) == (10 if row < 2 else 12)
         assert set(torch.nonzero(positives[row]).flatten().tolist()) <= set(items)
         assert not set(items) & set(range(20, 30))
+    small = sample_pools(positives, seen, cand_num=100, generator=torch.Generator().manual_seed(0))
+    assert small.shape == (3, 30)  # a catalog smaller than cand_num: every unseen item, nothing twice
+    assert [int((row >= 0).sum()) for row in small] == [20, 20, 20]
 
 
 def test_teacher_lists_follow_teacher_scores_and_start_from_history(temporal):

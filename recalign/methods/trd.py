@@ -116,10 +116,10 @@ def sample_pools(positives: torch.Tensor, seen: torch.Tensor, cand_num: int, gen
     """Candidate pools: all positives + uniform random items neither positive nor seen, up to `cand_num` per row.
 
     positives, seen: BoolTensor [U, n_items]. Returns LongTensor [U, C] (ascending item ids, -1 padding),
-    C = max(cand_num, most positives of a row).
+    C = max(cand_num, most positives of a row), at most the catalog size.
     """
     n_users, n_items = positives.shape
-    width = max(cand_num, int(positives.sum(1).max())) if n_users else cand_num
+    width = min(max(cand_num, int(positives.sum(1).max())) if n_users else cand_num, n_items)
     pools = torch.full((n_users, width), -1, dtype=torch.long)
     for start in range(0, n_users, chunk):
         pos, blocked = positives[start:start + chunk], positives[start:start + chunk] | seen[start:start + chunk]
