@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
+from recalign.data.dataset import build_dataset
+from recalign.data.split import global_temporal_split
 from recalign.errors import ConfigError
+from recalign.methods.trd import TRDConfig, run_trd, sample_pools, teacher_lists, train_teacher
 from recalign.rl.dqn import DQNConfig, DQNReranker, RerankEnv, RerankEpisodes, hit_reward
 
 PAD = 50  # n_items in the fake catalogs below; the padding item id
@@ -176,14 +181,6 @@ def test_bad_setting_is_a_config_error_naming_the_field():
 
 
 # ---- the method on a synthetic temporal dataset ---------------------------------------------------------
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from recalign.data.dataset import build_dataset  # noqa: E402
-from recalign.data.split import global_temporal_split  # noqa: E402
-from recalign.methods.trd import TRDConfig, run_trd, sample_pools, teacher_lists, train_teacher  # noqa: E402
-
 
 @pytest.fixture(scope="module")
 def temporal():

@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from recalign.data.dataset import Dataset, UserSequences
+from recalign.data.dataset import Dataset
 from recalign.errors import ConfigError
 from recalign.rl.dqn import DQNConfig, DQNReranker, RerankEpisodes
 from recalign.stages import Stage
