@@ -119,6 +119,7 @@ def evaluate(model, dataset: Dataset, split, history: pd.DataFrame, test: pd.Dat
 def run_dataset(which: str, quick: bool, progress: bool) -> dict:
     """Fit and evaluate the three teachers on one dataset."""
     dataset = load_dataset(which)
+    loader = "recalign.data.sources" if dataset.info.get("raw_files") else "local fallback reader"
     split, train, valid, history, test = split_dataset(dataset)
     results = {}
     for name, settings in SETTINGS[which].items():
@@ -142,7 +143,7 @@ def run_dataset(which: str, quick: bool, progress: bool) -> dict:
             "protocol": "leave-one-out, full ranking over all items, history excluded",
             "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
             "quick": quick, "command": " ".join(sys.argv),
-            "evaluator": "recalign.eval.evaluate" if split is not None else "local fallback"}
+            "evaluator": "recalign.eval.evaluate" if split is not None else "local fallback", "loader": loader}
     return {"info": info, "models": results}
 
 
