@@ -27,6 +27,7 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Prepare, inspect and download datasets.", no_args_is_help=True)
 teacher_app = typer.Typer(help="Train classical teachers (popularity, bprmf, sasrec).", no_args_is_help=True)
+train_app = typer.Typer(help="Train LLM recommenders from a recipe (e.g. llm-sft).", no_args_is_help=True)
 
 
 def _version(value: bool) -> None:
@@ -45,6 +46,7 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
 
 app.add_typer(data_app, name="data")
 app.add_typer(teacher_app, name="teacher")
+app.add_typer(train_app, name="train")
 
 err = Console(stderr=True)
 
@@ -297,6 +299,32 @@ def run(
         from recalign.config import load_recipe
 
         recipe = load_recipe(recipe_yaml, overrides or [])
+        _run(recipe, run_dir if run_dir is not None else Path("runs") / recipe.name, quiet)
+
+
+@train_app.command("llm-sft")
+def train_llm_sft(
+    recipe_yaml: Path = typer.Argument(..., metavar="RECIPE", help="a recipe with an llm-sft stage, "
+                                                                    "e.g. recipes/llm-sft-goodreads.yaml"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. seed=3"),
+    run_dir: Optional[Path] = typer.Option(None, "--out", help="run folder (default runs/<recipe name>)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """SFT an LLM recommender (history titles -> next title) as the recipe's llm-sft stage(s), then evaluate.
+
+    The same as `recalign run`, but the recipe must contain at least one stage of kind llm-sft.
+
+    \b
+    Examples:
+        recalign train llm-sft recipes/llm-sft-goodreads.yaml
+        recalign train llm-sft recipes/llm-sft-goodreads.yaml stages.llm-sft.params.train_rows=64 --out runs/sft-small
+    """
+    with user_errors():
+        from recalign.config import load_recipe
+
+        recipe = load_recipe(recipe_yaml, overrides or [])
+        if not any(stage.kind == "llm-sft" for stage in recipe.stages):
+            raise ConfigError(f"{recipe_yaml}: no stage of kind 'llm-sft' (use `recalign run` for other recipes)")
         _run(recipe, run_dir if run_dir is not None else Path("runs") / recipe.name, quiet)
 
 

@@ -252,3 +252,16 @@ def test_data_sources_lists_options():
     result = invoke("data", "sources", "synthetic")
     assert result.exit_code == 0 and "n_users=1000" in result.stdout and "no raw files" in result.stdout
     assert_one_line_error(invoke("data", "sources", "netflix"), "unknown source 'netflix'")
+
+
+def test_train_llm_sft_refuses_a_recipe_without_an_llm_sft_stage(tmp_path):
+    from typer.testing import CliRunner
+
+    from recalign.cli import app
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\ndata: {source: synthetic}\nstages:\n  - {name: pop, kind: teacher, params: {model: popularity}}\n")
+    result = CliRunner().invoke(app, ["train", "llm-sft", str(recipe), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert "no stage of kind 'llm-sft'" in result.output
+    assert not (tmp_path / "run").exists()
