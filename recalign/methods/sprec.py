@@ -393,20 +393,14 @@ def _sft(model, tokenizer, rows: Rows, titles: list[str], dataset, settings: SFT
 
 def _generate(model, tokenizer, rows: Rows, titles: list[str], dataset, settings: GenerationSettings,
               config: SPRecConfig, progress: bool) -> list[str]:
-    """Greedy answers for every row, in batches (left padding)."""
-    device = next(model.parameters()).device
-    prompts = _prompts(tokenizer, rows, titles, config)
-    tokenizer.padding_side = "left"
-    answers: list[str] = []
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(prompts), settings.batch_size):
-            batch = tokenizer(prompts[start: start + settings.batch_size], return_tensors="pt", padding=True,
-                              add_special_tokens=False).to(device)
-            out = model.generate(**batch, max_new_tokens=settings.max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-            answers.extend(tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True))
-    return answers
+    """Greedy answers for every row (`recalign.llm.generate`: length-sorted left-padded batches, KV cache on)."""
+    from recalign.llm.generate import GenerationSettings as Decoding
+    from recalign.llm.generate import generate
+
+    answers = generate(model, tokenizer, _prompts(tokenizer, rows, titles, config),
+                       Decoding(max_new_tokens=settings.max_new_tokens), batch_size=settings.batch_size,
+                       progress=progress)
+    return [a[0] for a in answers]
 
 
 def _dpo(model, tokenizer, pairs: Pairs, titles: list[str], dataset, config: SPRecConfig, scratch: Path,
