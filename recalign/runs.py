@@ -5,6 +5,7 @@ Layout of a run folder:
     dataset.json           fingerprint and counts of the dataset the stages saw
     data/                  the prepared dataset (when the recipe names a source), reused on re-runs
     stages/<name>/         each stage's artifacts + metrics.json + DONE (written last, via a temp folder rename)
+    work/                  resumable state of long stages (SPRec iterations), kept across attempts
     metrics.json           every finished stage's metrics
     log.txt  report.md
 """

@@ -81,6 +81,22 @@ def table_rows(stages: dict[str, dict], columns: list[str]) -> list[list[str]]:
     return rows
 
 
+PROTOCOLS = {"trd_temporal": "re-ranks candidate pools from a temporal split (metrics.md section 3)",
+             "llm_generated": "generated titles grounded to catalog items, on sampled rows (metrics.md section 2.4)",
+             "sprec_rows": "one generated title, grounded to its K nearest catalog items (metrics.md section 2.3)"}
+
+
+def protocol_note(stages: dict[str, dict]) -> str | None:
+    """A warning when some stages were scored under their own protocol (a `protocol` metric), so their numbers
+    are not comparable with the recipe's full-ranking rows; None when every stage shares the recipe protocol."""
+    own = {name: m["protocol"] for name, m in stages.items() if isinstance(m.get("protocol"), str)}
+    if not own:
+        return None
+    parts = [f"{name} ({protocol}: {PROTOCOLS.get(protocol, 'its own protocol')})" for name, protocol in own.items()]
+    return ("Not comparable across rows: " + "; ".join(parts) + " are scored under their own protocol, "
+            "the other stages under the recipe's evaluation.")
+
+
 def results_table(summary: dict, columns: list[str] | None = None, title: str | None = None) -> Table:
     """A rich table: rows = stages, columns = metrics + train time."""
     stages = summary.get("stages", {})
@@ -94,6 +110,7 @@ def results_table(summary: dict, columns: list[str] | None = None, title: str | 
         table.add_column("train s", justify="right")
     for row in table_rows(stages, columns):
         table.add_row(*row)
+    table.caption = protocol_note(stages)
     return table
 
 
@@ -125,7 +142,8 @@ def write_report(run_dir: str | os.PathLike, columns: list[str] | None = None) -
                   f"`{dataset.get('fingerprint')}`): {counts.get('users')} users, {counts.get('items')} items, "
                   f"{counts.get('interactions')} interactions; split `{dataset.get('split', {}).get('kind')}`; "
                   f"seed {summary.get('seed')}.", ""]
-    lines += ["## Results", "", markdown_table(summary, columns), "",
+    note = protocol_note(summary.get("stages", {}))
+    lines += ["## Results", "", markdown_table(summary, columns), ""] + ([note, ""] if note else []) + [
               "The resolved recipe is `config.yaml`; per-stage artifacts are under `stages/<name>/`.", "",
               "## All metrics", ""]
     for name, metrics in summary.get("stages", {}).items():

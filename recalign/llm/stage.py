@@ -165,7 +165,8 @@ def run_llm_sft_stage(ctx: "RunContext", params: LLMSFTParams) -> dict:
     if params.save != "none":
         save_model(result.model, tokenizer, ctx.stage_dir / "model", merge=params.save == "merged")
     _remove(ctx.stage_dir / "scratch")
-    return {"model": params.model, "train_rows": len(train), **result.summary(), **metrics}
+    return {"model": params.model, "protocol": "llm_generated", "train_rows": len(train), **result.summary(),
+            **metrics}
 
 
 def reevaluate_llm_stage(ctx: "RunContext", params: LLMSFTParams, part: str | None = None) -> dict:
@@ -190,7 +191,7 @@ def reevaluate_llm_stage(ctx: "RunContext", params: LLMSFTParams, part: str | No
     ks = sorted(set(params.ks or ctx.recipe.eval.ks))
     metrics, _ = evaluate_llm(model, tokenizer, params.task, rows, titles, make_grounder(params.grounding, titles),
                               ks, params.decodings, params.generation, params.batch_size, ctx.progress)
-    return {"model": params.model, "part": part, **metrics}
+    return {"model": params.model, "protocol": "llm_generated", "part": part, **metrics}
 
 
 def _write_answers(path: Path, rows: Rows, answers: dict[str, list[str]], titles: Sequence[str]) -> None:

@@ -492,7 +492,7 @@ def _run_stage(ctx, params: SPRecConfig) -> dict:
     for variant, record in summary["final"].items():
         source = work / "sft" if variant == "sft" else work / variant / f"iter_{record['iteration']}"
         shutil.copytree(source / "adapter", ctx.stage_dir / "final" / variant)
-    metrics: dict = {"iterations": last, "work_dir": str(work)}
+    metrics: dict = {"protocol": "sprec_rows", "iterations": last, "work_dir": str(work)}
     for variant, record in summary["final"].items():
         for name, value in record.items():
             if name not in ("variant", "iteration") and isinstance(value, (int, float)):
