@@ -157,7 +157,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=max(Console().width, 130))  # the 10-column table fits unabbreviated
     started = time.perf_counter()
     dataset, split, data_info = load_goodreads(DATA)
     settings = budget(args.tiny)

@@ -264,7 +264,7 @@ def teacher_train(
         from recalign.config import recipe_from_dict
 
         _existing(data, "dataset folder")
-        params = {"model": model, "params": _parse_options(overrides or [])}
+        params = {"model": model, **_parse_options(overrides or [])}
         try:
             recipe = recipe_from_dict({
                 "name": run_dir.name, "seed": seed, "data": {"path": str(data)}, "split": {"kind": split},
@@ -272,7 +272,7 @@ def teacher_train(
             }, source=f"teacher train {model}")
         except ConfigError as exc:  # speak in this command's terms, not the generated recipe's keys
             message = str(exc)
-            for key in (f"stages.{model}.params.params.", f"stages.{model}.params: ", f"stages.{model}."):
+            for key in (f"stages.{model}.params.", f"stages.{model}.params: ", f"stages.{model}."):
                 message = message.replace(key, "")
             raise ConfigError(message) from None
         _run(recipe, run_dir, quiet)
@@ -293,7 +293,7 @@ def run(
     \b
     Examples:
         recalign run recipes/demo.yaml
-        recalign run recipes/demo.yaml seed=3 stages.sasrec.params.params.epochs=5 eval.ks=[5,10] --out runs/demo-s3
+        recalign run recipes/demo.yaml seed=3 stages.sasrec.params.epochs=5 eval.ks=[5,10] --out runs/demo-s3
     """
     with user_errors():
         from recalign.config import load_recipe

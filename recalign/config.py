@@ -262,17 +262,22 @@ def validate_stage_params(stage: StageSpec, source: str = "<recipe>",
 
 
 def _check_nested_teacher(kind: str, params: dict) -> None:
-    """A teacher stage keeps the teacher's own settings in a free-form `params` dict: check them against the
+    """A teacher stage carries the teacher's own settings (flat, or nested under `params`): check them against the
     teacher's Config now, so a misspelt key fails when the recipe is loaded, not after earlier stages trained."""
     if kind != "teacher" or not isinstance(params.get("model"), str):
         return
     from recalign.teachers.registry import get_teacher
 
     config = get_teacher(params["model"]).Config
+    nested = params.get("params") or {}
+    flat = {k: v for k, v in params.items() if k not in ("model", "params")}
     try:
-        config.model_validate(params.get("params") or {})
+        config.model_validate({**nested, **flat})
     except ValidationError as exc:
-        errors = [{"type": e["type"], "loc": ("params", *e["loc"]), "input": e.get("input"),
+        def where(loc: tuple) -> tuple:  # report the key where the recipe wrote it
+            return loc if loc and loc[0] in flat else ("params", *loc)
+
+        errors = [{"type": e["type"], "loc": where(tuple(e["loc"])), "input": e.get("input"),
                    **({"ctx": e["ctx"]} if "ctx" in e else {})} for e in exc.errors()]
         raise ValidationError.from_exception_data(config.__name__, errors) from None
 

@@ -185,6 +185,20 @@ def test_teacher_settings_are_checked_when_the_recipe_loads(tmp_path):
         load_recipe(write(tmp_path, text), ["stages.sasrec.params.model=gru4rec"])
 
 
+def test_flat_teacher_settings_are_checked_and_win_over_nested_ones(tmp_path):
+    from recalign.teachers.stage import TeacherStageParams
+
+    text = ("name: t\ndata: {source: synthetic}\nstages:\n"
+            "  - {name: sasrec, kind: teacher, params: {model: sasrec, epochs: 2, params: {epochs: 9, dim: 8}}}\n")
+    recipe = load_recipe(write(tmp_path, text), ["stages.sasrec.params.blocks=1"])
+    params = TeacherStageParams.model_validate(recipe.stage("sasrec").params)
+    assert params.teacher_settings() == {"epochs": 2, "dim": 8, "blocks": 1}
+    with pytest.raises(ConfigError, match=r"recipe\.yaml \(override\): stages\.sasrec\.params\.epocs: unknown key"):
+        load_recipe(write(tmp_path, text), ["stages.sasrec.params.epocs=5"])
+    with pytest.raises(ConfigError, match=r"stages\.sasrec\.params\.dim: .*integer"):
+        load_recipe(write(tmp_path, text), ["stages.sasrec.params.dim=big"])
+
+
 def test_data_source_and_options_are_checked_when_the_recipe_loads(tmp_path):
     path = write(tmp_path, RECIPE)
     with pytest.raises(ConfigError, match=r"recipe\.yaml \(override\): data\.options\.n_user: unknown key"):

@@ -168,7 +168,7 @@ def teacher_recipe(data: dict, seed: int = 0):
         "name": "demo-tiny", "seed": seed, "data": data, "eval": {"ks": [5, 10]},
         "stages": [
             {"name": "pop", "kind": "teacher", "params": {"model": "popularity"}},
-            {"name": "bprmf", "kind": "teacher", "params": {"model": "bprmf", "params": {"epochs": 2, "dim": 8}}},
+            {"name": "bprmf", "kind": "teacher", "params": {"model": "bprmf", "epochs": 2, "dim": 8}},
             {"name": "sasrec", "kind": "teacher",
              "params": {"model": "sasrec", "params": {"epochs": 2, "dim": 16, "blocks": 1, "max_len": 10}}},
         ]})
@@ -187,7 +187,8 @@ def test_teacher_stages_same_seed_identical_metrics(tmp_path):
     # the saved teachers load back through the run context
     ctx = RunContext(run_dir=tmp_path / "a", stage_dir=tmp_path / "a" / "stages" / "x", dataset=None, split=None,
                      seed=0, progress=False, recipe=teacher_recipe(TINY_SYNTHETIC))
-    assert type(ctx.load_teacher("bprmf")).__name__ == "BPRMF"
+    bprmf = ctx.load_teacher("bprmf")
+    assert type(bprmf).__name__ == "BPRMF" and bprmf.config.dim == 8  # flat stage settings reach the teacher
     assert (tmp_path / "a" / "stages" / "sasrec" / "model" / "teacher.json").is_file()
 
 

@@ -16,11 +16,20 @@ if TYPE_CHECKING:
 
 
 class TeacherStageParams(BaseModel):
-    """Params of a teacher stage."""
+    """Params of a teacher stage: `model` plus the teacher's own settings, e.g. {model: sasrec, epochs: 30}.
 
-    model_config = ConfigDict(extra="forbid")
+    The settings may also be nested under `params` (the older form); keys given both ways take the flat value.
+    Every key is checked against the teacher's Config when the recipe is loaded (`recalign.config`).
+    """
+
+    model_config = ConfigDict(extra="allow")
     model: str = Field(description="teacher name: popularity | bprmf | sasrec")
-    params: dict[str, Any] = Field(default_factory=dict, description="overrides of the teacher's config fields")
+    params: dict[str, Any] = Field(default_factory=dict,
+                                   description="the teacher's settings, nested (same as giving them flat)")
+
+    def teacher_settings(self) -> dict[str, Any]:
+        """The teacher's config overrides: nested `params` updated by the flat keys."""
+        return {**self.params, **(self.model_extra or {})}
 
 
 def run_teacher_stage(ctx: "RunContext", params: TeacherStageParams) -> dict:
@@ -28,7 +37,7 @@ def run_teacher_stage(ctx: "RunContext", params: TeacherStageParams) -> dict:
     if ctx.split is None:
         raise ConfigError("a teacher stage needs a split (add `split:` to the recipe)")
     cls = get_teacher(params.model)
-    overrides = dict(params.params)
+    overrides = params.teacher_settings()
     overrides.setdefault("seed", ctx.seed)
     try:
         teacher = cls(**overrides)
