@@ -6,6 +6,7 @@ Layout of a run folder:
     data/                  the prepared dataset (when the recipe names a source), reused on re-runs
     stages/<name>/         each stage's artifacts + metrics.json + DONE (written last, via a temp folder rename)
     work/                  resumable state of long stages (SPRec iterations), kept across attempts
+    candidates/            the sampled protocol's candidate lists (users, targets + negatives, seed), when used
     metrics.json           every finished stage's metrics
     log.txt  report.md
 """
@@ -123,6 +124,11 @@ class RunContext:
         options.update(overrides)
         if self.split is None:
             raise ConfigError("this recipe has no split to evaluate on")
+        if options["protocol"] == "sampled" and "candidates_path" not in overrides:
+            # One saved candidate file per (data, part, negatives, seed): every stage ranks the same lists, and
+            # they can be inspected or reused by other tools.
+            options["candidates_path"] = (self.run_dir / "candidates" / f"{part}-{self.dataset.fingerprint()[:12]}-"
+                                          f"n{options['n_negatives']}-seed{options['seed']}.pt")
         return evaluate(model, self.dataset, self.split, part=part, **options)
 
 

@@ -192,6 +192,24 @@ def test_teacher_stages_same_seed_identical_metrics(tmp_path):
     assert (tmp_path / "a" / "stages" / "sasrec" / "model" / "teacher.json").is_file()
 
 
+def test_sampled_protocol_saves_one_candidate_file_shared_by_stages(tmp_path):
+    from recalign.data.sampling import load_candidates
+
+    spec = teacher_recipe(TINY_SYNTHETIC).model_copy(deep=True)
+    spec.eval.protocol, spec.eval.n_negatives = "sampled", 20
+    stages = spec.stages[:2]
+    spec.stages = stages[:1]
+    run_recipe(spec, tmp_path / "run", progress=False)
+    files = list((tmp_path / "run" / "candidates").glob("test-*-n20-seed0.pt"))
+    assert len(files) == 1
+    users, candidates, seed = load_candidates(files[0])
+    assert seed == 0 and candidates.shape == (40, 21) and len(users) == 40
+    before = files[0].stat().st_mtime_ns
+    spec.stages = stages  # bprmf, added later to the same run folder, ranks the saved lists (no redraw)
+    result = run_recipe(spec, tmp_path / "run", progress=False)
+    assert files[0].stat().st_mtime_ns == before and result["stages"]["bprmf"]["protocol"] == "sampled"
+
+
 def test_prepared_data_is_cached_and_changed_options_rerun(tmp_path):
     run_dir = tmp_path / "run"
     data = {"source": "synthetic", "options": {"n_users": 20, "n_items": 15, "min_length": 4, "max_length": 6}}
