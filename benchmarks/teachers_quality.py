@@ -18,14 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from recalign.data.dataset import Dataset, build_dataset  # noqa: E402
+from recalign.data.dataset import Dataset  # noqa: E402
 from recalign.teachers.registry import get_teacher  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -56,62 +54,21 @@ SETTINGS = {
 # ---- data ------------------------------------------------------------------------------------------------------
 
 def load_dataset(which: str) -> Dataset:
-    """The prepared dataset, through recalign's data sources when available (else a minimal local reader)."""
+    """The prepared dataset through recalign's data sources (read in place from ../shared/data)."""
+    from recalign.data.sources import prepare_source
+
     source, path = {"beauty": ("s3rec", DATA / "s3rec-seq" / "Beauty.txt"),
                     "ml100k": ("movielens-100k", DATA / "ml-100k")}[which]
-    try:
-        from recalign.data.sources import prepare_source
-    except ImportError:
-        prepare_source = None
-    if prepare_source is not None:
-        return prepare_source(source, path)
-    if which == "beauty":  # `user item1 item2 ...` in time order
-        rows = []
-        for line in path.read_text().splitlines():
-            user, *items = line.split()
-            rows.extend((user, item, t) for t, item in enumerate(items))
-        frame = pd.DataFrame(rows, columns=["user", "item", "timestamp"])
-    else:
-        frame = pd.read_csv(path / "u.data", sep="\t", names=["user", "item", "rating", "timestamp"])
-    return build_dataset(frame, name=which, source=source, raw_files=[])
+    return prepare_source(source, path)
 
 
-def split_dataset(dataset: Dataset):
-    """Leave-one-out: (train, valid, test-history, test) frames."""
-    try:
-        from recalign.data.split import leave_one_out_split
-    except ImportError:
-        leave_one_out_split = None
-    if leave_one_out_split is not None:
-        split = leave_one_out_split(dataset)
-        return split, split.train, split.valid, split.history("test"), split.test
-    frame = dataset.interactions.sort_values(["user_id", "timestamp"], kind="stable")
-    counts = frame.groupby("user_id")["item_id"].transform("size")
-    from_end = frame.groupby("user_id").cumcount(ascending=False)
-    train = frame[(from_end >= 2) | (counts < 3)]
-    valid = frame[(from_end == 1) & (counts >= 3)]
-    test = frame[(from_end == 0) & (counts >= 3)]
-    return None, train, valid, pd.concat([train, valid]), test
+def evaluate(model, dataset: Dataset, split) -> dict:
+    """Recall@10/20 and NDCG@10/20: leave-one-out test part, full ranking, history excluded."""
+    from recalign.eval.evaluate import evaluate as project_evaluate
 
-
-def evaluate(model, dataset: Dataset, split, history: pd.DataFrame, test: pd.DataFrame) -> dict:
-    """Recall@10 / NDCG@10 with full ranking and history excluded (the project evaluator when available)."""
-    try:
-        from recalign.eval.evaluate import evaluate as project_evaluate
-    except ImportError:
-        project_evaluate = None
-    if project_evaluate is not None and split is not None:
-        metrics = project_evaluate(model, dataset, split, part="test", ks=(10, 20), protocol="full",
-                                   exclude_history=True, progress=False)
-        return {k: float(metrics[k]) for k in ("recall@10", "ndcg@10", "recall@20", "ndcg@20")}
-    seqs = dataset.sequences(history)
-    users = test["user_id"].to_numpy()
-    targets = torch.from_numpy(test["item_id"].to_numpy(dtype=np.int64, copy=True))
-    items, _ = model.recommend(users, seqs, k=20)
-    hit = items == targets.unsqueeze(1)
-    gains = hit.float() / torch.log2(torch.arange(2, 22).float())
-    return {"recall@10": float(hit[:, :10].any(1).float().mean()), "ndcg@10": float(gains[:, :10].sum(1).mean()),
-            "recall@20": float(hit.any(1).float().mean()), "ndcg@20": float(gains.sum(1).mean())}
+    metrics = project_evaluate(model, dataset, split, part="test", ks=(10, 20), protocol="full",
+                               exclude_history=True, progress=False)
+    return {k: float(metrics[k]) for k in ("recall@10", "ndcg@10", "recall@20", "ndcg@20")}
 
 
 # ---- run -------------------------------------------------------------------------------------------------------
@@ -119,8 +76,9 @@ def evaluate(model, dataset: Dataset, split, history: pd.DataFrame, test: pd.Dat
 def run_dataset(which: str, quick: bool, progress: bool) -> dict:
     """Fit and evaluate the three teachers on one dataset."""
     dataset = load_dataset(which)
-    loader = "recalign.data.sources" if dataset.info.get("raw_files") else "local fallback reader"
-    split, train, valid, history, test = split_dataset(dataset)
+    from recalign.data.split import leave_one_out_split
+
+    split = leave_one_out_split(dataset)
     results = {}
     for name, settings in SETTINGS[which].items():
         settings = dict(settings)
@@ -128,10 +86,10 @@ def run_dataset(which: str, quick: bool, progress: bool) -> dict:
             settings["epochs"] = 4
         model = get_teacher(name)(**settings)
         started = time.perf_counter()
-        model.fit(dataset, train, valid, progress=progress)
+        model.fit(dataset, split.train, split.valid, progress=progress)
         train_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        metrics = evaluate(model, dataset, split, history, test)
+        metrics = evaluate(model, dataset, split)
         results[name] = {**metrics, "train_seconds": round(train_seconds, 1),
                          "eval_seconds": round(time.perf_counter() - started, 1),
                          "epochs_trained": getattr(model, "epochs_trained_", None),
@@ -139,11 +97,11 @@ def run_dataset(which: str, quick: bool, progress: bool) -> dict:
         print(f"[{which}] {name}: recall@10={metrics['recall@10']:.4f} ndcg@10={metrics['ndcg@10']:.4f} "
               f"train {train_seconds:.0f}s", flush=True)
     info = {"dataset": which, "users": dataset.n_users, "items": dataset.n_items,
-            "interactions": len(dataset.interactions), "test_users": len(test),
+            "interactions": len(dataset.interactions), "test_users": len(split.test),
             "protocol": "leave-one-out, full ranking over all items, history excluded",
             "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
             "quick": quick, "command": " ".join(sys.argv),
-            "evaluator": "recalign.eval.evaluate" if split is not None else "local fallback", "loader": loader}
+            "evaluator": "recalign.eval.evaluate", "loader": "recalign.data.sources"}
     return {"info": info, "models": results}
 
 
