@@ -281,6 +281,8 @@ def test_teacher_stage_rejects_bad_params(sequential, tmp_path):
         TEACHER_STAGE.run(ctx, TEACHER_STAGE.params(model="sasrec", params={"hidden": 8}))
     with pytest.raises(ConfigError, match="unknown teacher 'mf'"):
         TEACHER_STAGE.run(ctx, TEACHER_STAGE.params(model="mf"))
+    with pytest.raises(ConfigError, match="field 'epocs'"):  # flat settings are checked like nested ones
+        TEACHER_STAGE.run(ctx, TEACHER_STAGE.params(model="bprmf", epocs=3))
     with pytest.raises(ValidationError):
-        TEACHER_STAGE.params(model="bprmf", epochs=3)
+        TEACHER_STAGE.params(epochs=3)  # no teacher named
     assert not (ctx.stage_dir / "model").exists()
