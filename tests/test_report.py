@@ -8,13 +8,13 @@ from recalign.eval.report import protocol_note, write_report
 
 
 def test_protocol_note_names_only_stages_with_their_own_protocol():
-    stages = {"pop": {"hr@10": 0.1}, "trd": {"protocol": "trd_temporal", "hr@10": 0.4},
+    stages = {"pop": {"hr@10": 0.1, "protocol": "full"}, "trd": {"protocol": "trd_temporal", "hr@10": 0.4},
               "sprec": {"protocol": "sprec_rows", "hr@5": 0.03}}
     note = protocol_note(stages)
     assert note.startswith("Not comparable across rows")
     assert "trd (trd_temporal: re-ranks candidate pools" in note and "sprec (sprec_rows" in note
     assert "pop" not in note
-    assert protocol_note({"pop": {"hr@10": 0.1}, "bpr": {"hr@10": 0.2}}) is None
+    assert protocol_note({"pop": {"hr@10": 0.1}, "bpr": {"hr@10": 0.2, "protocol": "sampled"}}) is None
 
 
 def test_report_carries_the_note_only_when_needed(tmp_path):

@@ -81,6 +81,7 @@ def table_rows(stages: dict[str, dict], columns: list[str]) -> list[list[str]]:
     return rows
 
 
+RECIPE_PROTOCOLS = ("full", "sampled")  # the recipe evaluator's own (`eval.protocol`)
 PROTOCOLS = {"trd_temporal": "re-ranks candidate pools from a temporal split (metrics.md section 3)",
              "llm_generated": "generated titles grounded to catalog items, on sampled rows (metrics.md section 2.4)",
              "sprec_rows": "one generated title, grounded to its K nearest catalog items (metrics.md section 2.3)"}
@@ -89,7 +90,8 @@ PROTOCOLS = {"trd_temporal": "re-ranks candidate pools from a temporal split (me
 def protocol_note(stages: dict[str, dict]) -> str | None:
     """A warning when some stages were scored under their own protocol (a `protocol` metric), so their numbers
     are not comparable with the recipe's full-ranking rows; None when every stage shares the recipe protocol."""
-    own = {name: m["protocol"] for name, m in stages.items() if isinstance(m.get("protocol"), str)}
+    own = {name: m["protocol"] for name, m in stages.items()
+           if isinstance(m.get("protocol"), str) and m["protocol"] not in RECIPE_PROTOCOLS}
     if not own:
         return None
     parts = [f"{name} ({protocol}: {PROTOCOLS.get(protocol, 'its own protocol')})" for name, protocol in own.items()]
