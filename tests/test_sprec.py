@@ -176,6 +176,11 @@ def test_loop_pairs_are_own_grounded_answers_and_resume_after_a_kill(tmp_path):
         own = grounder.ground([extract_title(p["generation"]) for p in pairs]).tolist()
         assert [p["rejected"] for p in pairs] == own  # the model's own answers, grounded
         assert all(p["rejected"] != p["chosen"] for p in pairs)
+        answers = [json.loads(line) for line in
+                   (tmp_path / "sprec" / f"iter_{iteration}" / "eval_answers.jsonl").read_text().splitlines()]
+        assert len(answers) == summary["iterations"][iteration]["n_rows"]
+        hits = np.mean([a["target"] in a["top_k"][:5] for a in answers])  # the per-row file gives back HR@5
+        assert hits == pytest.approx(summary["iterations"][iteration]["hr@5"])
     from recalign.methods.sprec import iteration_table, plot_iterations
 
     table = iteration_table(summary)

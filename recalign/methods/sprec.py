@@ -185,11 +185,12 @@ def run_sprec(config: SPRecConfig, dataset, split, work_dir: str | Path, *, prog
     sft_dir = work / "sft"
     if not _finished(sft_dir):
         say("stage 0: SFT")
-        model, tokenizer = _base_model(config, work)
+        model, tokenizer = _base_model(config)
         rows = sample_rows(train, config.sft_rows, config.seed)
-        model = _sft(model, tokenizer, rows, titles, dataset, config.sft, config, work / "tmp", progress)
+        model = _sft(model, tokenizer, rows, titles, config.sft, config, work / "tmp", progress)
         metrics = evaluate(model, tokenizer)
-        _save_checkpoint(model, tokenizer, sft_dir, {"variant": "sft", "iteration": 0, **metrics})
+        _save_checkpoint(model, tokenizer, sft_dir, {"variant": "sft", "iteration": 0, **metrics},
+                         extra=lambda tmp: _write_jsonl(tmp / "eval_answers.jsonl", evaluate.answers_))
         state["iterations"] = [r for r in state["iterations"] if r["iteration"] != 0]
         state["iterations"].append({"variant": "sft", "iteration": 0, **metrics})
         _write_state(work, state)
@@ -204,12 +205,11 @@ def run_sprec(config: SPRecConfig, dataset, split, work_dir: str | Path, *, prog
                 on_iteration_start(variant, iteration)
             say(f"{variant}: iteration {iteration}/{config.iterations}")
             previous = sft_dir if iteration == 1 else work / variant / f"iter_{iteration - 1}"
-            model, tokenizer = _load_checkpoint(work, previous, config)
+            model, tokenizer = _load_checkpoint(previous, config)
             seed = config.seed + 1000 * VARIANTS.index(variant) + iteration
             prompts = sample_rows(train, config.n_pairs, seed)
             if variant == "sprec":  # y⁻ = the current model's own top prediction, grounded
-                answers = _generate(model, tokenizer, prompts, titles, dataset, config.pair_generation, config,
-                                    progress)
+                answers = _generate(model, tokenizer, prompts, titles, config.pair_generation, config, progress)
                 pairs = self_play_pairs(prompts, answers, grounder, titles, check=config.check_pairs)
             else:  # y⁻ = a random catalog item
                 pairs = random_pairs(prompts, dataset.n_items, titles, seed)
@@ -219,15 +219,16 @@ def run_sprec(config: SPRecConfig, dataset, split, work_dir: str | Path, *, prog
                     f"target, {pairs.dropped_ungrounded} ungrounded); the model is unchanged")
             else:
                 if config.sft_step is not None:  # continue the adapter on the positives, then DPO from there
-                    model = _sft(model, tokenizer, pairs.rows, titles, dataset, config.sft_step, config,
+                    model = _sft(model, tokenizer, pairs.rows, titles, config.sft_step, config,
                                  work / "tmp", progress)
-                model, dpo_log = _dpo(model, tokenizer, pairs, titles, dataset, config, work / "tmp", progress)
+                model, dpo_log = _dpo(model, tokenizer, pairs, titles, config, work / "tmp", progress)
             metrics = evaluate(model, tokenizer)
             record = {"variant": variant, "iteration": iteration, **metrics, **dpo_log,
                       "pairs": len(pairs), "dropped_equal": pairs.dropped_equal,
                       "dropped_ungrounded": pairs.dropped_ungrounded}
             _save_checkpoint(model, tokenizer, folder, record,
-                             extra=lambda tmp: _write_pairs(tmp / "pairs.jsonl", pairs, titles))
+                             extra=lambda tmp: (_write_pairs(tmp / "pairs.jsonl", pairs, titles),
+                                                _write_jsonl(tmp / "eval_answers.jsonl", evaluate.answers_)))
             state["iterations"] = [r for r in state["iterations"]
                                    if (r["variant"], r["iteration"]) != (variant, iteration)]
             state["iterations"].append(record)
@@ -250,7 +251,11 @@ def _summary(state: dict, config: SPRecConfig) -> dict:
 # ---- evaluation -----------------------------------------------------------------------------------------
 
 class _Evaluator:
-    """Greedy answer -> K nearest catalog items -> accuracy and beyond-accuracy metrics at every K."""
+    """Greedy answer -> K nearest catalog items -> accuracy and beyond-accuracy metrics at every K.
+
+    After each call `answers_` holds the per-row record (user, target, raw answer, top-K item ids), which every
+    checkpoint keeps as eval_answers.jsonl, e.g. for paired comparisons between variants.
+    """
 
     def __init__(self, config: SPRecConfig, dataset, rows: Rows, grounder, popularity: np.ndarray, progress: bool):
         self.config, self.dataset, self.rows, self.grounder = config, dataset, rows, grounder
@@ -261,12 +266,14 @@ class _Evaluator:
     def __call__(self, model, tokenizer) -> dict:
         from recalign.llm.grounding import extract_title
 
-        answers = _generate(model, tokenizer, self.rows, self.dataset.titles(), self.dataset,
-                            self.config.eval_generation, self.config, self.progress)
+        answers = _generate(model, tokenizer, self.rows, self.dataset.titles(), self.config.eval_generation,
+                            self.config, self.progress)
         generated = [extract_title(a) for a in answers]
         k_max = max(self.config.ks)
         lists = self.grounder.topk(generated, k_max)
         targets = torch.as_tensor(self.rows.targets)
+        self.answers_ = [{"user": int(u), "target": int(t), "answer": a, "top_k": row}
+                         for u, t, a, row in zip(self.rows.users, self.rows.targets, answers, lists.tolist())]
         return list_metrics(lists, targets, self.rows.histories, self.config.ks, self.popularity,
                             self.item_genres, self.genres)
 
@@ -340,6 +347,11 @@ def _write_state(work: Path, state: dict) -> None:
     write_json(work / STATE_FILE, state)  # atomic: temp file + rename
 
 
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as out:
+        out.writelines(json.dumps(record) + "\n" for record in records)
+
+
 def _write_pairs(path: Path, pairs: Pairs, titles: list[str]) -> None:
     """The pairs of one iteration, for inspection (chosen/rejected item ids and titles, the raw answer)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -365,14 +377,14 @@ def _answer_text(title: str, config: SPRecConfig) -> str:
     return SeqRecTask(max_history=config.max_history).completion([title])
 
 
-def _base_model(config: SPRecConfig, work: Path):
+def _base_model(config: SPRecConfig):
     """Base model (`recalign.llm.models`: HF id, folder, GGUF, "smollm2" or "tiny") with a fresh LoRA adapter."""
     from recalign.llm.models import load_model
 
     return load_model(config.model, dtype="float32", lora=config.lora, seed=config.seed, progress=False)
 
 
-def _load_checkpoint(work: Path, folder: Path, config: SPRecConfig):
+def _load_checkpoint(folder: Path, config: SPRecConfig):
     """The base model with the adapter saved in `folder`, trainable."""
     from recalign.llm.models import load_model
 
@@ -380,7 +392,7 @@ def _load_checkpoint(work: Path, folder: Path, config: SPRecConfig):
                       progress=False)
 
 
-def _sft(model, tokenizer, rows: Rows, titles: list[str], dataset, settings: SFTSettings, config: SPRecConfig, scratch: Path,
+def _sft(model, tokenizer, rows: Rows, titles: list[str], settings: SFTSettings, config: SPRecConfig, scratch: Path,
          progress: bool):
     """Continue the LoRA adapter on prompt -> ground-truth answer (loss on the answer tokens only)."""
     from recalign.llm.train import train_sft
@@ -391,8 +403,8 @@ def _sft(model, tokenizer, rows: Rows, titles: list[str], dataset, settings: SFT
                      output_dir=scratch, progress=progress).model
 
 
-def _generate(model, tokenizer, rows: Rows, titles: list[str], dataset, settings: GenerationSettings,
-              config: SPRecConfig, progress: bool) -> list[str]:
+def _generate(model, tokenizer, rows: Rows, titles: list[str], settings: GenerationSettings, config: SPRecConfig,
+              progress: bool) -> list[str]:
     """Greedy answers for every row (`recalign.llm.generate`: length-sorted left-padded batches, KV cache on)."""
     from recalign.llm.generate import GenerationSettings as Decoding
     from recalign.llm.generate import generate
@@ -403,8 +415,7 @@ def _generate(model, tokenizer, rows: Rows, titles: list[str], dataset, settings
     return [a[0] for a in answers]
 
 
-def _dpo(model, tokenizer, pairs: Pairs, titles: list[str], dataset, config: SPRecConfig, scratch: Path,
-         progress: bool):
+def _dpo(model, tokenizer, pairs: Pairs, titles: list[str], config: SPRecConfig, scratch: Path, progress: bool):
     """DPO on (prompt, ground truth, rejected); π_ref = the incoming adapter, frozen (TRL's "ref" adapter copy)."""
     from recalign.llm.dpo import train_dpo
 
