@@ -181,6 +181,19 @@ def test_loop_pairs_are_own_grounded_answers_and_resume_after_a_kill(tmp_path):
         assert len(answers) == summary["iterations"][iteration]["n_rows"]
         hits = np.mean([a["target"] in a["top_k"][:5] for a in answers])  # the per-row file gives back HR@5
         assert hits == pytest.approx(summary["iterations"][iteration]["hr@5"])
+    # paired bootstrap against SFT; a checkpoint without per-row answers is re-evaluated and must reproduce itself
+    from recalign.methods.sprec import compare_against_sft
+
+    (tmp_path / "sprec" / "iter_1" / "eval_answers.jsonl").unlink()
+    intervals = compare_against_sft(config, dataset, split, tmp_path, keys=("hr@5", "or_ratio@5"), n_resamples=50)
+    assert (tmp_path / "sprec" / "iter_1" / "eval_answers.jsonl").is_file()
+    assert [(r["variant"], r["iteration"]) for r in intervals] == [("sprec", 1), ("sprec", 2)]
+    for r, record in zip(intervals, summary["iterations"][1:]):
+        for key in ("hr@5", "or_ratio@5"):
+            boot, perm = r["bootstrap"][key], r["permutation"][key]
+            assert boot["diff"] == pytest.approx(record[key] - summary["iterations"][0][key]) == perm["diff"]
+            assert boot["low"] <= boot["diff"] + 1e-9 and boot["diff"] <= boot["high"] + 1e-9
+            assert 1 / 51 <= perm["p_value"] <= 1.0
     from recalign.methods.sprec import iteration_table, plot_iterations
 
     table = iteration_table(summary)

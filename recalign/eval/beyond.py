@@ -82,13 +82,14 @@ def _distribution(items: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 def mgu_dgu(lists: torch.Tensor, k: int, history_items: "torch.Tensor | np.ndarray",
-            item_genres: Sequence[Sequence[str]], genres: Sequence[str]) -> tuple[float, float]:
+            item_genres: "Sequence[Sequence[str]] | torch.Tensor", genres: Sequence[str]) -> tuple[float, float]:
     """(MGU@K, DGU@K): with d_g = GP_g - GH_g, MGU = mean_g |d_g| and DGU = max_g d_g - min_g d_g.
 
     history_items: all history item ids of the evaluated users, concatenated (GH sums over every one,
-    repeats included); GP sums over the items of every L_u^K. item_genres[i] lists item i's genres.
+    repeats included); GP sums over the items of every L_u^K. item_genres[i] lists item i's genres, or
+    item_genres is the `genre_weights(item_genres, genres)` table already built (for repeated calls).
     """
-    weights = genre_weights(item_genres, genres)
+    weights = item_genres if isinstance(item_genres, torch.Tensor) else genre_weights(item_genres, genres)
     gh = _distribution(torch.as_tensor(np.array(history_items, dtype=np.int64)).reshape(-1), weights)
     gp = _distribution(_top_items(lists, k), weights)
     d = gp - gh

@@ -175,11 +175,7 @@ def run_sprec(config: SPRecConfig, dataset, split, work_dir: str | Path, *, prog
     train = train_rows(dataset, split, config.max_history, config.train_users)
     if len(train) == 0:
         raise ConfigError("SPRec: no train rows (every user needs >= 2 train interactions)")
-    test = eval_rows(dataset, split, config.eval_part, config.max_history)
-    if config.eval_rows is not None:
-        test = sample_rows(test, config.eval_rows, config.seed + 7919)
-    popularity = np.bincount(split.train["item_id"].to_numpy(), minlength=dataset.n_items)
-    evaluate = _Evaluator(config, dataset, test, grounder, popularity, progress)
+    evaluate = _make_evaluator(config, dataset, split, grounder, progress)
 
     # Stage 0: SFT on train rows -> the "sft" variant (iteration 0 of every variant).
     sft_dir = work / "sft"
@@ -279,8 +275,11 @@ class _Evaluator:
 
 
 def list_metrics(lists: torch.Tensor, targets: torch.Tensor, histories: list[list[int]], ks: list[int],
-                 popularity: torch.Tensor, item_genres: list[list[str]], genres: list[str]) -> dict:
-    """HR/NDCG@K (metrics.md §2.1) and DivRatio/ORRatio/AvgPop/MGU/DGU@K (§2.3) of top-K lists (-1 = empty slot)."""
+                 popularity: torch.Tensor, item_genres: "list[list[str]] | torch.Tensor", genres: list[str]) -> dict:
+    """HR/NDCG@K (metrics.md §2.1) and DivRatio/ORRatio/AvgPop/MGU/DGU@K (§2.3) of top-K lists (-1 = empty slot).
+
+    `item_genres`: each item's genres, or their `beyond.genre_weights` table (faster for repeated calls).
+    """
     from recalign.eval import beyond
     from recalign.eval.metrics import ranking_metrics
 
@@ -288,6 +287,8 @@ def list_metrics(lists: torch.Tensor, targets: torch.Tensor, histories: list[lis
     out.update({k: float(v) for k, v in ranking_metrics(lists, targets, list(ks), metrics=("hr", "ndcg", "mrr")).items()})
     history_items = np.fromiter((i for h in histories for i in h), dtype=np.int64)
     n_items = len(item_genres)
+    if not isinstance(item_genres, torch.Tensor):  # build the [items, genres] table once for every K
+        item_genres = beyond.genre_weights(item_genres, genres)
     for k in ks:
         out[f"div_ratio@{k}"] = beyond.div_ratio(lists, k)
         out[f"or_ratio@{k}"] = beyond.or_ratio(lists, k, n_items)
@@ -301,6 +302,94 @@ def tracked_genres(dataset, genres: list[str] | None) -> list[str]:
     if genres is not None:
         return list(genres)
     return sorted({c for cats in dataset.item_categories() for c in cats})
+
+
+def _make_evaluator(config: SPRecConfig, dataset, split, grounder, progress: bool) -> "_Evaluator":
+    """The evaluator every variant and iteration shares: the same (seeded) rows, grounding and popularity."""
+    test = eval_rows(dataset, split, config.eval_part, config.max_history)
+    if config.eval_rows is not None:
+        test = sample_rows(test, config.eval_rows, config.seed + 7919)
+    popularity = np.bincount(split.train["item_id"].to_numpy(), minlength=dataset.n_items)
+    return _Evaluator(config, dataset, test, grounder, popularity, progress)
+
+
+def checkpoint_folders(work_dir: str | Path) -> dict[tuple[str, int], Path]:
+    """{(variant, iteration): folder} of every finished checkpoint in a work folder, SFT as ("sft", 0)."""
+    work = Path(work_dir)
+    found = {("sft", 0): work / "sft"} if _finished(work / "sft") else {}
+    for variant in VARIANTS[1:]:
+        for folder in sorted((work / variant).glob("iter_*")):
+            if _finished(folder) and folder.name[5:].isdigit():
+                found[(variant, int(folder.name[5:]))] = folder
+    return dict(sorted(found.items(), key=lambda item: (VARIANTS.index(item[0][0]), item[0][1])))
+
+
+def compare_against_sft(config: SPRecConfig, dataset, split, work_dir: str | Path,
+                          keys: tuple[str, ...] = ("hr@5", "ndcg@5", "div_ratio@5", "or_ratio@5", "mgu@5", "dgu@5"),
+                          n_resamples: int = 1000, seed: int = 0, progress: bool = False,
+                          log: Callable[[str], None] | None = None) -> list[dict]:
+    """(checkpoint - SFT) on the same evaluation rows, for every finished checkpoint of a run.
+
+    Two paired analyses: a bootstrap interval (sound for the per-row means HR and NDCG; resampling duplicates rows,
+    which biases set metrics such as DivRatio) and a permutation test that swaps the two models' lists row by row
+    (sound for every metric). Uses each checkpoint's eval_answers.jsonl; a checkpoint saved without one (older
+    runs) is evaluated again from its adapter, and the recomputed metrics must equal the stored ones.
+    Returns [{"variant", "iteration", "bootstrap": {key: {a, b, diff, low, high}},
+              "permutation": {key: {a, b, diff, p_value}}}].
+    """
+    from recalign.eval.bootstrap import paired_bootstrap, paired_permutation_test
+    from recalign.llm.grounding import make_grounder
+    from recalign.runs import write_atomic
+
+    say = log or (lambda message: None)
+    evaluate = _make_evaluator(config, dataset, split, make_grounder(config.grounding, dataset.titles()), progress)
+    folders = checkpoint_folders(work_dir)
+    if ("sft", 0) not in folders:
+        raise ConfigError(f"{work_dir}: no finished SFT checkpoint to compare against")
+    rows = evaluate.rows
+    lists: dict[tuple[str, int], torch.Tensor] = {}
+    for key, folder in folders.items():
+        path = folder / "eval_answers.jsonl"
+        if not path.is_file():
+            say(f"{key[0]} iteration {key[1]}: no per-row answers saved; evaluating the checkpoint again")
+            model, tokenizer = _load_checkpoint(folder, config)
+            metrics = evaluate(model, tokenizer)
+            stored = json.loads((folder / "metrics.json").read_text())
+            changed = [k for k in keys if abs(metrics[k] - stored[k]) > 1e-9]
+            if changed:
+                raise ConfigError(f"{folder}: re-evaluation does not reproduce the stored {', '.join(changed)}")
+            write_atomic(path, "".join(json.dumps(r) + "\n" for r in evaluate.answers_))
+            del model
+        answers = [json.loads(line) for line in path.read_text().splitlines()]
+        if [a["user"] for a in answers] != rows.users.tolist():
+            raise ConfigError(f"{path}: rows differ from this config's evaluation rows")
+        lists[key] = torch.tensor([a["top_k"] for a in answers], dtype=torch.long)
+
+    targets = torch.as_tensor(rows.targets)
+    from recalign.eval.beyond import genre_weights
+
+    weights = genre_weights(evaluate.item_genres, evaluate.genres)  # built once, not per resample
+
+    def on_rows(key):
+        def metrics(index: np.ndarray) -> dict:
+            chosen = torch.from_numpy(index)
+            return list_metrics(lists[key][chosen], targets[chosen], [rows.histories[i] for i in index],
+                                config.ks, evaluate.popularity, weights, evaluate.genres)
+        return metrics
+
+    def of_lists(top: torch.Tensor) -> dict:
+        return list_metrics(top, targets, rows.histories, config.ks, evaluate.popularity, weights, evaluate.genres)
+
+    out = []
+    for key in folders:
+        if key == ("sft", 0):
+            continue
+        out.append({"variant": key[0], "iteration": key[1],
+                    "bootstrap": paired_bootstrap(on_rows(key), on_rows(("sft", 0)), len(rows), keys, n_resamples,
+                                                  seed=seed),
+                    "permutation": paired_permutation_test(lists[key], lists[("sft", 0)], of_lists, keys,
+                                                           n_resamples, seed=seed)})
+    return out
 
 
 # ---- checkpoints and state --------------------------------------------------------------------------------
