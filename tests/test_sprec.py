@@ -200,3 +200,37 @@ def test_loop_pairs_are_own_grounded_answers_and_resume_after_a_kill(tmp_path):
     assert table.count("\n| sprec |") == 2 and "| sft | 0 |" in table
     png = plot_iterations(summary, tmp_path / "curves.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_recipe_stage_writes_report_and_resumes_with_more_iterations(tmp_path):
+    """`recalign run` path: the sprec stage's folder, its comparison with SFT, and a longer re-run that resumes."""
+    import json
+
+    from recalign.config import recipe_from_dict
+    from recalign.runs import run_recipe
+
+    stage = _config(variants=["sft", "sprec"], iterations=1, compare_resamples=20).model_dump(mode="json")
+
+    def spec(iterations: int):
+        return recipe_from_dict({
+            "name": "sprec-tiny", "seed": 0,
+            "data": {"source": "synthetic", "options": {"n_users": 24, "n_items": 12, "min_length": 5,
+                                                        "max_length": 7}},
+            "split": {"kind": "leave_one_out"},
+            "stages": [{"name": "sprec", "kind": "sprec", "params": {**stage, "iterations": iterations}}]})
+
+    run_dir = tmp_path / "run"
+    first = run_recipe(spec(1), run_dir, progress=False)["stages"]["sprec"]
+    folder = run_dir / "stages" / "sprec"
+    assert first["protocol"] == "sprec_rows" and first["iterations"] == 1 and "sprec/hr@5" in first
+    assert {p.name for p in (folder / "final").iterdir()} == {"sft", "sprec"}
+    comparison = json.loads((folder / "comparison_vs_sft.json").read_text())
+    assert [(c["variant"], c["iteration"]) for c in comparison] == [("sprec", 1)]
+    assert comparison[0]["permutation"]["hr@5"]["diff"] == pytest.approx(first["sprec/hr@5"] - first["sft/hr@5"])
+    iter_1 = next((run_dir / "work").glob("sprec-*")) / "sprec" / "iter_1" / "adapter" / "adapter_model.safetensors"
+    stamp = iter_1.stat().st_mtime_ns
+
+    again = run_recipe(spec(2), run_dir, progress=False)["stages"]["sprec"]
+    assert again["iterations"] == 2 and iter_1.stat().st_mtime_ns == stamp  # iteration 1 was not trained again
+    rows = json.loads((folder / "iterations.json").read_text())
+    assert [(r["variant"], r["iteration"]) for r in rows] == [("sft", 0), ("sprec", 1), ("sprec", 2)]

@@ -42,6 +42,7 @@ from recalign.llm.tasks import train_rows as task_train_rows
 
 VARIANTS = ("sft", "dpo_random", "sprec")
 STATE_FILE = "state.json"
+RESUMABLE_FIELDS = {"variants", "iterations", "compare_resamples"}  # may change between attempts on one work folder
 
 
 # ---- configuration ------------------------------------------------------------------------------------
@@ -90,6 +91,8 @@ class SPRecConfig(BaseModel):
     check_pairs: bool = Field(True, description="drop pairs whose rejected item is ungrounded or equals chosen; "
                                                 "false = the original (raw generated title, no checks)")
     seed: int = Field(0, description="seed of the row samples, random negatives and training")
+    compare_resamples: int = Field(1000, ge=0, description="bootstrap resamples and permutations of the paired "
+                                                           "comparison of every checkpoint with SFT (0 = skip)")
 
 
 # ---- rows: (history, next item), from the LLM core's SeqRec task ------------------------------------------
@@ -420,7 +423,7 @@ def _save_checkpoint(model, tokenizer, folder: Path, record: dict,
 def _load_state(work: Path, config: SPRecConfig) -> dict:
     """The iteration table so far; a state from a different config is an error rather than silently mixed."""
     path = work / STATE_FILE
-    fingerprint = config.model_dump(mode="json", exclude={"variants", "iterations"})
+    fingerprint = config.model_dump(mode="json", exclude=RESUMABLE_FIELDS)
     if not path.is_file():
         return {"config": fingerprint, "iterations": []}
     state = json.loads(path.read_text())
@@ -535,6 +538,19 @@ def iteration_table(summary: dict, columns: tuple[str, ...] = TABLE_COLUMNS) -> 
     return "\n".join(lines) + "\n"
 
 
+def comparison_table(comparisons: list[dict]) -> str:
+    """Markdown: per checkpoint and metric, the difference to SFT, its 95% paired bootstrap interval (read it for
+    HR/NDCG) and the permutation-test p-value (valid for every metric)."""
+    keys = list(comparisons[0]["bootstrap"]) if comparisons else []
+    lines = ["| variant | iteration | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 2)]
+    for r in comparisons:
+        cells = [f"{r['bootstrap'][k]['diff']:+.4f} [{r['bootstrap'][k]['low']:+.4f}, {r['bootstrap'][k]['high']:+.4f}]"
+                 f" p={r['permutation'][k]['p_value']:.3f}" for k in keys]
+        lines.append(f"| {r['variant']} | {r['iteration']} | " + " | ".join(cells) + " |")
+    return ("Difference to SFT on the same rows: diff [95% paired bootstrap interval] p = paired permutation test\n\n"
+            + "\n".join(lines) + "\n")
+
+
 def plot_iterations(summary: dict, path: str | Path, metrics: tuple[str, ...] = ("ndcg@5", "div_ratio@5")) -> Path:
     """PNG of each metric over iterations, one line per variant; every variant starts from the SFT model."""
     import matplotlib
@@ -580,13 +596,18 @@ def _run_stage(ctx, params: SPRecConfig) -> dict:
     if ctx.split is None:
         raise ConfigError("the sprec stage needs a split")
     # The stage folder is rebuilt from scratch on every attempt; iterations live outside it so a kill resumes.
-    key = stable_hash({"config": config.model_dump(mode="json", exclude={"variants", "iterations"}),
+    key = stable_hash({"config": config.model_dump(mode="json", exclude=RESUMABLE_FIELDS),
                        "data": ctx.dataset.fingerprint(), "split": ctx.recipe.split.model_dump(mode="json")})
     work = ctx.run_dir / "work" / f"{ctx.stage.name if ctx.stage else 'sprec'}-{key}"
     summary = run_sprec(config, ctx.dataset, ctx.split, work, progress=ctx.progress, log=ctx.log)
     write_json(ctx.stage_dir / "iterations.json", summary["iterations"])
     write_atomic(ctx.stage_dir / "iterations.md", iteration_table(summary))
     plot_iterations(summary, ctx.stage_dir / "ndcg_divratio.png")
+    if config.compare_resamples > 0 and len(summary["iterations"]) > 1:
+        comparisons = compare_against_sft(config, ctx.dataset, ctx.split, work, n_resamples=config.compare_resamples,
+                                          seed=config.seed)
+        write_json(ctx.stage_dir / "comparison_vs_sft.json", comparisons)
+        write_atomic(ctx.stage_dir / "comparison_vs_sft.md", comparison_table(comparisons))
     last = max(r["iteration"] for r in summary["iterations"])
     (ctx.stage_dir / "final").mkdir()
     for variant, record in summary["final"].items():
