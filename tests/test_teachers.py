@@ -76,7 +76,8 @@ def _test_hit_rate(model, dataset: Dataset, train, valid, test, k: int = 10) -> 
     history = dataset.sequences(pd.concat([train, valid]))
     users = test["user_id"].to_numpy()
     items, _ = model.recommend(users, history, k)
-    return float((items == torch.as_tensor(test["item_id"].to_numpy()).unsqueeze(1)).any(1).float().mean())
+    targets = torch.from_numpy(test["item_id"].to_numpy(dtype=np.int64, copy=True))
+    return float((items == targets.unsqueeze(1)).any(1).float().mean())
 
 
 SMALL_SASREC = dict(max_len=12, dim=32, blocks=2, heads=1, dropout=0.1, batch_size=50, epochs=40, lr=5e-3,
