@@ -172,7 +172,9 @@ def train_dpo(model, tokenizer, pairs: Sequence[dict], settings: DPOSettings | N
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     dataset = HFDataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
-    with _dataset_progress_bars(progress):  # TRL maps the dataset three times, each with a bar
+    from recalign.llm.models import known_library_warnings_silenced
+
+    with _dataset_progress_bars(progress), known_library_warnings_silenced():  # TRL maps the dataset 3x, each with a bar
         trainer = DPOTrainer(
             model=model,
             ref_model=ref_model,
@@ -186,7 +188,8 @@ def train_dpo(model, tokenizer, pairs: Sequence[dict], settings: DPOSettings | N
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # it prints every log dict when tqdm is off
-    trainer.train()
+    with known_library_warnings_silenced():
+        trainer.train()
     trained = trainer.model
     if isinstance(trained, PeftModel) and "ref" in trained.peft_config:
         # TRL's frozen copy of the incoming adapter served as π_ref; drop it so saves/generation see one adapter.

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -213,6 +214,14 @@ def convert_gguf(gguf: str | os.PathLike, out_dir: str | os.PathLike | None = No
 
 # ---- devices and dtypes ----------------------------------------------------------------------------------------
 
+@contextmanager
+def known_library_warnings_silenced():
+    """Hide warnings raised inside transformers/TRL/PEFT that a user of recalign cannot act on (one per trainer call)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """'auto' -> CUDA when available else CPU; 'cpu' / 'cuda' / 'cuda:N' as given."""
     if device == "auto":
@@ -311,7 +320,8 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str = 
 
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise ConfigError(f"model.adapter: {adapter} has no adapter_config.json")
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+        with known_library_warnings_silenced():
+            model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
     elif lora is not None:
         model = add_lora(model, lora, seed=seed)
         trainable = True
@@ -346,7 +356,8 @@ def add_lora(model, lora: LoraSettings, seed: int = 0):
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return get_peft_model(model, _lora_config(lora))
+        with known_library_warnings_silenced():
+            return get_peft_model(model, _lora_config(lora))
 
 
 def save_model(model, tokenizer, folder: str | os.PathLike, merge: bool = False) -> Path:

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from recalign.errors import ConfigError
 from recalign.llm.dpo import LoraSettings, _dataset_progress_bars, _use_cpu
+from recalign.llm.models import known_library_warnings_silenced
 
 
 class SFTSettings(BaseModel):
@@ -157,9 +158,10 @@ def make_sft_trainer(model, tokenizer, examples, settings: SFTSettings | None = 
 def train_sft(model, tokenizer, examples, settings: SFTSettings | None = None, *, output_dir: str | Path,
               lora: LoraSettings | None = None, callbacks: list | None = None, progress: bool = False) -> SFTResult:
     """Fine-tune on {prompt, completion} examples; returns the trained model (in eval mode) and the loss log."""
-    trainer = make_sft_trainer(model, tokenizer, examples, settings, output_dir=output_dir, lora=lora,
-                               callbacks=callbacks, progress=progress)
-    trainer.train()
+    with known_library_warnings_silenced():
+        trainer = make_sft_trainer(model, tokenizer, examples, settings, output_dir=output_dir, lora=lora,
+                                   callbacks=callbacks, progress=progress)
+        trainer.train()
     trained = trainer.model
     trained.eval()
     # The Trainer set config.use_cache = False (its default); without the KV cache generation is ~30x slower.
