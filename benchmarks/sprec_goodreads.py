@@ -174,6 +174,9 @@ def main() -> None:
                         help="train nothing: compare a finished --work folder's checkpoints against SFT (paired "
                              "bootstrap + permutation test; checkpoints saved without per-row answers are "
                              "evaluated again), written to <out>_bootstrap.json")
+    parser.add_argument("--compare-rows", type=int, default=None,
+                        help="with --bootstrap-only: compare on this many test rows instead of the run's "
+                             "(each checkpoint is evaluated once more; output <out>_bootstrap_<n>rows.json)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -196,10 +199,12 @@ def main() -> None:
         if not args.work:
             parser.error("--bootstrap-only needs the --work folder of a finished run")
         intervals = compare_against_sft(config, dataset, split, scratch / "run", n_resamples=args.resamples,
-                                          progress=True, log=console.print)
-        out = Path(args.out).with_name(Path(args.out).stem + "_bootstrap.json")
+                                          progress=True, log=console.print, eval_rows=args.compare_rows)
+        suffix = "_bootstrap.json" if args.compare_rows is None else f"_bootstrap_{args.compare_rows}rows.json"
+        out = Path(args.out).with_name(Path(args.out).stem + suffix)
         out.write_text(json.dumps({"benchmark": "sprec_goodreads_bootstrap", "work": str(scratch),
                                    "resamples": args.resamples, "confidence": 0.95, "reference": "sft iteration 0",
+                                   "eval_rows": args.compare_rows or config.eval_rows,
                                    "note": "bootstrap intervals are sound for hr/ndcg (per-row means); use the "
                                            "permutation p-values for the set metrics (DivRatio, ORRatio, MGU, DGU)",
                                    "seconds": round(time.perf_counter() - started, 1),

@@ -194,6 +194,10 @@ def test_loop_pairs_are_own_grounded_answers_and_resume_after_a_kill(tmp_path):
             assert boot["diff"] == pytest.approx(record[key] - summary["iterations"][0][key]) == perm["diff"]
             assert boot["low"] <= boot["diff"] + 1e-9 and boot["diff"] <= boot["high"] + 1e-9
             assert 1 / 51 <= perm["p_value"] <= 1.0
+    fewer = compare_against_sft(config, dataset, split, tmp_path, keys=("hr@5",), n_resamples=20, eval_rows=8)
+    saved = (tmp_path / "sprec" / "iter_2" / "eval_answers_8rows.jsonl").read_text().splitlines()
+    assert len(saved) == 8 and len(fewer) == 2  # other rows: evaluated again into their own file, own answers kept
+    assert len((tmp_path / "sprec" / "iter_2" / "eval_answers.jsonl").read_text().splitlines()) == 16
     from recalign.methods.sprec import iteration_table, plot_iterations
 
     table = iteration_table(summary)

@@ -330,8 +330,11 @@ def checkpoint_folders(work_dir: str | Path) -> dict[tuple[str, int], Path]:
 def compare_against_sft(config: SPRecConfig, dataset, split, work_dir: str | Path,
                           keys: tuple[str, ...] = ("hr@5", "ndcg@5", "div_ratio@5", "or_ratio@5", "mgu@5", "dgu@5"),
                           n_resamples: int = 1000, seed: int = 0, progress: bool = False,
-                          log: Callable[[str], None] | None = None) -> list[dict]:
+                          log: Callable[[str], None] | None = None, eval_rows: int | None = None) -> list[dict]:
     """(checkpoint - SFT) on the same evaluation rows, for every finished checkpoint of a run.
+
+    `eval_rows` (optional) compares on a different number of evaluation rows than the run used (e.g. more, for
+    tighter intervals): every checkpoint is then evaluated on them once, into eval_answers_<n>rows.jsonl.
 
     Two paired analyses: a bootstrap interval (sound for the per-row means HR and NDCG; resampling duplicates rows,
     which biases set metrics such as DivRatio) and a permutation test that swaps the two models' lists row by row
@@ -345,6 +348,10 @@ def compare_against_sft(config: SPRecConfig, dataset, split, work_dir: str | Pat
     from recalign.runs import write_atomic
 
     say = log or (lambda message: None)
+    own_rows = eval_rows is None or eval_rows == config.eval_rows
+    if not own_rows:
+        config = config.model_copy(update={"eval_rows": eval_rows})
+    answers_file = "eval_answers.jsonl" if own_rows else f"eval_answers_{eval_rows}rows.jsonl"
     evaluate = _make_evaluator(config, dataset, split, make_grounder(config.grounding, dataset.titles()), progress)
     folders = checkpoint_folders(work_dir)
     if ("sft", 0) not in folders:
@@ -352,13 +359,13 @@ def compare_against_sft(config: SPRecConfig, dataset, split, work_dir: str | Pat
     rows = evaluate.rows
     lists: dict[tuple[str, int], torch.Tensor] = {}
     for key, folder in folders.items():
-        path = folder / "eval_answers.jsonl"
+        path = folder / answers_file
         if not path.is_file():
-            say(f"{key[0]} iteration {key[1]}: no per-row answers saved; evaluating the checkpoint again")
+            say(f"{key[0]} iteration {key[1]}: no per-row answers on these rows yet; evaluating the checkpoint")
             model, tokenizer = _load_checkpoint(folder, config)
             metrics = evaluate(model, tokenizer)
             stored = json.loads((folder / "metrics.json").read_text())
-            changed = [k for k in keys if abs(metrics[k] - stored[k]) > 1e-9]
+            changed = [k for k in keys if abs(metrics[k] - stored[k]) > 1e-9] if own_rows else []
             if changed:
                 raise ConfigError(f"{folder}: re-evaluation does not reproduce the stored {', '.join(changed)}")
             write_atomic(path, "".join(json.dumps(r) + "\n" for r in evaluate.answers_))
