@@ -202,6 +202,7 @@ def main() -> None:
                                           progress=True, log=console.print, eval_rows=args.compare_rows)
         suffix = "_bootstrap.json" if args.compare_rows is None else f"_bootstrap_{args.compare_rows}rows.json"
         out = Path(args.out).with_name(Path(args.out).stem + suffix)
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"benchmark": "sprec_goodreads_bootstrap", "work": str(scratch),
                                    "resamples": args.resamples, "confidence": 0.95, "reference": "sft iteration 0",
                                    "eval_rows": args.compare_rows or config.eval_rows,

@@ -34,6 +34,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from recalign.errors import ConfigError
+from recalign.eval import beyond
 from recalign.llm.dpo import DPOSettings, LoraSettings
 from recalign.llm.grounding import GroundingConfig
 from recalign.llm.train import SFTSettings
@@ -259,8 +260,8 @@ class _Evaluator:
     def __init__(self, config: SPRecConfig, dataset, rows: Rows, grounder, popularity: np.ndarray, progress: bool):
         self.config, self.dataset, self.rows, self.grounder = config, dataset, rows, grounder
         self.popularity, self.progress = torch.as_tensor(popularity), progress
-        self.item_genres = dataset.item_categories()
         self.genres = tracked_genres(dataset, config.genres)
+        self.genre_weights = beyond.genre_weights(dataset.item_categories(), self.genres)  # [items, G], built once
 
     def __call__(self, model, tokenizer) -> dict:
         from recalign.llm.grounding import extract_title
@@ -273,8 +274,17 @@ class _Evaluator:
         targets = torch.as_tensor(self.rows.targets)
         self.answers_ = [{"user": int(u), "target": int(t), "answer": a, "top_k": row}
                          for u, t, a, row in zip(self.rows.users, self.rows.targets, answers, lists.tolist())]
-        return list_metrics(lists, targets, self.rows.histories, self.config.ks, self.popularity,
-                            self.item_genres, self.genres)
+        return self.score(lists)
+
+    def score(self, lists: torch.Tensor, index: np.ndarray | None = None) -> dict:
+        """Metrics of top-K lists on the evaluation rows (all of them, or rows `index`, repeats allowed)."""
+        if index is None:
+            return list_metrics(lists, torch.as_tensor(self.rows.targets), self.rows.histories, self.config.ks,
+                                self.popularity, self.genre_weights, self.genres)
+        chosen = torch.from_numpy(index)
+        return list_metrics(lists[chosen], torch.as_tensor(self.rows.targets)[chosen],
+                            [self.rows.histories[i] for i in index], self.config.ks, self.popularity,
+                            self.genre_weights, self.genres)
 
 
 def list_metrics(lists: torch.Tensor, targets: torch.Tensor, histories: list[list[int]], ks: list[int],
@@ -283,7 +293,6 @@ def list_metrics(lists: torch.Tensor, targets: torch.Tensor, histories: list[lis
 
     `item_genres`: each item's genres, or their `beyond.genre_weights` table (faster for repeated calls).
     """
-    from recalign.eval import beyond
     from recalign.eval.metrics import ranking_metrics
 
     out: dict = {"n_rows": int(len(targets)), "valid_ratio": float((lists[:, 0] >= 0).float().mean())}
@@ -345,7 +354,6 @@ def compare_against_sft(config: SPRecConfig, dataset, split, work_dir: str | Pat
     """
     from recalign.eval.bootstrap import paired_bootstrap, paired_permutation_test
     from recalign.llm.grounding import make_grounder
-    from recalign.runs import write_atomic
 
     say = log or (lambda message: None)
     own_rows = eval_rows is None or eval_rows == config.eval_rows
@@ -368,27 +376,15 @@ def compare_against_sft(config: SPRecConfig, dataset, split, work_dir: str | Pat
             changed = [k for k in keys if abs(metrics[k] - stored[k]) > 1e-9] if own_rows else []
             if changed:
                 raise ConfigError(f"{folder}: re-evaluation does not reproduce the stored {', '.join(changed)}")
-            write_atomic(path, "".join(json.dumps(r) + "\n" for r in evaluate.answers_))
+            _write_jsonl(path, evaluate.answers_)
             del model
         answers = [json.loads(line) for line in path.read_text().splitlines()]
         if [a["user"] for a in answers] != rows.users.tolist():
             raise ConfigError(f"{path}: rows differ from this config's evaluation rows")
         lists[key] = torch.tensor([a["top_k"] for a in answers], dtype=torch.long)
 
-    targets = torch.as_tensor(rows.targets)
-    from recalign.eval.beyond import genre_weights
-
-    weights = genre_weights(evaluate.item_genres, evaluate.genres)  # built once, not per resample
-
     def on_rows(key):
-        def metrics(index: np.ndarray) -> dict:
-            chosen = torch.from_numpy(index)
-            return list_metrics(lists[key][chosen], targets[chosen], [rows.histories[i] for i in index],
-                                config.ks, evaluate.popularity, weights, evaluate.genres)
-        return metrics
-
-    def of_lists(top: torch.Tensor) -> dict:
-        return list_metrics(top, targets, rows.histories, config.ks, evaluate.popularity, weights, evaluate.genres)
+        return lambda index: evaluate.score(lists[key], index)
 
     out = []
     for key in folders:
@@ -397,7 +393,7 @@ def compare_against_sft(config: SPRecConfig, dataset, split, work_dir: str | Pat
         out.append({"variant": key[0], "iteration": key[1],
                     "bootstrap": paired_bootstrap(on_rows(key), on_rows(("sft", 0)), len(rows), keys, n_resamples,
                                                   seed=seed),
-                    "permutation": paired_permutation_test(lists[key], lists[("sft", 0)], of_lists, keys,
+                    "permutation": paired_permutation_test(lists[key], lists[("sft", 0)], evaluate.score, keys,
                                                            n_resamples, seed=seed)})
     return out
 
@@ -447,8 +443,10 @@ def _write_state(work: Path, state: dict) -> None:
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as out:
-        out.writelines(json.dumps(record) + "\n" for record in records)
+    """One JSON record per line, written atomically."""
+    from recalign.runs import write_atomic
+
+    write_atomic(path, "".join(json.dumps(record) + "\n" for record in records))
 
 
 def _write_pairs(path: Path, pairs: Pairs, titles: list[str]) -> None:
