@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from recalign.errors import ConfigError, RecalignError
+from recalign.errors import ConfigError, RecalignError, quoted, shorten
 
 
 class _Strict(BaseModel):
@@ -90,8 +90,26 @@ class StageSpec(_Strict):
     @classmethod
     def _safe_name(cls, value: str) -> str:
         if not value or not all(c.isalnum() or c in "-_." for c in value) or value.startswith("."):
-            raise ValueError(f"stage name {value!r} must be letters, digits, '-', '_' or '.'")
+            raise ValueError(f"stage name {quoted(value)} must be letters, digits, '-', '_' or '.'")
         return value
+
+
+MAX_NAME = 100
+
+
+def check_folder_name(value: str) -> str:
+    """A run name must be one plain folder name: no separators, no '..', no control characters, <= 100 chars."""
+    if not value:
+        raise ValueError("must not be empty (it names the run folder)")
+    if len(value) > MAX_NAME:
+        raise ValueError(f"at most {MAX_NAME} characters (it names the run folder), got {len(value)}")
+    if "/" in value or "\\" in value:
+        raise ValueError(f"{quoted(value)} must be a plain folder name, without '/' or '\\'")
+    if value.startswith("."):
+        raise ValueError(f"{quoted(value)} must not start with '.' (no '..', no hidden folders)")
+    if any(not c.isprintable() for c in value):
+        raise ValueError(f"{quoted(value)} must not contain control characters")
+    return value
 
 
 class Recipe(_Strict):
@@ -103,23 +121,31 @@ class Recipe(_Strict):
     data: DataSpec
     split: SplitSpec = Field(default_factory=SplitSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
-    stages: list[StageSpec] = Field(default_factory=list)
+    stages: list[StageSpec] = Field(description="the stages to run in order (at least one)")
 
-    @model_validator(mode="after")
-    def _unique_stage_names(self) -> "Recipe":
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        return check_folder_name(value)
+
+    @field_validator("stages")
+    @classmethod
+    def _some_unique_stages(cls, stages: list[StageSpec]) -> list[StageSpec]:
+        if not stages:
+            raise ValueError("a recipe needs at least one stage")
         seen: set[str] = set()
-        for stage in self.stages:
+        for stage in stages:
             if stage.name in seen:
-                raise ValueError(f"two stages are named {stage.name!r}")
+                raise ValueError(f"two stages are named {quoted(stage.name)}")
             seen.add(stage.name)
-        return self
+        return stages
 
     def stage(self, name: str) -> StageSpec:
         """The stage called `name`."""
         for stage in self.stages:
             if stage.name == name:
                 return stage
-        raise ConfigError(f"no stage named {name!r}; stages: {', '.join(s.name for s in self.stages)}")
+        raise ConfigError(f"no stage named {quoted(name)}; stages: {', '.join(s.name for s in self.stages)}")
 
     def to_yaml(self) -> str:
         """The resolved recipe (defaults filled in) as YAML."""
@@ -154,7 +180,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {text!r} must look like key=value (dotted key, e.g. stages.sasrec.params.epochs=5)")
+        raise ConfigError(f"override {quoted(text)} must look like key=value "
+                          "(dotted key, e.g. stages.sasrec.params.epochs=5)")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -175,10 +202,11 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 node, index = _list_child(node, part, walked, text)
                 walked.append(part)
                 if last:
-                    raise ConfigError(f"override {text!r}: cannot replace a whole stage; set its fields instead")
+                    raise ConfigError(f"override {quoted(text)}: cannot replace a whole stage; "
+                                      "set its fields instead")
                 continue
             if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: '{'.'.join(walked)}' is not a mapping")
+                raise ConfigError(f"override {quoted(text)}: {quoted('.'.join(walked))} is not a mapping")
             walked.append(part)
             if last:
                 node[part] = value
@@ -197,8 +225,8 @@ def _list_child(items: list, part: str, walked: list[str], text: str) -> tuple[A
     if part.isdigit() and int(part) < len(items):
         return items[int(part)], int(part)
     names = [str(e.get("name")) for e in items if isinstance(e, dict)]
-    raise ConfigError(f"override {text!r}: no stage named {part!r} under '{'.'.join(walked)}'; "
-                      f"stages: {', '.join(names) or '(none)'}")
+    raise ConfigError(f"override {quoted(text)}: no stage named {quoted(part)} under '{'.'.join(walked)}'; "
+                      f"stages: {shorten(', '.join(names), 200) or '(none)'}")
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
@@ -227,7 +255,7 @@ def validate_data_source(data: DataSpec, source: str = "<recipe>", override_keys
     from recalign.data.sources import SOURCES, get_source
 
     if data.source not in SOURCES:
-        raise ConfigError(f"{source}: data.source: unknown source {data.source!r}; choose one of: "
+        raise ConfigError(f"{source}: data.source: unknown source {quoted(data.source)}; choose one of: "
                           f"{', '.join(SOURCES)}")
     try:
         get_source(data.source).options.model_validate(data.options)
@@ -243,7 +271,7 @@ def validate_stage_params(stage: StageSpec, source: str = "<recipe>",
     from recalign.stages import STAGE_KINDS, get_stage
 
     if stage.kind not in STAGE_KINDS:
-        raise ConfigError(f"{source}: stages.{stage.name}.kind: unknown stage kind {stage.kind!r}; "
+        raise ConfigError(f"{source}: stages.{stage.name}.kind: unknown stage kind {quoted(stage.kind)}; "
                           f"choose one of: {', '.join(sorted(STAGE_KINDS))}")
     try:
         model = get_stage(stage.kind).params
@@ -288,16 +316,18 @@ def _describe(exc: ValidationError, raw: dict | None, source: str, override_keys
     first = exc.errors()[0]
     loc = list(prefix or []) + [str(p) for p in first.get("loc", ())]
     loc = _name_stages(loc, raw)
-    key = ".".join(loc) or "(top level)"
+    key = ".".join(shorten(part) for part in loc) or "(top level)"
     kind = first.get("type", "")
     if kind == "extra_forbidden":
         what = "unknown key"
     elif kind == "missing":
         what = "missing required key"
+    elif kind == "value_error":  # our own validators: the message already says what is wrong
+        what = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     else:
         what = first.get("msg", "invalid value")
         if first.get("input") is not None and kind not in ("model_type", "dict_type"):
-            what += f" (got {first['input']!r})"
+            what += f" (got {shorten(repr(first['input']))})"
     from_override = bool(loc) and any(loc[:len(k)] == k or k[:len(loc)] == loc for k in override_keys)
     origin = f"{source} (override)" if from_override else source
     return f"{origin}: {key}: {what}"

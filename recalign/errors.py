@@ -28,3 +28,23 @@ class ConfigError(RecalignError):
 
 class UnsafePickleError(DataError):
     """A pickle file tried to build something other than plain containers and scalars."""
+
+
+class OutputError(RecalignError):
+    """An output file or folder cannot be written (read-only folder, a file in the way, disk full ...)."""
+
+    def __init__(self, path: object, reason: str):
+        super().__init__(f"cannot write {shorten(str(path), 200)}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def shorten(text: object, limit: int = 60) -> str:
+    """User input as echoed in an error: its first `limit` characters and '...' when longer, on one line."""
+    value = str(text)[:4 * limit]  # enough to fill `limit` characters even after escaping
+    value = "".join(c if c.isprintable() else repr(c)[1:-1] for c in value)  # control characters stay visible
+    return value if len(value) <= limit and len(str(text)) <= 4 * limit else value[:limit] + "..."
+
+
+def quoted(text: object, limit: int = 60) -> str:
+    """`shorten` in single quotes, the way errors name a user's key or value."""
+    return f"'{shorten(text, limit)}'"

@@ -17,7 +17,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from recalign.config import DataSpec, Recipe, SplitSpec, StageSpec, stable_hash
 from recalign.data.dataset import Dataset
 from recalign.errors import ConfigError, RecalignError
+from recalign.io import atomic_folder, write_atomic, write_json  # noqa: F401  (re-exported: older imports use runs.write_*)
 
 if TYPE_CHECKING:
     from recalign.data.split import Split
@@ -37,39 +37,7 @@ if TYPE_CHECKING:
 DONE = "DONE"
 
 
-# ---- small file helpers ---------------------------------------------------------------------------
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write text to `path` via a temp file in the same folder and a rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, value: Any) -> None:
-    """Atomically write pretty JSON."""
-    write_atomic(path, json.dumps(value, indent=2, default=_json_default) + "\n")
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
-    if isinstance(value, (np.ndarray, torch.Tensor)):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
+# ---- small helpers ------------------------------------------------------------------------------
 
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch global generators (components still take explicit seeds)."""
@@ -338,30 +306,23 @@ def _run_stage(spec: StageSpec, config_hash: str, run_dir: Path, dataset: Datase
     stage = get_stage(spec.kind)
     params = stage.params.model_validate(spec.params)
     final = run_dir / "stages" / spec.name
-    tmp = run_dir / "stages" / f".{spec.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    ctx = RunContext(run_dir=run_dir, stage_dir=tmp, dataset=dataset, split=split, seed=recipe.seed,
-                     progress=progress, recipe=recipe, stage=spec, echo=echo)
-    ctx.log(f"start ({spec.kind}, config {config_hash})")
-    seed_everything(recipe.seed)
-    started = time.perf_counter()
-    try:
-        metrics = stage.run(ctx, params)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        ctx.log(f"failed: {type(exc).__name__}: {exc}")
-        raise
-    seconds = time.perf_counter() - started
-    if not isinstance(metrics, dict):
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise RecalignError(f"stage {spec.name!r} ({spec.kind}) returned {type(metrics).__name__}, not a dict")
-    metrics = {"kind": spec.kind, **metrics, "stage_seconds": round(seconds, 3)}
-    write_json(tmp / "metrics.json", metrics)
-    write_json(tmp / DONE, {"config_hash": config_hash, "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    with atomic_folder(final, fixed_tmp=True) as tmp:
+        ctx = RunContext(run_dir=run_dir, stage_dir=tmp, dataset=dataset, split=split, seed=recipe.seed,
+                         progress=progress, recipe=recipe, stage=spec, echo=echo)
+        ctx.log(f"start ({spec.kind}, config {config_hash})")
+        seed_everything(recipe.seed)
+        started = time.perf_counter()
+        try:
+            metrics = stage.run(ctx, params)
+        except BaseException as exc:
+            ctx.log(f"failed: {type(exc).__name__}: {exc}")
+            raise
+        seconds = time.perf_counter() - started
+        if not isinstance(metrics, dict):
+            raise RecalignError(f"stage {spec.name!r} ({spec.kind}) returned {type(metrics).__name__}, not a dict")
+        metrics = {"kind": spec.kind, **metrics, "stage_seconds": round(seconds, 3)}
+        write_json(tmp / "metrics.json", metrics)
+        write_json(tmp / DONE, {"config_hash": config_hash, "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
     ctx.log(f"done in {seconds:.1f}s")
     return json.loads((final / "metrics.json").read_text())
 

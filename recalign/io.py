@@ -1,0 +1,135 @@
+"""The ground floor: atomic files and folders and JSON, created with the user's umask like any other tool.
+
+Readers never see half a file or half a folder: everything is written next to its target under a temporary
+name and renamed into place (`os.replace`) when complete. The temp names come from `tempfile`, which creates
+them private (0600 / 0700); they are widened to the umask's defaults (`0o666 & ~umask` / `0o777 & ~umask`)
+before the rename. This module imports nothing from recalign.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+__all__ = ["umask", "file_mode", "dir_mode", "atomic_path", "write_atomic", "write_bytes_atomic", "write_json",
+           "json_default", "atomic_folder", "make_dirs"]
+
+
+def umask() -> int:
+    """The process umask (read from /proc where possible, so no other thread sees it changed)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def file_mode() -> int:
+    """Permissions of a new file under the current umask (usually 0o644)."""
+    return 0o666 & ~umask()
+
+
+def dir_mode() -> int:
+    """Permissions of a new folder under the current umask (usually 0o755)."""
+    return 0o777 & ~umask()
+
+
+def make_dirs(folder: str | os.PathLike) -> Path:
+    """`mkdir -p` (umask permissions); returns the folder as a Path."""
+    path = Path(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temp file name next to `path`; whatever the block writes there replaces `path` when the block succeeds.
+
+    For writers that want a file name (torch.save, np.save, matplotlib): `with atomic_path(p) as tmp: save(x, tmp)`.
+    """
+    target = Path(path)
+    make_dirs(target.parent)
+    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(handle)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write bytes to `path` atomically (temp file in the same folder, then a rename)."""
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+    return target
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write UTF-8 text to `path` atomically (temp file in the same folder, then a rename)."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def json_default(value: Any) -> Any:
+    """JSON for NumPy/torch scalars and arrays and for paths (duck-typed, so numpy/torch are not imported here)."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    numel = getattr(value, "numel", None)
+    if callable(numel) and numel() == 1 and hasattr(value, "item"):
+        return value.item()  # a one-element tensor is a number, as a scalar would be
+    if hasattr(value, "tolist"):
+        return value.tolist()  # numpy scalars -> int/float, arrays and tensors -> nested lists
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def write_json(path: str | os.PathLike, value: Any, *, indent: int | None = 2, sort_keys: bool = False,
+               default: Callable[[Any], Any] | None = None) -> Path:
+    """Atomically write `value` as JSON (pretty by default, with a final newline)."""
+    text = json.dumps(value, indent=indent, sort_keys=sort_keys, default=default or json_default)
+    return write_atomic(path, text + "\n")
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike, *, replace: bool = True, fixed_tmp: bool = False) -> Iterator[Path]:
+    """A temp folder next to `path` to fill; renamed to `path` when the block succeeds, removed when it fails.
+
+    With `replace` an existing `path` is removed just before the rename (else it is an error: FileExistsError).
+    With `fixed_tmp` the temp folder is always `.<name>.tmp`, so the leftover of a killed attempt is removed by the
+    next one (only for folders a single process writes, such as a run's stages).
+    """
+    target = Path(path)
+    make_dirs(target.parent)
+    if fixed_tmp:
+        tmp = target.parent / f".{target.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        os.chmod(tmp, dir_mode())
+        yield tmp
+        if target.exists() or target.is_symlink():
+            if not replace:
+                raise FileExistsError(17, "already exists", str(target))
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            else:
+                target.unlink()
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
