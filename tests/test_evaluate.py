@@ -59,7 +59,7 @@ def test_full_protocol_with_history_exclusion(setup):
     assert (out["n_users"], out["n_removed"], out["protocol"], out["exclude_history"]) == (2, 1, "full", True)
     assert out["k"] == [1, 2] and out["part"] == "test"
     # lists [4, 3] and [2, 1] cover 4 of 5 items; every item has 1 training interaction -> AvgPop 1
-    assert out["coverage@2"] == pytest.approx(4 / 5) and out["avgpop@2"] == pytest.approx(1.0)
+    assert out["coverage@2"] == pytest.approx(4 / 5) and out["avg_pop@2"] == pytest.approx(1.0)
 
 
 def test_full_protocol_without_history_exclusion(setup):

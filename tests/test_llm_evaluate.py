@@ -8,13 +8,8 @@ import pytest
 import torch
 
 from recalign.errors import ConfigError
-from recalign.llm.evaluate import (
-    category_metrics,
-    evaluate_generated,
-    final_lists,
-    ground_lists,
-    validity_metrics,
-)
+from recalign.eval.lists import GeneratedLists, ListInputs, category_metrics, final_lists, score_lists, validity_metrics
+from recalign.llm.evaluate import ground_answers, ground_lists
 from recalign.llm.grounding import ExactGrounder
 
 # k = 4. Row 0: a repeat (3), an unknown title, a history item (5). Row 1: empty answer. Row 2: two titles.
@@ -48,9 +43,15 @@ def test_final_lists_drop_unknown_and_repeats_keeping_order():
 
 def test_ground_lists_truncates_and_counts():
     grounder = ExactGrounder(["a", "b", "c"])
-    grounded, n = ground_lists([["A", "zz", "c", "b", "a"], [], ["b"]], grounder, k=3)
-    assert grounded.tolist() == [[0, -1, 2], [-2, -2, -2], [1, -2, -2]]
-    assert n.tolist() == [5, 0, 1]
+    generated = ground_lists([["A", "zz", "c", "b", "a"], [], ["b"]], grounder, k=3)
+    assert generated.grounded.tolist() == [[0, -1, 2], [-2, -2, -2], [1, -2, -2]]
+    assert generated.n_outputs.tolist() == [5, 0, 1]
+
+
+def test_ground_answers_counts_titles_before_truncation():
+    generated = ground_answers(['1. "a"\n2. "b"\n3. "c"', "", '"c"'], ExactGrounder(["a", "b", "c"]), k=2)
+    assert generated.grounded.tolist() == [[0, 1], [-2, -2], [2, -2]]
+    assert generated.n_outputs.tolist() == [3, 0, 1]  # CorrectCount reads the length before truncation
 
 
 def test_category_metrics_rules():
@@ -72,11 +73,11 @@ def test_category_metrics_rules():
         category_metrics(grounded, item_categories, row_category, p=50, rule="XX")
 
 
-def test_evaluate_generated_hr_ndcg_through_the_shared_evaluator():
-    pytest.importorskip("recalign.eval.metrics")
+def test_generated_lists_through_the_list_evaluator():
     targets = torch.tensor([5, 1, 8, -1])  # row 3's target is not in the catalog: removed and counted
-    m = evaluate_generated(GROUNDED, targets, ks=(1, 2, 4), n_outputs=N_OUTPUTS, history=HISTORY)
-    assert m["n_rows"] == 3 and m["n_removed_unknown_target"] == 1
+    inputs = ListInputs.from_generated(GeneratedLists(GROUNDED, N_OUTPUTS), targets, 10, history=HISTORY)
+    m = score_lists(inputs, ks=(1, 2, 4))
+    assert m["n_rows"] == 3 and m["n_removed_unknown_target"] == 1 and m["k_generated"] == 4
     # Final lists: row 0 [3, 5] (target at rank 2), row 1 empty, row 2 [7, 8] (target at rank 2).
     assert m["hr@1"] == 0.0
     assert m["hr@2"] == pytest.approx(2 / 3)

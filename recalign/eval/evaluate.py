@@ -1,10 +1,10 @@
-"""The one evaluator: rank with a Recommender on a split part, then the metrics of reference/metrics.md."""
+"""The one evaluator: lists from a Recommender (scores) or a ListRecommender on a split part, scored by eval.lists."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -14,8 +14,8 @@ from recalign.data.dataset import Dataset, UserSequences
 from recalign.data.sampling import candidate_lists, load_candidates, sample_negatives, save_candidates
 from recalign.data.split import Split
 from recalign.errors import ConfigError, DataError
-from recalign.eval.beyond import avg_popularity, coverage, popularity
-from recalign.eval.metrics import ranking_metrics
+from recalign.eval.beyond import genre_weights, popularity
+from recalign.eval.lists import GeneratedLists, ListInputs, ListRecommender, score_lists, users_sequences
 from recalign.eval.ranking import full_ranking, full_ranking_topk, sampled_ranking
 
 if TYPE_CHECKING:
@@ -76,8 +76,59 @@ def factor_embeddings(model: "Recommender", history: UserSequences) -> tuple[tor
     return users_emb, items_emb
 
 
+def eval_users(eligible: np.ndarray, n_users: int | None = None, seed: int = 0,
+               users: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+    """The evaluated users, ascending: `users` (each must be eligible), a seeded subset of n_users, or all."""
+    eligible = np.asarray(eligible, dtype=np.int64)
+    if users is not None:
+        chosen = np.unique(np.asarray(users, dtype=np.int64))
+        missing = np.setdiff1d(chosen, eligible)
+        if len(missing):
+            raise DataError(f"{len(missing)} requested users have no target in this split part "
+                            f"(e.g. user {int(missing[0])})", field="users")
+        return chosen
+    if n_users is None or n_users >= len(eligible):
+        return eligible
+    if n_users < 1:
+        raise ConfigError(f"eval.users: expected a positive number of users, got {n_users}")
+    return np.sort(np.random.default_rng(seed).choice(eligible, size=int(n_users), replace=False))
+
+
+def _score_lists(model: "Recommender", dataset: Dataset, history: UserSequences, users: np.ndarray,
+                 relevant: torch.Tensor, k: int, protocol: str, n_negatives: int, seed: int, exclude_history: bool,
+                 progress: bool, batch_size: int, candidates_path) -> torch.Tensor:
+    """Top-k lists [U, k] of a score-based model: chunked full ranking, or ranking the sampled candidates."""
+    score_fn = (lambda batch: model.score(batch, history))
+    with torch.no_grad():
+        factors = factor_embeddings(model, history) if protocol == "full" else None
+        if factors is not None:  # factor model (e.g. BPR-MF): the blocked matmul path, same lists
+            lists, _ = full_ranking_topk(factors[0], factors[1], history if exclude_history else None, users, k,
+                                         progress=progress)
+        elif protocol == "full":
+            lists, _ = full_ranking(score_fn, users, history, k, exclude_history=exclude_history, chunk=batch_size,
+                                    progress=progress)
+        else:
+            cands = _candidates(dataset, users, relevant, n_negatives, seed, candidates_path)
+            lists, _ = sampled_ranking(score_fn, users, history, cands, k, exclude_history=exclude_history,
+                                       chunk=batch_size, progress=progress)
+    return lists
+
+
+def _model_lists(model: ListRecommender, history: UserSequences, users: np.ndarray, k: int
+                 ) -> tuple[torch.Tensor, GeneratedLists | None]:
+    """(lists [U, <= k], the generated answers when the model returns them) of a list model."""
+    with torch.no_grad():
+        answer = model.recommend(users, history, k)
+    generated = answer if isinstance(answer, GeneratedLists) else None
+    lists = generated.lists() if generated is not None else torch.as_tensor(answer, dtype=torch.long)
+    if lists.dim() != 2 or lists.shape[0] != len(users):
+        raise DataError(f"{type(model).__name__}.recommend returned lists of shape {tuple(lists.shape)}; "
+                        f"expected [{len(users)}, <= {k}]")
+    return lists[:, :k], generated
+
+
 def evaluate(
-    model: "Recommender",
+    model: Union["Recommender", ListRecommender],
     dataset: Dataset,
     split: Split,
     part: str = "test",
@@ -90,49 +141,66 @@ def evaluate(
     parity: str | None = None,
     batch_size: int = 1024,
     candidates_path: str | os.PathLike | None = None,
+    users: Sequence[int] | np.ndarray | None = None,
+    n_users: int | None = None,
 ) -> dict:
-    """Rank every user with a target in `part`, given `split.history(part)`; metrics at every K.
+    """Rank the users with a target in `part`, given `split.history(part)`; every list metric at every K.
 
-    protocol="full" ranks the whole catalog; "sampled" ranks each user's targets among `n_negatives` items the
-    user never interacted with (seeded; saved to / reused from `candidates_path` when given).
-    Returns hr/recall/precision/ndcg/mrr/map/coverage/avgpop "@K" plus n_users, n_removed (users with no
-    target in `part`), protocol, part, exclude_history, k, and the candidate seed for "sampled".
+    `model` is score-based (has `score(users, history)`: the chunked full-ranking fast path, or protocol="sampled"
+    which ranks each user's targets among `n_negatives` seeded items the user never interacted with, saved to /
+    reused from `candidates_path`) or a `ListRecommender` (`recommend(users, history, k)`: its own lists, full
+    protocol only; `exclude_history` is then the model's business). Users: all with a target, `users` (a subset),
+    or a seeded subset of `n_users` (same `seed` -> same users, whatever the model).
+    Returns `eval.lists.score_lists` keys (hr/recall/precision/ndcg/mrr/map, coverage/div_ratio/or_ratio/avg_pop,
+    mgu/dgu when items have categories, valid_ratio; §2.4 metrics for generated answers) plus n_users, n_eligible,
+    n_removed (users with no target in `part`), protocol, part, exclude_history, k, ranking ("scores" or "lists")
+    and the candidate seed for "sampled".
     """
     if protocol not in PROTOCOLS:
         raise ConfigError(f"eval.protocol: expected one of {PROTOCOLS}, got {protocol!r}")
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
         raise ConfigError(f"eval.ks: expected positive integers, got {list(ks)}")
-    targets = split.part(part)
+    scores_model = callable(getattr(model, "score", None))
+    if not scores_model and not callable(getattr(model, "recommend", None)):
+        raise ConfigError(f"{type(model).__name__}: a model needs score(users, history) or recommend(users, "
+                          "history, k)")
+    if not scores_model and protocol != "full":
+        raise ConfigError(f"eval.protocol: a list model is scored on its own lists (protocol 'full'), "
+                          f"not {protocol!r}")
     history = dataset.sequences(split.history(part))
-    users, relevant, counts = relevant_items(targets, dataset.n_users)
-    if len(users) == 0:
+    eligible, relevant, counts = relevant_items(split.part(part), dataset.n_users)
+    if len(eligible) == 0:
         raise DataError(f"split part {part!r} has no interactions to evaluate", field="part")
-    score_fn = (lambda batch: model.score(batch, history))
-    with torch.no_grad():
-        factors = factor_embeddings(model, history) if protocol == "full" else None
-        if factors is not None:  # factor model (e.g. BPR-MF): the blocked matmul path, same lists
-            lists, _ = full_ranking_topk(factors[0], factors[1], history if exclude_history else None, users,
-                                         max(ks), progress=progress)
-        elif protocol == "full":
-            lists, _ = full_ranking(score_fn, users, history, max(ks), exclude_history=exclude_history,
-                                    chunk=batch_size, progress=progress)
-        else:
-            cands = _candidates(dataset, users, relevant, n_negatives, seed, candidates_path)
-            lists, _ = sampled_ranking(score_fn, users, history, cands, max(ks), exclude_history=exclude_history,
-                                       chunk=batch_size, progress=progress)
-    result: dict = ranking_metrics(lists, relevant, ks, n_relevant=counts, parity=parity)
-    pop = popularity(split.history("valid")["item_id"].to_numpy(), dataset.n_items)
-    for k in ks:
-        result[f"coverage@{k}"] = coverage(lists, k, dataset.n_items)
-        result[f"avgpop@{k}"] = avg_popularity(lists, k, pop)
+    chosen = eval_users(eligible, n_users, seed, users)
+    rows = torch.from_numpy(np.searchsorted(eligible, chosen))
+    relevant, counts = relevant[rows], counts[rows]
+    generated = None
+    if scores_model:
+        lists = _score_lists(model, dataset, history, chosen, relevant, ks[-1], protocol, n_negatives, seed,
+                             exclude_history, progress, batch_size, candidates_path)
+    else:
+        lists, generated = _model_lists(model, history, chosen, ks[-1])
+    categories = dataset.item_categories()
+    genres = sorted({c for cats in categories for c in cats})
+    fields = dict(n_relevant=counts, parity=parity,
+                  popularity=popularity(split.history("valid")["item_id"].to_numpy(), dataset.n_items),
+                  history=users_sequences(history, chosen),
+                  genre_table=genre_weights(categories, genres) if genres else None)
+    if generated is not None:
+        inputs = ListInputs.from_generated(generated, relevant, dataset.n_items, **fields)
+    else:
+        inputs = ListInputs(lists, relevant, dataset.n_items, **fields)
+    result: dict = score_lists(inputs, ks)
     result.update({
-        "n_users": int(len(users)),
-        "n_removed": int(dataset.n_users - len(users)),
+        "n_users": int(len(chosen)),
+        "n_eligible": int(len(eligible)),
+        "n_removed": int(dataset.n_users - len(eligible)),
         "protocol": protocol,
         "part": part,
         "exclude_history": bool(exclude_history),
         "k": ks,
+        "ranking": "scores" if scores_model else "lists",
     })
     if protocol == "sampled":
         result.update({"n_negatives": int(n_negatives), "candidate_seed": int(seed)})

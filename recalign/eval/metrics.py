@@ -28,7 +28,8 @@ def _check_parity(parity: str | None, metric: str) -> None:
         raise ConfigError(f"{metric}: unknown parity option {parity!r}; expected one of {PARITY_OPTIONS}")
 
 
-def _padded(relevant: Sequence[Iterable[int]]) -> torch.Tensor:
+def padded_sets(relevant: Sequence[Iterable[int]]) -> torch.Tensor:
+    """Item sets as a sorted, de-duplicated LongTensor [U, R], -1 padded."""
     sets = [sorted(set(int(i) for i in r)) for r in relevant]
     width = max((len(s) for s in sets), default=0)
     out = torch.full((len(sets), max(width, 1)), -1, dtype=torch.long)
@@ -47,7 +48,7 @@ def hits_and_counts(lists: torch.Tensor, relevant: Relevant, k: int | None = Non
         hits = relevant[:, :k]
         counts = torch.ones(n_users, dtype=torch.long) if n_relevant is None else torch.as_tensor(n_relevant)
     else:
-        rel = relevant if isinstance(relevant, torch.Tensor) else _padded(relevant)
+        rel = relevant if isinstance(relevant, torch.Tensor) else padded_sets(relevant)
         rel = rel.long().reshape(n_users, -1)
         top = lists[:, :k]
         if rel.shape[1] == 1:

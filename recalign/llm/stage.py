@@ -4,7 +4,7 @@
     θ      <- SFT(base model + LoRA, train rows), loss on the answer only            (recalign.llm.train)
     answer <- generate(θ, test prompts), greedy; optionally trie-constrained        (recalign.llm.generate)
     top-K  <- the K catalog items nearest to the answer's title                     (recalign.llm.grounding)
-    metrics: HR/NDCG/MRR@K (recalign.eval.metrics) + valid_title_rate (the answer names a catalog title exactly)
+    metrics: the list evaluator (recalign.eval.lists) + valid_title_rate (the answer names a catalog title exactly)
 
 Decodings: "greedy" (free text), "constrained" (greedy under a catalog trie: the answer is always a title;
 `recalign.llm.constrained`). With a list task (k > 1) the answer's own titles, grounded, are the list
@@ -63,33 +63,32 @@ class LLMSFTParams(BaseModel):
 # ---- evaluation of a trained model -----------------------------------------------------------------------------
 
 def evaluate_answers(answers: Sequence[str], rows: Rows, titles: Sequence[str], grounder, ks: Sequence[int],
-                     task: SeqRecTask) -> tuple[dict, torch.Tensor]:
-    """Metrics of one answer per row, and the top-K lists [R, max K] (-1 padded).
+                     task: SeqRecTask, popularity: torch.Tensor | None = None,
+                     genre_table: torch.Tensor | None = None) -> tuple[dict, torch.Tensor]:
+    """Metrics of one answer per row (`recalign.eval.lists.score_lists`), and the top-K lists [R, max K].
 
     k = 1: the K catalog items nearest to the answer's title; valid_title_rate = share of answers whose title
-    exactly names a catalog item. k > 1: the answer's titles, grounded in order (`recalign.llm.evaluate`).
+    exactly names a catalog item. k > 1: the answer's titles, grounded in order (`recalign.llm.evaluate`), with
+    the §2.4 validity metrics. An empty or unparsable answer is an empty list: a miss that counts.
+    `popularity` (pop(i)) and `genre_table` (`eval.beyond.genre_weights`) switch on AvgPop and MGU/DGU.
     """
-    from recalign.eval.metrics import ranking_metrics
+    from recalign.eval.lists import ListInputs, score_lists
     from recalign.llm.grounding import ExactGrounder
-    from recalign.llm.tasks import parse_title, parse_titles
+    from recalign.llm.tasks import parse_title
 
     targets = torch.as_tensor(rows.targets, dtype=torch.long)
-    k_max = max(ks)
+    fields = dict(popularity=popularity, history=rows.histories, genre_table=genre_table)
     if task.k > 1:
-        from recalign.llm.evaluate import evaluate_generated, final_lists, ground_lists
+        from recalign.llm.evaluate import ground_answers
 
-        grounded, n_outputs = ground_lists([parse_titles(a, task.k) for a in answers], grounder, task.k)
-        metrics = evaluate_generated(grounded, targets, ks=ks, n_outputs=n_outputs, history=rows.histories)
-        lists = final_lists(grounded)
-        return metrics, lists
+        generated = ground_answers(answers, grounder, task.k)
+        inputs = ListInputs.from_generated(generated, targets, len(titles), **fields)
+        return score_lists(inputs, ks), inputs.lists
     parsed = [parse_title(a) for a in answers]
+    lists = grounder.topk(parsed, max(ks))
+    metrics = score_lists(ListInputs(lists, targets, len(titles), **fields), ks)
     exact = ExactGrounder(titles).ground(parsed)
-    lists = grounder.topk(parsed, k_max)
-    metrics = {k: float(v) for k, v in ranking_metrics(lists, targets, list(ks),
-                                                       metrics=("hr", "ndcg", "mrr")).items()}
     metrics["valid_title_rate"] = float((exact >= 0).float().mean()) if len(parsed) else 0.0
-    metrics["grounded_rate"] = float((lists[:, 0] >= 0).float().mean()) if len(parsed) else 0.0
-    metrics["n_rows"] = len(parsed)
     return metrics, lists
 
 

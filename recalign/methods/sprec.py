@@ -289,24 +289,16 @@ class _Evaluator:
 
 def list_metrics(lists: torch.Tensor, targets: torch.Tensor, histories: list[list[int]], ks: list[int],
                  popularity: torch.Tensor, item_genres: "list[list[str]] | torch.Tensor", genres: list[str]) -> dict:
-    """HR/NDCG@K (metrics.md §2.1) and DivRatio/ORRatio/AvgPop/MGU/DGU@K (§2.3) of top-K lists (-1 = empty slot).
+    """The one list evaluator (`recalign.eval.lists`): §2.1 accuracy and §2.3 DivRatio/ORRatio/AvgPop/MGU/DGU@K.
 
     `item_genres`: each item's genres, or their `beyond.genre_weights` table (faster for repeated calls).
     """
-    from recalign.eval.metrics import ranking_metrics
+    from recalign.eval.lists import ListInputs, score_lists
 
-    out: dict = {"n_rows": int(len(targets)), "valid_ratio": float((lists[:, 0] >= 0).float().mean())}
-    out.update({k: float(v) for k, v in ranking_metrics(lists, targets, list(ks), metrics=("hr", "ndcg", "mrr")).items()})
-    history_items = np.fromiter((i for h in histories for i in h), dtype=np.int64)
-    n_items = len(item_genres)
     if not isinstance(item_genres, torch.Tensor):  # build the [items, genres] table once for every K
         item_genres = beyond.genre_weights(item_genres, genres)
-    for k in ks:
-        out[f"div_ratio@{k}"] = beyond.div_ratio(lists, k)
-        out[f"or_ratio@{k}"] = beyond.or_ratio(lists, k, n_items)
-        out[f"avg_pop@{k}"] = beyond.avg_popularity(lists, k, popularity)
-        out[f"mgu@{k}"], out[f"dgu@{k}"] = beyond.mgu_dgu(lists, k, history_items, item_genres, genres)
-    return out
+    return score_lists(ListInputs(lists, targets, len(item_genres), popularity=popularity, history=histories,
+                                  genre_table=item_genres), ks)
 
 
 def tracked_genres(dataset, genres: list[str] | None) -> list[str]:
