@@ -188,3 +188,52 @@ def test_openai_backend_unreachable_server():
 def test_completions_url():
     assert completions_url("http://h:1") == "http://h:1/v1/completions"
     assert completions_url("http://h:1/v1/") == "http://h:1/v1/completions"
+
+
+def _teacher_forced_logprobs(model, tokenizer, prompt: str, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log p(token_t | prompt, tokens_<t) from one forward pass over the unpadded prompt + tokens."""
+    prompt_ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    ids = torch.cat([prompt_ids, tokens])[None]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1:-1].float()
+    return torch.log_softmax(logits / temperature, dim=-1).gather(1, tokens[:, None]).squeeze(1)
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_token_logprobs_equal_a_teacher_forced_forward_pass(tiny, sampled):
+    model, tokenizer = tiny
+    settings = GenerationSettings(max_new_tokens=5, do_sample=sampled, temperature=0.7 if sampled else 1.0,
+                                  num_return_sequences=2 if sampled else 1, seed=3)
+    details = generate(model, tokenizer, PROMPTS, settings, batch_size=3, return_details=True)  # left-padded batches
+    texts = generate(model, tokenizer, PROMPTS, settings, batch_size=3)
+    assert [[d.text for d in row] for row in details] == texts  # the same answers as the plain call
+    for prompt, row in zip(PROMPTS, details):
+        assert len(row) == settings.num_return_sequences
+        for answer in row:
+            assert answer.token_ids.dtype == torch.long and answer.token_ids.shape == answer.logprobs.shape
+            assert 1 <= len(answer.token_ids) <= 5 and (answer.logprobs <= 0).all()
+            assert tokenizer.decode(answer.token_ids, skip_special_tokens=True) == answer.text
+            expected = _teacher_forced_logprobs(model, tokenizer, prompt, answer.token_ids, settings.temperature)
+            assert torch.allclose(answer.logprobs, expected, atol=1e-4)
+            assert answer.logprob == pytest.approx(float(expected.sum()), abs=1e-3)
+    if not sampled:  # greedy picks the argmax, so every token's log-prob is the step's maximum
+        answer = details[0][0]
+        prompt_ids = tokenizer(PROMPTS[0], return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+        with torch.no_grad():
+            logits = model(input_ids=torch.cat([prompt_ids, answer.token_ids])[None]).logits[0]
+        best = torch.log_softmax(logits[len(prompt_ids) - 1:-1], -1).max(-1).values
+        assert torch.allclose(answer.logprobs, best, atol=1e-4)
+
+
+def test_token_details_stop_after_eos_and_refuse_beams(tiny):
+    from recalign.llm.generate import _details
+
+    eos = torch.tensor([7])
+    sequences = torch.tensor([[3, 7, 7], [4, 5, 6]])
+    logits = [torch.zeros(2, 10), torch.zeros(2, 10), torch.zeros(2, 10)]  # uniform: every log-prob is -ln 10
+    out = _details(sequences, logits, ["a", "b"], 1.0, eos)
+    assert out[0].token_ids.tolist() == [3, 7] and out[1].token_ids.tolist() == [4, 5, 6]  # EOS kept, padding cut
+    assert torch.allclose(out[0].logprobs, torch.full((2,), -torch.log(torch.tensor(10.0))))
+    model, tokenizer = tiny
+    with pytest.raises(ConfigError, match="beam"):
+        generate(model, tokenizer, PROMPTS, GenerationSettings(num_beams=2), return_details=True)

@@ -11,29 +11,21 @@ reference from `config._name_or_path` (which may not exist on disk).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from recalign.errors import ConfigError
+from recalign.llm.trainer import (LoraSettings, TrainResult, dataset_progress_bars, freeze,
+                                  known_library_warnings_silenced, lora_config, make_adapter_trainable,
+                                  quiet_trainer, run_trainer, trainer_args)
 
 LN2 = math.log(2.0)
-
-
-class LoraSettings(BaseModel):
-    """LoRA adapter shape for a fresh adapter (only used when the model is not already a PEFT model)."""
-
-    model_config = ConfigDict(extra="forbid")
-    r: int = Field(16, ge=1, description="LoRA rank (SPRec: 16)")
-    alpha: int = Field(32, ge=1, description="LoRA alpha (SPRec: 32)")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout")
-    target_modules: list[str] | str = Field("all-linear", description="module names, or 'all-linear'")
+__all__ = ["DPOSettings", "DPOResult", "LoraSettings", "dpo_config", "train_dpo"]
 
 
 class DPOSettings(BaseModel):
@@ -53,45 +45,31 @@ class DPOSettings(BaseModel):
     seed: int = Field(0, description="data order and dropout seed")
     loss_type: str = Field("sigmoid", description="TRL loss type; 'sigmoid' is standard DPO")
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu' or 'cuda'")
+    report_to: str = Field("none", description="trainer logging integration: 'none' or 'tensorboard' (installed)")
 
 
 @dataclass
-class DPOResult:
-    """What a DPO step returns: the trained model and its logged curve."""
+class DPOResult(TrainResult):
+    """A DPO pass's `TrainResult`; its summary adds the reward accuracy and margin of the last logged step."""
 
-    model: Any
-    log_history: list[dict] = field(default_factory=list)
-
-    @property
-    def losses(self) -> list[float]:
-        """Training loss per logging step, in order."""
-        return [float(e["loss"]) for e in self.log_history if "loss" in e and "train_loss" not in e]
+    prefix: str = "dpo"
 
     def summary(self) -> dict:
-        """First/last loss, reward accuracy and margin of the last logged step."""
+        """Steps, first/last loss, seconds, and reward accuracy/margin of the last logged step."""
+        out = super().summary()
         steps = [e for e in self.log_history if "loss" in e and "train_loss" not in e]
-        out: dict = {"dpo_steps": len(steps)}
         if steps:
-            out["dpo_loss_first"] = float(steps[0]["loss"])
-            out["dpo_loss_last"] = float(steps[-1]["loss"])
             for key in ("rewards/accuracies", "rewards/margins"):
                 if key in steps[-1]:
                     out["dpo_" + key.split("/")[1]] = float(steps[-1][key])
         return out
 
 
-def _use_cpu(device: str) -> bool:
-    if device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"dpo.device: expected 'auto', 'cpu' or 'cuda', got '{device}'")
-    return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-
-
 def dpo_config(settings: DPOSettings, output_dir: str | Path, progress: bool = False):
-    """The TRL `DPOConfig` for `settings` with CPU-safe defaults (fp32, no checkpointing, no saving, no reporting)."""
+    """The TRL `DPOConfig` for `settings` with CPU-safe defaults (`recalign.llm.trainer.trainer_args`)."""
     from trl import DPOConfig
 
     return DPOConfig(
-        output_dir=str(output_dir),
         beta=settings.beta,
         loss_type=[settings.loss_type],
         learning_rate=settings.learning_rate,
@@ -103,33 +81,10 @@ def dpo_config(settings: DPOSettings, output_dir: str | Path, progress: bool = F
         logging_steps=settings.logging_steps,
         warmup_steps=settings.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
         lr_scheduler_type=settings.lr_scheduler,
-        seed=settings.seed,
-        data_seed=settings.seed,
-        use_cpu=_use_cpu(settings.device),
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,
-        activation_checkpointing=False,  # the new name; setting it too keeps transformers from warning
-        report_to="none",
-        save_strategy="no",
-        eval_strategy="no",
-        disable_tqdm=not progress,
-        dataloader_num_workers=0,
         remove_unused_columns=False,
+        **trainer_args(output_dir=output_dir, device=settings.device, report_to=settings.report_to,
+                       seed=settings.seed),
     )
-
-
-def _lora_config(lora: LoraSettings):
-    from peft import LoraConfig
-
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=lora.target_modules, task_type="CAUSAL_LM")
-
-
-def _freeze(model) -> None:
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    model.eval()
 
 
 def _check_pairs(pairs: Sequence[dict]) -> None:
@@ -160,21 +115,19 @@ def train_dpo(model, tokenizer, pairs: Sequence[dict], settings: DPOSettings | N
     if ref_model is not None:
         if ref_model is model:
             raise ConfigError("ref_model must be a separate frozen copy, not the policy itself")
-        _freeze(ref_model)
+        freeze(ref_model)
     elif not is_peft:
         if lora is not None:
-            peft_config = _lora_config(lora)
+            peft_config = lora_config(lora)
         else:  # full fine-tuning: keep an in-memory frozen copy instead of a reload from _name_or_path
             ref_model = copy.deepcopy(model)
-            _freeze(ref_model)
+            freeze(ref_model)
     if is_peft:
-        _make_active_adapter_trainable(model)
+        make_adapter_trainable(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     dataset = HFDataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
-    from recalign.llm.models import known_library_warnings_silenced
-
-    with _dataset_progress_bars(progress), known_library_warnings_silenced():  # TRL maps the dataset 3x, each with a bar
+    with dataset_progress_bars(progress), known_library_warnings_silenced():  # TRL maps the dataset 3x, each with a bar
         trainer = DPOTrainer(
             model=model,
             ref_model=ref_model,
@@ -184,39 +137,13 @@ def train_dpo(model, tokenizer, pairs: Sequence[dict], settings: DPOSettings | N
             peft_config=peft_config,
             callbacks=callbacks,
         )
-    if not progress:
-        from transformers.trainer_callback import PrinterCallback
-
-        trainer.remove_callback(PrinterCallback)  # it prints every log dict when tqdm is off
-    with known_library_warnings_silenced():
-        trainer.train()
-    trained = trainer.model
+    quiet_trainer(trainer, progress, "DPO")
+    result = run_trainer(trainer, prefix="dpo")
+    trained = result.model
     if isinstance(trained, PeftModel) and "ref" in trained.peft_config:
         # TRL's frozen copy of the incoming adapter served as π_ref; drop it so saves/generation see one adapter.
         trained.set_adapter("default")
         trained.delete_adapter("ref")
     trained.eval()
-    return DPOResult(model=trained, log_history=list(trainer.state.log_history))
-
-
-@contextlib.contextmanager
-def _dataset_progress_bars(enabled: bool):
-    """Turn the `datasets` progress bars off for the block when `enabled` is False, then restore them."""
-    from datasets.utils import logging as ds_logging
-
-    was_enabled = ds_logging.is_progress_bar_enabled()
-    if not enabled and was_enabled:
-        ds_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if not enabled and was_enabled:
-            ds_logging.enable_progress_bar()
-
-
-def _make_active_adapter_trainable(model) -> None:
-    """A PeftModel loaded for inference has frozen LoRA weights; DPO must train the active adapter."""
-    active = model.active_adapter
-    for name, parameter in model.named_parameters():
-        if f".{active}." in name and "lora_" in name:
-            parameter.requires_grad_(True)
+    return DPOResult(model=trained, log_history=result.log_history, seconds=result.seconds,
+                     output_dir=result.output_dir)

@@ -9,12 +9,15 @@
   it is importable and a GPU is present, else transformers.
 
 Every backend returns ``list[list[str]]``: for each prompt, its `num_return_sequences` answers (special tokens
-removed, the prompt not repeated).
+removed, the prompt not repeated). The transformers backend can also return `Generated` records
+(`return_details=True`): the text, the generated token ids and each token's log-probability, as policy-gradient
+methods (PPO, GRPO) need them.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -45,6 +48,26 @@ class GenerationSettings(BaseModel):
         return self
 
 
+@dataclass
+class Generated:
+    """One generated answer with its tokens: ids [T] and log-probs [T] (EOS included when it was generated).
+
+    `logprobs[t]` is log p(token_t | prompt, tokens_<t) under the model's own distribution at the sampling
+    temperature (logits / temperature; temperature 1 for greedy decoding), before top-p and before any logits
+    processor such as the trie constraint: the policy log-probability a teacher-forced forward pass over
+    prompt + tokens gives. Padding after EOS is not included.
+    """
+
+    text: str
+    token_ids: torch.Tensor
+    logprobs: torch.Tensor
+
+    @property
+    def logprob(self) -> float:
+        """The answer's total log-probability (sum over its tokens)."""
+        return float(self.logprobs.sum())
+
+
 class TrieConstraint:
     """Trie-constrained decoding as a per-batch logits processor: every answer walks a catalog title's tokens.
 
@@ -64,8 +87,12 @@ class TrieConstraint:
 
 def generate(model, tokenizer, prompts: Sequence[str], settings: GenerationSettings | None = None,
              batch_size: int = 8, logits_processor: Any = None, backend: str = "transformers",
-             progress: bool = False, **backend_options: Any) -> list[list[str]]:
+             progress: bool = False, return_details: bool = False,
+             **backend_options: Any) -> list[list[str]] | list[list[Generated]]:
     """Answers for every prompt (rendered prompt strings): `num_return_sequences` strings each, in input order.
+
+    `return_details=True` (transformers backend, greedy or sampling, not beam search) returns `Generated`
+    records (text, token ids, per-token log-probs) instead of strings.
 
     `logits_processor`: None, a processor, a list of processors, or an object with `for_batch(prompt_length)`
     (e.g. `TrieConstraint`) that builds one per batch. `backend_options`: `base_url`, `api_key`, `timeout`
@@ -81,13 +108,19 @@ def generate(model, tokenizer, prompts: Sequence[str], settings: GenerationSetti
         backend = "vllm" if _vllm_usable() and logits_processor is None and isinstance(model, str) \
             else "transformers"
     prompts = list(prompts)
+    if return_details and backend != "transformers":
+        raise ConfigError("generation: token ids and log-probs (return_details) need the 'transformers' backend")
+    if return_details and settings.num_beams > 1:
+        raise ConfigError("generation: token log-probs (return_details) are for greedy or sampled decoding, "
+                          "not beam search")
     if not prompts:
         return []
     if backend == "transformers":
         if isinstance(model, str) or tokenizer is None:
             raise ConfigError("generation backend 'transformers' needs a loaded model and its tokenizer "
                               "(recalign.llm.models.load_model)")
-        return _generate_transformers(model, tokenizer, prompts, settings, batch_size, logits_processor, progress)
+        return _generate_transformers(model, tokenizer, prompts, settings, batch_size, logits_processor, progress,
+                                      return_details)
     if logits_processor is not None:
         raise ConfigError(f"generation backend {backend!r} takes no logits processor; use 'transformers'")
     if backend == "openai":
@@ -122,15 +155,37 @@ def _processors(logits_processor: Any, prompt_length: int):
     return LogitsProcessorList([logits_processor])
 
 
+def _eos_ids(model, tokenizer) -> torch.Tensor:
+    """Every token id that ends an answer (the generation config's EOS ids and the tokenizer's)."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return torch.tensor(sorted(set(ids)), dtype=torch.long)
+
+
+def _details(sequences: torch.Tensor, logits: Sequence[torch.Tensor], texts: list[str], temperature: float,
+             eos: torch.Tensor) -> list[Generated]:
+    """`Generated` records of one batch: chosen tokens, their log-probs, cut after the first EOS."""
+    # One [N, V] step at a time: a [N, T, V] stack of a 49k-token vocabulary would be large.
+    logprobs = torch.stack([torch.log_softmax(step.float() / temperature, dim=-1).gather(
+        1, sequences[:, t:t + 1].to(step.device)).squeeze(1) for t, step in enumerate(logits)], dim=1).cpu()
+    tokens = sequences.cpu()                                                    # [N, T] generated part only
+    is_eos = torch.isin(tokens, eos)
+    first = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, torch.full((len(tokens),), tokens.shape[1]))
+    return [Generated(text, tokens[i, :n].clone(), logprobs[i, :n].clone())
+            for i, (text, n) in enumerate(zip(texts, first.tolist()))]
+
+
 def _generate_transformers(model, tokenizer, prompts: list[str], settings: GenerationSettings, batch_size: int,
-                           logits_processor: Any, progress: bool) -> list[list[str]]:
+                           logits_processor: Any, progress: bool, return_details: bool = False) -> list[list[Any]]:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     device = next(model.parameters()).device
     encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     # Longest first: similar lengths share a batch (little padding), and a too-long batch fails at once.
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    answers: list[list[str]] = [[] for _ in prompts]
+    answers: list[list[Any]] = [[] for _ in prompts]
     n_return = settings.num_return_sequences
     options = dict(max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
                    num_beams=settings.num_beams, num_return_sequences=n_return,
@@ -140,6 +195,10 @@ def _generate_transformers(model, tokenizer, prompts: list[str], settings: Gener
         options.update(temperature=settings.temperature, top_p=settings.top_p)
     else:  # greedy/beam: neutral sampling fields, so a model's generation_config defaults do not warn or apply
         options.update(temperature=None, top_p=None, top_k=None)
+    if return_details:  # raw logits of every step, before temperature, top-p and the logits processors
+        options.update(output_logits=True, return_dict_in_generate=True)
+    temperature = settings.temperature if settings.do_sample else 1.0
+    eos = _eos_ids(model, tokenizer)
     was_training, old_side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"  # every row's answer starts at the same column
@@ -155,7 +214,10 @@ def _generate_transformers(model, tokenizer, prompts: list[str], settings: Gener
                 out = model.generate(input_ids=batch["input_ids"].to(device),
                                      attention_mask=batch["attention_mask"].to(device),
                                      logits_processor=_processors(logits_processor, width), **options)
-                texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+                sequences = out.sequences if return_details else out
+                texts = tokenizer.batch_decode(sequences[:, width:], skip_special_tokens=True)
+                if return_details:
+                    texts = _details(sequences[:, width:], out.logits, texts, temperature, eos)
                 for row, i in enumerate(index):
                     answers[i] = texts[row * n_return:(row + 1) * n_return]
     finally:

