@@ -37,9 +37,9 @@ class Dataset:
     """Items, users and interactions with dense ids 0..n-1; original ids and titles live in the tables.
 
     items:        item_id, original_id (str), title (str), categories (list[str]), text (str)
-    users:        user_id, original_id (str)
+    users:        user_id, original_id (str), then any user feature columns the source has (e.g. gender, age)
     interactions: user_id, item_id, timestamp (int64; sequence position where the source has no time), rating
-    info:         name, source, raw_files {name: sha256}, options, counts
+    info:         name, source, raw_files {name: sha256}, options, counts, warnings (list of str)
     """
 
     items: pd.DataFrame
@@ -58,6 +58,10 @@ class Dataset:
     @property
     def name(self) -> str:
         return self.info.get("name", "dataset")
+
+    def warn(self, message: str) -> None:
+        """Record a data warning (kept in dataset.json and shown by `recalign data stats`)."""
+        self.info.setdefault("warnings", []).append(message)
 
     def titles(self) -> list[str]:
         """Item titles indexed by dense item id."""
@@ -106,6 +110,8 @@ class Dataset:
                 "min": int(q[0]), "p25": float(q[1]), "median": float(q[2]), "p75": float(q[3]),
                 "p90": float(q[4]), "max": int(q[5]), "mean": float(lengths.mean()) if len(lengths) else 0.0,
             },
+            "user_features": [c for c in self.users.columns if c not in USER_COLUMNS],
+            "warnings": list(self.info.get("warnings", [])),
         }
 
     # ---- persistence -------------------------------------------------------------------------
@@ -162,25 +168,41 @@ def build_dataset(
     raw_files: Iterable[str | os.PathLike] = (),
     options: dict | None = None,
     keep_items_without_interactions: bool = True,
+    users: pd.DataFrame | None = None,
+    drop_duplicate_rows: bool = True,
 ) -> Dataset:
     """Build a Dataset from frames with *original* ids; assigns dense ids.
 
     interactions: columns user, item (any hashable original ids), optional timestamp, rating.
     items:        optional item metadata with column item (original id) and optional title, categories, text.
+    users:        optional user features with column user (original id); other columns are kept in the user table.
     Dense item ids follow the order of `items` (then unseen interaction items by first appearance);
     dense user ids follow first appearance in `interactions`. Rows without a timestamp get their position
-    within the user's sequence (the row order) as timestamp.
+    within the user's sequence (the row order) as timestamp. No interactions is an error; exactly repeated rows
+    (same user, item, timestamp and rating) are dropped (kept when `drop_duplicate_rows` is false) with a warning
+    in `info["warnings"]`.
     """
+    raw_files = list(raw_files)
     inter = interactions.copy()
     for col in ("user", "item"):
         if col not in inter.columns:
             raise DataError(f"interactions need a '{col}' column", field=col)
+    if not len(inter):
+        raise DataError(f"no interactions: source '{source}' found no usable rows (empty file, or every row "
+                        "filtered out)", path=raw_files[0] if raw_files else None)
     inter["user"] = inter["user"].astype(str)
     inter["item"] = inter["item"].astype(str)
     if "timestamp" not in inter.columns:
         inter["timestamp"] = inter.groupby("user", sort=False).cumcount()
     if "rating" not in inter.columns:
         inter["rating"] = 1.0
+    repeated = inter.duplicated(["user", "item", "timestamp", "rating"]).to_numpy()
+    warnings = []
+    if repeated.any() and drop_duplicate_rows:
+        inter = inter[~repeated]
+        warnings.append(f"dropped {int(repeated.sum())} duplicated rows (same user, item, timestamp and rating)")
+    elif repeated.any():
+        warnings.append(f"kept {int(repeated.sum())} duplicated rows (same user, item, timestamp and rating)")
 
     if items is None:
         items = pd.DataFrame({"item": pd.unique(inter["item"])})
@@ -207,6 +229,10 @@ def build_dataset(
     })
     user_table = pd.DataFrame({"user_id": np.arange(len(user_ids), dtype=np.int64),
                                "original_id": user_ids.astype(str)})
+    if users is not None:
+        features = users.assign(user=users["user"].astype(str)).drop_duplicates("user").set_index("user")
+        features = features.drop(columns=[c for c in USER_COLUMNS if c in features.columns])
+        user_table = user_table.join(features, on="original_id")
     inter_table = pd.DataFrame({
         "user_id": user_ids.get_indexer(inter["user"]).astype(np.int64),
         "item_id": item_ids.get_indexer(inter["item"]).astype(np.int64),
@@ -215,6 +241,8 @@ def build_dataset(
     })
     raw = {Path(p).name: sha256_file(p) for p in raw_files}
     info = {"name": name, "source": source, "raw_files": raw, "options": options or {}}
+    if warnings:
+        info["warnings"] = warnings
     return Dataset(items=item_table, users=user_table, interactions=inter_table.reset_index(drop=True), info=info)
 
 

@@ -46,6 +46,25 @@ _REGISTRY: dict[str, str] = {
     "reclmgen-pickle": "recalign.data.sources.seedformat:RECLMGEN",
     "recgpt-pickle": "recalign.data.sources.seedformat:RECGPT",
     "synthetic": "recalign.data.sources.synthetic:SYNTHETIC",
+    "tabular": "recalign.data.sources.tabular:TABULAR",
+    "p5-text": "recalign.data.sources.textmaps:P5_TEXT",
+    "lcrec": "recalign.data.sources.textmaps:LCREC",
+    "recbole": "recalign.data.sources.textmaps:RECBOLE",
+}
+
+# Where each source's raw files come from, for the error a missing --raw path gives (a fresh clone has no data).
+_ORIGINS: dict[str, str] = {
+    "amazon2014": "https://cseweb.ucsd.edu/~jmcauley/datasets/amazon/links.html (5-core reviews + metadata)",
+    "amazon2018": "https://nijianmo.github.io/amazon/ (5-core reviews + metadata)",
+    "unisrec": "the UniSRec repository's processed downloads (RUCAIBox/UniSRec)",
+    "s3rec": "the S3-Rec repository's data/ folder (RUCAIBox/CIKM2020-S3Rec)",
+    "goodreads-sprec": "the SPRec repository (RegionCh/SPRec): data/Goodreads and eval/Goodreads",
+    "reclmgen-pickle": "the RecLM-gen repository's data/ folder (Luuuk12321/RecLM-gen)",
+    "recgpt-pickle": "the RecGPT repository's data/test/ folder (HKUDS/RecGPT)",
+    "p5-text": "the TransRec repository's data/<name>/rec_data folder (Linxyhaha/TransRec)",
+    "lcrec": "an LC-Rec data folder: NAME.item.json + NAME.inter.json (RUCAIBox/LC-Rec, yuyq18/APAO)",
+    "recbole": "RecBole atomic files, e.g. the LLMRank datasets (RUCAIBox/LLMRank llmrank/dataset)",
+    "tabular": "your own interaction table",
 }
 
 
@@ -89,10 +108,21 @@ def prepare_source(source_name: str, raw: str | Path | None = None, /, **options
     if raw is not None:
         raw = Path(raw)
         if not raw.exists():
-            raise DataError("no such file or directory", path=raw)
+            raise DataError(f"no such file or directory; {missing_raw_hint(name)}", path=raw)
     elif source.needs_raw:
         raise ConfigError(f"source '{name}' needs --raw PATH (the folder or file as distributed)")
     return source.load(raw, opts)
+
+
+def missing_raw_hint(name: str) -> str:
+    """How to get source `name`'s raw files: a `recalign data download` command, or where they come from."""
+    from recalign.data.download import DOWNLOADS
+
+    if name in DOWNLOADS:
+        return f"get the raw files with `recalign data download {name} --out DIR` and pass --raw DIR"
+    origin = _ORIGINS.get(name)
+    return f"no download is built in for '{name}': get the raw files from {origin}" if origin else \
+        f"no download is built in for '{name}'"
 
 
 def require_file(folder: Path, name: str) -> Path:

@@ -22,6 +22,7 @@ import pandas as pd
 from pydantic import Field
 
 from recalign.data.dataset import Dataset, build_dataset
+from recalign.data.rawfile import check_raw_file, open_raw_lines
 from recalign.data.sources import Source, SourceOptions
 from recalign.errors import ConfigError, DataError
 
@@ -42,7 +43,8 @@ class AmazonOptions(SourceOptions):
 
 
 def open_text(path: Path):
-    """A text handle on `path`, transparently gunzipping `.gz` files."""
+    """A text handle on `path`, transparently gunzipping `.gz` files (after the raw-file checks)."""
+    check_raw_file(path)
     if path.suffix == ".gz":
         return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
     return open(path, encoding="utf-8")
@@ -76,14 +78,19 @@ def _resolve(raw: Path, options: AmazonOptions) -> tuple[Path, Path | None]:
 def read_reviews(path: Path, chunk_lines: int = 200_000) -> pd.DataFrame:
     """(user, item, rating, timestamp) from a JSON-lines review file, read in chunks with pandas."""
     frames = []
+    check_raw_file(path)
     try:
-        reader = pd.read_json(path, lines=True, chunksize=chunk_lines, dtype=False, compression="infer")
+        reader = pd.read_json(path, lines=True, chunksize=chunk_lines, dtype=False, compression="infer",
+                              encoding="utf-8")
         for chunk in reader:
+            if not isinstance(chunk, pd.DataFrame) or not len(chunk.columns):
+                _locate_bad_review(path)
             missing = [f for f in REVIEW_FIELDS if f not in chunk.columns]
             if missing or chunk[list(REVIEW_FIELDS)].isna().to_numpy().any():
                 _locate_bad_review(path)
             frames.append(chunk[list(REVIEW_FIELDS)].rename(columns=REVIEW_FIELDS))
-    except ValueError:
+    except (ValueError, OSError, EOFError, TypeError, AttributeError):
+        # UnicodeDecodeError is a ValueError; gzip errors are OSError/EOFError: the line scan names the cause
         _locate_bad_review(path)
         raise
     if not frames:
@@ -99,22 +106,21 @@ def read_reviews(path: Path, chunk_lines: int = 200_000) -> pd.DataFrame:
 
 def _locate_bad_review(path: Path) -> None:
     """Slow scan run only after a failure: raise a DataError naming the first bad line and field."""
-    with open_text(path) as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"invalid JSON: {exc.msg}", path=path, line=number) from None
-            if not isinstance(record, dict):
-                raise DataError("expected a JSON object per line", path=path, line=number)
-            for name in REVIEW_FIELDS:
-                if name not in record or record[name] is None:
-                    raise DataError("missing field", path=path, line=number, field=name)
-            for name in ("overall", "unixReviewTime"):
-                if isinstance(record[name], bool) or not isinstance(record[name], (int, float)):
-                    raise DataError(f"expected a number, got {record[name]!r}", path=path, line=number, field=name)
+    for number, line in open_raw_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"invalid JSON: {exc.msg}", path=path, line=number) from None
+        if not isinstance(record, dict):
+            raise DataError("expected a JSON object per line", path=path, line=number)
+        for name in REVIEW_FIELDS:
+            if name not in record or record[name] is None:
+                raise DataError("missing field", path=path, line=number, field=name)
+        for name in ("overall", "unixReviewTime"):
+            if isinstance(record[name], bool) or not isinstance(record[name], (int, float)):
+                raise DataError(f"expected a number, got {record[name]!r}", path=path, line=number, field=name)
     raise DataError("cannot read review lines (expected JSON objects with "
                     f"{', '.join(REVIEW_FIELDS)})", path=path)
 
@@ -122,22 +128,21 @@ def _locate_bad_review(path: Path) -> None:
 def read_metadata(path: Path, asins: set[str]) -> pd.DataFrame:
     """item, title, categories, text for the `asins` found in a 2014 (literal) or 2018 (JSON) metadata file."""
     rows = []
-    with open_text(path) as handle:
-        for number, line in enumerate(handle, start=1):
-            match = _ASIN.search(line)
-            if match is None or match.group(1) not in asins:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                try:  # 2014 metadata: Python literals with single quotes
-                    record = ast.literal_eval(line.strip())
-                except (ValueError, SyntaxError, MemoryError, RecursionError) as exc:
-                    raise DataError(f"neither JSON nor a Python literal ({type(exc).__name__})", path=path,
-                                    line=number) from None
-            if not isinstance(record, dict):
-                raise DataError("expected an object per line", path=path, line=number)
-            rows.append(_meta_row(record))
+    for number, line in open_raw_lines(path):
+        match = _ASIN.search(line)
+        if match is None or match.group(1) not in asins:
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            try:  # 2014 metadata: Python literals with single quotes
+                record = ast.literal_eval(line.strip())
+            except (ValueError, SyntaxError, MemoryError, RecursionError) as exc:
+                raise DataError(f"neither JSON nor a Python literal ({type(exc).__name__})", path=path,
+                                line=number) from None
+        if not isinstance(record, dict):
+            raise DataError("expected an object per line", path=path, line=number)
+        rows.append(_meta_row(record))
     frame = pd.DataFrame(rows, columns=["item", "title", "categories", "brand"])
     frame = frame.drop_duplicates("item", keep="first")
     frame["text"] = [". ".join(p for p in (t, ", ".join(c), b) if p) + "." if (t or c or b) else ""
@@ -146,7 +151,14 @@ def read_metadata(path: Path, asins: set[str]) -> pd.DataFrame:
 
 
 def _meta_row(record: dict) -> tuple[str, str, list[str], str]:
-    paths = record.get("categories", record.get("category", []))
+    categories = categories_from_paths(record.get("categories", record.get("category", [])))
+    title = html.unescape(str(record.get("title") or "")).strip()
+    brand = html.unescape(str(record.get("brand") or "")).strip()
+    return str(record["asin"]), title, categories, brand
+
+
+def categories_from_paths(paths) -> list[str]:
+    """The categories of Amazon category paths (one path or a list of paths), without the shared root department."""
     if isinstance(paths, list) and paths and all(isinstance(p, str) for p in paths):
         paths = [paths]  # 2018: one path as a list of strings
     categories: list[str] = []
@@ -157,9 +169,7 @@ def _meta_row(record: dict) -> tuple[str, str, list[str], str]:
             name = html.unescape(str(name)).strip()
             if name and name not in categories:
                 categories.append(name)
-    title = html.unescape(str(record.get("title") or "")).strip()
-    brand = html.unescape(str(record.get("brand") or "")).strip()
-    return str(record["asin"]), title, categories, brand
+    return categories
 
 
 def _load(raw: Path, options: AmazonOptions, year: int) -> Dataset:
@@ -183,8 +193,11 @@ def _load(raw: Path, options: AmazonOptions, year: int) -> Dataset:
         files.append(meta_path)
     name = re.sub(r"(\.json)?(\.gz)?$", "", reviews_path.name)
     dataset = build_dataset(reviews, items=items, name=name, source=f"amazon{year}", raw_files=files,
-                            options=options.model_dump())
+                            options=options.model_dump(), drop_duplicate_rows=options.drop_duplicates)
     dataset.info["duplicates_dropped"] = int(n_before - len(reviews))
+    if n_before > len(reviews):
+        dataset.warn(f"dropped {n_before - len(reviews)} repeated reviews of the same (user, item) pair "
+                     "(drop_duplicates=false keeps them)")
     if items is not None:
         dataset.info["items_without_metadata"] = int((dataset.items["title"] == "").sum())
     return dataset

@@ -18,6 +18,7 @@ import pandas as pd
 from pydantic import Field
 
 from recalign.data.dataset import Dataset, build_dataset
+from recalign.data.rawfile import read_raw_text
 from recalign.data.sources import Source, SourceOptions
 from recalign.errors import DataError
 
@@ -33,6 +34,8 @@ class GoodreadsOptions(SourceOptions):
     catalog: str = Field("eval/Goodreads", description="folder with id2name.json and name2genre.json")
     unknown_titles: Literal["drop", "add"] = Field(
         "drop", description="titles missing from the catalog: drop them (counted in info) or add them as items")
+    require_genres: bool = Field(True, description="a missing name2genre.json is an error; false prepares "
+                                                   "without categories (a warning in the stats)")
 
 
 def read_json(path: Path):
@@ -40,11 +43,9 @@ def read_json(path: Path):
     if not path.is_file():
         raise DataError("missing file", path=path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_raw_text(path))
     except json.JSONDecodeError as exc:
         raise DataError(f"invalid JSON: {exc.msg}", path=path, line=exc.lineno) from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"not UTF-8 text (byte {exc.start})", path=path) from None
 
 
 def read_alpaca_records(path: Path) -> pd.DataFrame:
@@ -84,7 +85,12 @@ def load_goodreads(raw: Path, options: GoodreadsOptions) -> Dataset:
     id2name = read_json(id_path)
     if not isinstance(id2name, dict):
         raise DataError("expected an object id -> title", path=id_path)
+    if not genre_path.is_file() and options.require_genres:
+        raise DataError("missing file name2genre.json (item genres); pass require_genres=false to prepare "
+                        "without categories", path=genre_path)
     genres = read_json(genre_path) if genre_path.is_file() else {}
+    if not isinstance(genres, dict):
+        raise DataError("expected an object title -> list of genres", path=genre_path)
     ids = sorted(id2name, key=lambda k: (0, int(k)) if str(k).isdigit() else (1, str(k)))
     catalog = pd.DataFrame({"item": ids, "title": [str(id2name[k]) for k in ids]})
     catalog["categories"] = catalog["title"].map(lambda t: [str(g) for g in genres.get(t, [])])
@@ -127,6 +133,8 @@ def load_goodreads(raw: Path, options: GoodreadsOptions) -> Dataset:
     dataset = build_dataset(rows[["user", "item", "timestamp"]], items=catalog, name="goodreads",
                             source="goodreads-sprec", raw_files=files, options=options.model_dump())
     dataset.info["records"] = counts
+    if not genre_path.is_file():
+        dataset.warn(f"{genre_path.name} not found: items have no categories")
     dataset.info["unknown_titles"] = int(unknown.sum())
     dataset.info["unknown_distinct_titles"] = len(unknown_titles)
     dataset.info["unknown_title_examples"] = [str(t) for t in unknown_titles[:5]]

@@ -33,7 +33,7 @@ def load_ml100k(raw: Path, options: MovieLensOptions) -> Dataset:
     data_path = require_file(raw, "u.data")
     folder = data_path.parent
     ratings = read_delimited(data_path, "\t", ["user", "item", "rating", "timestamp"],
-                             numeric=("user", "item", "rating", "timestamp"))
+                             numeric=("rating", "timestamp"), ids=("user", "item"))
     ratings = _filter_ratings(ratings, options)
     files = [data_path]
     items = None
@@ -46,7 +46,7 @@ def load_ml100k(raw: Path, options: MovieLensOptions) -> Dataset:
             genres = table.sort_values("index")["name"].tolist()
             files.append(genre_path)
         columns = ["item", "title", "release", "video_release", "url"] + [f"g{i}" for i in range(len(genres))]
-        meta = read_delimited(item_path, "|", columns, encoding="latin-1", numeric=("item",),
+        meta = read_delimited(item_path, "|", columns, encoding="latin-1", ids=("item",),
                               min_columns=len(columns))
         flags = meta[[f"g{i}" for i in range(len(genres))]].to_numpy() == "1"
         meta["item"] = meta["item"].astype("int64").astype(str)
@@ -61,29 +61,44 @@ def load_ml100k(raw: Path, options: MovieLensOptions) -> Dataset:
 
 
 def load_ml1m(raw: Path, options: MovieLensOptions) -> Dataset:
-    """Read the ml-1m folder: ratings.dat and movies.dat ('::'-separated, latin-1)."""
+    """Read the ml-1m folder: ratings.dat, movies.dat (Latin-1 or UTF-8), users.dat (gender, age, occupation, zip)."""
     data_path = require_file(raw, "ratings.dat")
     folder = data_path.parent
     ratings = read_delimited(data_path, "::", ["user", "item", "rating", "timestamp"],
-                             numeric=("user", "item", "rating", "timestamp"), encoding="latin-1")
+                             numeric=("rating", "timestamp"), ids=("user", "item"), encoding="latin-1")
     ratings = _filter_ratings(ratings, options)
     files = [data_path]
     items = None
     movies_path = folder / "movies.dat"
     if movies_path.is_file():
-        meta = read_delimited(movies_path, "::", ["item", "title", "genres"], numeric=("item",),
-                              encoding="latin-1")
+        # GroupLens ships Latin-1; some mirrors re-encoded it as UTF-8: try UTF-8 first, then Latin-1
+        meta = read_delimited(movies_path, "::", ["item", "title", "genres"], ids=("item",),
+                              encoding="utf-8", fallback_encoding="latin-1")
         meta["item"] = meta["item"].astype("int64").astype(str)
         meta["categories"] = meta["genres"].str.split("|")
         meta["text"] = meta["title"] + ". Genres: " + meta["genres"].str.replace("|", ", ", regex=False) + "."
         items = meta[["item", "title", "categories", "text"]]
         files.append(movies_path)
+    users = None
+    users_path = folder / "users.dat"
+    if users_path.is_file():
+        users = read_delimited(users_path, "::", ["user", "gender", "age", "occupation", "zip"], ids=("user",),
+                               numeric=("age", "occupation"), encoding="utf-8", fallback_encoding="latin-1")
+        users["user"] = users["user"].astype("int64").astype(str)
+        users = users.astype({"age": "int64", "occupation": "int64"})
+        files.append(users_path)
     ratings["user"] = ratings["user"].astype("int64").astype(str)
     ratings["item"] = ratings["item"].astype("int64").astype(str)
-    return build_dataset(ratings, items=items, name="ml-1m", source="movielens-1m", raw_files=files,
-                         options=options.model_dump(), keep_items_without_interactions=False)
+    dataset = build_dataset(ratings, items=items, name="ml-1m", source="movielens-1m", raw_files=files,
+                            options=options.model_dump(), keep_items_without_interactions=False, users=users)
+    damaged = int(dataset.items["title"].str.contains("\ufffd", regex=False).sum())
+    if damaged:
+        dataset.warn(f"{damaged} titles contain U+FFFD replacement characters (the file was decoded wrongly "
+                     "before it was saved; the original letters are lost)")
+    return dataset
 
 
 MOVIELENS_100K = Source("movielens-100k", MovieLensOptions, load_ml100k,
                         "MovieLens 100K folder (u.data, u.item, u.genre)")
-MOVIELENS_1M = Source("movielens-1m", MovieLensOptions, load_ml1m, "MovieLens 1M folder (ratings.dat, movies.dat)")
+MOVIELENS_1M = Source("movielens-1m", MovieLensOptions, load_ml1m, "MovieLens 1M folder (ratings.dat, movies.dat, users.dat; "
+                       "Latin-1 or UTF-8)")

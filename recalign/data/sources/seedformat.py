@@ -19,6 +19,7 @@ import pandas as pd
 from pydantic import Field
 
 from recalign.data.dataset import Dataset, build_dataset
+from recalign.data.rawfile import read_raw_text
 from recalign.data.safe_pickle import safe_load
 from recalign.data.sources import Source, SourceOptions
 from recalign.errors import DataError
@@ -40,12 +41,12 @@ def _read_mapping(folder: Path, stem: str, required: bool = True) -> tuple[dict 
 
 def _read_json(path: Path):
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_raw_text(path))
     except json.JSONDecodeError as exc:
         raise DataError(f"invalid JSON: {exc.msg}", path=path, line=exc.lineno) from None
 
 
-def _flatten_sequences(sequences: dict, path: Path, what: str = "user") -> pd.DataFrame:
+def flatten_sequences(sequences: dict, path: Path, what: str = "user") -> pd.DataFrame:
     """(user, item, timestamp=position) rows from a dict user -> list of items; checks the value types."""
     for key, value in sequences.items():
         if not isinstance(value, (list, tuple)):
@@ -54,14 +55,17 @@ def _flatten_sequences(sequences: dict, path: Path, what: str = "user") -> pd.Da
     items = list(itertools.chain.from_iterable(sequences.values()))
     try:  # fast path: numpy infers a plain int or str array when every id is one
         array = np.array(items) if items else np.zeros(0, dtype=np.int64)
-        ok = array.ndim == 1 and array.dtype.kind in "iuU"
+        ok = array.ndim == 1 and array.dtype.kind in "iuU" and not (array.dtype.kind == "i" and (array < 0).any())
     except (ValueError, TypeError, OverflowError):
         ok = False
     if not ok:
-        bad = next(i for i, x in enumerate(items) if not isinstance(x, (int, str)) or isinstance(x, bool))
+        bad = next(i for i, x in enumerate(items) if isinstance(x, bool) or not isinstance(x, (int, str))
+                   or (isinstance(x, int) and not 0 <= x < 2 ** 63))
         owner = list(sequences)[int(np.searchsorted(np.cumsum(lengths), bad, side="right"))]
-        raise DataError(f"{what} {owner!r}: item ids must be int or str, got {type(items[bad]).__name__}",
-                        path=path)
+        problem = (f"integer item ids must be in 0..2^63-1, got {items[bad]}" if isinstance(items[bad], int)
+                   and not isinstance(items[bad], bool) else
+                   f"item ids must be int or str, got {type(items[bad]).__name__}")
+        raise DataError(f"{what} {owner!r}: {problem}", path=path)
     users = np.repeat(np.asarray([str(k) for k in sequences], dtype=object), lengths)
     positions = np.arange(len(items)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
     return pd.DataFrame({"user": users, "item": array.astype(str), "timestamp": positions})
@@ -82,7 +86,7 @@ def load_reclmgen(raw: Path, options: RecLMGenOptions) -> Dataset:
     meta, meta_path = _read_mapping(folder, "meta")
     category, cat_path = _read_mapping(folder, "category", required=False)
     candidates, cand_path = _read_mapping(folder, "ranking_candidate", required=False)
-    interactions = _flatten_sequences(sequential, seq_path)
+    interactions = flatten_sequences(sequential, seq_path)
 
     item_ids = [str(k) for k in meta]
     titles, texts = [], []
@@ -112,7 +116,7 @@ def read_ranking_candidates(raw: str | Path) -> dict[str, list[str]]:
     """RecLM-gen `ranking_candidate.pickle|json` as user original id -> candidate item original ids."""
     raw = Path(raw)
     candidates, path = _read_mapping(raw if raw.is_dir() else raw.parent, "ranking_candidate")
-    frame = _flatten_sequences(candidates, path)
+    frame = flatten_sequences(candidates, path)
     return {u: g.tolist() for u, g in frame.groupby("user", sort=False)["item"]}
 
 
@@ -137,7 +141,7 @@ def load_recgpt(raw: Path, options: RecGPTOptions) -> Dataset:
     sequences = safe_load(path)
     if not isinstance(sequences, dict):
         raise DataError(f"expected a dict user -> list of item ids, got {type(sequences).__name__}", path=path)
-    interactions = _flatten_sequences(sequences, path)
+    interactions = flatten_sequences(sequences, path)
     unique = pd.unique(interactions["item"])
     numeric = pd.to_numeric(pd.Series(unique), errors="coerce")
     order = np.argsort(numeric.to_numpy(), kind="stable") if not numeric.isna().any() else np.arange(len(unique))
