@@ -148,9 +148,7 @@ def data_prepare(
         recalign data prepare synthetic --out data/synth n_users=200 n_items=100
     """
     with user_errors():
-        if raw is not None:
-            _existing(raw, "file or folder")
-        from recalign.data.sources import prepare_source
+        from recalign.data.sources import prepare_source  # it checks --raw and says how to get missing data
 
         kwargs = _parse_options(options or [])
         dataset = prepare_source(source, str(raw) if raw is not None else None, **kwargs)

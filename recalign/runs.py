@@ -148,8 +148,10 @@ def prepare_data(spec: DataSpec, cache_dir: Path | None = None) -> Dataset:
         if not folder.exists():
             raise RecalignError(f"{folder}: no such dataset folder")
         return Dataset.load(folder)
-    from recalign.data.sources import prepare_source
+    from recalign.data.sources import missing_raw_hint, prepare_source
 
+    if spec.raw is not None and not Path(spec.raw).exists():  # say how to get the data (a fresh clone has none)
+        raise RecalignError(f"{spec.raw}: no such file or folder; {missing_raw_hint(spec.source)}")
     key = _prepare_key(spec)
     if cache_dir is not None and (cache_dir / "dataset.json").is_file() and (cache_dir / "prepare.json").is_file():
         try:

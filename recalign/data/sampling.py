@@ -32,7 +32,7 @@ def _contains(sorted_keys: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return sorted_keys[pos] == keys
 
 
-def _first_occurrence(draws: torch.Tensor) -> torch.Tensor:
+def first_in_row(draws: torch.Tensor) -> torch.Tensor:
     """True where a value appears for the first time in its row (left to right)."""
     values, order = torch.sort(draws, dim=1, stable=True)  # stable: equal values keep left-to-right order
     first_sorted = torch.ones_like(values, dtype=torch.bool)
@@ -114,7 +114,7 @@ def _draw_chunk(keys: torch.Tensor, allowed: torch.Tensor, n: int, n_items: int,
         target = need[pending].median() if first else need[pending].max()
         width = max(int(float(target) * factor) + 16, n)
         draws = torch.randint(0, n_items, (len(pending), width), generator=generator)
-        ok = ~_contains(keys, pending.unsqueeze(1) * n_items + draws) & _first_occurrence(draws)
+        ok = ~_contains(keys, pending.unsqueeze(1) * n_items + draws) & first_in_row(draws)
         done = ok.sum(dim=1) >= n
         take = ok & (torch.cumsum(ok, dim=1) <= n)
         result[pending[done]] = draws[done][take[done]].view(-1, n)

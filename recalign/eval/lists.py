@@ -144,7 +144,10 @@ class ListInputs:
     def __post_init__(self) -> None:
         self.lists = torch.as_tensor(self.lists, dtype=torch.long).reshape(len(self.lists), -1)
         rel = self.relevant
-        if not isinstance(rel, torch.Tensor):
+        if isinstance(rel, np.ndarray) or (not isinstance(rel, torch.Tensor) and len(rel)
+                                           and isinstance(rel[0], (int, np.integer))):
+            rel = torch.as_tensor(np.asarray(rel, dtype=np.int64))  # one target per row
+        elif not isinstance(rel, torch.Tensor):
             rel = padded_sets(rel)
         self.relevant = rel.long().reshape(self.lists.shape[0], -1)
         if self.history is not None:

@@ -9,18 +9,14 @@ import numpy as np
 import torch
 
 from recalign.data.dataset import UserSequences
+from recalign.data.sampling import first_in_row
 
 ScoreFn = Callable[[np.ndarray], torch.Tensor]
 
 
 def first_occurrence(lists: torch.Tensor) -> torch.Tensor:
     """True where an item appears for the first time in its row (and is not an empty slot)."""
-    values, order = torch.sort(lists, dim=1, stable=True)  # stable: equal ids keep left-to-right order
-    first_sorted = torch.ones_like(values, dtype=torch.bool)
-    first_sorted[:, 1:] = values[:, 1:] != values[:, :-1]
-    first = torch.empty_like(first_sorted)
-    first.scatter_(1, order, first_sorted)
-    return first & (lists >= 0)
+    return first_in_row(lists) & (lists >= 0)
 
 
 def _order_ties_by_id(indices: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
