@@ -185,6 +185,9 @@ def load_tabular(raw: Path, options: TabularOptions) -> Dataset:
         inter = inter[inter["rating"] >= options.min_rating]
     if "timestamp" in inter.columns:
         inter = inter.iloc[np.argsort(inter["timestamp"].to_numpy(), kind="stable")]
+    repeated = inter.duplicated().to_numpy()  # with timestamps, build_dataset finds them; without, rows are equal
+    if "timestamp" not in inter.columns and repeated.any():
+        inter = inter[~repeated]
     files = [raw]
     items = None
     if options.items is not None:
@@ -192,8 +195,11 @@ def load_tabular(raw: Path, options: TabularOptions) -> Dataset:
         items = _read_item_table(item_path, options)
         files.append(item_path)
     name = options.name or raw.name.split(".")[0]
-    return build_dataset(inter, items=items, name=name, source="tabular", raw_files=files,
-                         options=options.model_dump())
+    dataset = build_dataset(inter, items=items, name=name, source="tabular", raw_files=files,
+                            options=options.model_dump())
+    if "timestamp" not in inter.columns and repeated.any():
+        dataset.warn(f"dropped {int(repeated.sum())} duplicated rows (same user, item and rating)")
+    return dataset
 
 
 def _read_item_table(path: Path, options: TabularOptions) -> pd.DataFrame:
