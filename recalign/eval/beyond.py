@@ -75,6 +75,12 @@ def genre_weights(item_genres: Sequence[Sequence[str]], genres: Sequence[str]) -
     return weights
 
 
+def catalog_genre_table(item_genres: Sequence[Sequence[str]]) -> torch.Tensor | None:
+    """`genre_weights` over every genre in the catalog (G sorted), or None when no item has one."""
+    genres = sorted({g for names in item_genres for g in names})
+    return genre_weights(item_genres, genres) if genres else None
+
+
 def _distribution(items: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     mass = weights[items].sum(dim=0) if items.numel() else torch.zeros(weights.shape[1], dtype=torch.float64)
     total = mass.sum()

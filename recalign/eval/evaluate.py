@@ -14,7 +14,7 @@ from recalign.data.dataset import Dataset, UserSequences
 from recalign.data.sampling import candidate_lists, load_candidates, sample_negatives, save_candidates
 from recalign.data.split import Split
 from recalign.errors import ConfigError, DataError
-from recalign.eval.beyond import genre_weights, popularity
+from recalign.eval.beyond import catalog_genre_table, popularity
 from recalign.eval.lists import GeneratedLists, ListInputs, ListRecommender, score_lists, users_sequences
 from recalign.eval.ranking import full_ranking, full_ranking_topk, sampled_ranking
 
@@ -181,12 +181,9 @@ def evaluate(
                              exclude_history, progress, batch_size, candidates_path)
     else:
         lists, generated = _model_lists(model, history, chosen, ks[-1])
-    categories = dataset.item_categories()
-    genres = sorted({c for cats in categories for c in cats})
     fields = dict(n_relevant=counts, parity=parity,
                   popularity=popularity(split.history("valid")["item_id"].to_numpy(), dataset.n_items),
-                  history=users_sequences(history, chosen),
-                  genre_table=genre_weights(categories, genres) if genres else None)
+                  history=users_sequences(history, chosen), genre_table=catalog_genre_table(dataset.item_categories()))
     if generated is not None:
         inputs = ListInputs.from_generated(generated, relevant, dataset.n_items, **fields)
     else:

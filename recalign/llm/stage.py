@@ -106,6 +106,7 @@ def catalog_constraint(titles: Sequence[str], tokenizer, task: SeqRecTask):
 def evaluate_llm(model, tokenizer, task: SeqRecTask, rows: Rows, titles: Sequence[str], grounder,
                  ks: Sequence[int], decodings: Sequence[str] = ("greedy",),
                  generation: GenerationSettings | None = None, batch_size: int = 8, progress: bool = False,
+                 popularity: torch.Tensor | None = None, genre_table: torch.Tensor | None = None,
                  ) -> tuple[dict, dict[str, list[str]]]:
     """Generate for `rows` with every decoding and score the answers; returns (metrics, answers per decoding)."""
     from recalign.llm.generate import generate
@@ -121,7 +122,7 @@ def evaluate_llm(model, tokenizer, task: SeqRecTask, rows: Rows, titles: Sequenc
                            logits_processor=processor, progress=progress)
         seconds = time.perf_counter() - started
         answers[decoding] = [o[0] for o in outputs]
-        scored, _ = evaluate_answers(answers[decoding], rows, titles, grounder, ks, task)
+        scored, _ = evaluate_answers(answers[decoding], rows, titles, grounder, ks, task, popularity, genre_table)
         scored["generation_seconds"] = round(seconds, 3)
         prefix = "" if position == 0 else f"{decoding}."
         metrics.update({f"{prefix}{key}": value for key, value in scored.items()})
@@ -159,7 +160,8 @@ def run_llm_sft_stage(ctx: "RunContext", params: LLMSFTParams) -> dict:
     ctx.log(f"SFT: {result.summary()}")
     grounder = make_grounder(params.grounding, titles)
     metrics, answers = evaluate_llm(result.model, tokenizer, task, evaluation, titles, grounder, ks,
-                                    params.decodings, params.generation, params.batch_size, ctx.progress)
+                                    params.decodings, params.generation, params.batch_size, ctx.progress,
+                                    **_beyond_inputs(ctx))
     _write_answers(ctx.stage_dir / "answers.jsonl", evaluation, answers, titles)
     if params.save != "none":
         save_model(result.model, tokenizer, ctx.stage_dir / "model", merge=params.save == "merged")
@@ -189,8 +191,17 @@ def reevaluate_llm_stage(ctx: "RunContext", params: LLMSFTParams, part: str | No
     rows = sample_rows(params.task.eval_rows(ctx.dataset, ctx.split, part), params.eval_rows, ctx.seed + 7919)
     ks = sorted(set(params.ks or ctx.recipe.eval.ks))
     metrics, _ = evaluate_llm(model, tokenizer, params.task, rows, titles, make_grounder(params.grounding, titles),
-                              ks, params.decodings, params.generation, params.batch_size, ctx.progress)
+                              ks, params.decodings, params.generation, params.batch_size, ctx.progress,
+                              **_beyond_inputs(ctx))
     return {"model": params.model, "protocol": "llm_generated", "part": part, **metrics}
+
+
+def _beyond_inputs(ctx: "RunContext") -> dict:
+    """pop(i) from the train part and the catalog's genre table: AvgPop and MGU/DGU of the answers' lists."""
+    from recalign.eval.beyond import catalog_genre_table, popularity
+
+    return {"popularity": popularity(ctx.split.train["item_id"].to_numpy(), ctx.dataset.n_items),
+            "genre_table": catalog_genre_table(ctx.dataset.item_categories())}
 
 
 def _write_answers(path: Path, rows: Rows, answers: dict[str, list[str]], titles: Sequence[str]) -> None:
