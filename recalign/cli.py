@@ -7,19 +7,53 @@ leaving no half-written output folder behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
-import shutil
-import tempfile
+import sys
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Any, Iterator, List, Optional
 
 import typer
+from typer.core import TyperGroup
+
+try:  # typer >= 0.20 carries its own copy of click
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older typer on top of click
+    from click import exceptions as click_errors
 from rich.console import Console
 from rich.table import Table
 
-from recalign.errors import ConfigError, RecalignError
+from recalign.errors import ConfigError, OutputError, RecalignError, quoted, writing
+from recalign.io import unwritable_reason
+
+class _OneLineUsageErrors(TyperGroup):
+    """The top-level group: usage errors (unknown option, missing argument) print one line and exit 2, like every
+    other error a user can cause."""
+
+    def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_errors.NoArgsIsHelpError as exc:
+            exc.show()  # a bare group prints its help, as before
+            sys.exit(exc.exit_code)
+        except click_errors.UsageError as exc:
+            where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+            _echo_error(exc.format_message() + where)
+            sys.exit(2)
+        except click_errors.ClickException as exc:
+            _echo_error(exc.format_message())
+            sys.exit(exc.exit_code)
+        except click_errors.Abort:
+            _echo_error("aborted")
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
+
 
 app = typer.Typer(
+    cls=_OneLineUsageErrors,
     help="recalign: LLM- and RL-based recommendation on one data model and one evaluator.\n\n"
          "Quick start: `recalign run recipes/demo.yaml` trains Popularity, BPR-MF and SASRec on synthetic data "
          "and prints one results table.",
@@ -64,6 +98,10 @@ class _Out:
 out = _Out()
 
 
+# OSErrors that mean "this output cannot be written" wherever they surface (read-only mount, disk full, quota)
+WRITE_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EEXIST, errno.EFBIG}
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turn errors a user can cause into one line on stderr and exit code 2."""
@@ -73,14 +111,23 @@ def user_errors() -> Iterator[None]:
         _fail(str(exc), getattr(exc, "exit_code", 2))
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
         _fail(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc), 2)
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        _fail(f"cannot write {exc.filename or 'output'}: {exc.strerror}", 2)
     except KeyboardInterrupt:
         _fail("interrupted (finished stages are kept; re-run the same command to resume)", 130)
 
 
 def _fail(message: str, code: int) -> None:
+    _echo_error(message)
+    raise typer.Exit(code)
+
+
+def _echo_error(message: str) -> None:
+    """The one stderr line every user error becomes."""
     first_line = " ".join(message.split("\n")[0].split()) or "failed"
     typer.echo(f"recalign: error: {first_line}", err=True)
-    raise typer.Exit(code)
 
 
 def _existing(path: Path, what: str) -> Path:
@@ -100,25 +147,19 @@ def _parse_options(pairs: list[str]) -> dict:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"option {pair!r} conflicts with an earlier option")
+                raise ConfigError(f"option {quoted(pair)} conflicts with an earlier option")
         node[parts[-1]] = value
     return options
 
 
-@contextlib.contextmanager
-def _staged_output(target: Path) -> Iterator[Path]:
-    """A temp folder next to `target`, renamed to `target` only if the block succeeds."""
-    if target.exists() and not (target / "dataset.json").is_file() and any(target.iterdir()):
+def _check_output(target: Path, marker: str | None = None) -> None:
+    """Refuse an --out we cannot write, or a non-empty folder that is not ours to replace (one without `marker`)."""
+    problem = unwritable_reason(target)
+    if problem is not None:
+        raise OutputError(target, problem)
+    if marker is not None and target.exists() and not (target / marker).is_file() and \
+            (not target.is_dir() or any(target.iterdir())):
         raise RecalignError(f"{target}: exists and is not a prepared dataset; choose another --out")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        yield tmp / "dataset"
-        if target.exists():
-            shutil.rmtree(target)
-        (tmp / "dataset").rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -151,9 +192,10 @@ def data_prepare(
         from recalign.data.sources import prepare_source  # it checks --raw and says how to get missing data
 
         kwargs = _parse_options(options or [])
+        _check_output(out_dir, marker="dataset.json")
         dataset = prepare_source(source, str(raw) if raw is not None else None, **kwargs)
-        with _staged_output(out_dir) as tmp:
-            dataset.save(tmp)
+        with writing(out_dir):
+            dataset.save(out_dir)  # atomic: a temp folder renamed into place
         stats = dataset.stats()
         out.print(f"prepared {source} -> {out_dir}: {stats['users']} users, {stats['items']} items, "
                   f"{stats['interactions']} interactions (fingerprint {dataset.fingerprint()})")
@@ -356,10 +398,10 @@ def evaluate_run(
         recipe, dataset, split = open_run(run_dir)
         if protocol is not None:
             if protocol not in ("full", "sampled"):
-                raise ConfigError(f"--protocol: expected full or sampled, got {protocol!r}")
+                raise ConfigError(f"--protocol: expected full or sampled, got {quoted(protocol)}")
             recipe.eval.protocol = protocol
         if part not in ("test", "valid"):
-            raise ConfigError(f"--part: expected test or valid, got {part!r}")
+            raise ConfigError(f"--part: expected test or valid, got {quoted(part)}")
         rows: dict[str, dict] = {}
         for stage in recipe.stages:
             stage_dir = run_dir / "stages" / stage.name
@@ -398,12 +440,17 @@ def report(
         recalign report runs/demo --columns hr@5,ndcg@5,hr@10,ndcg@10
     """
     with user_errors():
-        from recalign.eval.report import read_run_metrics, recipe_columns, results_table, write_report
+        from recalign.eval.report import check_columns, read_run_metrics, recipe_columns, results_table, write_report
 
         _existing(run_dir, "run folder")
-        chosen = [c.strip() for c in columns.split(",") if c.strip()] if columns else recipe_columns(run_dir)
-        path = write_report(run_dir, chosen)
-        out.print(results_table(read_run_metrics(run_dir), chosen))
+        summary = read_run_metrics(run_dir)
+        if columns is not None:
+            chosen = check_columns(summary.get("stages", {}), columns.split(","), option="--columns")
+        else:
+            chosen = recipe_columns(run_dir)
+        with writing(run_dir / "report.md"):
+            path = write_report(run_dir, chosen)
+        out.print(results_table(summary, chosen))
         out.print(f"wrote {path}")
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 
 class RecalignError(Exception):
     """A problem with the user's input: bad file, bad config, unknown item, bad request."""
@@ -48,3 +51,12 @@ def shorten(text: object, limit: int = 60) -> str:
 def quoted(text: object, limit: int = 60) -> str:
     """`shorten` in single quotes, the way errors name a user's key or value."""
     return f"'{shorten(text, limit)}'"
+
+
+@contextlib.contextmanager
+def writing(path: object) -> Iterator[None]:
+    """Report an OSError raised while writing output under `path` as an OutputError naming `path`."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputError(path, exc.strerror or str(exc)) from None

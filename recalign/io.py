@@ -133,3 +133,24 @@ def atomic_folder(path: str | os.PathLike, *, replace: bool = True, fixed_tmp: b
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def unwritable_reason(path: str | os.PathLike) -> str | None:
+    """Why `path` (a file or folder to create or replace) cannot be written, or None when it looks writable.
+
+    Checks the nearest existing ancestor: it must be a folder we may write into. Cheap, so commands can refuse
+    before doing any work; the write itself may still fail (disk full), which callers report the same way.
+    """
+    target = Path(os.path.abspath(path))
+    if target.exists() and not os.access(target, os.W_OK):
+        return "permission denied"
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        if parent.is_symlink():
+            return f"{parent} is a broken link"
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not writable"
+    return None

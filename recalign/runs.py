@@ -27,8 +27,8 @@ import torch
 
 from recalign.config import DataSpec, Recipe, SplitSpec, StageSpec, stable_hash
 from recalign.data.dataset import Dataset
-from recalign.errors import ConfigError, RecalignError
-from recalign.io import atomic_folder, write_atomic, write_json  # noqa: F401  (re-exported: older imports use runs.write_*)
+from recalign.errors import ConfigError, OutputError, RecalignError, writing
+from recalign.io import atomic_folder, unwritable_reason, write_atomic, write_json  # noqa: F401  (re-exported: older imports use runs.write_*)
 
 if TYPE_CHECKING:
     from recalign.data.split import Split
@@ -245,23 +245,18 @@ def run_recipe(recipe: Recipe, run_dir: str | os.PathLike, progress: bool = True
     from recalign.stages import get_stage
 
     run_dir = Path(run_dir)
+    problem = unwritable_reason(run_dir)
+    if problem is not None:  # refuse before preparing data or training anything
+        raise OutputError(run_dir, problem)
+    recipe = recipe.model_copy(update={"data": absolute_data_paths(recipe.data)})
     raw_dataset = prepare_data(recipe.data, cache_dir=run_dir / "data")
     dataset, split = make_split(raw_dataset, recipe.split, recipe.seed)
     fingerprint = dataset.fingerprint()
 
     fresh = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        if recipe.data.source is not None and not _cache_is_fresh(recipe.data, run_dir / "data"):
-            save_prepared(raw_dataset, recipe.data, run_dir / "data")
-        write_atomic(run_dir / "config.yaml", recipe.to_yaml())
-        write_json(run_dir / "dataset.json", {
-            "fingerprint": fingerprint, "name": dataset.name, "source": dataset.info.get("source"),
-            "counts": {"users": dataset.n_users, "items": dataset.n_items,
-                       "interactions": len(dataset.interactions)},
-            "split": {"kind": recipe.split.kind, "train": len(split.train), "valid": len(split.valid),
-                      "test": len(split.test), **{k: len(v) for k, v in split.extra.items()}},
-        })
+        with writing(run_dir):
+            _start_run_folder(run_dir, recipe, raw_dataset, dataset, split)
     except BaseException:
         if fresh:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -292,6 +287,27 @@ def run_recipe(recipe: Recipe, run_dir: str | os.PathLike, progress: bool = True
     summary = _write_summary(run_dir, recipe, fingerprint, results)
     write_report(run_dir)
     return summary
+
+
+def _start_run_folder(run_dir: Path, recipe: Recipe, raw_dataset: Dataset, dataset: Dataset, split: "Split") -> None:
+    """Create the run folder with its data cache, resolved config.yaml and dataset.json."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if recipe.data.source is not None and not _cache_is_fresh(recipe.data, run_dir / "data"):
+        save_prepared(raw_dataset, recipe.data, run_dir / "data")
+    write_atomic(run_dir / "config.yaml", recipe.to_yaml())
+    write_json(run_dir / "dataset.json", {
+        "fingerprint": dataset.fingerprint(), "name": dataset.name, "source": dataset.info.get("source"),
+        "counts": {"users": dataset.n_users, "items": dataset.n_items, "interactions": len(dataset.interactions)},
+        "split": {"kind": recipe.split.kind, "train": len(split.train), "valid": len(split.valid),
+                  "test": len(split.test), **{k: len(v) for k, v in split.extra.items()}},
+    })
+
+
+def absolute_data_paths(spec: DataSpec) -> DataSpec:
+    """The data spec with `path` and `raw` made absolute, so a run folder does not depend on the working directory."""
+    update = {key: str(Path(value).expanduser().resolve()) for key in ("path", "raw")
+              if (value := getattr(spec, key)) is not None}
+    return spec.model_copy(update=update)
 
 
 def _cache_is_fresh(spec: DataSpec, cache_dir: Path) -> bool:

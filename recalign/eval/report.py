@@ -8,7 +8,8 @@ from pathlib import Path
 
 from rich.table import Table
 
-from recalign.errors import RecalignError
+from recalign.errors import ConfigError, RecalignError, quoted, shorten
+from recalign.io import write_atomic
 
 DEFAULT_COLUMNS = ("hr@10", "ndcg@10", "recall@10", "mrr@10")
 TIME_KEYS = ("train_seconds", "stage_seconds")
@@ -33,9 +34,35 @@ def choose_columns(stages: dict[str, dict], wanted: list[str] | None = None) -> 
         return list(wanted)
     present = {key for metrics in stages.values() for key in metrics}
     columns = [c for c in DEFAULT_COLUMNS if c in present]
-    if not columns:  # no @10: fall back to the largest K each metric family reports
+    if not columns:  # no @10: the same families at the largest K the stages report
+        ks = {int(k) for key in present for name, _, k in [key.partition("@")] if k.isdigit()}
+        families = [name for name, _, _ in (c.partition("@") for c in DEFAULT_COLUMNS)]
+        for k in sorted(ks, reverse=True):
+            columns = [f"{name}@{k}" for name in families if f"{name}@{k}" in present]
+            if columns:
+                break
+    if not columns:
         columns = sorted(k for k in present if "@" in k)[:4]
     return columns
+
+
+def available_metrics(stages: dict[str, dict]) -> list[str]:
+    """The numeric metrics at least one stage reports (what a results table can show)."""
+    return sorted({key for metrics in stages.values() for key, value in metrics.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)})
+
+
+def check_columns(stages: dict[str, dict], wanted: list[str], option: str = "columns") -> list[str]:
+    """The requested metric columns, matched case-insensitively; an unknown one is an error listing the choices."""
+    wanted = [c.strip() for c in wanted if c.strip()]
+    if not wanted:
+        raise ConfigError(f"{option}: expected comma-separated metrics, e.g. hr@10,ndcg@10")
+    known = {key.lower(): key for key in available_metrics(stages)}
+    unknown = [c for c in wanted if c.lower() not in known]
+    if unknown:
+        raise ConfigError(f"{option}: unknown metric {quoted(unknown[0])}; available: "
+                          f"{shorten(', '.join(known.values()) or '(none: no stage has metrics)', 2000)}")
+    return [known[c.lower()] for c in wanted]
 
 
 def stage_seconds(metrics: dict) -> float | None:
@@ -128,8 +155,6 @@ def markdown_table(summary: dict, columns: list[str] | None = None) -> str:
 
 def write_report(run_dir: str | os.PathLike, columns: list[str] | None = None) -> Path:
     """Write run_dir/report.md: what ran on which data, the results table, every metric per stage."""
-    from recalign.runs import write_atomic
-
     folder = Path(run_dir)
     summary = read_run_metrics(folder)
     if columns is None:
