@@ -81,6 +81,7 @@ def test_recommend_excludes_history_and_filters_category(session):
     history = dataset.sequences(split.history("test"))
     items, scores = bprmf.recommend([0, 1, 2], history, k=5)
     assert items.shape == (3, 5)
+    assert len({dataset.titles()[i] for i in items[0].tolist()}) == 5
     for row, user in enumerate([0, 1, 2]):
         assert not set(items[row].tolist()) & set(history[user].tolist())
     assert torch.all(scores[:, :-1] >= scores[:, 1:])
@@ -111,6 +112,28 @@ def test_save_load_round_trip(session):
     assert torch.equal(same.recommend([0, 1, 2], history, k=5)[0], bprmf.recommend([0, 1, 2], history, k=5)[0])
     with pytest.raises(recalign.RecalignError, match="holds a bprmf teacher"):
         recalign.SASRec.load(folder)
+
+
+def readme_python_blocks() -> list[str]:
+    """The ```python blocks of the README's "Python API" section."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Python API", 1)[1].split("\n## ", 1)[0]
+    return [block.split("```", 1)[0] for block in section.split("```python\n")[1:]]
+
+
+def test_readme_session_runs_as_written(tmp_path, monkeypatch):
+    blocks = readme_python_blocks()
+    assert len(blocks) == 2 and "recalign.evaluate(" in blocks[0] and "recalign.run_recipe(" in blocks[1]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102  (our own README, run on purpose)
+    assert namespace["split"].info["sizes"] == {"train": len(namespace["dataset"].interactions) - 600,
+                                                "valid": 300, "test": 300}
+    history = namespace["history"]
+    assert torch.equal(namespace["same"].score([0, 1, 2], history), namespace["bprmf"].score([0, 1, 2], history))
+    assert namespace["teacher"].name == "bprmf"
+    assert (tmp_path / "runs" / "my-run" / "report.md").is_file()
 
 
 def test_run_recipe_from_python(tmp_path, monkeypatch):
