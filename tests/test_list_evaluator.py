@@ -242,3 +242,29 @@ def test_a_registered_metric_runs_only_when_its_inputs_are_given():
             score_lists(inputs, (2,), metrics=["nope"])
     finally:
         LIST_METRICS.pop("first_is_target_category")
+
+
+def test_an_llm_is_a_list_model_for_evaluate(synthetic):
+    from recalign.llm.grounding import ExactGrounder
+    from recalign.llm.stage import AnswerLists
+    from recalign.llm.tasks import SeqRecTask
+
+    dataset, split = synthetic
+    titles = dataset.titles()
+    target = dict(zip(split.test["user_id"], split.test["item_id"]))
+    history = dataset.sequences(split.history("test"))
+    seen = {}
+
+    class ScriptedLLM(AnswerLists):
+        """Generation replaced by a script: the target's title, except an empty answer for every 4th user."""
+
+        def answers(self, rows):
+            seen.update(zip(rows.users.tolist(), rows.histories))
+            return ["" if u % 4 == 0 else f'Sure: "{titles[target[u]]}"' for u in rows.users]
+
+    llm = ScriptedLLM(None, None, SeqRecTask(max_history=5), titles, ExactGrounder(titles))
+    out = evaluate(llm, dataset, split, ks=(1, 5), progress=False)
+    assert out["ranking"] == "lists" and out["n_users"] == 120
+    assert out["hr@1"] == pytest.approx(90 / 120) and out["valid_ratio"] == pytest.approx(90 / 120)
+    assert seen[7] == history[7][-5:].tolist()  # the prompt holds the last 5 history items
+    assert len(llm.answers_) == 120 and llm.answers_[0] == ""

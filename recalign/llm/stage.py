@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Sequence
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -30,6 +31,7 @@ from recalign.llm.train import SFTSettings
 from recalign.stages import Stage
 
 if TYPE_CHECKING:
+    from recalign.eval.lists import GeneratedLists
     from recalign.runs import RunContext
 
 Decoding = Literal["greedy", "constrained"]
@@ -62,6 +64,18 @@ class LLMSFTParams(BaseModel):
 
 # ---- evaluation of a trained model -----------------------------------------------------------------------------
 
+def answer_lists(answers: Sequence[str], grounder, task: SeqRecTask, k: int) -> "torch.Tensor | GeneratedLists":
+    """Each answer as a list: k = 1 task, the k catalog items nearest to its title (LongTensor [R, k]); a list
+    task, its own titles grounded in order (`GeneratedLists`, scored with the §2.4 validity metrics)."""
+    from recalign.llm.tasks import parse_title
+
+    if task.k > 1:
+        from recalign.llm.evaluate import ground_answers
+
+        return ground_answers(answers, grounder, task.k)
+    return grounder.topk([parse_title(a) for a in answers], k)
+
+
 def evaluate_answers(answers: Sequence[str], rows: Rows, titles: Sequence[str], grounder, ks: Sequence[int],
                      task: SeqRecTask, popularity: torch.Tensor | None = None,
                      genre_table: torch.Tensor | None = None) -> tuple[dict, torch.Tensor]:
@@ -72,24 +86,54 @@ def evaluate_answers(answers: Sequence[str], rows: Rows, titles: Sequence[str], 
     the §2.4 validity metrics. An empty or unparsable answer is an empty list: a miss that counts.
     `popularity` (pop(i)) and `genre_table` (`eval.beyond.genre_weights`) switch on AvgPop and MGU/DGU.
     """
-    from recalign.eval.lists import ListInputs, score_lists
+    from recalign.eval.lists import GeneratedLists, ListInputs, score_lists
     from recalign.llm.grounding import ExactGrounder
     from recalign.llm.tasks import parse_title
 
     targets = torch.as_tensor(rows.targets, dtype=torch.long)
     fields = dict(popularity=popularity, history=rows.histories, genre_table=genre_table)
-    if task.k > 1:
-        from recalign.llm.evaluate import ground_answers
-
-        generated = ground_answers(answers, grounder, task.k)
-        inputs = ListInputs.from_generated(generated, targets, len(titles), **fields)
+    lists = answer_lists(answers, grounder, task, max(ks))
+    if isinstance(lists, GeneratedLists):
+        inputs = ListInputs.from_generated(lists, targets, len(titles), **fields)
         return score_lists(inputs, ks), inputs.lists
-    parsed = [parse_title(a) for a in answers]
-    lists = grounder.topk(parsed, max(ks))
     metrics = score_lists(ListInputs(lists, targets, len(titles), **fields), ks)
-    exact = ExactGrounder(titles).ground(parsed)
-    metrics["valid_title_rate"] = float((exact >= 0).float().mean()) if len(parsed) else 0.0
+    exact = ExactGrounder(titles).ground([parse_title(a) for a in answers])
+    metrics["valid_title_rate"] = float((exact >= 0).float().mean()) if len(answers) else 0.0
     return metrics, lists
+
+
+class AnswerLists:
+    """A causal LM as a `recalign.eval.lists.ListRecommender`: last history titles -> generated answer -> list.
+
+    For `recalign.eval.evaluate.evaluate(AnswerLists(...), dataset, split, ...)`: every method then is scored on
+    the recipe's users and targets. `answers_` keeps the raw answers of the last call, in `users` order.
+    """
+
+    def __init__(self, model, tokenizer, task: SeqRecTask, titles: Sequence[str], grounder,
+                 generation: GenerationSettings | None = None, batch_size: int = 8, decoding: Decoding = "greedy",
+                 progress: bool = False):
+        self.model, self.tokenizer, self.task, self.titles, self.grounder = model, tokenizer, task, titles, grounder
+        self.generation, self.batch_size, self.progress = generation, batch_size, progress
+        self.processor = catalog_constraint(titles, tokenizer, task) if decoding == "constrained" else None
+        self.answers_: list[str] = []
+
+    def answers(self, rows: Rows) -> list[str]:
+        """One generated answer per row (its prompt from the row's history titles)."""
+        from recalign.llm.generate import generate
+        from recalign.llm.tasks import prompts_for
+
+        prompts = prompts_for(self.task, rows, self.titles, self.tokenizer)
+        outputs = generate(self.model, self.tokenizer, prompts, self.generation, batch_size=self.batch_size,
+                           logits_processor=self.processor, progress=self.progress)
+        return [o[0] for o in outputs]
+
+    def recommend(self, users, histories, k: int):
+        """Top-k lists of `users` given their `histories` (UserSequences), -1 padded; or `GeneratedLists`."""
+        users = np.asarray(users, dtype=np.int64)
+        recent = [histories[u][-self.task.max_history:].tolist() for u in users]  # one prompt per user
+        rows = Rows(users, recent, np.full(len(users), -1, dtype=np.int64), next_items=[[] for _ in users])
+        self.answers_ = self.answers(rows)
+        return answer_lists(self.answers_, self.grounder, self.task, k)
 
 
 def catalog_constraint(titles: Sequence[str], tokenizer, task: SeqRecTask):
@@ -109,19 +153,13 @@ def evaluate_llm(model, tokenizer, task: SeqRecTask, rows: Rows, titles: Sequenc
                  popularity: torch.Tensor | None = None, genre_table: torch.Tensor | None = None,
                  ) -> tuple[dict, dict[str, list[str]]]:
     """Generate for `rows` with every decoding and score the answers; returns (metrics, answers per decoding)."""
-    from recalign.llm.generate import generate
-    from recalign.llm.tasks import prompts_for
-
-    prompts = prompts_for(task, rows, titles, tokenizer)
     metrics: dict = {}
     answers: dict[str, list[str]] = {}
     for position, decoding in enumerate(decodings):
-        processor = catalog_constraint(titles, tokenizer, task) if decoding == "constrained" else None
+        model_lists = AnswerLists(model, tokenizer, task, titles, grounder, generation, batch_size, decoding, progress)
         started = time.perf_counter()
-        outputs = generate(model, tokenizer, prompts, generation, batch_size=batch_size,
-                           logits_processor=processor, progress=progress)
+        answers[decoding] = model_lists.answers(rows)
         seconds = time.perf_counter() - started
-        answers[decoding] = [o[0] for o in outputs]
         scored, _ = evaluate_answers(answers[decoding], rows, titles, grounder, ks, task, popularity, genre_table)
         scored["generation_seconds"] = round(seconds, 3)
         prefix = "" if position == 0 else f"{decoding}."
