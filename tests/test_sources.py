@@ -259,3 +259,227 @@ def test_shared_fixtures_match_their_description(tiny_dataset, synthetic_dataset
     assert sorted(tiny_dataset.category_index()) == ["Mystery", "Romance"]
     assert (synthetic_dataset.n_users, synthetic_dataset.n_items) == (200, 60)
     assert synthetic_dataset.sequences().lengths().max() <= 20
+
+
+# ---- issue 9: robust raw input (each test failed before the fix) ---------------------------------------------
+
+import gzip  # noqa: E402
+import json  # noqa: E402
+import pickle  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+LFS_POINTER = ("version https://git-lfs.github.com/spec/v1\n"
+               "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 12345\n")
+REVIEW = {"reviewerID": "U", "asin": "X", "overall": 5.0, "unixReviewTime": 10}
+
+
+@pytest.mark.parametrize("source", ["amazon2014", "amazon2018"])
+def test_amazon_non_utf8_review_is_a_data_error_naming_file_and_line(tmp_path, source):
+    path = tmp_path / "Toy_5.json"
+    path.write_bytes(json.dumps(REVIEW).encode() + b"\n" + b'{"reviewerID": "\xff\xfe", "asin": "Y"}\n')
+    with pytest.raises(DataError) as err:
+        prepare_source(source, path)
+    assert "Toy_5.json:2" in str(err.value) and "not utf-8 text" in str(err.value)
+
+
+def test_amazon_binary_gz_that_is_not_gzip(tmp_path):
+    (tmp_path / "Toy_5.json.gz").write_text(json.dumps(REVIEW) + "\n")
+    with pytest.raises(DataError, match=r"Toy_5\.json\.gz: named \.gz but not gzip-compressed"):
+        prepare_source("amazon2014", tmp_path / "Toy_5.json.gz")
+
+
+def test_s3rec_repeated_user_line_is_an_error_naming_the_line(tmp_path):
+    (tmp_path / "Seq.txt").write_text("1 10 11\n2 10\n1 14\n")
+    with pytest.raises(DataError) as err:
+        prepare_source("s3rec", tmp_path / "Seq.txt")
+    assert "Seq.txt:3" in str(err.value) and "user 1 already has a line (line 1)" in str(err.value)
+
+
+@pytest.mark.parametrize("text", ["1 10\n2 11\n3 10\n", "1\t10\t5\n2\t11\t3\n"])
+def test_s3rec_refuses_a_play_count_table(tmp_path, text):
+    (tmp_path / "plays.txt").write_text(text)
+    with pytest.raises(DataError, match="tabular source"):
+        prepare_source("s3rec", tmp_path / "plays.txt")
+
+
+def test_empty_u_data_is_an_error_not_a_zero_user_dataset(tmp_path):
+    _write_ml100k(tmp_path, [])
+    with pytest.raises(DataError, match=r"u\.data: no interactions"):
+        prepare_source("movielens-100k", tmp_path)
+
+
+def test_min_rating_that_removes_every_row_is_an_error(tmp_path):
+    _write_ml100k(tmp_path, ["7\t2\t3\t300\n"])
+    with pytest.raises(DataError, match="no interactions"):
+        prepare_source("movielens-100k", tmp_path, min_rating=4)
+
+
+@pytest.mark.parametrize("line, field", [("-7\t2\t5\t300\n", "user"), ("7\t99999999999999999999\t5\t300\n", "item"),
+                                         ("7\t2.5\t5\t300\n", "item")])
+def test_negative_huge_or_fractional_ids_name_file_line_and_field(tmp_path, line, field):
+    _write_ml100k(tmp_path, ["7\t2\t5\t300\n", line])
+    with pytest.raises(DataError) as err:
+        prepare_source("movielens-100k", tmp_path)
+    assert "u.data:2" in str(err.value) and f"field '{field}'" in str(err.value) and "0..2^63-1" in str(err.value)
+
+
+@pytest.mark.parametrize("text, message", [("2 -10 11\n", "Seq.txt:2, field 'item': expected integer ids >= 0"),
+                                           ("2 10\n3 99999999999999999999\n", "Seq.txt:3, field 'item': id 9")])
+def test_s3rec_negative_and_huge_ids(tmp_path, text, message):
+    (tmp_path / "Seq.txt").write_text("1 4 5\n" + text)
+    with pytest.raises(DataError) as err:
+        prepare_source("s3rec", tmp_path / "Seq.txt")
+    assert message in str(err.value)
+
+
+def test_recgpt_negative_item_id(tmp_path):
+    (tmp_path / "test.pkl").write_bytes(pickle.dumps({1: [3, -4]}))
+    with pytest.raises(DataError, match=r"user 1: integer item ids must be in 0\.\.2\^63-1, got -4"):
+        prepare_source("recgpt-pickle", tmp_path)
+
+
+def test_duplicated_rows_are_dropped_with_a_warning_in_the_stats(tmp_path):
+    _write_ml100k(tmp_path, ["7\t2\t5\t300\n", "7\t1\t3\t100\n", "7\t2\t5\t300\n", "7\t2\t5\t300\n"])
+    ds = prepare_source("movielens-100k", tmp_path)
+    assert len(ds.interactions) == 2
+    assert ds.stats()["warnings"] == ["dropped 2 duplicated rows (same user, item, timestamp and rating)"]
+    ds.save(tmp_path / "out")
+    from recalign.data.dataset import Dataset
+    assert Dataset.load(tmp_path / "out").stats()["warnings"] == ds.stats()["warnings"]
+
+
+def test_goodreads_without_genres_is_an_error_or_a_warning(tmp_path):
+    _write_goodreads(tmp_path, [_record(["Dune"], "Emma, Again")])
+    (tmp_path / "eval" / "Goodreads" / "name2genre.json").unlink()
+    with pytest.raises(DataError, match=r"name2genre\.json: missing file name2genre\.json"):
+        prepare_source("goodreads-sprec", tmp_path)
+    ds = prepare_source("goodreads-sprec", tmp_path, require_genres=False)
+    assert ds.stats()["categories"] == 0
+    assert ds.stats()["warnings"] == ["name2genre.json not found: items have no categories"]
+
+
+@pytest.mark.parametrize("source, name", [("recgpt-pickle", "test.pkl"), ("s3rec", "Seq.txt"),
+                                          ("reclmgen-pickle", "sequential.json"), ("tabular", "plays.csv"),
+                                          ("tabular", "plays.parquet"), ("amazon2014", "Toy_5.json.gz"),
+                                          ("amazon2018", "Toy_5.json")])
+def test_git_lfs_pointer_is_named_as_such(tmp_path, source, name):
+    (tmp_path / name).write_text(LFS_POINTER)
+    with pytest.raises(DataError) as err:
+        prepare_source(source, tmp_path / name)
+    assert f"{name}: this is a Git LFS pointer" in str(err.value) and "git lfs pull" in str(err.value)
+
+
+def test_missing_raw_path_says_how_to_get_the_data(tmp_path):
+    with pytest.raises(DataError) as err:
+        prepare_source("movielens-100k", tmp_path / "ml-100k")
+    assert "recalign data download movielens-100k --out DIR" in str(err.value)
+    with pytest.raises(DataError, match="no download is built in for 'p5-text'.*TransRec"):
+        prepare_source("p5-text", tmp_path / "beauty")
+
+
+# ---- issue 9: new sources ----------------------------------------------------------------------------------
+
+def test_tabular_play_counts_with_header_and_item_table(tmp_path):
+    (tmp_path / "plays.tsv").write_text("user_id\tartist_id\tplays\nu1\ta2\t5\nu1\ta1\t2\nu2\ta2\t7\n")
+    (tmp_path / "artists.csv").write_text('id,name,tags\na1,"Abba, The",pop|disco\na2,Muse,rock\n')
+    ds = prepare_source("tabular", tmp_path / "plays.tsv", user="user_id", item="artist_id", rating="plays",
+                        items="artists.csv", item_key="id", item_title="name", item_categories="tags",
+                        categories_sep="|")
+    assert (ds.n_users, ds.n_items, len(ds.interactions)) == (2, 2, 3)
+    assert ds.items["original_id"].tolist() == ["a1", "a2"] and ds.titles() == ["Abba, The", "Muse"]
+    assert ds.item_categories() == [["pop", "disco"], ["rock"]]
+    assert ds.interactions["rating"].tolist() == [5.0, 2.0, 7.0]
+    assert ds.sequences()[0].tolist() == [1, 0]  # file order without a timestamp column
+    assert len(prepare_source("tabular", tmp_path / "plays.tsv", item="artist_id", rating="plays",
+                              min_rating=5).interactions) == 2
+
+
+def test_tabular_recbole_inter_headers_parquet_and_no_header(tmp_path):
+    (tmp_path / "x.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+                                      "1\t9\t4\t20\n1\t8\t5\t10\n")
+    ds = prepare_source("tabular", tmp_path / "x.inter")
+    assert ds.sequences()[0].tolist() == [1, 0]  # ordered by the timestamp column found by name
+    assert ds.items["original_id"].tolist() == ["9", "8"]
+    pd.DataFrame({"u": ["a", "b"], "i": [1, 2]}).to_parquet(tmp_path / "t.parquet")
+    assert prepare_source("tabular", tmp_path / "t.parquet", user="u", item="i").n_users == 2
+    (tmp_path / "n.csv").write_text("a;1\nb;2\na;3\n")
+    ds = prepare_source("tabular", tmp_path / "n.csv", header=False, sep="semicolon", user="0", item="1")
+    assert (ds.n_users, ds.n_items) == (2, 3)
+
+
+def test_tabular_wrong_separator_names_the_columns_it_saw(tmp_path):
+    (tmp_path / "plays.csv").write_text("user_id\titem_id\n1\t2\n")
+    with pytest.raises(DataError, match=r"plays\.csv, field 'user': no column 'user_id' \(columns: 'user_id\\titem_id'\)"):
+        prepare_source("tabular", tmp_path / "plays.csv")
+
+
+def _write_p5(folder):
+    folder.mkdir()
+    (folder / "sequential_data.txt").write_text("1 2 0\n2 1\n")
+    np.save(folder / "title_maps.npy", np.array({"id2title": {"0": "Lipstick", "1": "Soap", "2": "Comb"}},
+                                                dtype=object), allow_pickle=True)
+    np.save(folder / "category_map.npy", np.array({"id2category": {"0": [["Beauty", "Makeup", "Lips"]],
+                                                                   "1": [["Beauty", "Bath"]], "2": [["Beauty"]]}},
+                                                  dtype=object), allow_pickle=True)
+
+
+def test_p5_text_maps_through_the_restricted_loader(tmp_path):
+    _write_p5(tmp_path / "beauty")
+    ds = prepare_source("p5-text", tmp_path / "beauty")
+    assert (ds.n_users, ds.n_items, len(ds.interactions)) == (2, 3, 3)
+    assert ds.titles() == ["Lipstick", "Soap", "Comb"]
+    assert ds.item_categories() == [["Makeup", "Lips"], ["Bath"], ["Beauty"]]
+    assert ds.sequences()[0].tolist() == [2, 0] and ds.name == "beauty"
+
+
+def test_p5_npy_with_a_callable_is_refused(tmp_path):
+    _write_p5(tmp_path / "beauty")
+
+    class Evil:
+        def __reduce__(self):
+            import os
+            return (os.system, ("echo pwned",))
+    np.save(tmp_path / "beauty" / "title_maps.npy", np.array({"id2title": Evil()}, dtype=object), allow_pickle=True)
+    with pytest.raises(DataError, match=r"title_maps\.npy: restricted unpickler refuses global '(posix|os|nt)\.system'"):
+        prepare_source("p5-text", tmp_path / "beauty")
+
+
+def test_lcrec_items_and_sequences(tmp_path):
+    (tmp_path / "Office.item.json").write_text(json.dumps({
+        "1": {"title": "Pen", "description": "", "brand": "Bic", "categories": "Office, Writing, Pens"},
+        "0": {"title": "Phone", "description": "Rings.", "brand": "", "categories": "Office, Electronics"}}))
+    (tmp_path / "Office.inter.json").write_text(json.dumps({"0": [1, 0], "1": [1]}))
+    ds = prepare_source("lcrec", tmp_path)
+    assert ds.titles() == ["Phone", "Pen"] and ds.item_categories()[1] == ["Office", "Writing", "Pens"]
+    assert ds.items["text"].tolist() == ["Phone. Rings..", "Pen. Bic."]
+    assert ds.sequences()[0].tolist() == [1, 0] and (ds.n_users, len(ds.interactions)) == (2, 3)
+
+
+def test_recbole_history_target_rows_and_item_file(tmp_path):
+    (tmp_path / "G.item").write_text("item_id:token\ttitle:token_seq\n0\tZelda\n1\tMario\n2\tTetris\n")
+    (tmp_path / "G-6k.test.inter").write_text("user_id:token\titem_id_list:token_seq\titem_id:token\n"
+                                              "0\t0 1\t2\n1\t2\t0\n")
+    ds = prepare_source("recbole", tmp_path)
+    assert ds.titles() == ["Zelda", "Mario", "Tetris"] and ds.name == "G-6k"
+    assert ds.sequences()[0].tolist() == [0, 1, 2] and ds.sequences()[1].tolist() == [2, 0]
+    (tmp_path / "G-6k.test.inter").write_text("user_id:token\titem_id_list:token_seq\titem_id:token\n"
+                                              "0\t0 1\t2\n0\t2\t0\n")
+    with pytest.raises(DataError, match=r"G-6k\.test\.inter:3, field 'user_id': user 0 has a second row"):
+        prepare_source("recbole", tmp_path)
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "latin-1"])
+def test_movielens_1m_movies_in_either_encoding_and_user_features(tmp_path, encoding):
+    (tmp_path / "ratings.dat").write_text("1::10::5::978300760\n2::10::3::978300761\n")
+    (tmp_path / "movies.dat").write_bytes("10::Misérables, Les (1995)::Drama|Musical\n".encode(encoding))
+    (tmp_path / "users.dat").write_text("1::F::1::10::48067\n2::M::56::16::70072\n3::M::25::15::55117\n")
+    ds = prepare_source("movielens-1m", tmp_path)
+    assert ds.titles() == ["Misérables, Les (1995)"]
+    assert ds.users[["original_id", "gender", "age", "occupation"]].values.tolist() == [["1", "F", 1, 10],
+                                                                                        ["2", "M", 56, 16]]
+    assert ds.stats()["user_features"] == ["gender", "age", "occupation", "zip"]
+    ds.save(tmp_path / "out")
+    from recalign.data.dataset import Dataset
+    assert Dataset.load(tmp_path / "out").users["gender"].tolist() == ["F", "M"]

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from recalign.data.rawfile import check_raw_file
 from recalign.errors import DataError
 
 ITEM_COLUMNS = ["item_id", "original_id", "title", "categories", "text"]
@@ -145,6 +146,9 @@ class Dataset:
         if not meta.is_file():
             raise DataError("not a prepared dataset folder (no dataset.json); run `recalign data prepare` first",
                             path=path)
+        for name in ("dataset.json", "items.parquet", "users.parquet", "interactions.parquet"):
+            if (path / name).is_file():  # a clone without `git lfs pull` holds pointer files
+                check_raw_file(path / name)
         try:
             info = json.loads(meta.read_text())
         except json.JSONDecodeError as exc:

@@ -183,8 +183,6 @@ def load_tabular(raw: Path, options: TabularOptions) -> Dataset:
         if "rating" not in inter.columns:
             raise DataError("min_rating needs a rating column (set rating=COLUMN)", path=raw, field="min_rating")
         inter = inter[inter["rating"] >= options.min_rating]
-    if "timestamp" in inter.columns:
-        inter = inter.iloc[np.argsort(inter["timestamp"].to_numpy(), kind="stable")]
     repeated = inter.duplicated().to_numpy()  # with timestamps, build_dataset finds them; without, rows are equal
     if "timestamp" not in inter.columns and repeated.any():
         inter = inter[~repeated]
