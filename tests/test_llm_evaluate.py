@@ -84,3 +84,14 @@ def test_generated_lists_through_the_list_evaluator():
     assert m["ndcg@2"] == pytest.approx(2 / 3 / math.log2(3))
     assert m["valid_ratio"] == pytest.approx(2 / 3)
     assert m["repeat"] == pytest.approx((1 / 4) / 3)
+
+
+def test_category_metrics_run_inside_score_lists_when_their_inputs_are_given():
+    item_categories = torch.tensor([[1, 0], [1, 0], [0, 1], [0, 1]], dtype=torch.bool)
+    grounded = torch.tensor([[0, 1, 2, -1], [2, 3, -2, -2]])
+    extra = {"item_categories": item_categories, "row_category": torch.tensor([0, 1]), "p": 50, "rule": "MP"}
+    m = score_lists(ListInputs.from_generated(GeneratedLists(grounded), torch.tensor([0, 3]), 4, extra=extra), (4,))
+    # row 0: 2 of 4 entries in category 0 (m = 2, MP holds); row 1: 2 of 4 in category 1 (holds)
+    assert m["target_category_rate"] == pytest.approx(0.5) and m["category_rate_correct"] == 1.0
+    assert "target_category_rate" not in score_lists(ListInputs.from_generated(GeneratedLists(grounded),
+                                                                               torch.tensor([0, 3]), 4), (4,))
