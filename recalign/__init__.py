@@ -13,7 +13,9 @@ The main objects are reachable from the package itself and imported only on firs
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+
+# `typing` costs more to import than this whole module; type checkers treat this name like typing's.
+TYPE_CHECKING = False
 
 __version__ = "0.1.0"
 
@@ -68,7 +70,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
     from recalign.teachers.sasrec import SASRec
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     """Import the module behind a public name on first access and cache the attribute."""
     module = _LAZY.get(name)
     if module is None:
