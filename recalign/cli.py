@@ -152,13 +152,13 @@ def _parse_options(pairs: list[str]) -> dict:
     return options
 
 
-def _check_output(target: Path, marker: str | None = None) -> None:
-    """Refuse an --out we cannot write, or a non-empty folder that is not ours to replace (one without `marker`)."""
+def _check_output(target: Path, markers: tuple[str, ...] = ()) -> None:
+    """Refuse an --out we cannot write, or a non-empty folder that is not ours to replace (one without `markers`)."""
     problem = unwritable_reason(target)
     if problem is not None:
         raise OutputError(target, problem)
-    if marker is not None and target.exists() and not (target / marker).is_file() and \
-            (not target.is_dir() or any(target.iterdir())):
+    if markers and target.exists() and (not target.is_dir() or any(target.iterdir())) and \
+            not all((target / marker).is_file() for marker in markers):
         raise RecalignError(f"{target}: exists and is not a prepared dataset; choose another --out")
 
 
@@ -192,7 +192,7 @@ def data_prepare(
         from recalign.data.sources import prepare_source  # it checks --raw and says how to get missing data
 
         kwargs = _parse_options(options or [])
-        _check_output(out_dir, marker="dataset.json")
+        _check_output(out_dir, markers=("dataset.json", "interactions.parquet"))  # never replace a run folder
         dataset = prepare_source(source, str(raw) if raw is not None else None, **kwargs)
         with writing(out_dir):
             dataset.save(out_dir)  # atomic: a temp folder renamed into place

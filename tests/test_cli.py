@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import sys
 import types
@@ -265,3 +266,117 @@ def test_train_llm_sft_refuses_a_recipe_without_an_llm_sft_stage(tmp_path):
     assert result.exit_code == 2
     assert "no stage of kind 'llm-sft'" in result.output
     assert not (tmp_path / "run").exists()
+
+
+# ---- issue 9: unwritable outputs, run names, eval from another folder, report columns ------------------------
+
+def read_only_error(*args, **kwargs):
+    import errno
+
+    raise OSError(errno.EROFS, "Read-only file system", "somewhere/inside")
+
+
+GOOD_RECIPE = ("name: ok\ndata: {source: synthetic, options: {n_users: 20, n_items: 30, min_length: 5, "
+               "max_length: 8}}\neval: {ks: [5]}\nstages:\n  - {name: pop, kind: teacher, params: {model: popularity}}\n")
+
+
+def test_read_only_output_is_one_line_for_run_prepare_and_teacher(tmp_path, prepared, monkeypatch):
+    from recalign import io
+    from recalign.data.dataset import Dataset
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.yaml").write_text(GOOD_RECIPE)
+    monkeypatch.setattr(io, "write_bytes_atomic", read_only_error)  # every atomic file write hits a read-only disk
+    assert_one_line_error(invoke("run", "r.yaml", "--out", "run", "-q"), "cannot write run: Read-only file system")
+    assert_one_line_error(invoke("teacher", "train", "popularity", "--data", prepared, "--out", "t", "-q"),
+                          "cannot write t: Read-only file system")
+    monkeypatch.setattr(Dataset, "save", read_only_error)
+    assert_one_line_error(invoke("data", "prepare", "synthetic", "--out", "d", "n_users=20", "n_items=30",
+                                 "min_length=5", "max_length=8"), "cannot write d: Read-only file system")
+    assert only(tmp_path) == ["r.yaml", "tiny"]
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_parent_folder(tmp_path, prepared):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        (tmp_path / "r.yaml").write_text(GOOD_RECIPE)
+        assert_one_line_error(invoke("run", tmp_path / "r.yaml", "--out", locked / "run"), "cannot write", "run")
+        assert_one_line_error(invoke("data", "prepare", "synthetic", "--out", locked / "d"), "cannot write")
+        assert_one_line_error(invoke("teacher", "train", "popularity", "--data", prepared, "--out", locked / "t"),
+                              "cannot write")
+        assert only(locked) == []
+    finally:
+        locked.chmod(0o755)
+
+
+def test_output_under_a_file_is_refused_before_any_work(tmp_path, prepared):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "r.yaml").write_text(GOOD_RECIPE)
+    for args in (["run", tmp_path / "r.yaml", "--out", tmp_path / "afile" / "run"],
+                 ["data", "prepare", "synthetic", "--out", tmp_path / "afile" / "d"],
+                 ["teacher", "train", "popularity", "--data", prepared, "--out", tmp_path / "afile" / "t"]):
+        assert_one_line_error(invoke(*args), "cannot write", "afile is not a folder")
+    assert only(tmp_path) == ["afile", "r.yaml", "tiny"]
+
+
+def test_data_prepare_never_replaces_a_run_folder(tmp_path, prepared):
+    run_dir = tmp_path / "pop"
+    assert invoke("teacher", "train", "popularity", "--data", prepared, "--out", run_dir, "-q").exit_code == 0
+    before = only(run_dir)
+    assert_one_line_error(invoke("data", "prepare", "synthetic", "--out", run_dir), "not a prepared dataset")
+    assert only(run_dir) == before and "config.yaml" in before
+    # a prepared dataset folder is replaced, as before
+    result = invoke("data", "prepare", "synthetic", "--out", prepared, "n_users=20", "n_items=30", "min_length=5",
+                    "max_length=8")
+    assert result.exit_code == 0, result.output
+
+
+def test_run_name_cannot_leave_runs_folder(tmp_path, monkeypatch):
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    (work / "r.yaml").write_text(GOOD_RECIPE)
+    assert_one_line_error(invoke("run", "r.yaml", "name=../../x"), "name:", "plain folder name")
+    assert_one_line_error(invoke("run", "r.yaml", "name=" + "x" * 100_000), "name:", "at most 100 characters")
+    assert only(tmp_path) == ["a"] and only(work) == ["r.yaml"]
+
+
+def test_eval_does_not_depend_on_the_working_directory(tmp_path, prepared, monkeypatch):
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    prepared.rename(project / "data" / "tiny")
+    (project / "r.yaml").write_text("name: rel\ndata: {path: data/tiny}\neval: {ks: [5]}\n"
+                                    "stages:\n  - {name: pop, kind: teacher, params: {model: popularity}}\n")
+    monkeypatch.chdir(project)
+    result = invoke("run", "r.yaml", "--out", "runs/rel", "-q")
+    assert result.exit_code == 0, result.output
+    hr = json.loads((project / "runs" / "rel" / "metrics.json").read_text())["stages"]["pop"]["hr@5"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = invoke("eval", project / "runs" / "rel", "-q")
+    assert result.exit_code == 0, result.output
+    assert f"{hr:.4f}" in result.stdout
+    assert only(elsewhere) == []
+
+
+def test_report_with_unknown_column_lists_metrics_and_keeps_report(tmp_path, prepared):
+    run_dir = tmp_path / "pop"
+    assert invoke("teacher", "train", "popularity", "--data", prepared, "--out", run_dir, "-q").exit_code == 0
+    report = (run_dir / "report.md").read_bytes()
+    line = assert_one_line_error(invoke("report", run_dir, "--columns", "hr@10,foo@3"),
+                                 "--columns: unknown metric 'foo@3'", "available: ", "hr@10", "ndcg@20")
+    assert "foo@3" not in line.split("available:")[1]
+    assert (run_dir / "report.md").read_bytes() == report
+    result = invoke("report", run_dir, "--columns", "HR@10,ndcg@10")  # case does not matter
+    assert result.exit_code == 0 and "| popularity | popularity |" in (run_dir / "report.md").read_text()
+
+
+def test_unknown_option_is_one_line(tmp_path):
+    assert_one_line_error(invoke("run", tmp_path / "r.yaml", "--colour", "red"), "No such option: --colour",
+                          " run --help`")
+    assert_one_line_error(invoke("data", "prepare"), "Missing argument")
+    assert only(tmp_path) == []

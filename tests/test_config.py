@@ -207,3 +207,56 @@ def test_data_source_and_options_are_checked_when_the_recipe_loads(tmp_path):
         load_recipe(write(tmp_path, RECIPE.replace("source: synthetic", "source: netflix")))
     with pytest.raises(ConfigError, match=r"data\.raw: source 'movielens-100k' needs"):
         load_recipe(path, ["data.source=movielens-100k", "data.options={}"])
+
+
+# ---- issue 9: run names, empty or duplicate stages, huge input echoed ---------------------------------------
+
+@pytest.mark.parametrize("name, fragment", [
+    ("../../x", "plain folder name"), ("a/b", "plain folder name"), ("a\\b", "plain folder name"),
+    ("..", "must not start with '.'"), (".hidden", "must not start with '.'"), ("", "must not be empty"),
+    ("a\x00b", "control characters"), ("tab\there", "control characters"), ("n" * 101, "at most 100 characters"),
+])
+def test_run_name_must_be_a_plain_folder_name(name, fragment):
+    with pytest.raises(ConfigError) as info:
+        recipe_from_dict({"name": name, "data": {"source": "synthetic"}, "stages": [{"name": "a", "kind": "toy"}]})
+    message = str(info.value)
+    assert message.startswith("<recipe>: name: ") and fragment in message, message
+    assert "\n" not in message and len(message) < 200  # a 101-character name is not echoed in full
+    assert recipe_from_dict({"name": "n" * 100, "data": {"source": "synthetic"},
+                             "stages": [{"name": "a", "kind": "toy"}]}).name == "n" * 100
+
+
+def test_a_recipe_needs_at_least_one_stage(tmp_path):
+    with pytest.raises(ConfigError, match=r"recipe\.yaml \(override\): stages: a recipe needs at least one stage$"):
+        load_recipe(write(tmp_path, RECIPE), ["stages=[]"])
+    with pytest.raises(ConfigError, match=r"<recipe>: stages: missing required key"):
+        recipe_from_dict({"name": "x", "data": {"source": "synthetic"}})
+
+
+def test_duplicate_stage_names_are_one_short_line(tmp_path):
+    twice = RECIPE.replace("  - name: second", "  - name: first")
+    with pytest.raises(ConfigError) as info:
+        load_recipe(write(tmp_path, twice))
+    assert str(info.value) == f"{tmp_path / 'recipe.yaml'}: stages: two stages are named 'first'"
+
+
+def test_huge_override_key_and_value_are_truncated_in_errors(tmp_path):
+    huge = "k" * 100_000
+    with pytest.raises(ConfigError) as info:
+        load_recipe(write(tmp_path, RECIPE), [huge + "=1"])
+    assert str(info.value).endswith(": " + "k" * 60 + "...: unknown key")
+    with pytest.raises(ConfigError) as info:
+        load_recipe(write(tmp_path, RECIPE), ["stages.first.params.epochs=" + "9" * 50 + "x" * 100_000])
+    assert len(str(info.value)) < 300 and "..." in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_recipe(write(tmp_path, RECIPE), [huge])  # no '=': the whole argument is echoed, truncated
+    assert "k" * 60 + "..." in str(info.value) and len(str(info.value)) < 200
+
+
+def test_shorten_truncates_and_escapes_user_input():
+    from recalign.errors import quoted, shorten
+
+    assert shorten("abc") == "abc" and shorten("x" * 60) == "x" * 60
+    assert shorten("x" * 61) == "x" * 60 + "..." and shorten("y" * 100_000, 10) == "y" * 10 + "..."
+    assert shorten("a\x00b\nc") == "a\\x00b\\nc"  # control characters stay visible and on one line
+    assert quoted("z" * 70) == "'" + "z" * 60 + "...'"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import types
 
@@ -230,3 +231,86 @@ def test_failure_before_any_stage_finished_leaves_no_folder(tmp_path, dataset_di
     with pytest.raises(RecalignError, match="on purpose"):
         run_recipe(recipe(dataset_dir, first={"fail": True}), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+# ---- issue 9: permissions follow the umask, atomic helpers, absolute data paths ------------------------------
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def mode(path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_io_helpers_create_files_and_folders_with_the_umask(tmp_path, umask_022):
+    from recalign import io
+
+    assert io.umask() == 0o022 and io.file_mode() == 0o644 and io.dir_mode() == 0o755
+    assert mode(io.write_atomic(tmp_path / "a" / "b.txt", "hi")) == 0o644
+    assert mode(io.write_json(tmp_path / "c.json", {"x": np.int64(3), "t": torch.tensor([1.5])})) == 0o644
+    assert json.loads((tmp_path / "c.json").read_text()) == {"x": 3, "t": 1.5}
+    with io.atomic_folder(tmp_path / "folder") as tmp:
+        (tmp / "inside.txt").write_text("1")
+    assert mode(tmp_path / "folder") == 0o755 and (tmp_path / "folder" / "inside.txt").read_text() == "1"
+    os.umask(0o077)
+    assert mode(io.write_atomic(tmp_path / "private.txt", "p")) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "c.json", "folder", "private.txt"]  # no temp left
+
+
+def test_atomic_helpers_leave_the_old_version_when_writing_fails(tmp_path):
+    from recalign import io
+
+    io.write_atomic(tmp_path / "f.txt", "old")
+    with pytest.raises(RuntimeError):
+        with io.atomic_path(tmp_path / "f.txt") as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with io.atomic_folder(tmp_path / "d") as tmp:
+            (tmp / "new.txt").write_text("new")
+            raise RuntimeError("killed")
+    assert (tmp_path / "f.txt").read_text() == "old" and only_names(tmp_path / "d") == ["old.txt"]
+    assert only_names(tmp_path) == ["d", "f.txt"]
+    with io.atomic_folder(tmp_path / "d") as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert only_names(tmp_path / "d") == ["new.txt"]
+
+
+def only_names(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_run_folder_files_follow_the_umask(tmp_path, dataset_dir, umask_022):
+    run_dir = tmp_path / "run"
+    run_recipe(recipe(dataset_dir), run_dir, progress=False)
+    for name in ("config.yaml", "dataset.json", "metrics.json", "report.md", "log.txt",
+                 "stages/first/metrics.json", "stages/first/DONE", "stages/second/artifact.txt"):
+        assert mode(run_dir / name) == 0o644, name
+    for name in ("", "stages", "stages/first", "stages/second"):
+        assert mode(run_dir / name) == 0o755, name
+
+
+def test_run_records_absolute_data_paths(tmp_path, dataset_dir, monkeypatch):
+    monkeypatch.chdir(dataset_dir.parent)
+    spec = recipe_from_dict({"name": "rel", "data": {"path": dataset_dir.name},
+                             "stages": [{"name": "first", "kind": "toy"}]})
+    run_recipe(spec, tmp_path / "run", progress=False)
+    from recalign.config import load_recipe
+
+    assert load_recipe(tmp_path / "run" / "config.yaml").data.path == str(dataset_dir.resolve())
+    assert spec.data.path == dataset_dir.name  # the caller's recipe is not modified
+
+
+def test_unwritable_run_folder_is_refused_before_any_work(tmp_path, dataset_dir):
+    from recalign.errors import OutputError
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputError, match=r"cannot write .*afile/run: .*afile is not a folder"):
+        run_recipe(recipe(dataset_dir), tmp_path / "afile" / "run", progress=False)
+    assert CALLS == []
