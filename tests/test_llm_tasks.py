@@ -194,3 +194,66 @@ def test_rows_take_keeps_extras_aligned():
     assert picked.targets.tolist() == [5, 1]
     assert picked.candidates == [rows.candidates[2], rows.candidates[0]]
     assert picked.next_items == [[5], [1]]
+
+
+# ---- the open registry ---------------------------------------------------------------------------------------
+
+class ControlTask:
+    """A task defined outside recalign: history + a requested category (+C / -C) -> a title within it."""
+
+    kind = "test_control"
+
+    def __init__(self, max_history: int = 2):
+        self.max_history = max_history
+
+    def row_messages(self, rows, index, titles):
+        history = ", ".join(titles[i] for i in rows.histories[index][-self.max_history:])
+        return [{"role": "user", "content": f"After {history}, recommend one {rows.categories[index]} book."}]
+
+    def row_completion(self, rows, index, titles):
+        return f'"{titles[int(rows.targets[index])]}" ({rows.labels[index]})'
+
+    def train_rows(self, dataset, split):
+        return train_rows(dataset, split, self.max_history)
+
+    def eval_rows(self, dataset, split, part="test", seed=0):
+        return eval_rows(dataset, split, part, self.max_history)
+
+
+def test_a_task_registered_from_outside_is_found_and_builds_examples():
+    import dataclasses
+
+    from recalign.llm import tasks
+
+    tasks.register_task("test_control", ControlTask)
+    try:
+        task = tasks.get_task("test_control", max_history=1)
+        assert isinstance(task, tasks.Task) and "test_control" in tasks.task_kinds()
+        rows = rows_from_sequences([[0, 1, 2], [3, 4]], max_history=5)
+        rows = dataclasses.replace(rows, categories=["+Fantasy", "-Horror"], labels=["yes", "no"])
+        picked = rows.take([1, 0])  # the per-row control fields follow the rows
+        assert picked.categories == ["-Horror", "+Fantasy"] and picked.labels == ["no", "yes"]
+        examples = sft_examples(task, picked, [f"T{i}" for i in range(5)], PlainTokenizer())
+        assert examples[0]["prompt"] == "user: After T3, recommend one -Horror book.\nassistant: "
+        assert examples[0]["completion"] == '"T4" (no)'
+        assert examples[1]["prompt"] == "user: After T1, recommend one +Fantasy book.\nassistant: "
+        assert examples[1]["completion"] == '"T2" (yes)'
+        with pytest.raises(ConfigError, match="already registered"):
+            tasks.register_task("test_control", lambda **options: ControlTask(**options))
+        with pytest.raises(ConfigError, match="does not implement"):
+            tasks.register_task("test_broken", lambda: object())
+            tasks.get_task("test_broken")
+    finally:
+        tasks.TASKS.pop("test_control", None)
+        tasks.TASKS.pop("test_broken", None)
+    with pytest.raises(ConfigError, match="unknown LLM task"):
+        tasks.get_task("test_control")
+
+
+def test_task_options_are_checked():
+    from recalign.llm.tasks import get_task
+
+    with pytest.raises(ConfigError, match="k"):
+        get_task("seqrec", k=0)
+    with pytest.raises(ConfigError, match="n_candidates"):
+        get_task("ranking", n_candidates=1)

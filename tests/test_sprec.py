@@ -182,7 +182,7 @@ def test_loop_pairs_are_own_grounded_answers_and_resume_after_a_kill(tmp_path):
         hits = np.mean([a["target"] in a["top_k"][:5] for a in answers])  # the per-row file gives back HR@5
         assert hits == pytest.approx(summary["iterations"][iteration]["hr@5"])
     # paired bootstrap against SFT; a checkpoint without per-row answers is re-evaluated and must reproduce itself
-    from recalign.methods.sprec import compare_against_sft
+    from recalign.methods.sprec_report import compare_against_sft
 
     (tmp_path / "sprec" / "iter_1" / "eval_answers.jsonl").unlink()
     intervals = compare_against_sft(config, dataset, split, tmp_path, keys=("hr@5", "or_ratio@5"), n_resamples=50)
@@ -198,7 +198,7 @@ def test_loop_pairs_are_own_grounded_answers_and_resume_after_a_kill(tmp_path):
     saved = (tmp_path / "sprec" / "iter_2" / "eval_answers_8rows.jsonl").read_text().splitlines()
     assert len(saved) == 8 and len(fewer) == 2  # other rows: evaluated again into their own file, own answers kept
     assert len((tmp_path / "sprec" / "iter_2" / "eval_answers.jsonl").read_text().splitlines()) == 16
-    from recalign.methods.sprec import iteration_table, plot_iterations
+    from recalign.methods.sprec_report import iteration_table, plot_iterations
 
     table = iteration_table(summary)
     assert table.count("\n| sprec |") == 2 and "| sft | 0 |" in table

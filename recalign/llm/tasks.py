@@ -8,15 +8,20 @@ completion the model should write. Tasks:
   k titles (k > 1).
 - `RankingTask`: history titles + a shuffled candidate list (target + sampled negatives) -> the chosen title.
 
+The registry is open: anything that follows the `Task` protocol (`row_messages`, `row_completion`, `train_rows`,
+`eval_rows`) is registered with `register_task(kind, factory)` and found with `get_task(kind, **options)`; rows carry
+optional control categories, candidates and labels for tasks that need them (controllable rec, yes/no, CoT).
+
 `parse_titles` turns a model's answer back into titles and survives malformed output (empty, no quotes, no
 numbering, chatter around the list, unicode, very long text).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Any, Callable, Literal, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -36,16 +41,18 @@ class Rows:
     targets: np.ndarray
     next_items: list[list[int]] | None = None   # the target and the items after it (list answers)
     candidates: list[list[int]] | None = None   # ranking: a shuffled candidate list containing the target
+    categories: list[str | None] | None = None  # control tasks: the requested category per row, e.g. "+Fantasy"
+    labels: list[Any] | None = None             # label tasks (yes/no, rating, CoT text): the expected label per row
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def take(self, index: Sequence[int] | np.ndarray) -> "Rows":
-        """The rows at `index`, in that order."""
+        """The rows at `index`, in that order (every optional per-row field follows)."""
         index = np.asarray(index, dtype=np.int64)
         pick = (lambda xs: None if xs is None else [xs[i] for i in index])
         return Rows(self.users[index], [self.histories[i] for i in index], self.targets[index],
-                    pick(self.next_items), pick(self.candidates))
+                    pick(self.next_items), pick(self.candidates), pick(self.categories), pick(self.labels))
 
 
 def rows_from_sequences(sequences: Sequence[Sequence[int]], max_history: int = 10, rows_per_sequence: int = 1,
@@ -110,13 +117,50 @@ def add_candidates(rows: Rows, n_items: int, n_negatives: int, seed: int) -> Row
     pool = np.concatenate([rows.targets[:, None], negatives], axis=1)
     order = np.random.default_rng(seed).random(pool.shape).argsort(axis=1)  # a seeded shuffle per row
     shuffled = np.take_along_axis(pool, order, axis=1)
-    return Rows(rows.users, rows.histories, rows.targets, rows.next_items, shuffled.tolist())
+    return dataclasses.replace(rows, candidates=shuffled.tolist())
 
 
 # ---- tasks ---------------------------------------------------------------------------------------------------
 
 
-class SeqRecTask(BaseModel):
+@runtime_checkable
+class Task(Protocol):
+    """What a task must do: one row -> chat messages and the expected completion; rows from a dataset + split."""
+
+    kind: str
+
+    def row_messages(self, rows: Rows, index: int, titles: Sequence[str]) -> list[dict[str, str]]:
+        """Chat messages (system/user turns) for row `index`."""
+        ...
+
+    def row_completion(self, rows: Rows, index: int, titles: Sequence[str]) -> str:
+        """The answer the model should write for row `index` (EOS is appended by the trainer)."""
+        ...
+
+    def train_rows(self, dataset, split) -> Rows:
+        """Training rows from the split's train part."""
+        ...
+
+    def eval_rows(self, dataset, split, part: str = "test", seed: int = 0) -> Rows:
+        """Evaluation rows of `part`."""
+        ...
+
+
+class TitleTask:
+    """Mixin for tasks written as `row_titles` + `messages(history, candidates)` + `completion(titles)`."""
+
+    def row_messages(self, rows: Rows, index: int, titles: Sequence[str]) -> list[dict[str, str]]:
+        """Chat messages for row `index`, from its history (and candidate) titles."""
+        history, _, candidates = self.row_titles(rows, index, titles)
+        return self.messages(history, candidates)
+
+    def row_completion(self, rows: Rows, index: int, titles: Sequence[str]) -> str:
+        """The answer naming row `index`'s answer titles."""
+        return self.completion(self.row_titles(rows, index, titles)[1])
+
+
+
+class SeqRecTask(TitleTask, BaseModel):
     """History titles -> the next item's title (k = 1) or a numbered list of the next k titles."""
 
     model_config = ConfigDict(extra="forbid")
@@ -153,7 +197,7 @@ class SeqRecTask(BaseModel):
         return eval_rows(dataset, split, part, self.max_history, n_next=self.k)
 
 
-class RankingTask(BaseModel):
+class RankingTask(TitleTask, BaseModel):
     """History titles + a numbered candidate list (target + sampled negatives, shuffled) -> the chosen title."""
 
     model_config = ConfigDict(extra="forbid")
@@ -194,15 +238,50 @@ class RankingTask(BaseModel):
         return add_candidates(rows, dataset.n_items, self.n_candidates - 1, seed)
 
 
-Task = SeqRecTask | RankingTask
-TASKS: dict[str, type[BaseModel]] = {"seqrec": SeqRecTask, "ranking": RankingTask}
+TaskFactory = Callable[..., Task]
+TASKS: dict[str, TaskFactory] = {}
 
 
-def get_task(kind: str, **options: object) -> Task:
-    """A task by kind ('seqrec' | 'ranking') with its options."""
+def register_task(kind: str, factory: TaskFactory | None = None, *, replace: bool = False):
+    """Register a task factory (a class or function taking options) under `kind`; usable as a decorator.
+
+    Re-registering a kind is an error unless `replace` (so two tasks never silently share a name).
+    """
+    def add(task_factory: TaskFactory) -> TaskFactory:
+        if not kind or not isinstance(kind, str):
+            raise ConfigError("register_task: kind must be a non-empty string")
+        if kind in TASKS and TASKS[kind] is not task_factory and not replace:
+            raise ConfigError(f"LLM task {kind!r} is already registered")
+        TASKS[kind] = task_factory
+        return task_factory
+
+    return add if factory is None else add(factory)
+
+
+def task_kinds() -> list[str]:
+    """Every registered task kind, sorted."""
+    return sorted(TASKS)
+
+
+def get_task(kind: str, **options: Any) -> Task:
+    """A registered task by kind with its options (unknown kinds and bad options are config errors)."""
+    from pydantic import ValidationError
+
     if kind not in TASKS:
-        raise ConfigError(f"unknown LLM task {kind!r}; choose one of: {', '.join(sorted(TASKS))}")
-    return TASKS[kind](**options)
+        raise ConfigError(f"unknown LLM task {kind!r}; choose one of: {', '.join(task_kinds())}")
+    try:
+        task = TASKS[kind](**options)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or kind
+        raise ConfigError(f"LLM task {kind!r}: {where}: {first.get('msg', 'invalid value')}") from None
+    if not isinstance(task, Task):
+        raise ConfigError(f"LLM task {kind!r}: {type(task).__name__} does not implement the Task protocol")
+    return task
+
+
+register_task("seqrec", SeqRecTask)
+register_task("ranking", RankingTask)
 
 
 # ---- examples --------------------------------------------------------------------------------------------------
@@ -210,18 +289,13 @@ def get_task(kind: str, **options: object) -> Task:
 
 def prompts_for(task: Task, rows: Rows, titles: Sequence[str], tokenizer) -> list[str]:
     """The rendered prompt string of every row (chat template applied, assistant turn open)."""
-    out = []
-    for index in range(len(rows)):
-        history, _, candidates = task.row_titles(rows, index, titles)
-        out.append(render_prompt(tokenizer, task.messages(history, candidates)))
-    return out
+    return [render_prompt(tokenizer, task.row_messages(rows, index, titles)) for index in range(len(rows))]
 
 
 def sft_examples(task: Task, rows: Rows, titles: Sequence[str], tokenizer) -> list[dict[str, str]]:
     """{prompt, completion} per row: the rendered prompt and the answer text (EOS is appended by the trainer)."""
     prompts = prompts_for(task, rows, titles, tokenizer)
-    return [{"prompt": prompt, "completion": task.completion(task.row_titles(rows, i, titles)[1])}
-            for i, prompt in enumerate(prompts)]
+    return [{"prompt": prompt, "completion": task.row_completion(rows, i, titles)} for i, prompt in enumerate(prompts)]
 
 
 def to_hf_dataset(examples: list[dict]):

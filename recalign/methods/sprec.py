@@ -14,17 +14,19 @@ The algorithm, as `run_sprec` runs it (one template for SFT, generation and DPO:
             drop rows where y⁻ = y⁺ or y⁻ is not a catalog item        (recalign; the original checks neither)
             θ ← SFT step(θ, rows with y⁺)                             continue the adapter on the positives
             θ ← DPO(θ, π_ref = θ frozen, (P, y⁺, y⁻), β)
-            evaluate(θ); save θ to iter_<i>/ ; state.json ← i         a killed loop resumes after the last i
+            evaluate(θ); commit θ to <v>/iter_<i>/                    a killed loop resumes after the last i
 
 Evaluation (metrics.md §2.3, protocol `sprec_rows`): greedy generation, the first quoted title is embedded and
 the K nearest catalog titles are the top-K list; HR/NDCG@K, DivRatio@K, ORRatio@K, MGU@K, DGU@K and AvgPop@K.
+
+Shared blocks: checkpoints, state and resume are `recalign.methods.iterations.IterationStore`; SFT and DPO are
+`recalign.llm.train` / `recalign.llm.dpo` over `recalign.llm.trainer`; tables, plots, the paired comparison with
+SFT and the recipe stage are in `recalign.methods.sprec_report`.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
@@ -35,14 +37,17 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from recalign.errors import ConfigError
 from recalign.eval import beyond
-from recalign.llm.dpo import DPOSettings, LoraSettings
+from recalign.llm.dpo import DPOSettings
 from recalign.llm.grounding import GroundingConfig
 from recalign.llm.train import SFTSettings
 from recalign.llm.tasks import Rows, SeqRecTask, eval_rows, prompts_for, sample_rows
 from recalign.llm.tasks import train_rows as task_train_rows
+from recalign.llm.trainer import LoraSettings
+from recalign.methods.iterations import IterationStore
 
 VARIANTS = ("sft", "dpo_random", "sprec")
 STATE_FILE = "state.json"
+MARKER = "metrics.json"  # an iteration folder is finished when its record exists (written last, then renamed)
 RESUMABLE_FIELDS = {"variants", "iterations", "compare_resamples"}  # may change between attempts on one work folder
 
 
@@ -166,14 +171,13 @@ def run_sprec(config: SPRecConfig, dataset, split, work_dir: str | Path, *, prog
     """Run SFT and every configured variant for `config.iterations` iterations, resuming from `work_dir`.
 
     Returns {"iterations": [{variant, iteration, metrics...}, ...], "final": {variant: metrics}}; the same table
-    is kept in work_dir/state.json after every finished iteration.
+    is kept in work_dir/state.json after every finished iteration (`recalign.methods.iterations`).
     """
     from recalign.llm.grounding import make_grounder
 
-    work = Path(work_dir)
-    work.mkdir(parents=True, exist_ok=True)
+    store = IterationStore(work_dir, _fingerprint(config), marker=MARKER, state_file=STATE_FILE,
+                           key_fields=("variant", "iteration"))
     say = log or (lambda message: None)
-    state = _load_state(work, config)
     titles = dataset.titles()
     grounder = make_grounder(config.grounding, titles)
     train = train_rows(dataset, split, config.max_history, config.train_users)
@@ -181,31 +185,24 @@ def run_sprec(config: SPRecConfig, dataset, split, work_dir: str | Path, *, prog
         raise ConfigError("SPRec: no train rows (every user needs >= 2 train interactions)")
     evaluate = _make_evaluator(config, dataset, split, grounder, progress)
 
-    # Stage 0: SFT on train rows -> the "sft" variant (iteration 0 of every variant).
-    sft_dir = work / "sft"
-    if not _finished(sft_dir):
+    # Stage 0: θ₀ ← SFT(base + LoRA, train rows): the "sft" variant and iteration 0 of every variant.
+    sft_dir = store.folder("sft")
+    if not store.done(sft_dir):
         say("stage 0: SFT")
         model, tokenizer = _base_model(config)
         rows = sample_rows(train, config.sft_rows, config.seed)
-        model = _sft(model, tokenizer, rows, titles, config.sft, config, work / "tmp", progress)
+        model = _sft(model, tokenizer, rows, titles, config.sft, config, store.scratch, progress)
         metrics = evaluate(model, tokenizer)
-        _save_checkpoint(model, tokenizer, sft_dir, {"variant": "sft", "iteration": 0, **metrics},
-                         extra=lambda tmp: _write_jsonl(tmp / "eval_answers.jsonl", evaluate.answers_))
-        state["iterations"] = [r for r in state["iterations"] if r["iteration"] != 0]
-        state["iterations"].append({"variant": "sft", "iteration": 0, **metrics})
-        _write_state(work, state)
+        store.commit(sft_dir, {"variant": "sft", "iteration": 0, **metrics},
+                     _checkpoint_writer(model, tokenizer, evaluate.answers_))
         del model
 
     for variant in [v for v in config.variants if v != "sft"]:
-        for iteration in range(1, config.iterations + 1):
-            folder = work / variant / f"iter_{iteration}"
-            if _finished(folder):
-                continue  # a finished iteration is never recomputed
+        for iteration in store.pending(variant, config.iterations):  # finished iterations are never recomputed
             if on_iteration_start is not None:
                 on_iteration_start(variant, iteration)
             say(f"{variant}: iteration {iteration}/{config.iterations}")
-            previous = sft_dir if iteration == 1 else work / variant / f"iter_{iteration - 1}"
-            model, tokenizer = _load_checkpoint(previous, config)
+            model, tokenizer = _load_checkpoint(store.previous(variant, iteration, sft_dir), config)
             seed = config.seed + 1000 * VARIANTS.index(variant) + iteration
             prompts = sample_rows(train, config.n_pairs, seed)
             if variant == "sprec":  # y⁻ = the current model's own top prediction, grounded
@@ -219,28 +216,23 @@ def run_sprec(config: SPRecConfig, dataset, split, work_dir: str | Path, *, prog
                     f"target, {pairs.dropped_ungrounded} ungrounded); the model is unchanged")
             else:
                 if config.sft_step is not None:  # continue the adapter on the positives, then DPO from there
-                    model = _sft(model, tokenizer, pairs.rows, titles, config.sft_step, config,
-                                 work / "tmp", progress)
-                model, dpo_log = _dpo(model, tokenizer, pairs, titles, config, work / "tmp", progress)
+                    model = _sft(model, tokenizer, pairs.rows, titles, config.sft_step, config, store.scratch,
+                                 progress)
+                model, dpo_log = _dpo(model, tokenizer, pairs, titles, config, store.scratch, progress)
             metrics = evaluate(model, tokenizer)
             record = {"variant": variant, "iteration": iteration, **metrics, **dpo_log,
                       "pairs": len(pairs), "dropped_equal": pairs.dropped_equal,
                       "dropped_ungrounded": pairs.dropped_ungrounded}
-            _save_checkpoint(model, tokenizer, folder, record,
-                             extra=lambda tmp: (_write_pairs(tmp / "pairs.jsonl", pairs, titles),
-                                                _write_jsonl(tmp / "eval_answers.jsonl", evaluate.answers_)))
-            state["iterations"] = [r for r in state["iterations"]
-                                   if (r["variant"], r["iteration"]) != (variant, iteration)]
-            state["iterations"].append(record)
-            _write_state(work, state)
+            store.commit(store.folder(variant, iteration), record,
+                         _checkpoint_writer(model, tokenizer, evaluate.answers_, pairs, titles))
             del model
-    shutil.rmtree(work / "tmp", ignore_errors=True)
-    return _summary(state, config)
+    store.clean_scratch()
+    return _summary(store.records, config)
 
 
-def _summary(state: dict, config: SPRecConfig) -> dict:
+def _summary(records: list[dict], config: SPRecConfig) -> dict:
     """Rows sorted by (variant, iteration) and the last iteration of each variant."""
-    rows = sorted(state["iterations"], key=lambda r: (VARIANTS.index(r["variant"]), r["iteration"]))
+    rows = sorted(records, key=lambda r: (VARIANTS.index(r["variant"]), r["iteration"]))
     final: dict[str, dict] = {}
     for record in rows:
         if record["variant"] == "sft" or record["variant"] in config.variants:
@@ -328,115 +320,35 @@ def checkpoint_folders(work_dir: str | Path) -> dict[tuple[str, int], Path]:
     return dict(sorted(found.items(), key=lambda item: (VARIANTS.index(item[0][0]), item[0][1])))
 
 
-def compare_against_sft(config: SPRecConfig, dataset, split, work_dir: str | Path,
-                          keys: tuple[str, ...] = ("hr@5", "ndcg@5", "div_ratio@5", "or_ratio@5", "mgu@5", "dgu@5"),
-                          n_resamples: int = 1000, seed: int = 0, progress: bool = False,
-                          log: Callable[[str], None] | None = None, eval_rows: int | None = None) -> list[dict]:
-    """(checkpoint - SFT) on the same evaluation rows, for every finished checkpoint of a run.
-
-    `eval_rows` (optional) compares on a different number of evaluation rows than the run used (e.g. more, for
-    tighter intervals): every checkpoint is then evaluated on them once, into eval_answers_<n>rows.jsonl.
-
-    Two paired analyses: a bootstrap interval (sound for the per-row means HR and NDCG; resampling duplicates rows,
-    which biases set metrics such as DivRatio) and a permutation test that swaps the two models' lists row by row
-    (sound for every metric). Uses each checkpoint's eval_answers.jsonl; a checkpoint saved without one (older
-    runs) is evaluated again from its adapter, and the recomputed metrics must equal the stored ones.
-    Returns [{"variant", "iteration", "bootstrap": {key: {a, b, diff, low, high}},
-              "permutation": {key: {a, b, diff, p_value}}}].
-    """
-    from recalign.eval.bootstrap import paired_bootstrap, paired_permutation_test
-    from recalign.llm.grounding import make_grounder
-
-    say = log or (lambda message: None)
-    own_rows = eval_rows is None or eval_rows == config.eval_rows
-    if not own_rows:
-        config = config.model_copy(update={"eval_rows": eval_rows})
-    answers_file = "eval_answers.jsonl" if own_rows else f"eval_answers_{eval_rows}rows.jsonl"
-    evaluate = _make_evaluator(config, dataset, split, make_grounder(config.grounding, dataset.titles()), progress)
-    folders = checkpoint_folders(work_dir)
-    if ("sft", 0) not in folders:
-        raise ConfigError(f"{work_dir}: no finished SFT checkpoint to compare against")
-    rows = evaluate.rows
-    lists: dict[tuple[str, int], torch.Tensor] = {}
-    for key, folder in folders.items():
-        path = folder / answers_file
-        if not path.is_file():
-            say(f"{key[0]} iteration {key[1]}: no per-row answers on these rows yet; evaluating the checkpoint")
-            model, tokenizer = _load_checkpoint(folder, config)
-            metrics = evaluate(model, tokenizer)
-            stored = json.loads((folder / "metrics.json").read_text())
-            changed = [k for k in keys if abs(metrics[k] - stored[k]) > 1e-9] if own_rows else []
-            if changed:
-                raise ConfigError(f"{folder}: re-evaluation does not reproduce the stored {', '.join(changed)}")
-            _write_jsonl(path, evaluate.answers_)
-            del model
-        answers = [json.loads(line) for line in path.read_text().splitlines()]
-        if [a["user"] for a in answers] != rows.users.tolist():
-            raise ConfigError(f"{path}: rows differ from this config's evaluation rows")
-        lists[key] = torch.tensor([a["top_k"] for a in answers], dtype=torch.long)
-
-    def on_rows(key):
-        return lambda index: evaluate.score(lists[key], index)
-
-    out = []
-    for key in folders:
-        if key == ("sft", 0):
-            continue
-        out.append({"variant": key[0], "iteration": key[1],
-                    "bootstrap": paired_bootstrap(on_rows(key), on_rows(("sft", 0)), len(rows), keys, n_resamples,
-                                                  seed=seed),
-                    "permutation": paired_permutation_test(lists[key], lists[("sft", 0)], evaluate.score, keys,
-                                                           n_resamples, seed=seed)})
-    return out
-
-
 # ---- checkpoints and state --------------------------------------------------------------------------------
 
 def _finished(folder: Path) -> bool:
-    return (folder / "metrics.json").is_file()
+    """A finished checkpoint folder (the iteration store's marker is written last)."""
+    return (folder / MARKER).is_file()
 
 
-def _save_checkpoint(model, tokenizer, folder: Path, record: dict,
-                     extra: Callable[[Path], None] | None = None) -> None:
-    """Adapter + tokenizer + metrics.json (+ `extra` files), written to a temp folder and renamed into place, so a
-    kill leaves no half-written iteration."""
-    from recalign.runs import write_json
-
-    tmp = folder.parent / f".{folder.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if extra is not None:
-        extra(tmp)
-    model.save_pretrained(tmp / "adapter")
-    tokenizer.save_pretrained(tmp / "adapter")
-    write_json(tmp / "metrics.json", record)
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+def _fingerprint(config: SPRecConfig) -> dict:
+    """What the stored iterations depend on: the config without the fields that may grow between attempts."""
+    return config.model_dump(mode="json", exclude=RESUMABLE_FIELDS)
 
 
-def _load_state(work: Path, config: SPRecConfig) -> dict:
-    """The iteration table so far; a state from a different config is an error rather than silently mixed."""
-    path = work / STATE_FILE
-    fingerprint = config.model_dump(mode="json", exclude=RESUMABLE_FIELDS)
-    if not path.is_file():
-        return {"config": fingerprint, "iterations": []}
-    state = json.loads(path.read_text())
-    if state.get("config") != fingerprint:
-        raise ConfigError(f"{path}: written by a different SPRec config; use a fresh work folder")
-    return state
+def _checkpoint_writer(model, tokenizer, answers: list[dict], pairs: "Pairs | None" = None,
+                       titles: list[str] | None = None) -> Callable[[Path], None]:
+    """What one checkpoint folder holds: the adapter (+ tokenizer), eval_answers.jsonl and, after DPO, pairs.jsonl."""
+    def write(tmp: Path) -> None:
+        if pairs is not None:
+            _write_pairs(tmp / "pairs.jsonl", pairs, titles or [])
+        _write_jsonl(tmp / "eval_answers.jsonl", answers)
+        model.save_pretrained(tmp / "adapter")
+        tokenizer.save_pretrained(tmp / "adapter")
 
+    return write
 
-def _write_state(work: Path, state: dict) -> None:
-    from recalign.runs import write_json
-
-    state["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    write_json(work / STATE_FILE, state)  # atomic: temp file + rename
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
     """One JSON record per line, written atomically."""
-    from recalign.runs import write_atomic
+    from recalign.io import write_atomic
 
     write_atomic(path, "".join(json.dumps(record) + "\n" for record in records))
 
@@ -516,108 +428,25 @@ def _dpo(model, tokenizer, pairs: Pairs, titles: list[str], config: SPRecConfig,
     return result.model, result.summary()
 
 
-# ---- report: one table of all variants per iteration, and NDCG@5 / DivRatio@5 over iterations ----------
-
-TABLE_COLUMNS = ("hr@5", "ndcg@5", "div_ratio@5", "or_ratio@5", "mgu@5", "dgu@5", "avg_pop@5", "valid_ratio",
-                 "pairs")
-
-
-def iteration_table(summary: dict, columns: tuple[str, ...] = TABLE_COLUMNS) -> str:
-    """Markdown table: one row per (variant, iteration)."""
-    head = "| variant | iteration | " + " | ".join(columns) + " |"
-    lines = [head, "|" + "---|" * (len(columns) + 2)]
-    for record in summary["iterations"]:
-        cells = []
-        for c in columns:
-            value = record.get(c)
-            cells.append("" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value)))
-        lines.append(f"| {record['variant']} | {record['iteration']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def comparison_table(comparisons: list[dict]) -> str:
-    """Markdown: per checkpoint and metric, the difference to SFT, its 95% paired bootstrap interval (read it for
-    HR/NDCG) and the permutation-test p-value (valid for every metric)."""
-    keys = list(comparisons[0]["bootstrap"]) if comparisons else []
-    lines = ["| variant | iteration | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 2)]
-    for r in comparisons:
-        cells = [f"{r['bootstrap'][k]['diff']:+.4f} [{r['bootstrap'][k]['low']:+.4f}, {r['bootstrap'][k]['high']:+.4f}]"
-                 f" p={r['permutation'][k]['p_value']:.3f}" for k in keys]
-        lines.append(f"| {r['variant']} | {r['iteration']} | " + " | ".join(cells) + " |")
-    return ("Difference to SFT on the same rows: diff [95% paired bootstrap interval] p = paired permutation test\n\n"
-            + "\n".join(lines) + "\n")
-
-
-def plot_iterations(summary: dict, path: str | Path, metrics: tuple[str, ...] = ("ndcg@5", "div_ratio@5")) -> Path:
-    """PNG of each metric over iterations, one line per variant; every variant starts from the SFT model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = summary["iterations"]
-    sft = next((r for r in records if r["variant"] == "sft"), None)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6))
-    for axis, metric in zip(np.atleast_1d(axes), metrics):
-        for variant in ("dpo_random", "sprec"):
-            points = sorted((r["iteration"], r[metric]) for r in records if r["variant"] == variant and metric in r)
-            if sft is not None and points:
-                points = [(0, sft[metric])] + points
-            if points:
-                xs, ys = zip(*points)
-                axis.plot(xs, ys, marker="o", label={"dpo_random": "DPO (random negatives)", "sprec": "SPRec"}[variant])
-        if sft is not None and metric in sft:
-            axis.axhline(sft[metric], color="grey", linestyle="--", label="SFT")
-        axis.set_xlabel("iteration")
-        axis.set_title(metric.replace("_", " ").replace("div ratio", "DivRatio").upper().replace("DIVRATIO", "DivRatio"))
-        axis.grid(alpha=0.3)
-        axis.xaxis.get_major_locator().set_params(integer=True)
-    np.atleast_1d(axes)[0].legend(fontsize=8)
-    fig.tight_layout()
-    out = Path(path)
-    tmp = out.with_name(f".{out.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
-
-
-# ---- the recipe stage ---------------------------------------------------------------------------------------
+# ---- the recipe stage (glue, report and statistics: `recalign.methods.sprec_report`) -----------------------
 
 def _run_stage(ctx, params: SPRecConfig) -> dict:
-    """Recipe stage "sprec": run the loop in a persistent work folder (resumable), then report into the stage."""
-    from recalign.config import stable_hash
-    from recalign.runs import write_atomic, write_json
+    """Recipe stage "sprec" (the glue lives in `recalign.methods.sprec_report.run_stage`)."""
+    from recalign.methods.sprec_report import run_stage
 
-    config = params if "seed" in params.model_fields_set else params.model_copy(update={"seed": ctx.seed})
-    if ctx.split is None:
-        raise ConfigError("the sprec stage needs a split")
-    # The stage folder is rebuilt from scratch on every attempt; iterations live outside it so a kill resumes.
-    key = stable_hash({"config": config.model_dump(mode="json", exclude=RESUMABLE_FIELDS),
-                       "data": ctx.dataset.fingerprint(), "split": ctx.recipe.split.model_dump(mode="json")})
-    work = ctx.run_dir / "work" / f"{ctx.stage.name if ctx.stage else 'sprec'}-{key}"
-    summary = run_sprec(config, ctx.dataset, ctx.split, work, progress=ctx.progress, log=ctx.log)
-    write_json(ctx.stage_dir / "iterations.json", summary["iterations"])
-    write_atomic(ctx.stage_dir / "iterations.md", iteration_table(summary))
-    plot_iterations(summary, ctx.stage_dir / "ndcg_divratio.png")
-    if config.compare_resamples > 0 and len(summary["iterations"]) > 1:
-        comparisons = compare_against_sft(config, ctx.dataset, ctx.split, work, n_resamples=config.compare_resamples,
-                                          seed=config.seed)
-        write_json(ctx.stage_dir / "comparison_vs_sft.json", comparisons)
-        write_atomic(ctx.stage_dir / "comparison_vs_sft.md", comparison_table(comparisons))
-    last = max(r["iteration"] for r in summary["iterations"])
-    (ctx.stage_dir / "final").mkdir()
-    for variant, record in summary["final"].items():
-        source = work / "sft" if variant == "sft" else work / variant / f"iter_{record['iteration']}"
-        shutil.copytree(source / "adapter", ctx.stage_dir / "final" / variant)
-    metrics: dict = {"protocol": "sprec_rows", "iterations": last, "work_dir": str(work)}
-    for variant, record in summary["final"].items():
-        for name, value in record.items():
-            if name not in ("variant", "iteration") and isinstance(value, (int, float)):
-                metrics[f"{variant}/{name}"] = value
-    if "sprec" in summary["final"]:  # the headline columns of `recalign report` read the SPRec model
-        metrics.update({k: v for k, v in summary["final"]["sprec"].items() if "@" in k})
-    return metrics
+    return run_stage(ctx, params)
+
+
+_MOVED_TO_REPORT = {"compare_against_sft", "iteration_table", "comparison_table", "plot_iterations", "TABLE_COLUMNS"}
+
+
+def __getattr__(name: str):
+    """The report helpers moved to `recalign.methods.sprec_report`; old imports from here keep working."""
+    if name in _MOVED_TO_REPORT:
+        from recalign.methods import sprec_report
+
+        return getattr(sprec_report, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _stage():
