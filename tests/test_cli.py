@@ -380,3 +380,20 @@ def test_unknown_option_is_one_line(tmp_path):
                           " run --help`")
     assert_one_line_error(invoke("data", "prepare"), "Missing argument")
     assert only(tmp_path) == []
+
+
+def test_prepared_dataset_and_run_folder_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        (tmp_path / "r.yaml").write_text(GOOD_RECIPE)
+        result = invoke("data", "prepare", "synthetic", "--out", tmp_path / "d", "n_users=20", "n_items=30",
+                        "min_length=5", "max_length=8")
+        assert result.exit_code == 0, result.output
+        assert invoke("run", tmp_path / "r.yaml", "--out", tmp_path / "run", "-q").exit_code == 0
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "d", tmp_path / "run", tmp_path / "run" / "data", tmp_path / "run" / "stages" / "pop"):
+        assert folder.stat().st_mode & 0o777 == 0o755, folder
+        for file in folder.iterdir():
+            if file.is_file():
+                assert file.stat().st_mode & 0o777 == 0o644, file

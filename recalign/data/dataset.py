@@ -17,6 +17,7 @@ import torch
 
 from recalign.data.rawfile import check_raw_file
 from recalign.errors import DataError
+from recalign.io import dir_mode
 
 ITEM_COLUMNS = ["item_id", "original_id", "title", "categories", "text"]
 USER_COLUMNS = ["user_id", "original_id"]
@@ -121,6 +122,7 @@ class Dataset:
         out = Path(directory)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        tmp.chmod(dir_mode())  # mkdtemp makes it private; a prepared dataset is a folder like any other
         try:
             self.items.to_parquet(tmp / "items.parquet", index=False)
             self.users.to_parquet(tmp / "users.parquet", index=False)
