@@ -314,3 +314,12 @@ def test_unwritable_run_folder_is_refused_before_any_work(tmp_path, dataset_dir)
     with pytest.raises(OutputError, match=r"cannot write .*afile/run: .*afile is not a folder"):
         run_recipe(recipe(dataset_dir), tmp_path / "afile" / "run", progress=False)
     assert CALLS == []
+
+
+def test_atomic_path_keeps_the_suffix_for_writers_that_add_one(tmp_path):
+    from recalign import io
+
+    with io.atomic_path(tmp_path / "emb.npy") as tmp:
+        assert tmp.suffix == ".npy" and tmp.parent == tmp_path
+        np.save(tmp, np.arange(3))
+    assert np.load(tmp_path / "emb.npy").tolist() == [0, 1, 2] and only_names(tmp_path) == ["emb.npy"]
