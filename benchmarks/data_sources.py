@@ -1,7 +1,8 @@
 """Read every real dataset in ../shared/data with its source, check the published counts, and time it.
 
 Usage: .venv/bin/python benchmarks/data_sources.py [--data ../shared/data]
-Writes benchmarks/results/data_sources.json and prints a table.
+Writes benchmarks/results/data_sources.json (one row per dataset, dated) and prints a table; exits 1 when a count differs from
+the one stated in ../shared/data/README.md.
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ CASES = [
     ("steam recgpt test", "recgpt-pickle", "steam-recgpt/data/test/steam", {"file": "test"}, (33_445, 11_060, 423_630)),
     ("steam recgpt cold_test", "recgpt-pickle", "steam-recgpt/data/test/steam", {"file": "cold_test"},
      (33_445, 6_713, 100_397)),
+    # the four folders added for issue 9; counts from ../shared/data/README.md
+    ("p5-text Beauty", "p5-text", "p5-text/beauty", {}, (22_363, 12_101, 198_502)),
+    ("p5-text Toys", "p5-text", "p5-text/toys", {}, (19_412, 11_924, 167_597)),
+    ("LLMRank Games-6k", "recbole", "amazon-games-llmrank", {}, (50_546, 16_859, 440_264)),
+    ("LC-Rec Office", "lcrec", "amazon-office-lcrec", {}, (4_905, 2_420, 53_258)),
+    ("ml-1m-sample", "movielens-1m", "ml-1m-sample", {}, (5_958, 3_312, 100_000)),
 ]
 
 
@@ -51,14 +58,18 @@ def main() -> None:
         seconds = time.perf_counter() - start
         got = (dataset.n_users, dataset.n_items, len(dataset.interactions))
         ok = all(e is None or e == g for e, g in zip(expected, got))
-        extra = {k: dataset.info[k] for k in ("unknown_titles", "records") if k in dataset.info}
+        extra = {k: dataset.info[k] for k in ("unknown_titles", "records", "warnings") if k in dataset.info}
+        features = [c for c in dataset.users.columns if c not in ("user_id", "original_id")]
+        if features:
+            extra["user_features"] = features
         rows.append({"dataset": label, "source": source, "options": options, "users": got[0], "items": got[1],
                      "interactions": got[2], "expected": list(expected), "matches": ok, "seconds": round(seconds, 3),
                      "items_with_title": int((dataset.items["title"] != "").sum()),
                      "categories": len(dataset.category_index()), **extra})
     out = ROOT / "benchmarks" / "results" / "data_sources.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2))
+    today = time.strftime("%Y-%m-%d")
+    out.write_text(json.dumps([{**r, "date": today} for r in rows], indent=2))
 
     table = Table(title="recalign sources on the real datasets")
     for column in ("dataset", "source", "users", "items", "interactions", "titles", "categories", "check",
@@ -73,6 +84,8 @@ def main() -> None:
                       f"{r['seconds']:.2f}")
     Console(width=140).print(table)
     print(f"wrote {out}")
+    if any(not r.get("matches", True) for r in rows):
+        raise SystemExit("some datasets do not match their published counts")
 
 
 if __name__ == "__main__":

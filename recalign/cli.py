@@ -254,6 +254,8 @@ def data_stats(
                 table.add_row(key.replace("_", " "), f"{stats[key]:,}")
         for key, value in stats["sequence_length"].items():
             table.add_row(f"sequence length {key}", f"{value:.1f}" if isinstance(value, float) else str(value))
+        for warning in stats.get("warnings", []):  # e.g. duplicated rows dropped, a missing genre file
+            table.add_row("warning", warning)
         out.print(table)
 
 

@@ -483,3 +483,33 @@ def test_movielens_1m_movies_in_either_encoding_and_user_features(tmp_path, enco
     ds.save(tmp_path / "out")
     from recalign.data.dataset import Dataset
     assert Dataset.load(tmp_path / "out").users["gender"].tolist() == ["F", "M"]
+
+
+def test_stats_show_warnings_in_table_and_json(tmp_path):
+    from typer.testing import CliRunner
+
+    from recalign.cli import app
+
+    (tmp_path / "plays.csv").write_text("user_id,item_id\n1,2\n1,2\n2,3\n")
+    runner = CliRunner()
+    assert runner.invoke(app, ["data", "prepare", "tabular", "--raw", str(tmp_path / "plays.csv"),
+                               "--out", str(tmp_path / "d")]).exit_code == 0
+    table = runner.invoke(app, ["data", "stats", str(tmp_path / "d")]).stdout
+    assert "warning" in table and "dropped 1 duplicated rows" in table
+    stats = json.loads(runner.invoke(app, ["data", "stats", str(tmp_path / "d"), "--json"]).stdout)
+    assert stats["warnings"] == ["dropped 1 duplicated rows (same user, item and rating)"]
+    assert stats["interactions"] == 2
+
+
+@pytest.mark.parametrize("sep, text", [("colons", "1::2\n3::4\n"), ("::", "1::2\n3::4\n"), ({":": None}, "1::2\n3::4\n"),
+                                       ("pipe", "1|2\n3|4\n"), ("tab", "1\t2\n3\t4\n")])
+def test_tabular_separator_names(tmp_path, sep, text):
+    (tmp_path / "r.dat").write_text(text)
+    ds = prepare_source("tabular", tmp_path / "r.dat", header=False, user=0, item=1, sep=sep)
+    assert ds.users["original_id"].tolist() == ["1", "3"] and ds.items["original_id"].tolist() == ["2", "4"]
+
+
+def test_tabular_empty_separator_from_yaml_is_a_config_error(tmp_path):
+    (tmp_path / "r.dat").write_text("1|2\n")
+    with pytest.raises(ConfigError, match="sep=tab, comma, space, semicolon, pipe or colons"):
+        prepare_source("tabular", tmp_path / "r.dat", sep="")

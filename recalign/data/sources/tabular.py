@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from recalign.data.dataset import Dataset, build_dataset
 from recalign.data.rawfile import check_raw_file, read_raw_text
@@ -101,8 +101,9 @@ class TabularOptions(SourceOptions):
     rating: str | None = Field(None, description="rating column; default: a column named 'rating' if any, else 1.0")
     timestamp: str | None = Field(None, description="time column (numbers); default: a column named 'timestamp' "
                                                     "if any, else the row order within each user")
-    sep: str | None = Field(None, description="field separator; default by extension: .csv ',', else tab "
-                                              "(write sep=tab, sep=comma, sep=space, sep=semicolon or the character)")
+    sep: str | None = Field(None, description="field separator; default by extension: .csv ',', else tab; names: "
+                                              "tab, comma, space, semicolon, pipe, colons (::), or the characters")
+    items_sep: str | None = Field(None, description="separator of the item table; default by its extension")
     header: bool = Field(True, description="the first line names the columns (RecBole 'name:type' headers are "
                                            "matched by name)")
     min_rating: float | None = Field(None, description="keep only rows with rating >= this value")
@@ -113,13 +114,34 @@ class TabularOptions(SourceOptions):
     item_categories: str | None = Field(None, description="categories column of the item table")
     categories_sep: str = Field(",", description="separator between categories in item_categories")
     item_text: str | None = Field(None, description="text column of the item table; default: the title")
+    @field_validator("user", "item", "rating", "timestamp", "item_key", "item_title", "item_categories",
+                     "item_text", mode="before")
+    @classmethod
+    def _column_number_as_name(cls, value):
+        """`user=0` on the command line arrives as an int: column names are strings."""
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("sep", "items_sep", mode="before")
+    @classmethod
+    def _separator(cls, value):
+        """Separator names to characters; YAML turns `|` and a tab into '' and `::` into a mapping."""
+        if value == {":": None}:
+            return "::"
+        if value is None:
+            return None
+        if not isinstance(value, str) or value == "":
+            raise ValueError("write the separator by name: sep=tab, comma, space, semicolon, pipe or colons")
+        return _SEP_NAMES.get(value, value)
+
+    encoding: str = Field("utf-8", description="text encoding of the files (e.g. latin-1 for MovieLens' u.item)")
     name: str | None = Field(None, description="dataset name; default: the file name without extension")
 
 
-_SEP_NAMES = {"tab": "\t", "comma": ",", "space": " ", "semicolon": ";", "pipe": "|", "\\t": "\t"}
+_SEP_NAMES = {"tab": "\t", "comma": ",", "space": " ", "semicolon": ";", "pipe": "|", "colons": "::", "\\t": "\t"}
 
 
-def read_table(path: Path, sep: str | None, header: bool) -> tuple[pd.DataFrame, np.ndarray | None]:
+def read_table(path: Path, sep: str | None, header: bool,
+               encoding: str = "utf-8") -> tuple[pd.DataFrame, np.ndarray | None]:
     """A raw table as strings (RecBole ':type' suffixes stripped from names) and each row's 1-based file line."""
     check_raw_file(path)
     if path.suffix == ".parquet":
@@ -128,12 +150,16 @@ def read_table(path: Path, sep: str | None, header: bool) -> tuple[pd.DataFrame,
         except (OSError, ValueError) as exc:
             raise DataError(f"not a readable Parquet file ({type(exc).__name__})", path=path) from None
         return frame.astype(str).rename(columns=lambda c: str(c).split(":")[0]), None
-    sep = _SEP_NAMES.get(sep, sep) if sep is not None else _SEPARATORS.get(path.suffix, "\t")
-    text = read_raw_text(path)
+    sep = sep if sep is not None else _SEPARATORS.get(path.suffix, "\t")
+    try:
+        text = read_raw_text(path, encoding)
+    except LookupError:
+        raise DataError(f"unknown encoding {encoding!r}", path=path, field="encoding") from None
     if not text.strip():
         raise DataError("empty file", path=path)
     try:
-        frame = pd.read_csv(io.StringIO(text), sep=sep, header=0 if header else None, dtype=str,
+        frame = pd.read_csv(io.StringIO(text), sep=re.escape(sep) if len(sep) > 1 else sep,
+                            header=0 if header else None, dtype=str,
                             keep_default_na=False, engine="c" if len(sep) == 1 else "python",
                             skip_blank_lines=True)
     except pd.errors.ParserError as exc:
@@ -164,7 +190,7 @@ def _numeric(values: pd.Series, path: Path, lines: np.ndarray | None, field: str
 
 def load_tabular(raw: Path, options: TabularOptions) -> Dataset:
     """Interactions from the mapped columns; items in first-appearance order, then metadata from `items=`."""
-    frame, lines = read_table(raw, options.sep, options.header)
+    frame, lines = read_table(raw, options.sep, options.header, options.encoding)
     if not options.header:
         frame.columns = [str(c) for c in frame.columns]
     inter = pd.DataFrame({"user": _column(frame, options.user, raw, "user"),
@@ -202,8 +228,9 @@ def load_tabular(raw: Path, options: TabularOptions) -> Dataset:
 
 def _read_item_table(path: Path, options: TabularOptions) -> pd.DataFrame:
     """item, title, categories, text from the item table's mapped columns."""
-    sep = options.sep if path.suffix not in _SEPARATORS or options.sep is not None else None
-    table, _ = read_table(path, sep, True)
+    table, _ = read_table(path, options.items_sep, options.header, options.encoding)
+    if not options.header:
+        table.columns = [str(c) for c in table.columns]
     key = options.item_key or options.item
     items = pd.DataFrame({"item": _column(table, key, path, "item_key")})
     if options.item_title is not None:
