@@ -106,3 +106,11 @@ def test_bad_inputs(served, tmp_path):
     with pytest.raises(DataError, match="not empty"):
         download_dataset("ml-100k", occupied, url=f"{base}/absent.zip", progress=False)
     assert (occupied / "file").read_text() == "mine"
+
+
+def test_from_file_git_lfs_pointer_is_named(tmp_path):
+    pointer = tmp_path / "ml-100k.zip"
+    pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 4924029\n")
+    with pytest.raises(DataError, match=r"ml-100k\.zip: this is a Git LFS pointer.*git lfs pull"):
+        download_dataset("ml-100k", tmp_path / "out", from_file=pointer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ml-100k.zip"]

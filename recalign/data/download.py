@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from recalign.data.dataset import sha256_file
+from recalign.data.rawfile import check_raw_file
 from recalign.errors import ConfigError, DataError
 
 
@@ -95,6 +96,7 @@ def fetch_archive(archive: Archive, out_dir: str | os.PathLike, from_file: str |
             zip_path = Path(from_file)
             if not zip_path.is_file():
                 raise DataError("no such file", path=zip_path)
+            check_raw_file(zip_path)  # a Git LFS pointer is named as such, not as "not a zip archive"
             digests = _hash_file(zip_path)
             where = str(zip_path)
         else:
