@@ -112,7 +112,7 @@ class TabularOptions(SourceOptions):
     item_key: str | None = Field(None, description="item id column of the item table; default: the `item` name")
     item_title: str | None = Field(None, description="title column of the item table")
     item_categories: str | None = Field(None, description="categories column of the item table")
-    categories_sep: str = Field(",", description="separator between categories in item_categories")
+    categories_sep: str = Field(",", description="separator between categories in item_categories (names as for sep)")
     item_text: str | None = Field(None, description="text column of the item table; default: the title")
     @field_validator("user", "item", "rating", "timestamp", "item_key", "item_title", "item_categories",
                      "item_text", mode="before")
@@ -121,7 +121,7 @@ class TabularOptions(SourceOptions):
         """`user=0` on the command line arrives as an int: column names are strings."""
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
-    @field_validator("sep", "items_sep", mode="before")
+    @field_validator("sep", "items_sep", "categories_sep", mode="before")
     @classmethod
     def _separator(cls, value):
         """Separator names to characters; YAML turns `|` and a tab into '' and `::` into a mapping."""
