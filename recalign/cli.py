@@ -23,7 +23,7 @@ except ImportError:  # pragma: no cover - older typer on top of click
 from rich.console import Console
 from rich.table import Table
 
-from recalign.errors import ConfigError, OutputError, RecalignError, quoted, writing
+from recalign.errors import ConfigError, OutputError, RecalignError, quoted, shorten, writing
 from recalign.io import unwritable_reason
 
 class _OneLineUsageErrors(TyperGroup):
@@ -46,7 +46,7 @@ class _OneLineUsageErrors(TyperGroup):
         except click_errors.ClickException as exc:
             _echo_error(exc.format_message())
             sys.exit(exc.exit_code)
-        except click_errors.Abort:
+        except typer.Abort:
             _echo_error("aborted")
             sys.exit(1)
         sys.exit(result if isinstance(result, int) else 0)
@@ -109,12 +109,12 @@ def user_errors() -> Iterator[None]:
         yield
     except RecalignError as exc:
         _fail(str(exc), getattr(exc, "exit_code", 2))
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
-        _fail(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc), 2)
     except OSError as exc:
-        if exc.errno not in WRITE_ERRNOS:
+        if exc.errno in WRITE_ERRNOS:
+            _fail(f"cannot write {shorten(exc.filename or 'output', 200)}: {exc.strerror}", 2)
+        if exc.filename is None:  # not about a path the user named: a bug, keep the traceback
             raise
-        _fail(f"cannot write {exc.filename or 'output'}: {exc.strerror}", 2)
+        _fail(f"{shorten(exc.filename, 200)}: {exc.strerror or exc}", 2)  # missing, too long, a loop, no access
     except KeyboardInterrupt:
         _fail("interrupted (finished stages are kept; re-run the same command to resume)", 130)
 

@@ -142,16 +142,19 @@ def unwritable_reason(path: str | os.PathLike) -> str | None:
     Checks the nearest existing ancestor: it must be a folder we may write into. Cheap, so commands can refuse
     before doing any work; the write itself may still fail (disk full), which callers report the same way.
     """
-    target = Path(os.path.abspath(path))
-    if target.exists() and not os.access(target, os.W_OK):
-        return "permission denied"
-    parent = target.parent
-    while not parent.exists() and parent != parent.parent:
-        if parent.is_symlink():
-            return f"{parent} is a broken link"
-        parent = parent.parent
-    if not parent.is_dir():
-        return f"{parent} is not a folder"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"{parent} is not writable"
+    try:
+        target = Path(os.path.abspath(path))
+        if target.exists() and not os.access(target, os.W_OK):
+            return "permission denied"
+        parent = target.parent
+        while not parent.exists() and parent != parent.parent:
+            if parent.is_symlink():
+                return f"{parent} is a broken link"
+            parent = parent.parent
+        if not parent.is_dir():
+            return f"{parent} is not a folder"
+        if not os.access(parent, os.W_OK | os.X_OK):
+            return f"{parent} is not writable"
+    except (OSError, ValueError) as exc:  # a name too long, a link loop, a NUL byte
+        return getattr(exc, "strerror", None) or str(exc)
     return None

@@ -124,6 +124,10 @@ CASES = [
      "cannot write afile/d"),
     ("teacher-out-under-file", None, ["teacher", "train", "popularity", "--data", "prepared", "--out", "afile/t"],
      "cannot write afile/t"),
+    ("run-out-name-too-long", None, ["run", "good.yaml", "--out", "o" * 5000], "File name too long"),
+    ("prepare-out-name-too-long", None, ["data", "prepare", "synthetic", "--out", "o" * 5000], "cannot write"),
+    ("recipe-path-too-long", None, ["run", "r" * 5000 + ".yaml"], "rrr..."),
+    ("stats-path-too-long", None, ["data", "stats", "s" * 5000], "File name too long"),
     ("prepare-out-not-a-dataset", None, ["data", "prepare", "synthetic", "--out", "run"], "not a prepared dataset"),
     # ---- data commands
     ("prepare-unknown-source", None, ["data", "prepare", "netflix", "--out", "d"], "netflix"),
