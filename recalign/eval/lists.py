@@ -150,6 +150,8 @@ class ListInputs:
         elif not isinstance(rel, torch.Tensor):
             rel = padded_sets(rel)
         self.relevant = rel.long().reshape(self.lists.shape[0], -1)
+        if self.n_relevant is not None:
+            self.n_relevant = torch.as_tensor(self.n_relevant, dtype=torch.long)
         if self.history is not None:
             self.history = row_sequences(self.history, self.n_items)
         if self.candidates is not None and not isinstance(self.candidates, torch.Tensor):
@@ -172,7 +174,7 @@ class ListInputs:
         return replace(self, lists=self.lists[idx], relevant=self.relevant[idx], n_relevant=pick(self.n_relevant),
                        history=history, grounded=pick(self.grounded), n_outputs=pick(self.n_outputs),
                        candidates=pick(self.candidates),
-                       extra={k: (torch.as_tensor(v)[idx] if k.startswith("row_") else v) for k, v in self.extra.items()})
+                       extra={k: torch.as_tensor(v)[idx] if k.startswith("row_") else v for k, v in self.extra.items()})
 
     def known_targets(self) -> torch.Tensor:
         """[U] bool: the row has at least one relevant catalog item (others are removed before scoring, §1)."""
