@@ -302,3 +302,41 @@ def test_trd_stage_under_a_non_temporal_recipe_split(temporal, tmp_path):
         {"name": "trd", "kind": "trd", "params": {"teacher": "bprmf", "teacher_source": "model", **tiny}}]})
     metrics = run_recipe(both, tmp_path / "both", progress=False)["stages"]["trd"]
     assert metrics["split"].startswith("own global_temporal") and metrics["teacher_train_seconds"] > 0
+
+
+# ---- determinism whatever the thread count -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def larger_temporal():
+    """300 users x 200 items x 30 interactions: batches big enough (2048 x 32 values) for torch to split the
+    embedding-gradient accumulation over threads, which is where two threads used to change the results."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for user in range(300):
+        cluster = (user % 5) * 40
+        items = rng.choice(np.arange(cluster, cluster + 40), size=24, replace=False).tolist()
+        items += rng.choice(np.setdiff1d(np.arange(200), items), size=6, replace=False).tolist()
+        rows += [{"user": f"u{user}", "item": f"i{item}", "timestamp": step * 1000 + user}
+                 for step, item in enumerate(items)]
+    dataset = build_dataset(pd.DataFrame(rows), name="synthetic-temporal-300", source="test")
+    return dataset, global_temporal_split(dataset)
+
+
+def _trd_with_threads(dataset, split, threads: int) -> tuple[dict, dict, torch.Tensor]:
+    """Teacher + TRD run entirely under `threads` torch threads: (teacher test, student test, teacher items)."""
+    teacher = train_teacher("bprmf", dataset, split, {"dim": 32, "batch_size": 2048, "epochs": 6, "lr": 0.01,
+                                                       "threads": threads}, seed=0)
+    config = TRDConfig(cand_num=80, ks=[1, 5, 10], threads=threads,
+                       dqn=DQNConfig(epochs=2, train_steps=8, learning_starts=32, batch_size=64))
+    result = run_trd(dataset, split, teacher, config, seed=0)
+    return result.teacher_test, result.student_test, teacher.item_embeddings_
+
+
+def test_trd_metrics_are_identical_with_one_and_two_threads(larger_temporal):
+    dataset, split = larger_temporal
+    first = _trd_with_threads(dataset, split, 2)
+    second = _trd_with_threads(dataset, split, 2)
+    single = _trd_with_threads(dataset, split, 1)
+    assert torch.equal(first[2], second[2]) and torch.equal(first[2], single[2])  # bit-identical teacher
+    assert first[:2] == second[:2] == single[:2]
+    assert torch.get_num_threads() == 1  # the fixture's setting is restored after each run

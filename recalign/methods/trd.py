@@ -35,6 +35,7 @@ from recalign.data.dataset import Dataset
 from recalign.errors import ConfigError
 from recalign.rl.dqn import DQNConfig, DQNReranker, RerankEpisodes
 from recalign.stages import Stage
+from recalign.threads import torch_threads
 
 if TYPE_CHECKING:
     from recalign.data.split import Split
@@ -72,6 +73,8 @@ class TRDConfig(BaseModel):
     embedding_dim: int = Field(32, ge=1, description="embedding size when the teacher has no user/item "
                                                      "embeddings to copy (then they start as N(0, 0.01))")
     dqn: DQNConfig = Field(default_factory=DQNConfig, description="the student's settings (rl/dqn.py)")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads for the whole stage: teacher, pools, "
+                                "student (None: recalign's default, 1); the metrics do not depend on it")
 
 
 # ---- step 2: the teacher ---------------------------------------------------------------------------
@@ -217,7 +220,16 @@ def student_embeddings(teacher: "Recommender", dataset: Dataset, dim: int, seed:
 def run_trd(dataset: Dataset, split: "Split", teacher: "Recommender", config: TRDConfig, seed: int = 0,
             progress: bool = False, log: Callable[[str], None] | None = None) -> TRDResult:
     """Steps 3-6 of the algorithm box for an already trained teacher."""
-    dqn_config = config.dqn if config.dqn.seed is not None else config.dqn.model_copy(update={"seed": seed})
+    with torch_threads(config.threads):
+        return _run_trd(dataset, split, teacher, config, seed, progress, log)
+
+
+def _run_trd(dataset: Dataset, split: "Split", teacher: "Recommender", config: TRDConfig, seed: int,
+             progress: bool, log: Callable[[str], None] | None) -> TRDResult:
+    updates = {"seed": seed} if config.dqn.seed is None else {}
+    if config.dqn.threads is None:
+        updates["threads"] = config.threads
+    dqn_config = config.dqn.model_copy(update=updates)
     depth = max(*config.ks, dqn_config.list_length)  # the student's list; metrics cut it at each K
     pool_seed = seed if config.candidate_seed is None else config.candidate_seed
     started = time.perf_counter()
@@ -238,7 +250,8 @@ def run_trd(dataset: Dataset, split: "Split", teacher: "Recommender", config: TR
     user_emb, item_emb = student_embeddings(teacher, dataset, config.embedding_dim, seed)
     student = DQNReranker(user_emb, item_emb, dqn_config)
     started = time.perf_counter()
-    student.fit(train.episodes, validate=validation_score, progress=progress, log=log)
+    student.fit(train.episodes, validate=validation_score, progress=progress, log=log,
+                valid_metric=config.select_metric)
     seconds["student_train"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -288,14 +301,16 @@ def resolve_teacher(ctx: "RunContext", split: "Split", config: TRDConfig) -> tup
     if teacher_is_stage(ctx, config):
         return ctx.load_teacher(config.teacher), 0.0
     started = time.perf_counter()
-    teacher = train_teacher(config.teacher, ctx.dataset, split, config.teacher_params, ctx.seed, ctx.progress)
+    params = {"threads": config.threads, **config.teacher_params}
+    teacher = train_teacher(config.teacher, ctx.dataset, split, params, ctx.seed, ctx.progress)
     return teacher, time.perf_counter() - started
 
 
 def run_stage(ctx: "RunContext", config: TRDConfig) -> dict:
     """The `trd` stage: teacher -> pools -> student on train2 -> select on valid -> test metrics."""
     split, own_split = stage_split(ctx, config)
-    teacher, teacher_seconds = resolve_teacher(ctx, split, config)
+    with torch_threads(config.threads):
+        teacher, teacher_seconds = resolve_teacher(ctx, split, config)
     result = run_trd(ctx.dataset, split, teacher, config, seed=ctx.seed, progress=ctx.progress, log=ctx.log)
     torch.save(result.student.state_dict(), ctx.stage_dir / "student.pt")
     torch.save({"users": result.test_users, "teacher": result.teacher_test_lists,
@@ -304,6 +319,15 @@ def run_stage(ctx: "RunContext", config: TRDConfig) -> dict:
 
     write_json(ctx.stage_dir / "training.json", {"epochs": result.student.history_,
                                                  "best_epoch": result.student.best_epoch_})
+    from recalign.eval.curves import CURVES_FILE, CURVES_PNG, plot_curves, write_curves
+
+    write_curves(result.student.curve_, ctx.stage_dir / CURVES_FILE)  # the DQN student's epochs
+    stage_name = getattr(ctx.stage, "name", "trd")
+    plot_curves(result.student.curve_, ctx.stage_dir / CURVES_PNG, f"TRD student (DQN): stage {stage_name}")
+    teacher_curve = getattr(teacher, "curve_", None)
+    if teacher_curve:  # a teacher trained by this stage on train1
+        write_curves(teacher_curve, ctx.stage_dir / "teacher" / CURVES_FILE)
+        plot_curves(teacher_curve, ctx.stage_dir / "teacher" / CURVES_PNG, f"TRD teacher ({config.teacher})")
     gain = _relative_gain(result.student_test.get("ndcg@10"), result.teacher_test.get("ndcg@10"))
     ctx.log(f"test ndcg@10 teacher {result.teacher_test.get('ndcg@10', float('nan')):.4f} "
             f"trd {result.student_test.get('ndcg@10', float('nan')):.4f}")

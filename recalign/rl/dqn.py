@@ -27,6 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from recalign.errors import ConfigError
+from recalign.eval.curves import CurveLog
+from recalign.threads import torch_threads
 
 
 # ---- 1. settings ----------------------------------------------------------------------------------
@@ -66,10 +68,9 @@ class DQNConfig(BaseModel):
     target_sync: int = Field(8, ge=1, description="copy the online net into the target net every this many "
                                                   "gradient steps")
     grad_clip: float | None = Field(10.0, gt=0.0, description="clip the gradient norm (None: no clipping)")
-    torch_threads: int | None = Field(1, ge=1, description="torch CPU threads while training/re-ranking, "
-                                                           "restored afterwards: the batches are small, and one "
-                                                           "thread is several times faster on a busy CPU "
-                                                           "(None: leave torch's setting)")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads while training/re-ranking, restored "
+                                "afterwards (None: recalign's default, 1: the batches are small, and one thread "
+                                "is several times faster on a busy CPU); results do not depend on it")
     seed: int | None = Field(None, description="seed of network init, exploration, replay sampling and dropout "
                                                "(None: 0; the TRD stage uses the recipe seed)")
 
@@ -289,14 +290,15 @@ class DQNReranker:
 
     # -- training --------------------------------------------------------------------------------
     def fit(self, episodes: RerankEpisodes, validate: Callable[["DQNReranker"], float] | None = None,
-            progress: bool = False, log: Callable[[str], None] | None = None) -> "DQNReranker":
+            progress: bool = False, log: Callable[[str], None] | None = None,
+            valid_metric: str = "validation") -> "DQNReranker":
         """Train on `episodes` (which must carry labels); after each epoch `validate(self)` scores the current
-        net (higher is better) and the best epoch's weights are kept. Returns self."""
-        with _torch_threads(self.config.torch_threads):
-            return self._fit(episodes, validate, progress, log)
+        net (higher is better, named `valid_metric` in `curve_`) and the best epoch's weights are kept."""
+        with torch_threads(self.config.threads):
+            return self._fit(episodes, validate, progress, log, valid_metric)
 
     def _fit(self, episodes: RerankEpisodes, validate: Callable[["DQNReranker"], float] | None,
-             progress: bool, log: Callable[[str], None] | None) -> "DQNReranker":
+             progress: bool, log: Callable[[str], None] | None, valid_metric: str) -> "DQNReranker":
         cfg = self.config
         if episodes.relevant is None:
             raise ConfigError("dqn: training episodes need ground-truth labels (relevant)")
@@ -307,6 +309,7 @@ class DQNReranker:
                                      weight_decay=cfg.weight_decay)
         buffer = ReplayBuffer(cfg.buffer_size, cfg.state_len, cfg.n_actions)
         best_score, best_state, gradient_steps = -math.inf, None, 0
+        curve = CurveLog(valid_metric)
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed + 2)  # dropout draws from the global generator; keep it seeded and local
@@ -352,6 +355,7 @@ class DQNReranker:
                         if record["validation"] > best_score:
                             best_score, best_state = record["validation"], copy.deepcopy(q_net.state_dict())
                     self.history_.append(record)
+                    curve.add(epoch, record["mean_loss"], record.get("validation"))
                     if log is not None:
                         log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                      for k, v in record.items()))
@@ -362,6 +366,7 @@ class DQNReranker:
         else:
             self.best_epoch_ = cfg.epochs
         q_net.eval()
+        self.curve_ = curve.rows
         return self
 
     def _learn(self, q_net: QNetwork, target_net: QNetwork, optimizer: torch.optim.Optimizer,
@@ -390,7 +395,7 @@ class DQNReranker:
         Without labels (`episodes.relevant` None) the state stays the user's history; with labels the state
         follows hits as in training (the original does this at test time, which leaks test labels).
         """
-        with _torch_threads(self.config.torch_threads):
+        with torch_threads(self.config.threads):
             return self._rerank(episodes, length, chunk)
 
     def _rerank(self, episodes: RerankEpisodes, length: int | None, chunk: int) -> torch.Tensor:
@@ -418,21 +423,6 @@ class DQNReranker:
         """Restore the Q-network's tensors."""
         self.q_net_.load_state_dict(tensors)
         return self
-
-
-class _torch_threads:
-    """Temporarily set torch's CPU thread count (None: leave it)."""
-
-    def __init__(self, threads: int | None):
-        self.threads = threads
-
-    def __enter__(self) -> None:
-        self.saved = torch.get_num_threads()
-        if self.threads is not None:
-            torch.set_num_threads(self.threads)
-
-    def __exit__(self, *exc) -> None:
-        torch.set_num_threads(self.saved)
 
 
 def _random_valid_slot(valid: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -11,11 +11,12 @@ from typing import ClassVar
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from recalign.data.dataset import Dataset, UserSequences
 from recalign.errors import ConfigError, RecalignError
 from recalign.eval.ranking import topk_items
+from recalign.io import atomic_path, make_dirs, write_json
 
 
 class TeacherConfig(BaseModel):
@@ -23,6 +24,8 @@ class TeacherConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     seed: int = 0
+    threads: int | None = Field(None, ge=1, description="torch CPU threads for fit and scoring (None: recalign's "
+                                "default, 1; see recalign/threads.py)")
 
 
 class Recommender(ABC):
@@ -126,15 +129,17 @@ class Recommender(ABC):
         """Restore learned tensors; subclasses extend."""
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write config.json and tensors.pt into `directory`."""
+        """Write teacher.json (name, config, catalog sizes, categories) and tensors.pt into `directory`.
+
+        Each file is written under a temporary name and renamed into place (recalign.io), tensors first.
+        """
         self._check_fitted()
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
+        out = make_dirs(directory)
         meta = {"teacher": self.name, "config": self.config.model_dump(), "n_users": self.n_users_,
                 "n_items": self.n_items_, "category_items": self.category_items_}
-        torch.save(self.state_tensors(), out / "tensors.pt.tmp")
-        os.replace(out / "tensors.pt.tmp", out / "tensors.pt")
-        (out / "teacher.json").write_text(json.dumps(meta))
+        with atomic_path(out / "tensors.pt") as tmp:
+            torch.save(self.state_tensors(), tmp)
+        write_json(out / "teacher.json", meta, indent=None)
         return out
 
     @classmethod

@@ -11,7 +11,7 @@ from recalign.teachers.base import Recommender, TeacherConfig
 
 
 class PopularityConfig(TeacherConfig):
-    """Popularity has nothing to tune; `seed` is kept for a uniform interface."""
+    """Popularity has nothing to tune; `seed` and `threads` are kept for a uniform interface."""
 
 
 class Popularity(Recommender):

@@ -19,8 +19,10 @@ from pydantic import Field
 from torch import nn
 
 from recalign.data.dataset import Dataset, UserSequences
+from recalign.eval.curves import CurveLog
 from recalign.teachers.base import Recommender, TeacherConfig
 from recalign.teachers.training import EarlyStopping, ValidationRecall, epoch_progress
+from recalign.threads import uses_config_threads
 
 
 class SASRecConfig(TeacherConfig):
@@ -112,10 +114,12 @@ class SASRec(Recommender):
     name = "sasrec"
     Config = SASRecConfig
 
+    @uses_config_threads
     def fit(self, dataset: Dataset, train: pd.DataFrame, valid: pd.DataFrame | None = None,
             progress: bool = True, valid_history: pd.DataFrame | None = None) -> "SASRec":
         """Adam over shuffled user sequences; with `valid`, keeps the best valid recall@10 (history =
-        `valid_history` or `train`) and stops after `patience` checks without improvement."""
+        `valid_history` or `train`) and stops after `patience` checks without improvement. Per-epoch rows land in
+        `curve_`."""
         cfg = self.config
         self._remember_catalog(dataset)
         torch.manual_seed(cfg.seed)
@@ -135,6 +139,7 @@ class SASRec(Recommender):
             stopper = EarlyStopping(cfg.patience)
         self.loss_history_: list[float] = []
         self.valid_history_: list[tuple[int, float]] = []
+        curve = CurveLog("recall@10")
         started = time.perf_counter()
         with epoch_progress(cfg.epochs, "SASRec", progress) as advance:
             for epoch in range(cfg.epochs):
@@ -155,12 +160,13 @@ class SASRec(Recommender):
                     count += int(mask.sum())
                 self.loss_history_.append(total / max(1, count))
                 fields = {"loss": self.loss_history_[-1]}
-                stop = False
+                stop, recall = False, None
                 if checker is not None and (epoch + 1) % cfg.eval_every == 0:
                     recall = checker(lambda b: self.score(b, history))
                     self.valid_history_.append((epoch + 1, recall))
                     fields["valid_recall@10"] = recall
                     stop = stopper.update(recall, epoch + 1, self.network_.state_dict())
+                curve.add(epoch + 1, self.loss_history_[-1], recall)
                 advance(**fields)
                 out_of_time = cfg.max_train_seconds is not None and time.perf_counter() - started > cfg.max_train_seconds
                 if stop or out_of_time:
@@ -172,6 +178,7 @@ class SASRec(Recommender):
             self.best_epoch_ = len(self.loss_history_)
         self.network_.eval()
         self.epochs_trained_ = len(self.loss_history_)
+        self.curve_ = curve.rows
         return self
 
     def _batches(self, lengths: np.ndarray, generator: torch.Generator) -> list[torch.Tensor]:
@@ -212,6 +219,7 @@ class SASRec(Recommender):
         return F.cross_entropy(logits, torch.zeros(len(targets), dtype=torch.long))
 
     @torch.no_grad()
+    @uses_config_threads
     def score(self, users: np.ndarray | torch.Tensor, history: UserSequences, chunk: int = 1024) -> torch.Tensor:
         """Next-item scores [B, n_items] from the hidden state at the last history position."""
         self._check_fitted()

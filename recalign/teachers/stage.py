@@ -12,6 +12,8 @@ from recalign.stages import Stage
 from recalign.teachers.registry import get_teacher
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from recalign.runs import RunContext
 
 
@@ -50,12 +52,24 @@ def run_teacher_stage(ctx: "RunContext", params: TeacherStageParams) -> dict:
                 valid_history=split.history("valid"))
     train_seconds = time.perf_counter() - started
     teacher.save(ctx.stage_dir / "model")
+    write_stage_curves(ctx.stage_dir, getattr(teacher, "curve_", None),
+                       title=f"{params.model}: stage {ctx.stage.name if ctx.stage else params.model}")
     metrics = ctx.evaluate(teacher, part="test")
     extra = {"epochs_trained": getattr(teacher, "epochs_trained_", None),
              "best_epoch": getattr(teacher, "best_epoch_", None)}
     ctx.log(f"{params.model}: trained in {train_seconds:.1f}s")
     return {"teacher": params.model, **metrics, "train_seconds": round(train_seconds, 3),
             **{k: v for k, v in extra.items() if v is not None}}
+
+
+def write_stage_curves(stage_dir: "Path", rows: list[dict] | None, title: str = "") -> None:
+    """curves.jsonl and curves.png in the stage folder (beside model/) for a teacher trained over epochs."""
+    if not rows:
+        return
+    from recalign.eval.curves import CURVES_FILE, CURVES_PNG, plot_curves, write_curves
+
+    write_curves(rows, stage_dir / CURVES_FILE)
+    plot_curves(rows, stage_dir / CURVES_PNG, title)
 
 
 TEACHER_STAGE = Stage(params=TeacherStageParams, run=run_teacher_stage,

@@ -104,3 +104,4 @@ class EarlyStopping:
         else:
             self.bad_checks += 1
         return self.bad_checks >= self.patience
+
