@@ -287,3 +287,53 @@ def test_teacher_stage_rejects_bad_params(sequential, tmp_path):
     with pytest.raises(ValidationError):
         TEACHER_STAGE.params(epochs=3)  # no teacher named
     assert not (ctx.stage_dir / "model").exists()
+
+
+# ---- BPR-MF negatives, initialisation, threads -----------------------------------------------------------------
+
+def test_negative_sampler_never_draws_a_training_item_of_the_user():
+    from recalign.teachers.bprmf import NegativeSampler
+
+    # user 0 saw items 0-7 of 10 (two negatives left), user 1 saw item 9 only
+    users = torch.tensor([0] * 8 + [1])
+    items = torch.tensor(list(range(8)) + [9])
+    sampler = NegativeSampler(users, items, n_items=10, rounds=50)
+    drawn = sampler.sample(torch.tensor([0] * 500 + [1] * 500), 3, torch.Generator().manual_seed(0))
+    assert set(drawn[:500].flatten().tolist()) == {8, 9}
+    assert set(drawn[500:].flatten().tolist()) == set(range(9))
+    assert sampler.is_positive(torch.tensor([0, 1]), torch.tensor([[7, 8], [9, 0]])).tolist() == [[True, False],
+                                                                                                    [True, False]]
+    uniform = NegativeSampler(users, items, n_items=10, exclude=False)
+    assert 0 in uniform.sample(torch.zeros(500, dtype=torch.long), 1, torch.Generator().manual_seed(0))
+
+
+def test_bprmf_initialises_like_xavier_normal():
+    from recalign.teachers.bprmf import xavier_normal
+
+    table = xavier_normal(20000, 64, torch.Generator().manual_seed(0))
+    assert abs(float(table.std()) - (2.0 / (20000 + 64)) ** 0.5) < 2e-4  # 0.0100 for a 20k catalog
+
+
+def test_threads_setting_is_applied_and_restored(latent, monkeypatch):
+    from recalign import threads
+
+    data, train, valid, _ = latent
+    seen = []
+
+    class Spy(BPRMF):
+        def score(self, users, history):
+            seen.append(torch.get_num_threads())
+            return super().score(users, history)
+
+    assert torch.get_num_threads() == 1
+    Spy(**{**SMALL_BPR, "epochs": 2, "threads": 2}).fit(data, train, valid, progress=False)
+    assert seen and set(seen) == {2} and torch.get_num_threads() == 1
+    with threads.torch_threads(None):  # None: the global default
+        assert torch.get_num_threads() == threads.DEFAULT_THREADS == 1
+    monkeypatch.setenv(threads.ENV_VAR, "2")
+    assert threads.default_threads() == 2
+    monkeypatch.setenv(threads.ENV_VAR, "zero")
+    with pytest.raises(ConfigError, match="RECALIGN_THREADS"):
+        threads.default_threads()
+    with pytest.raises(ConfigError, match="threads"):
+        BPRMF(threads=0)

@@ -177,6 +177,10 @@ def write_report(run_dir: str | os.PathLike, columns: list[str] | None = None) -
         lines += [f"### {name}", "", "| metric | value |", "|---|---:|"]
         lines += [f"| {k} | {_cell(v)} |" for k, v in metrics.items() if not isinstance(v, (dict, list))]
         lines.append("")
+    from recalign.eval.curves import plot_run_curves  # training curves: curves.png beside each curves.jsonl
+
+    pngs = [png.relative_to(folder).as_posix() for png in plot_run_curves(folder)]
+    lines += (["## Training curves", ""] + [f"![{png}]({png})" for png in pngs] + [""]) if pngs else []
     path = folder / "report.md"
     write_atomic(path, "\n".join(lines))
     return path

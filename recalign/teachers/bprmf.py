@@ -37,7 +37,9 @@ class BPRMFConfig(TeacherConfig):
     init_std: float | None = Field(None, gt=0, description="std of a normal initialisation (None: Xavier-normal, "
                                    "std = sqrt(2 / (rows + dim)) per table, as RecBole)")
     eval_every: int = Field(1, ge=1, description="epochs between early-stopping checks on the valid part")
-    patience: int = Field(10, ge=1, description="checks without a better valid recall@10 before stopping")
+    patience: int = Field(30, ge=1, description="checks without a better valid recall@10 before stopping (the "
+                          "valid recall of a small lr climbs slowly and noisily: 10 stopped ML-100K at a third of "
+                          "its best valid epoch)")
     valid_users: int | None = Field(10000, ge=1, description="users sampled for the valid check (None: all)")
     max_train_seconds: float | None = Field(None, gt=0, description="stop after the epoch that crosses this "
                                             "wall-clock budget (None: no limit; makes the epoch count "
