@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -270,6 +272,11 @@ def test_teacher_stage_fits_saves_and_evaluates(sequential, tmp_path):
     loaded = load_teacher_dir(ctx.stage_dir / "model")
     assert isinstance(loaded, SASRec) and loaded.config.seed == 3  # the recipe seed is the default seed
     assert ctx.evaluate(loaded)["recall@10"] == metrics["recall@10"]
+    # the training curve beside the model: one JSON row per epoch, and its plot
+    rows = [json.loads(line) for line in (ctx.stage_dir / "curves.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(1, metrics["epochs_trained"] + 1))
+    assert (ctx.stage_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (ctx.stage_dir / "model").iterdir()) == ["teacher.json", "tensors.pt"]
 
 
 def test_teacher_stage_rejects_bad_params(sequential, tmp_path):

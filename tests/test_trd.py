@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -267,6 +268,13 @@ def test_trd_stage_runs_in_a_recipe(temporal, tmp_path):
     assert {"ndcg@10", "hr@1", "teacher.ndcg@10", "valid.ndcg@10", "best_epoch"} <= set(metrics)
     assert metrics["best_epoch"] in (1, 2)
     assert (tmp_path / "run" / "stages" / "trd" / "student.pt").is_file()
+    for stage, epochs in (("trd", 2), ("bprmf", 3)):  # the DQN student's and the teacher's training curves
+        folder = tmp_path / "run" / "stages" / stage
+        rows = [json.loads(line) for line in (folder / "curves.jsonl").read_text().splitlines()]
+        assert [r["epoch"] for r in rows] == list(range(1, epochs + 1))
+        assert (folder / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert rows[0]["valid_metric"] == "recall@10" and json.loads(
+        (tmp_path / "run" / "stages" / "trd" / "curves.jsonl").read_text().splitlines()[0])["valid_metric"] == "ndcg@10"
 
 
 def test_trd_needs_the_global_temporal_split(temporal):
