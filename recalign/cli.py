@@ -14,17 +14,18 @@ from pathlib import Path
 from typing import Any, Iterator, List, Optional
 
 import typer
+from rich.console import Console
+from rich.table import Table
 from typer.core import TyperGroup
+
+from recalign.errors import ConfigError, OutputError, RecalignError, quoted, shorten, writing
+from recalign.io import unwritable_reason
 
 try:  # typer >= 0.20 carries its own copy of click
     from typer._click import exceptions as click_errors
 except ImportError:  # pragma: no cover - older typer on top of click
     from click import exceptions as click_errors
-from rich.console import Console
-from rich.table import Table
 
-from recalign.errors import ConfigError, OutputError, RecalignError, quoted, shorten, writing
-from recalign.io import unwritable_reason
 
 class _OneLineUsageErrors(TyperGroup):
     """The top-level group: usage errors (unknown option, missing argument) print one line and exit 2, like every
