@@ -68,6 +68,8 @@ class EvalSpec(_Strict):
     protocol: Literal["full", "sampled"] = Field("full", description="rank all items, or target + n_negatives")
     n_negatives: int = Field(100, ge=1, description="negatives per user for the sampled protocol")
     exclude_history: bool = Field(True, description="never recommend items the user already interacted with")
+    users: int | None = Field(None, ge=1, description="score every stage on the same seeded subset of this many "
+                                                      "test users (seed = the recipe seed; null = all users)")
     table: list[str] | None = Field(
         None, description="metric columns of the results table (default: hr/ndcg/recall/mrr at 10)")
 
@@ -279,6 +281,7 @@ def validate_stage_params(stage: StageSpec, source: str = "<recipe>",
         raise ConfigError(f"{source}: stages.{stage.name}.kind: stage kind {stage.kind!r} is not available "
                           f"({exc})") from None
     prefix = ["stages", stage.name, "params"]
+    _check_moved_params(stage, source, override_keys or [])
     try:
         params = model.model_validate(stage.params).model_dump(mode="json")
         _check_nested_teacher(stage.kind, params)
@@ -287,6 +290,34 @@ def validate_stage_params(stage: StageSpec, source: str = "<recipe>",
     except ValidationError as exc:
         raise ConfigError(_describe(exc, None, source, override_keys or [], prefix=prefix)) from None
     return params
+
+
+# Evaluation settings that live at recipe level only, so that every stage is scored on the same users and K.
+MOVED_TO_EVAL = {"ks": "eval.ks", "eval_rows": "eval.users"}
+
+
+def _check_moved_params(stage: StageSpec, source: str, override_keys: list[list[str]]) -> None:
+    """A method stage that still sets `ks` or `eval_rows` is told where the setting lives now."""
+    if stage.kind == "teacher":
+        return
+    for key, target in MOVED_TO_EVAL.items():
+        if key in stage.params:
+            loc = ["stages", stage.name, "params", key]
+            origin = f"{source} (override)" if any(loc[:len(k)] == k for k in override_keys) else source
+            raise ConfigError(f"{origin}: stages.{stage.name}.params.{key}: evaluation settings are recipe-wide "
+                              f"now; set {target} instead (every stage is scored on the same users and cut-offs)")
+
+
+def stage_params_model(config: type[BaseModel], name: str, drop: tuple[str, ...] = tuple(MOVED_TO_EVAL),
+                       doc: str | None = None, **fields: Any) -> type[BaseModel]:
+    """A stage's params model: a method's config without the recipe-wide eval settings (`drop`), plus `fields`
+    (name=(type, Field(...))), unknown keys forbidden."""
+    from pydantic import create_model
+
+    kept = {key: (info.annotation, info) for key, info in config.model_fields.items() if key not in drop}
+    model = create_model(name, __config__=ConfigDict(extra="forbid"), **kept, **fields)
+    model.__doc__ = doc or config.__doc__
+    return model
 
 
 def _check_nested_teacher(kind: str, params: dict) -> None:

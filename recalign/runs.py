@@ -32,6 +32,7 @@ from recalign.io import atomic_folder, unwritable_reason, write_atomic, write_js
 
 if TYPE_CHECKING:
     from recalign.data.split import Split
+    from recalign.eval.lists import ListRecommender
     from recalign.teachers.base import Recommender
 
 DONE = "DONE"
@@ -82,8 +83,19 @@ class RunContext:
         if self.echo is not None and self.progress:
             self.echo(prefix + message)
 
-    def evaluate(self, model: "Recommender", part: str = "test", **overrides: Any) -> dict:
-        """Evaluate a recommender with the recipe's protocol (ks, full/sampled, history exclusion, seed)."""
+    def eval_users(self, part: str = "test") -> np.ndarray:
+        """The users every stage is scored on: those with a target in `part`, or the recipe's seeded subset of
+        `eval.users` of them (seed = the recipe seed), ascending."""
+        from recalign.eval.evaluate import eval_users, relevant_items
+
+        if self.split is None:
+            raise ConfigError("this recipe has no split to evaluate on")
+        eligible, _, _ = relevant_items(self.split.part(part), self.dataset.n_users)
+        return eval_users(eligible, self.recipe.eval.users, self.seed)
+
+    def evaluate(self, model: "Recommender | ListRecommender", part: str = "test", **overrides: Any) -> dict:
+        """Evaluate a recommender (scores) or a list recommender with the recipe's protocol (ks, full/sampled,
+        history exclusion, seed) on the recipe's users (`eval.users`); records `users_hash` of the users."""
         from recalign.eval.evaluate import evaluate
 
         spec = self.recipe.eval
@@ -92,12 +104,22 @@ class RunContext:
         options.update(overrides)
         if self.split is None:
             raise ConfigError("this recipe has no split to evaluate on")
+        if "users" not in options and "n_users" not in options:
+            options["users"] = self.eval_users(part)  # = n_users=eval.users with the recipe seed
         if options["protocol"] == "sampled" and "candidates_path" not in overrides:
             # One saved candidate file per (data, part, negatives, seed): every stage ranks the same lists, and
             # they can be inspected or reused by other tools.
             options["candidates_path"] = (self.run_dir / "candidates" / f"{part}-{self.dataset.fingerprint()[:12]}-"
                                           f"n{options['n_negatives']}-seed{options['seed']}.pt")
-        return evaluate(model, self.dataset, self.split, part=part, **options)
+        result = evaluate(model, self.dataset, self.split, part=part, **options)
+        if options.get("users") is not None:
+            result["users_hash"] = users_hash(options["users"])
+        return result
+
+
+def users_hash(users: "np.ndarray | list[int]") -> str:
+    """A short hash of a set of user ids (sorted), to check that stages were scored on the same users."""
+    return stable_hash(sorted(int(u) for u in np.asarray(users).tolist()))
 
 
 def load_teacher_dir(folder: Path) -> "Recommender":

@@ -131,13 +131,14 @@ def test_llm_sft_stage_runs_end_to_end_and_constrained_answers_are_titles(tmp_pa
     items = pd.DataFrame({"item": [f"i{i}" for i in range(6)], "title": TITLES})
     build_dataset(frame, items=items, name="toy", source="test").save(tmp_path / "data")
     stage_params = {
-        "model": "tiny", "train_rows": 4, "eval_rows": 3, "batch_size": 3, "ks": [1, 5],
+        "model": "tiny", "train_rows": 4, "batch_size": 3,
         "task": {"max_history": 3}, "lora": {"r": 2, "alpha": 4, "dropout": 0.0},
         "sft": {"max_steps": 2, "batch_size": 2, "max_length": 160},
         "generation": {"max_new_tokens": 8}, "decodings": ["greedy", "constrained"],
         "grounding": {"kind": "fuzzy"},
     }
     recipe = recipe_from_dict({"name": "llm", "seed": 1, "data": {"path": str(tmp_path / "data")},
+                               "eval": {"ks": [1, 5], "users": 3},
                                "stages": [{"name": "sft", "kind": "llm-sft", "params": stage_params}]})
     summary = run_recipe(recipe, tmp_path / "run", progress=False)
     metrics = summary["stages"]["sft"]

@@ -108,22 +108,23 @@ def table_rows(stages: dict[str, dict], columns: list[str]) -> list[list[str]]:
     return rows
 
 
-RECIPE_PROTOCOLS = ("full", "sampled")  # the recipe evaluator's own (`eval.protocol`)
-PROTOCOLS = {"trd_temporal": "re-ranks candidate pools from a temporal split (metrics.md section 3)",
+RECIPE_PROTOCOLS = ("full", "sampled")  # the recipe evaluator's own (`eval.protocol`): every stage by default
+PROTOCOLS = {"trd_temporal": "re-ranks candidate pools from its own temporal split (metrics.md section 3)",
              "llm_generated": "generated titles grounded to catalog items, on sampled rows (metrics.md section 2.4)",
-             "sprec_rows": "one generated title, grounded to its K nearest catalog items (metrics.md section 2.3)"}
+             "sprec_rows": "one generated title, grounded to its K nearest catalog items, on its own rows "
+                           "(metrics.md section 2.3)"}
 
 
 def protocol_note(stages: dict[str, dict]) -> str | None:
-    """A warning when some stages were scored under their own protocol (a `protocol` metric), so their numbers
-    are not comparable with the recipe's full-ranking rows; None when every stage shares the recipe protocol."""
+    """A warning naming the stages that explicitly asked for a parity protocol (their metrics.json `protocol` is
+    not the recipe's full/sampled), so their numbers are not comparable with the other rows; None otherwise."""
     own = {name: m["protocol"] for name, m in stages.items()
            if isinstance(m.get("protocol"), str) and m["protocol"] not in RECIPE_PROTOCOLS}
     if not own:
         return None
     parts = [f"{name} ({protocol}: {PROTOCOLS.get(protocol, 'its own protocol')})" for name, protocol in own.items()]
-    return ("Not comparable across rows: " + "; ".join(parts) + " are scored under their own protocol, "
-            "the other stages under the recipe's evaluation.")
+    return ("Not comparable across rows: " + "; ".join(parts) + " asked for a parity protocol and are scored under "
+            "their own protocol, the other stages under the recipe's evaluation.")
 
 
 def results_table(summary: dict, columns: list[str] | None = None, title: str | None = None) -> Table:

@@ -54,9 +54,8 @@ class LLMSFTParams(BaseModel):
     grounding: GroundingConfig = Field(default_factory=lambda: GroundingConfig(kind="embedding"),
                                        description="answer title -> K nearest catalog items (BIGRec/SPRec: "
                                                    "embedding L2)")
-    eval_part: Literal["valid", "test"] = Field("test", description="split part evaluated")
-    eval_rows: int | None = Field(200, ge=1, description="seeded subsample of evaluation users (null = all)")
-    ks: list[int] | None = Field(None, description="cut-offs K (default: the recipe's eval.ks)")
+    eval_part: Literal["valid", "test"] = Field("test", description="split part evaluated (users: the recipe's "
+                                                                     "eval.users, cut-offs: eval.ks)")
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda'")
     dtype: str = Field("auto", description="'auto' (fp32 on CPU, bf16 on GPU), 'float32' or 'bfloat16'")
     save: Literal["adapter", "merged", "none"] = Field("adapter", description="what is saved under <stage>/model")
@@ -116,6 +115,8 @@ class AnswerLists:
         self.generation, self.batch_size, self.progress = generation, batch_size, progress
         self.processor = catalog_constraint(titles, tokenizer, task) if decoding == "constrained" else None
         self.answers_: list[str] = []
+        self.users_ = np.zeros(0, dtype=np.int64)
+        self.lists_: torch.Tensor | None = None
 
     def answers(self, rows: Rows) -> list[str]:
         """One generated answer per row (its prompt from the row's history titles)."""
@@ -133,7 +134,16 @@ class AnswerLists:
         recent = [histories[u][-self.task.max_history:].tolist() for u in users]  # one prompt per user
         rows = Rows(users, recent, np.full(len(users), -1, dtype=np.int64), next_items=[[] for _ in users])
         self.answers_ = self.answers(rows)
-        return answer_lists(self.answers_, self.grounder, self.task, k)
+        self.users_ = users
+        lists = answer_lists(self.answers_, self.grounder, self.task, k)
+        self.lists_ = lists.lists() if hasattr(lists, "lists") else lists
+        return lists
+
+    def records(self, targets: "dict[int, int] | None" = None) -> list[dict]:
+        """Per evaluated user of the last call: user, raw answer, top-K item ids (and target when given)."""
+        lists = self.lists_.tolist() if self.lists_ is not None else [[] for _ in self.users_]
+        return [{"user": int(u), **({"target": int(targets[int(u)])} if targets else {}), "answer": a, "top_k": row}
+                for u, a, row in zip(self.users_.tolist(), self.answers_, lists)]
 
 
 def catalog_constraint(titles: Sequence[str], tokenizer, task: SeqRecTask):
@@ -170,8 +180,7 @@ def evaluate_llm(model, tokenizer, task: SeqRecTask, rows: Rows, titles: Sequenc
 # ---- the stage --------------------------------------------------------------------------------------------------
 
 def run_llm_sft_stage(ctx: "RunContext", params: LLMSFTParams) -> dict:
-    """SFT a causal LM on the split's train rows, generate for evaluation users, ground and score."""
-    from recalign.llm.grounding import make_grounder
+    """SFT a causal LM on the split's train rows, then score its answers on the recipe's users (`ctx.evaluate`)."""
     from recalign.llm.models import load_model, save_model
     from recalign.llm.tasks import sample_rows, sft_examples
     from recalign.llm.train import train_sft
@@ -180,39 +189,129 @@ def run_llm_sft_stage(ctx: "RunContext", params: LLMSFTParams) -> dict:
         raise ConfigError("an llm-sft stage needs a split (add `split:` to the recipe)")
     if not params.decodings:
         raise ConfigError("llm-sft: decodings must name at least one of greedy, constrained")
-    ks = sorted(set(params.ks or ctx.recipe.eval.ks))
     titles = ctx.dataset.titles()
     task = params.task
     train = sample_rows(task.train_rows(ctx.dataset, ctx.split), params.train_rows, ctx.seed)
-    evaluation = sample_rows(task.eval_rows(ctx.dataset, ctx.split, params.eval_part), params.eval_rows,
-                             ctx.seed + 7919)
-    if len(train) == 0 or len(evaluation) == 0:
-        raise ConfigError(f"llm-sft: {len(train)} train rows and {len(evaluation)} {params.eval_part} rows; "
-                          "every user needs >= 2 train interactions and a held-out item")
-    ctx.log(f"load {params.model}; SFT on {len(train)} rows, evaluate {len(evaluation)} {params.eval_part} rows")
+    users = ctx.eval_users(params.eval_part)
+    if len(train) == 0:
+        raise ConfigError("llm-sft: no train rows; every user needs >= 2 train interactions")
+    ctx.log(f"load {params.model}; SFT on {len(train)} rows, evaluate {len(users)} {params.eval_part} users")
     model, tokenizer = load_model(params.model, device=params.device, dtype=params.dtype, seed=ctx.seed,
                                   lora=params.lora, progress=ctx.progress)  # the LoRA init is seeded too
     sft = params.sft.model_copy(update={"seed": ctx.seed, "device": params.device})
     result = train_sft(model, tokenizer, sft_examples(task, train, titles, tokenizer), sft,
                        output_dir=ctx.stage_dir / "scratch", progress=ctx.progress)
     ctx.log(f"SFT: {result.summary()}")
-    grounder = make_grounder(params.grounding, titles)
-    metrics, answers = evaluate_llm(result.model, tokenizer, task, evaluation, titles, grounder, ks,
-                                    params.decodings, params.generation, params.batch_size, ctx.progress,
-                                    **_beyond_inputs(ctx))
-    _write_answers(ctx.stage_dir / "answers.jsonl", evaluation, answers, titles)
+    metrics, records = evaluate_decodings(ctx, result.model, tokenizer, params, params.eval_part)
+    _write_records(ctx.stage_dir / "answers.jsonl", records, titles)
     if params.save != "none":
         save_model(result.model, tokenizer, ctx.stage_dir / "model", merge=params.save == "merged")
     _remove(ctx.stage_dir / "scratch")
-    return {"model": params.model, "protocol": "llm_generated", "train_rows": len(train), **result.summary(),
-            **metrics}
+    return {"model": params.model, "train_rows": len(train), **result.summary(), **metrics}
+
+
+def evaluate_decodings(ctx: "RunContext", model, tokenizer, params: LLMSFTParams, part: str = "test"
+                       ) -> tuple[dict, list[dict]]:
+    """Every decoding's answers on the recipe's users, scored by `ctx.evaluate` (the evaluator every stage uses).
+
+    The first decoding's metrics are unprefixed, later ones carry "<decoding>." keys; per user one record with
+    each decoding's raw answer and top-K items.
+    """
+    from recalign.llm.grounding import make_grounder
+
+    titles = ctx.dataset.titles()
+    grounder = make_grounder(params.grounding, titles)
+    targets = _first_targets(ctx, part)
+    metrics: dict = {}
+    records: list[dict] = []
+    for position, decoding in enumerate(params.decodings):
+        lists_model = AnswerLists(model, tokenizer, params.task, titles, grounder, params.generation,
+                                  params.batch_size, decoding, ctx.progress)
+        started = time.perf_counter()
+        scored = ctx.evaluate(lists_model, part=part)
+        scored["generation_seconds"] = round(time.perf_counter() - started, 3)
+        scored.update(title_validity(lists_model.answers_, titles, params.task))
+        prefix = "" if position == 0 else f"{decoding}."
+        metrics.update({f"{prefix}{key}": value for key, value in scored.items()})
+        for i, record in enumerate(lists_model.records(targets)):
+            if position == 0:
+                records.append({"user": record["user"], "target": record["target"]})
+            records[i].update({f"answer_{decoding}": record["answer"], f"top_k_{decoding}": record["top_k"]})
+    return metrics, records
+
+
+class RecipeAnswers:
+    """An LLM loop's evaluator on the recipe's users: (model, tokenizer) -> `ctx.evaluate(AnswerLists(...))` metrics.
+
+    Used by SPRec (and the next train -> generate -> score loops) under the default protocol: every checkpoint is
+    scored on the same users, targets and metrics as the recipe's other stages. After a call `answers_` holds the
+    per-user record (user, target, raw answer, top-K ids); `rows.users` are the users and `score(lists, index)`
+    re-scores top-K lists on rows `index` (repeats allowed) for paired comparisons.
+    """
+
+    def __init__(self, ctx: "RunContext", task: SeqRecTask, grounder, generation: GenerationSettings | None = None,
+                 batch_size: int = 8, part: str = "test", progress: bool = False):
+        from recalign.eval.evaluate import relevant_items
+
+        self.ctx, self.task, self.grounder, self.part = ctx, task, grounder, part
+        self.generation, self.batch_size, self.progress = generation, batch_size, progress
+        users = ctx.eval_users(part)
+        targets = _first_targets(ctx, part)
+        self.history = ctx.dataset.sequences(ctx.split.history(part))
+        self.rows = Rows(users, [self.history[u][-task.max_history:].tolist() for u in users],
+                         np.asarray([targets[int(u)] for u in users], dtype=np.int64))
+        self.targets = targets
+        eligible, relevant, counts = relevant_items(ctx.split.part(part), ctx.dataset.n_users)
+        index = torch.from_numpy(np.searchsorted(eligible, users))
+        self.relevant, self.counts = relevant[index], counts[index]
+        from recalign.eval.beyond import catalog_genre_table, popularity
+
+        self.popularity = popularity(ctx.split.history("valid")["item_id"].to_numpy(), ctx.dataset.n_items)
+        self.genre_table = catalog_genre_table(ctx.dataset.item_categories())  # as `evaluate` builds them
+        self.answers_: list[dict] = []
+
+    def __call__(self, model, tokenizer) -> dict:
+        """Generate for the recipe's users, ground, and score with the recipe's evaluator."""
+        titles = self.ctx.dataset.titles()
+        lists_model = AnswerLists(model, tokenizer, self.task, titles, self.grounder, self.generation,
+                                  self.batch_size, progress=self.progress)
+        metrics = self.ctx.evaluate(lists_model, part=self.part, users=self.rows.users)
+        metrics.update(title_validity(lists_model.answers_, titles, self.task))
+        self.answers_ = lists_model.records(self.targets)
+        return metrics
+
+    def score(self, lists: torch.Tensor, index: np.ndarray | None = None) -> dict:
+        """The list metrics of top-K lists [rows, K] on the evaluated users (or rows `index`, repeats allowed)."""
+        from recalign.eval.lists import ListInputs, score_lists, users_sequences
+
+        index = np.arange(len(self.rows)) if index is None else np.asarray(index, dtype=np.int64)
+        chosen = torch.from_numpy(index)
+        inputs = ListInputs(lists[chosen], self.relevant[chosen], self.ctx.dataset.n_items,
+                            n_relevant=self.counts[chosen], popularity=self.popularity,
+                            history=users_sequences(self.history, self.rows.users[index]), genre_table=self.genre_table)
+        return score_lists(inputs, self.ctx.recipe.eval.ks)
+
+
+def title_validity(answers: Sequence[str], titles: Sequence[str], task: SeqRecTask) -> dict:
+    """valid_title_rate: the share of one-title answers that name a catalog title exactly ({} for list tasks)."""
+    from recalign.llm.grounding import ExactGrounder
+    from recalign.llm.tasks import parse_title
+
+    if task.k > 1 or not len(answers):
+        return {}
+    exact = ExactGrounder(titles).ground([parse_title(a) for a in answers])
+    return {"valid_title_rate": float((exact >= 0).float().mean())}
+
+
+def _first_targets(ctx: "RunContext", part: str) -> dict[int, int]:
+    """Each user's first item of `part` (the target of a leave-one-out split)."""
+    frame = ctx.split.part(part).sort_values(["user_id", "timestamp"], kind="stable").drop_duplicates("user_id")
+    return dict(zip(frame["user_id"].astype(int).tolist(), frame["item_id"].astype(int).tolist()))
 
 
 def reevaluate_llm_stage(ctx: "RunContext", params: LLMSFTParams, part: str | None = None) -> dict:
     """Evaluate the model a finished llm-sft stage saved under <stage>/model again (for `recalign eval`)."""
-    from recalign.llm.grounding import make_grounder
     from recalign.llm.models import load_model
-    from recalign.llm.tasks import sample_rows
 
     if ctx.split is None:
         raise ConfigError("llm-sft evaluation needs the run's split")
@@ -225,33 +324,16 @@ def reevaluate_llm_stage(ctx: "RunContext", params: LLMSFTParams, part: str | No
         model, tokenizer = load_model(params.model, device=params.device, dtype=params.dtype, seed=ctx.seed,
                                       adapter=folder, progress=ctx.progress)
     part = part or params.eval_part
-    titles = ctx.dataset.titles()
-    rows = sample_rows(params.task.eval_rows(ctx.dataset, ctx.split, part), params.eval_rows, ctx.seed + 7919)
-    ks = sorted(set(params.ks or ctx.recipe.eval.ks))
-    metrics, _ = evaluate_llm(model, tokenizer, params.task, rows, titles, make_grounder(params.grounding, titles),
-                              ks, params.decodings, params.generation, params.batch_size, ctx.progress,
-                              **_beyond_inputs(ctx))
-    return {"model": params.model, "protocol": "llm_generated", "part": part, **metrics}
+    metrics, _ = evaluate_decodings(ctx, model, tokenizer, params, part)
+    return {"model": params.model, "part": part, **metrics}
 
 
-def _beyond_inputs(ctx: "RunContext") -> dict:
-    """pop(i) from the train part and the catalog's genre table: AvgPop and MGU/DGU of the answers' lists."""
-    from recalign.eval.beyond import catalog_genre_table, popularity
+def _write_records(path: Path, records: list[dict], titles: Sequence[str]) -> None:
+    """One JSON line per evaluated user: user, target (and its title), each decoding's raw answer and top-K."""
+    from recalign.io import write_atomic
 
-    return {"popularity": popularity(ctx.split.train["item_id"].to_numpy(), ctx.dataset.n_items),
-            "genre_table": catalog_genre_table(ctx.dataset.item_categories())}
-
-
-def _write_answers(path: Path, rows: Rows, answers: dict[str, list[str]], titles: Sequence[str]) -> None:
-    """One JSON line per evaluation row: user, history, target and each decoding's raw answer."""
-    from recalign.runs import write_atomic
-
-    lines = []
-    for i in range(len(rows)):
-        record = {"user": int(rows.users[i]), "history": [int(x) for x in rows.histories[i]],
-                  "target": int(rows.targets[i]), "target_title": titles[int(rows.targets[i])]}
-        record.update({f"answer_{decoding}": texts[i] for decoding, texts in answers.items()})
-        lines.append(json.dumps(record, ensure_ascii=False))
+    lines = [json.dumps({**r, "target_title": titles[r["target"]]} if r.get("target") is not None else r,
+                        ensure_ascii=False) for r in records]
     write_atomic(path, "\n".join(lines) + "\n")
 
 
@@ -265,5 +347,5 @@ LLM_SFT_STAGE = Stage(params=LLMSFTParams, run=run_llm_sft_stage,
                       description="BIGRec-style LLM recommender: SFT (LoRA) on history -> next title, generate, "
                                   "ground, evaluate HR/NDCG@K and the valid-title rate")
 
-__all__ = ["LLMSFTParams", "LLM_SFT_STAGE", "evaluate_answers", "evaluate_llm", "catalog_constraint",
-           "run_llm_sft_stage", "reevaluate_llm_stage"]
+__all__ = ["LLMSFTParams", "LLM_SFT_STAGE", "AnswerLists", "RecipeAnswers", "evaluate_answers", "evaluate_llm", "evaluate_decodings",
+           "catalog_constraint", "run_llm_sft_stage", "reevaluate_llm_stage", "title_validity"]
