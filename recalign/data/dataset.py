@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -17,7 +15,7 @@ import torch
 
 from recalign.data.rawfile import check_raw_file
 from recalign.errors import DataError
-from recalign.io import dir_mode
+from recalign.io import atomic_folder
 
 ITEM_COLUMNS = ["item_id", "original_id", "title", "categories", "text"]
 USER_COLUMNS = ["user_id", "original_id"]
@@ -120,10 +118,7 @@ class Dataset:
     def save(self, directory: str | os.PathLike) -> Path:
         """Write items/users/interactions Parquet + dataset.json atomically (a temp folder renamed into place)."""
         out = Path(directory)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        tmp.chmod(dir_mode())  # mkdtemp makes it private; a prepared dataset is a folder like any other
-        try:
+        with atomic_folder(out) as tmp:
             self.items.to_parquet(tmp / "items.parquet", index=False)
             self.users.to_parquet(tmp / "users.parquet", index=False)
             self.interactions.to_parquet(tmp / "interactions.parquet", index=False)
@@ -132,12 +127,6 @@ class Dataset:
                 "users": self.n_users, "items": self.n_items, "interactions": len(self.interactions)})
             info["fingerprint"] = self.fingerprint()
             (tmp / "dataset.json").write_text(json.dumps(info, indent=2, sort_keys=True))
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return out
 
     @classmethod

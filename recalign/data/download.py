@@ -25,6 +25,7 @@ from pathlib import Path, PurePosixPath
 from recalign.data.dataset import sha256_file
 from recalign.data.rawfile import check_raw_file
 from recalign.errors import ConfigError, DataError
+from recalign.io import atomic_folder
 
 
 @dataclass(frozen=True)
@@ -106,12 +107,10 @@ def fetch_archive(archive: Archive, out_dir: str | os.PathLike, from_file: str |
         mismatch = _archive_mismatch(archive, digests, where)
         if mismatch is not None and not archive.members:
             raise mismatch
-        extracted = _extract(zip_path, archive.folder, work / "extracted")
-        # A repackaged archive (different zip bytes) is accepted only when every pinned member file matches.
-        _verify_members(archive, extracted, mismatch)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(extracted, out)
+        with atomic_folder(out) as staged:  # `out` is absent or empty (checked above)
+            extracted = _extract(zip_path, archive.folder, staged)
+            # A repackaged archive (different zip bytes) is accepted only when every pinned member file matches.
+            _verify_members(archive, extracted, mismatch)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
@@ -165,7 +164,7 @@ def _extract(zip_path: Path, folder: str, target: Path) -> Path:
         with zipfile.ZipFile(zip_path) as zf:
             names = [n for n in zf.namelist() if not n.endswith("/")]
             prefix = f"{folder}/" if any(n.startswith(f"{folder}/") for n in names) else ""
-            target.mkdir(parents=True)
+            target.mkdir(parents=True, exist_ok=True)
             for name in names:
                 if not name.startswith(prefix) or name.startswith("__MACOSX/"):
                     continue

