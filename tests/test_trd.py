@@ -256,11 +256,11 @@ def test_trd_stage_runs_in_a_recipe(temporal, tmp_path):
     dataset.save(tmp_path / "data")
     recipe = Recipe.model_validate({
         "name": "trd-test", "seed": 0, "data": {"path": str(tmp_path / "data")},
-        "split": {"kind": "global_temporal"},
+        "split": {"kind": "global_temporal"}, "eval": {"ks": [1, 10]},
         "stages": [{"name": "bprmf", "kind": "teacher", "params": {"model": "bprmf", "params": {"dim": 8,
                                                                                                  "epochs": 3}}},
                    {"name": "trd", "kind": "trd", "params": {
-                       "teacher": "bprmf", "cand_num": 40, "ks": [1, 10],
+                       "teacher": "bprmf", "cand_num": 40, "protocol": "trd_temporal",
                        "dqn": {"epochs": 2, "train_steps": 5, "learning_starts": 8, "batch_size": 8}}}]})
     summary = run_recipe(recipe, tmp_path / "run", progress=False)
     metrics = summary["stages"]["trd"]
@@ -292,8 +292,8 @@ def test_trd_stage_under_a_non_temporal_recipe_split(temporal, tmp_path):
     dataset, _, _ = temporal
     dataset.save(tmp_path / "data")
     base = {"name": "trd-loo", "seed": 0, "data": {"path": str(tmp_path / "data")},
-            "split": {"kind": "leave_one_out"}}
-    tiny = {"cand_num": 40, "ks": [1, 10], "teacher_params": {"dim": 8, "epochs": 2},
+            "split": {"kind": "leave_one_out"}, "eval": {"ks": [1, 10]}}
+    tiny = {"cand_num": 40, "protocol": "trd_temporal", "teacher_params": {"dim": 8, "epochs": 2},
             "dqn": {"epochs": 1, "train_steps": 4, "learning_starts": 8, "batch_size": 8}}
     own = Recipe.model_validate({**base, "stages": [{"name": "trd", "kind": "trd",
                                                      "params": {"teacher": "bprmf", **tiny}}]})

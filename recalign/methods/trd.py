@@ -24,15 +24,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Literal
+from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from recalign.config import stage_params_model
 from recalign.data.dataset import Dataset
 from recalign.errors import ConfigError
+from recalign.io import write_json
 from recalign.rl.dqn import DQNConfig, DQNReranker, RerankEpisodes
 from recalign.stages import Stage
 from recalign.threads import torch_threads
@@ -273,6 +275,13 @@ def _run_trd(dataset: Dataset, split: "Split", teacher: "Recommender", config: T
 
 # ---- the recipe stage ---------------------------------------------------------------------------------
 
+def teacher_dependency(config: TRDConfig, stage_names: Sequence[str]) -> dict[str, str]:
+    """The stage TRD depends on: `teacher` when it names a recipe stage (or `teacher_source: stage`)."""
+    if config.teacher_source == "stage" or (config.teacher_source == "auto" and config.teacher in stage_names):
+        return {"teacher": config.teacher}
+    return {}
+
+
 def teacher_is_stage(ctx: "RunContext", config: TRDConfig) -> bool:
     """Whether `teacher` names an earlier stage (else a model to train here)."""
     is_stage = config.teacher in {stage.name for stage in ctx.recipe.stages}
@@ -306,8 +315,8 @@ def resolve_teacher(ctx: "RunContext", split: "Split", config: TRDConfig) -> tup
     return teacher, time.perf_counter() - started
 
 
-def run_stage(ctx: "RunContext", config: TRDConfig) -> dict:
-    """The `trd` stage: teacher -> pools -> student on train2 -> select on valid -> test metrics."""
+def run_temporal_stage(ctx: "RunContext", config: TRDConfig) -> dict:
+    """Protocol `trd_temporal` (the paper's): teacher -> pools -> student on train2 -> select on valid -> test."""
     split, own_split = stage_split(ctx, config)
     with torch_threads(config.threads):
         teacher, teacher_seconds = resolve_teacher(ctx, split, config)
@@ -315,8 +324,6 @@ def run_stage(ctx: "RunContext", config: TRDConfig) -> dict:
     torch.save(result.student.state_dict(), ctx.stage_dir / "student.pt")
     torch.save({"users": result.test_users, "teacher": result.teacher_test_lists,
                 "student": result.student_test_lists}, ctx.stage_dir / "test_lists.pt")
-    from recalign.runs import write_json
-
     write_json(ctx.stage_dir / "training.json", {"epochs": result.student.history_,
                                                  "best_epoch": result.student.best_epoch_})
     from recalign.eval.curves import CURVES_FILE, CURVES_PNG, plot_curves, write_curves
@@ -354,5 +361,134 @@ def _relative_gain(new: float | None, old: float | None) -> float | None:
     return (new - old) / old
 
 
-TRD_STAGE = Stage(params=TRDConfig, run=run_stage,
-                  description="TRD: a DQN student re-ranks the top of a teacher's list (global temporal split)")
+# ---- protocol "recipe" (the default): re-rank the teacher's list for the recipe's split ------------------------
+
+TRDStageParams = stage_params_model(
+    TRDConfig, "TRDStageParams", doc="Params of a `trd` recipe stage (cut-offs and users: the recipe's eval).",
+    protocol=(Literal["recipe", "trd_temporal"], Field(
+        "recipe", description="'recipe': re-rank the teacher's top-cand_num list for the recipe's split, scored "
+                              "by the recipe's evaluator on its users (comparable); 'trd_temporal': the paper's own "
+                              "global temporal split and candidate pools (a parity protocol)")))
+
+
+def run_stage(ctx: "RunContext", params: BaseModel) -> dict:
+    """The `trd` stage: the recipe protocol by default, the paper's `trd_temporal` when asked for by name."""
+    values = params.model_dump(exclude={"protocol"})
+    config = TRDConfig(**values, ks=list(ctx.recipe.eval.ks))
+    if getattr(params, "protocol", "recipe") == "trd_temporal":
+        return run_temporal_stage(ctx, config)
+    return run_recipe_stage(ctx, config)
+
+
+class RerankedLists:
+    """TRD as a `recalign.eval.lists.ListRecommender`: the teacher's top-`cand_num` list (history excluded), re-ranked
+    by the DQN student from the user's history (no labels)."""
+
+    def __init__(self, teacher: "Recommender", student: DQNReranker, cand_num: int, exclude_history: bool = True):
+        self.teacher, self.student, self.cand_num, self.exclude_history = teacher, student, cand_num, exclude_history
+
+    def episodes(self, users: np.ndarray, histories, relevant: pd.DataFrame | None = None) -> RerankEpisodes:
+        """The teacher's lists as episodes; labels = the users' items in `relevant` (None: inference)."""
+        users = np.asarray(users, dtype=np.int64)
+        n_items = histories.n_items
+        items, scores = self.teacher.recommend(users, histories, k=min(self.cand_num, n_items),
+                                               exclude_history=self.exclude_history)
+        valid = items >= 0
+        labels = None
+        if relevant is not None:
+            labels = item_matrix(relevant, users, n_items).gather(1, items.clamp(min=0)) & valid
+        states = histories.padded(users, self.student.config.state_len, pad=n_items)
+        return RerankEpisodes(users=torch.as_tensor(users), candidates=items, relevant=labels,
+                              teacher_scores=torch.where(valid, scores, torch.zeros_like(scores)).float(),
+                              start_states=states)
+
+    def recommend(self, users: np.ndarray, histories, k: int) -> torch.Tensor:
+        """Top-k re-ranked lists [U, k] (-1 where the teacher's list runs out)."""
+        length = max(k, self.student.config.list_length)
+        return self.student.rerank(self.episodes(users, histories), length=length)[:, :k]
+
+
+def run_recipe_stage(ctx: "RunContext", config: TRDConfig) -> dict:
+    """Protocol `recipe`: the student learns on validation episodes (90% of users, seeded), picks its epoch on the
+    other 10%, then re-ranks the test users' lists; scored by `ctx.evaluate` like every other stage."""
+    if ctx.split is None:
+        raise ConfigError("the trd stage needs a split")
+    if config.parity != "standard" or config.oracle_test_transitions:
+        raise ConfigError("trd: parity: daisy and oracle_test_transitions belong to protocol: trd_temporal")
+    with torch_threads(config.threads):
+        teacher, teacher_seconds = resolve_teacher(ctx, ctx.split, config)
+        student, lists, counts, seconds = fit_on_validation(ctx.dataset, ctx.split, teacher, config, ctx.seed,
+                                                            ctx.progress, ctx.log)
+        started = time.perf_counter()
+        metrics = ctx.evaluate(lists, part="test")
+        seconds["student_rerank"] = time.perf_counter() - started
+        teacher_metrics = ctx.evaluate(teacher, part="test")
+    _save_student(ctx, student, teacher, config)
+    gain = _relative_gain(metrics.get("ndcg@10"), teacher_metrics.get("ndcg@10"))
+    ctx.log(f"test ndcg@10 teacher {teacher_metrics.get('ndcg@10', float('nan')):.4f} "
+            f"trd {metrics.get('ndcg@10', float('nan')):.4f}")
+    return {"model": f"trd({getattr(teacher, 'name', config.teacher)})", "cand_num": config.cand_num,
+            "best_epoch": student.best_epoch_, **counts, **metrics,
+            **{f"teacher.{k}": v for k, v in teacher_metrics.items() if isinstance(v, (int, float))},
+            "ndcg@10_relative_gain": gain, "teacher_train_seconds": round(teacher_seconds, 3),
+            "train_seconds": round(seconds["student_train"], 3)}
+
+
+SELECT_FRACTION = 0.1  # share of the validation users that picks the student's epoch (never the test part)
+
+
+def fit_on_validation(dataset: Dataset, split: "Split", teacher: "Recommender", config: TRDConfig, seed: int,
+                      progress: bool = False, log: Callable[[str], None] | None = None
+                      ) -> tuple[DQNReranker, RerankedLists, dict, dict]:
+    """Train the student on the validation part's episodes (state = train history) of a seeded 90% of the users and
+    keep the epoch with the best `select_metric` on the other 10%; returns (student, lists model, counts, seconds)."""
+    updates = {"seed": seed} if config.dqn.seed is None else {}
+    if config.dqn.threads is None:
+        updates["threads"] = config.threads
+    dqn_config = config.dqn.model_copy(update=updates)
+    users = np.sort(split.valid["user_id"].unique()).astype(np.int64)
+    if len(users) < 2:
+        raise ConfigError("trd: the validation part needs at least two users (train and epoch selection)")
+    user_emb, item_emb = student_embeddings(teacher, dataset, config.embedding_dim, seed)
+    student = DQNReranker(user_emb, item_emb, dqn_config)
+    lists = RerankedLists(teacher, student, config.cand_num)
+    started = time.perf_counter()
+    episodes = lists.episodes(users, dataset.sequences(split.history("valid")), relevant=split.valid)
+    seconds = {"teacher_lists": time.perf_counter() - started}
+    order = torch.randperm(len(users), generator=torch.Generator().manual_seed(seed))
+    n_select = max(1, int(round(SELECT_FRACTION * len(users))))
+    select_rows, train_rows = order[:n_select].sort().values, order[n_select:].sort().values
+    select = without_labels(episodes.subset(select_rows))
+    by_user = split.valid.groupby("user_id")["item_id"].agg(set)
+    select_relevant = [by_user[int(u)] for u in users[select_rows.numpy()]]
+    depth = max(*config.ks, dqn_config.list_length)
+
+    def selection_score(model: DQNReranker) -> float:
+        picked = model.rerank(select, length=depth)
+        return list_metrics(picked, select_relevant, config.ks)[config.select_metric]
+
+    started = time.perf_counter()
+    student.fit(episodes.subset(train_rows), validate=selection_score, progress=progress, log=log,
+                valid_metric=config.select_metric)
+    seconds["student_train"] = time.perf_counter() - started
+    counts = {"n_train_users": len(train_rows), "n_select_users": len(select_rows)}
+    return student, lists, counts, seconds
+
+
+def _save_student(ctx: "RunContext", student: DQNReranker, teacher: "Recommender", config: TRDConfig) -> None:
+    """student.pt, training.json and the student's (and a locally trained teacher's) curves in the stage folder."""
+    from recalign.eval.curves import CURVES_FILE, CURVES_PNG, plot_curves, write_curves
+
+    torch.save(student.state_dict(), ctx.stage_dir / "student.pt")
+    write_json(ctx.stage_dir / "training.json", {"epochs": student.history_, "best_epoch": student.best_epoch_})
+    write_curves(student.curve_, ctx.stage_dir / CURVES_FILE)
+    plot_curves(student.curve_, ctx.stage_dir / CURVES_PNG, f"TRD student (DQN): stage {getattr(ctx.stage, 'name', 'trd')}")
+    teacher_curve = getattr(teacher, "curve_", None)
+    if teacher_curve and not teacher_is_stage(ctx, config):
+        write_curves(teacher_curve, ctx.stage_dir / "teacher" / CURVES_FILE)
+        plot_curves(teacher_curve, ctx.stage_dir / "teacher" / CURVES_PNG, f"TRD teacher ({config.teacher})")
+
+
+TRD_STAGE = Stage(params=TRDStageParams, run=run_stage, depends_on=teacher_dependency,
+                  description="TRD: a DQN student re-ranks the top of a teacher's list (the recipe's split by default; "
+                              "protocol trd_temporal: the paper's global temporal split)")
