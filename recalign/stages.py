@@ -32,7 +32,7 @@ STAGE_KINDS: dict[str, str] = {
     "teacher": "recalign.teachers.stage:TEACHER_STAGE",
     "trd": "recalign.methods.trd:TRD_STAGE",
     "llm-sft": "recalign.llm.stage:LLM_SFT_STAGE",
-    "sprec": "recalign.methods.sprec:SPREC_STAGE",
+    "sprec": "recalign.methods.sprec_report:SPREC_STAGE",
 }
 
 

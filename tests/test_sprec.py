@@ -213,20 +213,22 @@ def test_recipe_stage_writes_report_and_resumes_with_more_iterations(tmp_path):
     from recalign.config import recipe_from_dict
     from recalign.runs import run_recipe
 
-    stage = _config(variants=["sft", "sprec"], iterations=1, compare_resamples=20).model_dump(mode="json")
+    stage = _config(variants=["sft", "sprec"], iterations=1, compare_resamples=20).model_dump(
+        mode="json", exclude={"ks", "eval_rows"})  # recipe-wide: eval.ks, eval.users
 
     def spec(iterations: int):
         return recipe_from_dict({
             "name": "sprec-tiny", "seed": 0,
             "data": {"source": "synthetic", "options": {"n_users": 24, "n_items": 12, "min_length": 5,
                                                         "max_length": 7}},
-            "split": {"kind": "leave_one_out"},
+            "split": {"kind": "leave_one_out"}, "eval": {"ks": [1, 5]},
             "stages": [{"name": "sprec", "kind": "sprec", "params": {**stage, "iterations": iterations}}]})
 
     run_dir = tmp_path / "run"
     first = run_recipe(spec(1), run_dir, progress=False)["stages"]["sprec"]
     folder = run_dir / "stages" / "sprec"
-    assert first["protocol"] == "sprec_rows" and first["iterations"] == 1 and "sprec/hr@5" in first
+    assert first["protocol"] == "full" and first["iterations"] == 1 and "sprec/hr@5" in first
+    assert first["hr@5"] == first["sprec/hr@5"] and first["n_users"] == 24  # the recipe's users: all of them
     assert {p.name for p in (folder / "final").iterdir()} == {"sft", "sprec"}
     comparison = json.loads((folder / "comparison_vs_sft.json").read_text())
     assert [(c["variant"], c["iteration"]) for c in comparison] == [("sprec", 1)]

@@ -21,7 +21,7 @@ the K nearest catalog titles are the top-K list; HR/NDCG@K, DivRatio@K, ORRatio@
 
 Shared blocks: checkpoints, state and resume are `recalign.methods.iterations.IterationStore`; SFT and DPO are
 `recalign.llm.train` / `recalign.llm.dpo` over `recalign.llm.trainer`; tables, plots, the paired comparison with
-SFT and the recipe stage are in `recalign.methods.sprec_report`.
+SFT and the recipe stage (`SPREC_STAGE`) are in `recalign.methods.sprec_report`.
 """
 
 from __future__ import annotations
@@ -167,11 +167,14 @@ IterationHook = Callable[[str, int], None]
 
 
 def run_sprec(config: SPRecConfig, dataset, split, work_dir: str | Path, *, progress: bool = False,
-              on_iteration_start: IterationHook | None = None, log: Callable[[str], None] | None = None) -> dict:
+              on_iteration_start: IterationHook | None = None, log: Callable[[str], None] | None = None,
+              evaluator: Callable | None = None) -> dict:
     """Run SFT and every configured variant for `config.iterations` iterations, resuming from `work_dir`.
 
     Returns {"iterations": [{variant, iteration, metrics...}, ...], "final": {variant: metrics}}; the same table
     is kept in work_dir/state.json after every finished iteration (`recalign.methods.iterations`).
+    `evaluator` ((model, tokenizer) -> metrics, keeping `answers_`) replaces the `sprec_rows` evaluation, e.g. the
+    recipe's evaluator on its users (`recalign.llm.stage.RecipeAnswers`).
     """
     from recalign.llm.grounding import make_grounder
 
@@ -183,7 +186,7 @@ def run_sprec(config: SPRecConfig, dataset, split, work_dir: str | Path, *, prog
     train = train_rows(dataset, split, config.max_history, config.train_users)
     if len(train) == 0:
         raise ConfigError("SPRec: no train rows (every user needs >= 2 train interactions)")
-    evaluate = _make_evaluator(config, dataset, split, grounder, progress)
+    evaluate = evaluator or _make_evaluator(config, dataset, split, grounder, progress)
 
     # Stage 0: θ₀ ← SFT(base + LoRA, train rows): the "sft" variant and iteration 0 of every variant.
     sft_dir = store.folder("sft")
@@ -426,35 +429,3 @@ def _dpo(model, tokenizer, pairs: Pairs, titles: list[str], config: SPRecConfig,
     settings = config.dpo.model_copy(update={"seed": config.seed})
     result = train_dpo(model, tokenizer, records, settings, output_dir=scratch, progress=progress)
     return result.model, result.summary()
-
-
-# ---- the recipe stage (glue, report and statistics: `recalign.methods.sprec_report`) -----------------------
-
-def _run_stage(ctx, params: SPRecConfig) -> dict:
-    """Recipe stage "sprec" (the glue lives in `recalign.methods.sprec_report.run_stage`)."""
-    from recalign.methods.sprec_report import run_stage
-
-    return run_stage(ctx, params)
-
-
-_MOVED_TO_REPORT = {"compare_against_sft", "iteration_table", "comparison_table", "plot_iterations", "TABLE_COLUMNS"}
-
-
-def __getattr__(name: str):
-    """The report helpers moved to `recalign.methods.sprec_report`; old imports from here keep working."""
-    if name in _MOVED_TO_REPORT:
-        from recalign.methods import sprec_report
-
-        return getattr(sprec_report, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _stage():
-    from recalign.stages import Stage
-
-    return Stage(params=SPRecConfig, run=_run_stage,
-                 description="SPRec: SFT, then self-play DPO with the model's own grounded answers as negatives; "
-                             "baselines SFT and DPO with random negatives")
-
-
-SPREC_STAGE = _stage()

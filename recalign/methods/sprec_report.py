@@ -11,18 +11,21 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
+from recalign.config import stage_params_model
 from recalign.errors import ConfigError
 from recalign.io import atomic_path, write_atomic, write_json
-from recalign.methods.sprec import (MARKER, SPRecConfig, _fingerprint, _load_checkpoint, _make_evaluator,
+from recalign.methods.sprec import (MARKER, VARIANTS, SPRecConfig, _fingerprint, _load_checkpoint, _make_evaluator,
                                     _write_jsonl, checkpoint_folders, run_sprec)
+from recalign.stages import Stage
 
 __all__ = ["TABLE_COLUMNS", "iteration_table", "comparison_table", "plot_iterations", "compare_against_sft",
-           "run_stage"]
+           "run_stage", "SPREC_STAGE"]
 
 
 # ---- tables and plots ------------------------------------------------------------------------------------
@@ -95,7 +98,8 @@ def plot_iterations(summary: dict, path: str | Path, metrics: tuple[str, ...] = 
 def compare_against_sft(config: SPRecConfig, dataset, split, work_dir: str | Path,
                           keys: tuple[str, ...] = ("hr@5", "ndcg@5", "div_ratio@5", "or_ratio@5", "mgu@5", "dgu@5"),
                           n_resamples: int = 1000, seed: int = 0, progress: bool = False,
-                          log: Callable[[str], None] | None = None, eval_rows: int | None = None) -> list[dict]:
+                          log: Callable[[str], None] | None = None, eval_rows: int | None = None,
+                          evaluator=None) -> list[dict]:
     """(checkpoint - SFT) on the same evaluation rows, for every finished checkpoint of a run.
 
     `eval_rows` (optional) compares on a different number of evaluation rows than the run used (e.g. more, for
@@ -116,7 +120,8 @@ def compare_against_sft(config: SPRecConfig, dataset, split, work_dir: str | Pat
     if not own_rows:
         config = config.model_copy(update={"eval_rows": eval_rows})
     answers_file = "eval_answers.jsonl" if own_rows else f"eval_answers_{eval_rows}rows.jsonl"
-    evaluate = _make_evaluator(config, dataset, split, make_grounder(config.grounding, dataset.titles()), progress)
+    evaluate = evaluator or _make_evaluator(config, dataset, split, make_grounder(config.grounding, dataset.titles()),
+                                            progress)  # `evaluator`: the one the run used (e.g. the recipe's)
     folders = checkpoint_folders(work_dir)
     if ("sft", 0) not in folders:
         raise ConfigError(f"{work_dir}: no finished SFT checkpoint to compare against")
@@ -156,24 +161,49 @@ def compare_against_sft(config: SPRecConfig, dataset, split, work_dir: str | Pat
 
 # ---- the recipe stage ---------------------------------------------------------------------------------------
 
-def run_stage(ctx, params: SPRecConfig) -> dict:
+SPRecStageParams = stage_params_model(
+    SPRecConfig, "SPRecStageParams", doc="Params of a `sprec` recipe stage (cut-offs and users: the recipe's eval).",
+    protocol=(Literal["recipe", "sprec_rows"], Field(
+        "recipe", description="'recipe': every variant and iteration scored by the recipe's evaluator on its users "
+                              "(comparable); 'sprec_rows': the paper's own rows and list metrics (a parity protocol)")))
+
+
+def run_stage(ctx, params) -> dict:
     """Recipe stage "sprec": run the loop in a persistent work folder (resumable), then report into the stage."""
     from recalign.config import stable_hash
+    from recalign.llm.generate import GenerationSettings
+    from recalign.llm.grounding import make_grounder
+    from recalign.llm.stage import RecipeAnswers
+    from recalign.llm.tasks import SeqRecTask
 
-    config = params if "seed" in params.model_fields_set else params.model_copy(update={"seed": ctx.seed})
+    protocol = getattr(params, "protocol", "recipe")
+    config = SPRecConfig(**params.model_dump(exclude={"protocol"}), ks=list(ctx.recipe.eval.ks),
+                         eval_rows=ctx.recipe.eval.users)
+    if "seed" not in params.model_fields_set:
+        config = config.model_copy(update={"seed": ctx.seed})
     if ctx.split is None:
         raise ConfigError("the sprec stage needs a split")
+    evaluator = None
+    if protocol == "recipe":
+        evaluator = RecipeAnswers(ctx, SeqRecTask(max_history=config.max_history),
+                                  make_grounder(config.grounding, ctx.dataset.titles()),
+                                  GenerationSettings(max_new_tokens=config.eval_generation.max_new_tokens),
+                                  config.eval_generation.batch_size, part=config.eval_part, progress=ctx.progress)
     # The stage folder is rebuilt from scratch on every attempt; iterations live outside it so a kill resumes.
-    key = stable_hash({"config": _fingerprint(config),
+    key = stable_hash({"config": _fingerprint(config), "protocol": protocol,
+                       "eval": ctx.recipe.eval.model_dump(mode="json", exclude={"table"}),
                        "data": ctx.dataset.fingerprint(), "split": ctx.recipe.split.model_dump(mode="json")})
     work = ctx.run_dir / "work" / f"{ctx.stage.name if ctx.stage else 'sprec'}-{key}"
-    summary = run_sprec(config, ctx.dataset, ctx.split, work, progress=ctx.progress, log=ctx.log)
+    summary = run_sprec(config, ctx.dataset, ctx.split, work, progress=ctx.progress, log=ctx.log, evaluator=evaluator)
     write_json(ctx.stage_dir / "iterations.json", summary["iterations"])
     write_atomic(ctx.stage_dir / "iterations.md", iteration_table(summary))
     plot_iterations(summary, ctx.stage_dir / "ndcg_divratio.png")
     if config.compare_resamples > 0 and len(summary["iterations"]) > 1:
-        comparisons = compare_against_sft(config, ctx.dataset, ctx.split, work, n_resamples=config.compare_resamples,
-                                          seed=config.seed)
+        first = summary["iterations"][0]
+        keys = tuple(k for k in ("hr@5", "ndcg@5", "div_ratio@5", "or_ratio@5", "mgu@5", "dgu@5") if k in first)
+        comparisons = compare_against_sft(config, ctx.dataset, ctx.split, work, keys=keys or ("hr@1",),
+                                          n_resamples=config.compare_resamples, seed=config.seed,
+                                          evaluator=evaluator)
         write_json(ctx.stage_dir / "comparison_vs_sft.json", comparisons)
         write_atomic(ctx.stage_dir / "comparison_vs_sft.md", comparison_table(comparisons))
     last = max(r["iteration"] for r in summary["iterations"])
@@ -181,11 +211,23 @@ def run_stage(ctx, params: SPRecConfig) -> dict:
     for variant, record in summary["final"].items():
         source = work / "sft" if variant == "sft" else work / variant / f"iter_{record['iteration']}"
         shutil.copytree(source / "adapter", ctx.stage_dir / "final" / variant)
-    metrics: dict = {"protocol": "sprec_rows", "iterations": last, "work_dir": str(work)}
+    metrics: dict = {"protocol": "sprec_rows" if protocol == "sprec_rows" else ctx.recipe.eval.protocol,
+                     "iterations": last, "work_dir": str(work)}
     for variant, record in summary["final"].items():
         for name, value in record.items():
             if name not in ("variant", "iteration") and isinstance(value, (int, float)):
                 metrics[f"{variant}/{name}"] = value
-    if "sprec" in summary["final"]:  # the headline columns of `recalign report` read the SPRec model
-        metrics.update({k: v for k, v in summary["final"]["sprec"].items() if "@" in k})
+    # The table row: the final iteration of the last variant run (sprec when it ran).
+    headline = [v for v in VARIANTS if v in summary["final"]][-1]
+    metrics["headline"] = headline
+    metrics.update({k: v for k, v in summary["final"][headline].items()
+                    if "@" in k or k in HEADLINE_KEYS})
     return metrics
+
+
+HEADLINE_KEYS = ("valid_ratio", "valid_title_rate", "n_users", "users_hash", "n_rows")
+
+
+SPREC_STAGE = Stage(params=SPRecStageParams, run=run_stage,
+                    description="SPRec: SFT, then self-play DPO with the model's own grounded answers as negatives; "
+                                "baselines SFT and DPO with random negatives")
