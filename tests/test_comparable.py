@@ -149,3 +149,15 @@ def test_trd_lists_reorder_the_teachers_top_list_without_history():
         picked = [i for i in lists[user].tolist() if i >= 0]
         assert sorted(picked) == sorted(top[user].tolist())          # the teacher's top-3, re-ordered
         assert not set(picked) & set(history[user].tolist())        # never an item of the user's history
+
+
+def test_sprec_rows_is_a_named_parity_protocol(tmp_path):
+    from recalign.runs import run_recipe
+
+    sprec = {**STAGES[4], "params": {**STAGES[4]["params"], "variants": ["sft"], "protocol": "sprec_rows",
+                                     "compare_resamples": 0}}
+    summary = run_recipe(_recipe([sprec], users=6), tmp_path / "run", progress=False)
+    metrics = summary["stages"]["sprec"]
+    assert metrics["protocol"] == "sprec_rows" and metrics["headline"] == "sft" and metrics["n_rows"] == 6
+    assert "users_hash" not in metrics  # SPRec's own seeded rows, not the recipe's users
+    assert "Not comparable across rows: sprec (sprec_rows" in (tmp_path / "run" / "report.md").read_text()
