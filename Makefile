@@ -19,6 +19,7 @@ demo: setup
 	$(BIN)/recalign run recipes/demo.yaml
 
 test: setup
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 clean:

@@ -39,12 +39,21 @@ class DataSpec(_Strict):
 class SplitSpec(_Strict):
     """How interactions are split into train / (train2) / valid / test."""
 
-    kind: Literal["leave_one_out", "global_temporal", "random"] = "leave_one_out"
+    kind: Literal["leave_one_out", "global_temporal", "random", "cold_start"] = "leave_one_out"
     fractions: list[float] | None = Field(
         None, description="global_temporal: train1, train2, valid, test (default 0.6 0.1 0.1 0.2); "
                           "random: train, valid, test (default 0.8 0.1 0.1)")
     seed: int | None = Field(None, description="random split seed (default: the recipe seed)")
     kcore: int | list[int] | None = Field(None, description="k-core filter before splitting: k or [k_user, k_item]")
+    window: list[int] | None = Field(None, description="cold_start: [min, max] items per user window "
+                                                      "(history = window minus its last item; default [2, 4])")
+
+    @field_validator("window")
+    @classmethod
+    def _window_pair(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (len(value) != 2 or value[0] < 2 or value[1] < value[0]):
+            raise ValueError(f"window is [min, max] with 2 <= min <= max, got {value}")
+        return value
 
     @field_validator("fractions")
     @classmethod
@@ -120,10 +129,43 @@ class Recipe(_Strict):
     name: str = Field(description="run name; the default run folder is runs/<name>")
     description: str = ""
     seed: int = Field(0, description="seed of every stage (python, numpy, torch)")
-    data: DataSpec
+    data: DataSpec | None = Field(None, description="the dataset that is split and evaluated (role `eval`)")
+    datasets: dict[str, list[DataSpec]] = Field(
+        default_factory=dict, description="more datasets by role, e.g. {pretrain: [{source: ..}, ..]}; "
+                                          "`eval` (one dataset) may stand here instead of `data`")
     split: SplitSpec = Field(default_factory=SplitSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     stages: list[StageSpec] = Field(description="the stages to run in order (at least one)")
+
+    @field_validator("datasets", mode="before")
+    @classmethod
+    def _roles_as_lists(cls, value: Any) -> Any:
+        """A role may name one dataset (a mapping) or several (a list)."""
+        if isinstance(value, dict):
+            return {role: [spec] if isinstance(spec, dict) else spec for role, spec in value.items()}
+        return value
+
+    @field_validator("datasets")
+    @classmethod
+    def _plain_roles(cls, value: dict[str, list[DataSpec]]) -> dict[str, list[DataSpec]]:
+        for role, specs in value.items():
+            check_folder_name(role)
+            if not specs:
+                raise ValueError(f"role {quoted(role)} names no dataset")
+        return value
+
+    @model_validator(mode="after")
+    def _eval_dataset(self) -> "Recipe":
+        """`data` is the `eval` role; `datasets.eval` (exactly one) may give it instead."""
+        if "eval" in self.datasets:
+            if self.data is not None:
+                raise ValueError("give the evaluation dataset once: 'data' or 'datasets.eval', not both")
+            if len(self.datasets["eval"]) != 1:
+                raise ValueError("datasets.eval names exactly one dataset (it is split and evaluated)")
+            self.data = self.datasets.pop("eval")[0]
+        if self.data is None:
+            raise ValueError("missing 'data' (or 'datasets.eval'): the dataset to split and evaluate on")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -245,32 +287,50 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>", override_keys: list[li
     except ValidationError as exc:
         raise ConfigError(_describe(exc, raw, source, override_keys or [])) from None
     validate_data_source(recipe.data, source=source, override_keys=override_keys or [])
+    for role, specs in recipe.datasets.items():
+        for i, spec in enumerate(specs):
+            validate_data_source(spec, source=source, override_keys=override_keys or [],
+                                 prefix=["datasets", role, str(i)])
+    from recalign.stages import fill_seeds, stage_dependencies
+
+    recipe.split = fill_seeds(recipe.split, recipe.seed)
     for stage in recipe.stages:
-        stage.params = validate_stage_params(stage, source=source, override_keys=override_keys or [])
+        stage.params = validate_stage_params(stage, source=source, override_keys=override_keys or [],
+                                             seed=recipe.seed)
+    try:
+        stage_dependencies(recipe.stages)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
     return recipe
 
 
-def validate_data_source(data: DataSpec, source: str = "<recipe>", override_keys: list[list[str]] | None = None) -> None:
+def validate_data_source(data: DataSpec, source: str = "<recipe>", override_keys: list[list[str]] | None = None,
+                         prefix: list[str] | None = None) -> None:
     """Check `data.source` is a registered source and `data.options` fit its options model (before any work)."""
     if data.source is None:
         return
     from recalign.data.sources import SOURCES, get_source
 
+    where = ".".join(prefix or ["data"])
     if data.source not in SOURCES:
-        raise ConfigError(f"{source}: data.source: unknown source {quoted(data.source)}; choose one of: "
+        raise ConfigError(f"{source}: {where}.source: unknown source {quoted(data.source)}; choose one of: "
                           f"{', '.join(SOURCES)}")
     try:
         get_source(data.source).options.model_validate(data.options)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, None, source, override_keys or [], prefix=["data", "options"])) from None
+        raise ConfigError(_describe(exc, None, source, override_keys or [],
+                                    prefix=[*(prefix or ["data"]), "options"])) from None
     if data.raw is None and get_source(data.source).needs_raw:
-        raise ConfigError(f"{source}: data.raw: source {data.source!r} needs the raw file or folder")
+        raise ConfigError(f"{source}: {where}.raw: source {data.source!r} needs the raw file or folder")
 
 
 def validate_stage_params(stage: StageSpec, source: str = "<recipe>",
-                          override_keys: list[list[str]] | None = None) -> dict:
-    """Check a stage's params against its kind's params model; returns the params with defaults filled in."""
-    from recalign.stages import STAGE_KINDS, get_stage
+                          override_keys: list[list[str]] | None = None, seed: int | None = None) -> dict:
+    """Check a stage's params against its kind's params model; returns the params with defaults filled in.
+
+    With `seed` (the recipe's), every seed the params leave unset is filled with it (`recalign.stages.fill_seeds`).
+    """
+    from recalign.stages import STAGE_KINDS, fill_seeds, get_stage
 
     if stage.kind not in STAGE_KINDS:
         raise ConfigError(f"{source}: stages.{stage.name}.kind: unknown stage kind {quoted(stage.kind)}; "
@@ -283,7 +343,8 @@ def validate_stage_params(stage: StageSpec, source: str = "<recipe>",
     prefix = ["stages", stage.name, "params"]
     _check_moved_params(stage, source, override_keys or [])
     try:
-        params = model.model_validate(stage.params).model_dump(mode="json")
+        validated = model.model_validate(stage.params)
+        params = (validated if seed is None else fill_seeds(validated, seed)).model_dump(mode="json")
         _check_nested_teacher(stage.kind, params)
     except RecalignError as exc:  # a lookup inside validation failed, e.g. an unknown teacher name
         raise ConfigError(f"{source}: stages.{stage.name}.params: {exc}") from None
@@ -329,7 +390,7 @@ def _check_nested_teacher(kind: str, params: dict) -> None:
 
     config = get_teacher(params["model"]).Config
     nested = params.get("params") or {}
-    flat = {k: v for k, v in params.items() if k not in ("model", "params")}
+    flat = {k: v for k, v in params.items() if k not in ("model", "params") and not (k == "seed" and v is None)}
     try:
         config.model_validate({**nested, **flat})
     except ValidationError as exc:

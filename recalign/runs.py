@@ -29,6 +29,7 @@ from recalign.config import DataSpec, Recipe, SplitSpec, StageSpec, stable_hash
 from recalign.data.dataset import Dataset
 from recalign.errors import ConfigError, OutputError, RecalignError, writing
 from recalign.io import atomic_folder, unwritable_reason, write_atomic, write_json  # noqa: F401  (re-exported: older imports use runs.write_*)
+from recalign.stages import fill_seeds, get_stage, stage_dependencies
 
 if TYPE_CHECKING:
     from recalign.data.split import Split
@@ -71,6 +72,16 @@ class RunContext:
             hint = "" if name in names else f"; stages: {', '.join(names)}"
             raise ConfigError(f"stage {name!r} has not finished in {self.run_dir}{hint}")
         return folder
+
+    def datasets(self, role: str) -> list[Dataset]:
+        """The recipe's datasets of one role (`eval` is the split dataset), prepared once into data/<role>-<i>/."""
+        if role == "eval":
+            return [self.dataset]
+        if role not in self.recipe.datasets:
+            roles = ", ".join(["eval", *sorted(self.recipe.datasets)])
+            raise ConfigError(f"datasets.{role}: the recipe names no datasets with this role; roles: {roles}")
+        return [prepare_cached(spec, self.run_dir / "data" / f"{role}-{i}")
+                for i, spec in enumerate(self.recipe.datasets[role])]
 
     def load_teacher(self, stage_name: str) -> "Recommender":
         """Load the teacher a finished "teacher" stage saved under its `model/` folder."""
@@ -191,6 +202,14 @@ def _prepare_key(spec: DataSpec) -> dict:
     return json.loads(json.dumps(key, default=str))
 
 
+def prepare_cached(spec: DataSpec, cache_dir: Path) -> Dataset:
+    """Prepare (or load) a dataset and keep a source's preparation in `cache_dir` for the next call."""
+    dataset = prepare_data(spec, cache_dir=cache_dir)
+    if spec.source is not None and not _cache_is_fresh(spec, cache_dir):
+        save_prepared(dataset, spec, cache_dir)
+    return dataset
+
+
 def save_prepared(dataset: Dataset, spec: DataSpec, cache_dir: Path) -> None:
     """Cache a prepared dataset in a run folder so re-runs skip preparation."""
     dataset.save(cache_dir)
@@ -213,6 +232,13 @@ def make_split(dataset: Dataset, spec: SplitSpec, seed: int) -> tuple[Dataset, "
         if len(fractions) != 4:
             raise ConfigError("split.fractions: global_temporal takes 4 fractions (train1, train2, valid, test)")
         return dataset, splits.global_temporal_split(dataset, fractions=fractions)
+    if spec.kind == "cold_start":
+        if spec.fractions is not None:
+            raise ConfigError("split.fractions: cold_start takes no fractions (it takes window: [min, max])")
+        low, high = spec.window or (2, 4)
+        return dataset, splits.cold_start_split(dataset, low, high, seed=spec.seed if spec.seed is not None else seed)
+    if spec.window is not None:
+        raise ConfigError(f"split.window: only cold_start takes a window, not {spec.kind}")
     fractions = tuple(spec.fractions) if spec.fractions is not None else (0.8, 0.1, 0.1)
     if len(fractions) != 3:
         raise ConfigError("split.fractions: random takes 3 fractions (train, valid, test)")
@@ -222,27 +248,21 @@ def make_split(dataset: Dataset, spec: SplitSpec, seed: int) -> tuple[Dataset, "
 # ---- running a recipe -------------------------------------------------------------------------------
 
 def stage_hashes(recipe: Recipe, data_fingerprint: str) -> dict[str, str]:
-    """Per stage, a hash of everything its result depends on: its own config, data, split, eval, seed, and
-    the hashes of earlier stages its params name (e.g. `teacher: bprmf`), so retraining a teacher re-runs
-    the stages built on it."""
-    common = {"data": data_fingerprint, "split": recipe.split.model_dump(mode="json"),
-              "eval": recipe.eval.model_dump(mode="json", exclude={"table"}), "seed": recipe.seed}
+    """Per stage, a hash of what its result depends on: its kind and params, the recipe sections its kind reads
+    (`Stage.reads`: data, split, eval without `table`, seed, other datasets) and the hashes of the earlier stages
+    it depends on (`Stage.depends_on`), so retraining a teacher re-runs the stages built on it."""
+    sections = {"data": data_fingerprint, "split": recipe.split.model_dump(mode="json"),
+                "eval": recipe.eval.model_dump(mode="json", exclude={"table"}), "seed": recipe.seed,
+                "datasets": {role: [_prepare_key(spec) if spec.source is not None else spec.model_dump(mode="json")
+                                    for spec in specs] for role, specs in sorted(recipe.datasets.items())}}
+    dependencies = stage_dependencies(recipe.stages)
     hashes: dict[str, str] = {}
     for stage in recipe.stages:
-        deps = sorted(name for name in _strings(stage.params) if name in hashes)
-        hashes[stage.name] = stable_hash({**common, "kind": stage.kind, "params": stage.params,
-                                          "depends": {d: hashes[d] for d in deps}})
+        reads = get_stage(stage.kind).reads
+        deps = sorted(set(dependencies[stage.name].values()))
+        hashes[stage.name] = stable_hash({**{key: sections[key] for key in reads}, "kind": stage.kind,
+                                          "params": stage.params, "depends": {d: hashes[d] for d in deps}})
     return hashes
-
-
-def _strings(value: Any) -> set[str]:
-    if isinstance(value, str):
-        return {value}
-    if isinstance(value, dict):
-        return set().union(*(_strings(v) for v in value.values())) if value else set()
-    if isinstance(value, (list, tuple)):
-        return set().union(*(_strings(v) for v in value)) if value else set()
-    return set()
 
 
 def stage_is_done(stage_dir: Path, config_hash: str) -> bool:
@@ -264,13 +284,13 @@ def run_recipe(recipe: Recipe, run_dir: str | os.PathLike, progress: bool = True
     Data preparation and the split happen before the folder is created, so bad data leaves nothing behind.
     """
     from recalign.eval.report import write_report
-    from recalign.stages import get_stage
 
     run_dir = Path(run_dir)
     problem = unwritable_reason(run_dir)
     if problem is not None:  # refuse before preparing data or training anything
         raise OutputError(run_dir, problem)
-    recipe = recipe.model_copy(update={"data": absolute_data_paths(recipe.data)})
+    recipe = recipe.model_copy(update={"data": absolute_data_paths(recipe.data), "datasets": {
+        role: [absolute_data_paths(spec) for spec in specs] for role, specs in recipe.datasets.items()}})
     raw_dataset = prepare_data(recipe.data, cache_dir=run_dir / "data")
     dataset, split = make_split(raw_dataset, recipe.split, recipe.seed)
     fingerprint = dataset.fingerprint()
@@ -344,7 +364,7 @@ def _run_stage(spec: StageSpec, config_hash: str, run_dir: Path, dataset: Datase
                recipe: Recipe, progress: bool, echo: Callable[[str], None] | None, get_stage) -> dict:
     """Run one stage in a temp folder and rename it into place when it succeeded."""
     stage = get_stage(spec.kind)
-    params = stage.params.model_validate(spec.params)
+    params = fill_seeds(stage.params.model_validate(spec.params), recipe.seed)  # no-op for a loaded recipe
     final = run_dir / "stages" / spec.name
     with atomic_folder(final, fixed_tmp=True) as tmp:
         ctx = RunContext(run_dir=run_dir, stage_dir=tmp, dataset=dataset, split=split, seed=recipe.seed,

@@ -177,7 +177,7 @@ def test_teacher_settings_are_checked_when_the_recipe_loads(tmp_path):
     text = ("name: t\ndata: {source: synthetic}\nstages:\n"
             "  - {name: sasrec, kind: teacher, params: {model: sasrec, params: {epochs: 2}}}\n")
     recipe = load_recipe(write(tmp_path, text), ["stages.sasrec.params.params.dim=16"])
-    assert recipe.stage("sasrec").params == {"model": "sasrec", "params": {"epochs": 2, "dim": 16}}
+    assert recipe.stage("sasrec").params == {"model": "sasrec", "params": {"epochs": 2, "dim": 16}, "seed": 0}
     with pytest.raises(ConfigError, match=r"recipe\.yaml \(override\): stages\.sasrec\.params\.params\.epocs: "
                                           r"unknown key"):
         load_recipe(write(tmp_path, text), ["stages.sasrec.params.params.epocs=5"])
@@ -192,7 +192,7 @@ def test_flat_teacher_settings_are_checked_and_win_over_nested_ones(tmp_path):
             "  - {name: sasrec, kind: teacher, params: {model: sasrec, epochs: 2, params: {epochs: 9, dim: 8}}}\n")
     recipe = load_recipe(write(tmp_path, text), ["stages.sasrec.params.blocks=1"])
     params = TeacherStageParams.model_validate(recipe.stage("sasrec").params)
-    assert params.teacher_settings() == {"epochs": 2, "dim": 8, "blocks": 1}
+    assert params.teacher_settings() == {"epochs": 2, "dim": 8, "blocks": 1, "seed": 0}  # the recipe seed filled
     with pytest.raises(ConfigError, match=r"recipe\.yaml \(override\): stages\.sasrec\.params\.epocs: unknown key"):
         load_recipe(write(tmp_path, text), ["stages.sasrec.params.epocs=5"])
     with pytest.raises(ConfigError, match=r"stages\.sasrec\.params\.dim: .*integer"):

@@ -47,7 +47,8 @@ def toy_run(ctx: RunContext, params: ToyParams) -> dict:
 @pytest.fixture(autouse=True)
 def toy_stage_kind(monkeypatch):
     module = types.ModuleType("recalign_test_runs_stages")
-    module.TOY = stages.Stage(params=ToyParams, run=toy_run)
+    module.TOY = stages.Stage(params=ToyParams, run=toy_run,  # `teacher` names the stage it reads
+                              depends_on=lambda p, names: {"teacher": p.teacher} if p.teacher else {})
     monkeypatch.setitem(sys.modules, module.__name__, module)
     monkeypatch.setitem(stages.STAGE_KINDS, "toy", f"{module.__name__}:TOY")
     CALLS.clear()
@@ -158,9 +159,12 @@ def test_missing_dataset_creates_no_run_folder(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_stage_output_of_unfinished_stage_is_an_error(tmp_path, dataset_dir):
-    with pytest.raises(RecalignError, match="'nope' has not finished"):
-        run_recipe(recipe(dataset_dir, second={"teacher": "nope"}), tmp_path / "run", progress=False)
+def test_unknown_or_later_dependency_is_an_error_naming_the_field(tmp_path, dataset_dir):
+    with pytest.raises(RecalignError, match=r"stages\.second\.params\.teacher: no stage named 'nope'"):
+        recipe(dataset_dir, second={"teacher": "nope"})
+    with pytest.raises(RecalignError, match=r"stages\.first\.params\.teacher: stage 'second' does not run before"):
+        recipe(dataset_dir, first={"teacher": "second"})
+    assert not (tmp_path / "run").exists()
 
 
 def teacher_recipe(data: dict, seed: int = 0):

@@ -1,4 +1,5 @@
-"""Train/valid/test splits (leave-one-out, global temporal, random) and k-core filtering (metrics.md §3)."""
+"""Train/valid/test splits (leave-one-out, global temporal, random, cold-start windows) and k-core filtering
+(metrics.md §3)."""
 
 from __future__ import annotations
 
@@ -201,3 +202,32 @@ def kcore_filter(dataset: Dataset, k_user: int, k_item: int) -> Dataset:
                      "removed_users": int(dataset.n_users - len(kept_users)),
                      "removed_items": int(dataset.n_items - len(kept_items))}
     return Dataset(items=items_table, users=users_table, interactions=new_inter, info=info)
+
+
+def cold_start_split(dataset: Dataset, min_items: int = 2, max_items: int = 4, seed: int = 0) -> Split:
+    """Cold-start users: each user keeps only a window of their last L interactions, L seeded in [min, max].
+
+    history = the window minus its last item (part `train`, 1 to max-1 items per user), target = the window's last
+    item (part `test`); `valid` is empty. Users with fewer than `min_items` interactions are dropped; a user with
+    fewer than L keeps all of them. Interactions before the window are not used (the user is new).
+    """
+    if min_items < 2 or max_items < min_items:
+        raise ConfigError(f"split.window: needs 2 <= min <= max, got [{min_items}, {max_items}]")
+    inter = dataset.interactions[INTERACTION_COLUMNS]
+    users = inter["user_id"].to_numpy()
+    order = np.lexsort((inter["timestamp"].to_numpy(), users))  # stable: equal timestamps keep file order
+    sorted_users = users[order]
+    counts = np.bincount(users, minlength=dataset.n_users)
+    starts = np.zeros(len(counts), dtype=np.int64)
+    np.cumsum(counts[:-1], out=starts[1:])
+    from_end = counts[sorted_users] - 1 - (np.arange(len(order)) - starts[sorted_users])
+    window = np.minimum(np.random.default_rng(seed).integers(min_items, max_items + 1, size=len(counts)), counts)
+    eligible = counts[sorted_users] >= min_items
+    in_window = eligible & (from_end < window[sorted_users])
+    test_rows = order[in_window & (from_end == 0)]
+    train_rows = order[in_window & (from_end > 0)]
+    info = {"kind": "cold_start", "window": [int(min_items), int(max_items)], "seed": int(seed),
+            "users": int(len(test_rows)), "users_dropped": int(((counts > 0) & (counts < min_items)).sum()),
+            "sizes": {"train": len(train_rows), "valid": 0, "test": len(test_rows)}}
+    return Split(name="cold_start", train=_frame(inter, train_rows), valid=_frame(inter, order[:0]),
+                 test=_frame(inter, test_rows), info=info)

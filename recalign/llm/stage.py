@@ -198,7 +198,7 @@ def run_llm_sft_stage(ctx: "RunContext", params: LLMSFTParams) -> dict:
     ctx.log(f"load {params.model}; SFT on {len(train)} rows, evaluate {len(users)} {params.eval_part} users")
     model, tokenizer = load_model(params.model, device=params.device, dtype=params.dtype, seed=ctx.seed,
                                   lora=params.lora, progress=ctx.progress)  # the LoRA init is seeded too
-    sft = params.sft.model_copy(update={"seed": ctx.seed, "device": params.device})
+    sft = params.sft.model_copy(update={"device": params.device})  # sft.seed: the recipe seed unless set
     result = train_sft(model, tokenizer, sft_examples(task, train, titles, tokenizer), sft,
                        output_dir=ctx.stage_dir / "scratch", progress=ctx.progress)
     ctx.log(f"SFT: {result.summary()}")

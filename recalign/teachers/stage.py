@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from recalign.errors import ConfigError
-from recalign.stages import Stage
+from recalign.stages import Stage, fill_seeds
 from recalign.teachers.registry import get_teacher
 
 if TYPE_CHECKING:
@@ -28,10 +28,22 @@ class TeacherStageParams(BaseModel):
     model: str = Field(description="teacher name: popularity | bprmf | sasrec")
     params: dict[str, Any] = Field(default_factory=dict,
                                    description="the teacher's settings, nested (same as giving them flat)")
+    seed: int | None = Field(None, description="the teacher's seed (default: the recipe seed)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lift_nested_seed(cls, value: Any) -> Any:
+        """A seed given under `params` is the stage's seed (so the recipe seed does not replace it)."""
+        if isinstance(value, dict) and value.get("seed") is None and isinstance(value.get("params"), dict) \
+                and "seed" in value["params"]:
+            nested = dict(value["params"])
+            return {**value, "seed": nested.pop("seed"), "params": nested}
+        return value
 
     def teacher_settings(self) -> dict[str, Any]:
-        """The teacher's config overrides: nested `params` updated by the flat keys."""
-        return {**self.params, **(self.model_extra or {})}
+        """The teacher's config overrides: nested `params` updated by the flat keys (and the seed when set)."""
+        seed = {} if self.seed is None else {"seed": self.seed}
+        return {**self.params, **(self.model_extra or {}), **seed}
 
 
 def run_teacher_stage(ctx: "RunContext", params: TeacherStageParams) -> dict:
@@ -39,8 +51,7 @@ def run_teacher_stage(ctx: "RunContext", params: TeacherStageParams) -> dict:
     if ctx.split is None:
         raise ConfigError("a teacher stage needs a split (add `split:` to the recipe)")
     cls = get_teacher(params.model)
-    overrides = params.teacher_settings()
-    overrides.setdefault("seed", ctx.seed)
+    overrides = fill_seeds(params, ctx.seed).teacher_settings()  # the one seed rule (a no-op for a loaded recipe)
     try:
         teacher = cls(**overrides)
     except ConfigError as exc:
