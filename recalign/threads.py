@@ -1,8 +1,7 @@
 """How many CPU threads torch uses for training and evaluation: one `threads` setting with a measured default.
 
-Measured (BENCHMARKS.md, "Threads"): on the project's 2-core machine one torch thread trains BPR-MF several times
-faster than two, with identical metrics, and SASRec about as fast; under load two threads were up to 7x slower.
-So the default is 1. A setting of None means "the global default": `set_default_threads(n)`, else the
+Measured (BENCHMARKS.md, "Threads"): on the project's busy 2-core machine one torch thread trained an epoch of
+BPR-MF 6-7x and of SASRec about 5x faster than two threads, with identical metrics. So the default is 1. A setting of None means "the global default": `set_default_threads(n)`, else the
 RECALIGN_THREADS environment variable, else 1.
 """
 
