@@ -44,6 +44,7 @@ from recalign.llm.tasks import Rows, SeqRecTask, eval_rows, prompts_for, sample_
 from recalign.llm.tasks import train_rows as task_train_rows
 from recalign.llm.trainer import LoraSettings
 from recalign.methods.iterations import IterationStore
+from recalign.stages import fill_seeds
 
 VARIANTS = ("sft", "dpo_random", "sprec")
 STATE_FILE = "state.json"
@@ -178,6 +179,7 @@ def run_sprec(config: SPRecConfig, dataset, split, work_dir: str | Path, *, prog
     """
     from recalign.llm.grounding import make_grounder
 
+    config = fill_seeds(config, config.seed)  # the one seed rule: sft/dpo seeds follow `seed` unless set
     store = IterationStore(work_dir, _fingerprint(config), marker=MARKER, state_file=STATE_FILE,
                            key_fields=("variant", "iteration"))
     say = log or (lambda message: None)
@@ -403,7 +405,7 @@ def _sft(model, tokenizer, rows: Rows, titles: list[str], settings: SFTSettings,
 
     examples = [{"prompt": p, "completion": _answer_text(titles[int(t)], config)}
                 for p, t in zip(_prompts(tokenizer, rows, titles, config), rows.targets)]
-    return train_sft(model, tokenizer, examples, settings.model_copy(update={"seed": config.seed}),
+    return train_sft(model, tokenizer, examples, settings,
                      output_dir=scratch, progress=progress).model
 
 
@@ -426,6 +428,6 @@ def _dpo(model, tokenizer, pairs: Pairs, titles: list[str], config: SPRecConfig,
     records = [{"prompt": p, "chosen": _answer_text(titles[int(t)], config), "rejected": _answer_text(r, config)}
                for p, t, r in zip(_prompts(tokenizer, pairs.rows, titles, config), pairs.rows.targets,
                                   pairs.rejected_titles)]
-    settings = config.dpo.model_copy(update={"seed": config.seed})
+    settings = config.dpo
     result = train_dpo(model, tokenizer, records, settings, output_dir=scratch, progress=progress)
     return result.model, result.summary()

@@ -179,8 +179,6 @@ def run_stage(ctx, params) -> dict:
     protocol = getattr(params, "protocol", "recipe")
     config = SPRecConfig(**params.model_dump(exclude={"protocol"}), ks=list(ctx.recipe.eval.ks),
                          eval_rows=ctx.recipe.eval.users)
-    if "seed" not in params.model_fields_set:
-        config = config.model_copy(update={"seed": ctx.seed})
     if ctx.split is None:
         raise ConfigError("the sprec stage needs a split")
     evaluator = None

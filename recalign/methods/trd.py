@@ -36,7 +36,7 @@ from recalign.data.dataset import Dataset
 from recalign.errors import ConfigError
 from recalign.io import write_json
 from recalign.rl.dqn import DQNConfig, DQNReranker, RerankEpisodes
-from recalign.stages import Stage
+from recalign.stages import Stage, fill_seeds
 from recalign.threads import torch_threads
 
 if TYPE_CHECKING:
@@ -226,14 +226,17 @@ def run_trd(dataset: Dataset, split: "Split", teacher: "Recommender", config: TR
         return _run_trd(dataset, split, teacher, config, seed, progress, log)
 
 
+def dqn_settings(config: TRDConfig, seed: int) -> DQNConfig:
+    """The student's DQN settings: the one seed rule (`dqn.seed` defaults to `seed`) and the stage's threads."""
+    dqn = fill_seeds(config.dqn, seed)
+    return dqn if dqn.threads is not None else dqn.model_copy(update={"threads": config.threads})
+
+
 def _run_trd(dataset: Dataset, split: "Split", teacher: "Recommender", config: TRDConfig, seed: int,
              progress: bool, log: Callable[[str], None] | None) -> TRDResult:
-    updates = {"seed": seed} if config.dqn.seed is None else {}
-    if config.dqn.threads is None:
-        updates["threads"] = config.threads
-    dqn_config = config.dqn.model_copy(update=updates)
+    dqn_config = dqn_settings(config, seed)
     depth = max(*config.ks, dqn_config.list_length)  # the student's list; metrics cut it at each K
-    pool_seed = seed if config.candidate_seed is None else config.candidate_seed
+    pool_seed = fill_seeds(config, seed).candidate_seed
     started = time.perf_counter()
     lists = {part: teacher_lists(teacher, dataset, split, part, config.cand_num, dqn_config.state_len, pool_seed)
              for part in PARTS}
@@ -442,10 +445,7 @@ def fit_on_validation(dataset: Dataset, split: "Split", teacher: "Recommender", 
                       ) -> tuple[DQNReranker, RerankedLists, dict, dict]:
     """Train the student on the validation part's episodes (state = train history) of a seeded 90% of the users and
     keep the epoch with the best `select_metric` on the other 10%; returns (student, lists model, counts, seconds)."""
-    updates = {"seed": seed} if config.dqn.seed is None else {}
-    if config.dqn.threads is None:
-        updates["threads"] = config.threads
-    dqn_config = config.dqn.model_copy(update=updates)
+    dqn_config = dqn_settings(config, seed)
     users = np.sort(split.valid["user_id"].unique()).astype(np.int64)
     if len(users) < 2:
         raise ConfigError("trd: the validation part needs at least two users (train and epoch selection)")
