@@ -56,8 +56,8 @@ class _OneLineUsageErrors(TyperGroup):
 app = typer.Typer(
     cls=_OneLineUsageErrors,
     help="recalign: LLM- and RL-based recommendation on one data model and one evaluator.\n\n"
-         "Quick start: `recalign run recipes/demo.yaml` trains Popularity, BPR-MF and SASRec on synthetic data "
-         "and prints one results table.",
+         "Quick start: `recalign run recipes/demo.yaml` trains Popularity, BPR-MF, SASRec, TRD and tiny LLM-SFT and "
+         "SPRec models on synthetic data and prints one results table, every row scored on the same test users.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
 )
 data_app = typer.Typer(help="Prepare, inspect and download datasets.", no_args_is_help=True)

@@ -133,8 +133,9 @@ def users_hash(users: "np.ndarray | list[int]") -> str:
     return stable_hash(sorted(int(u) for u in np.asarray(users).tolist()))
 
 
-def load_teacher_dir(folder: Path) -> "Recommender":
+def load_teacher_dir(folder: str | os.PathLike) -> "Recommender":
     """Load a teacher saved with `Recommender.save` (its teacher.json names the class)."""
+    folder = Path(folder)
     from recalign.teachers.registry import get_teacher
 
     meta_file = folder / "teacher.json"

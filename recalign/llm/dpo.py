@@ -17,35 +17,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from recalign.errors import ConfigError
 from recalign.llm.trainer import (LoraSettings, TrainResult, dataset_progress_bars, freeze,
                                   known_library_warnings_silenced, lora_config, make_adapter_trainable,
-                                  quiet_trainer, run_trainer, trainer_args)
+                                  TrainerSettings, quiet_trainer, run_trainer)
 
 LN2 = math.log(2.0)
 __all__ = ["DPOSettings", "DPOResult", "LoraSettings", "dpo_config", "train_dpo"]
 
 
-class DPOSettings(BaseModel):
-    """Hyper-parameters of one DPO step (defaults follow SPRec's `train/dpo.py`)."""
+class DPOSettings(TrainerSettings):
+    """Hyper-parameters of one DPO step (defaults follow SPRec's `train/dpo.py`; shared fields: TrainerSettings)."""
 
-    model_config = ConfigDict(extra="forbid")
     beta: float = Field(0.1, gt=0.0, description="β of the sigmoid DPO loss")
     learning_rate: float = Field(2e-5, gt=0.0, description="AdamW learning rate")
-    epochs: float = Field(1.0, gt=0.0, description="passes over the preference pairs")
-    max_steps: int = Field(-1, description="optimizer steps; -1 = derived from epochs")
     batch_size: int = Field(2, ge=1, description="pairs per device per micro-batch")
     grad_accum: int = Field(4, ge=1, description="gradient accumulation steps")
     max_length: int = Field(512, ge=8, description="max prompt+completion tokens (longer is truncated)")
-    logging_steps: int = Field(1, ge=1, description="log loss every N optimizer steps")
-    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="linear warm-up share of the steps")
-    lr_scheduler: str = Field("linear", description="transformers scheduler name")
-    seed: int = Field(0, description="data order and dropout seed")
     loss_type: str = Field("sigmoid", description="TRL loss type; 'sigmoid' is standard DPO")
-    device: str = Field("auto", description="'auto' (CUDA when available), 'cpu' or 'cuda'")
-    report_to: str = Field("none", description="trainer logging integration: 'none' or 'tensorboard' (installed)")
 
 
 @dataclass
@@ -69,22 +60,8 @@ def dpo_config(settings: DPOSettings, output_dir: str | Path, progress: bool = F
     """The TRL `DPOConfig` for `settings` with CPU-safe defaults (`recalign.llm.trainer.trainer_args`)."""
     from trl import DPOConfig
 
-    return DPOConfig(
-        beta=settings.beta,
-        loss_type=[settings.loss_type],
-        learning_rate=settings.learning_rate,
-        num_train_epochs=settings.epochs,
-        max_steps=settings.max_steps,
-        per_device_train_batch_size=settings.batch_size,
-        gradient_accumulation_steps=settings.grad_accum,
-        max_length=settings.max_length,
-        logging_steps=settings.logging_steps,
-        warmup_steps=settings.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
-        lr_scheduler_type=settings.lr_scheduler,
-        remove_unused_columns=False,
-        **trainer_args(output_dir=output_dir, device=settings.device, report_to=settings.report_to,
-                       seed=settings.seed),
-    )
+    return DPOConfig(beta=settings.beta, loss_type=[settings.loss_type], remove_unused_columns=False,
+                     **settings.trl_kwargs(output_dir))
 
 
 def _check_pairs(pairs: Sequence[dict]) -> None:
@@ -127,7 +104,7 @@ def train_dpo(model, tokenizer, pairs: Sequence[dict], settings: DPOSettings | N
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     dataset = HFDataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
-    with dataset_progress_bars(progress), known_library_warnings_silenced():  # TRL maps the dataset 3x, each with a bar
+    with dataset_progress_bars(False), known_library_warnings_silenced():  # TRL maps the dataset 3x: no bars
         trainer = DPOTrainer(
             model=model,
             ref_model=ref_model,

@@ -16,34 +16,23 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from recalign.errors import ConfigError
-from recalign.llm.trainer import (LoraSettings, TrainResult, dataset_progress_bars, known_library_warnings_silenced,
-                                  lora_config, make_adapter_trainable, quiet_trainer, run_trainer, trainer_args)
+from recalign.llm.trainer import (LoraSettings, TrainerSettings, TrainResult, dataset_progress_bars,
+                                  known_library_warnings_silenced, lora_config, make_adapter_trainable, quiet_trainer,
+                                  run_trainer)
 
 __all__ = ["SFTSettings", "SFTResult", "LoraSettings", "sft_config", "make_sft_trainer", "train_sft"]
 
 
-class SFTSettings(BaseModel):
-    """Hyper-parameters of one SFT pass (defaults: a LoRA run that fits a 2-core CPU)."""
+class SFTSettings(TrainerSettings):
+    """Hyper-parameters of one SFT pass (defaults: a LoRA run that fits a 2-core CPU; shared fields: TrainerSettings)."""
 
-    model_config = ConfigDict(extra="forbid")
     learning_rate: float = Field(2e-4, gt=0.0, description="AdamW learning rate (LoRA: 1e-4 .. 3e-4)")
-    epochs: float = Field(1.0, gt=0.0, description="passes over the examples")
-    max_steps: int = Field(-1, description="optimizer steps; -1 = derived from epochs")
-    batch_size: int = Field(4, ge=1, description="examples per device per micro-batch")
-    grad_accum: int = Field(1, ge=1, description="gradient accumulation steps")
-    max_length: int = Field(256, ge=8, description="max prompt+completion tokens (longer is truncated on the right)")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
-    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="linear warm-up share of the steps")
-    lr_scheduler: str = Field("linear", description="transformers scheduler name")
     max_grad_norm: float = Field(1.0, gt=0.0, description="gradient clipping norm")
-    logging_steps: int = Field(1, ge=1, description="log the loss every N optimizer steps")
     completion_only: bool = Field(True, description="loss on completion tokens only (prompt labels = -100)")
-    seed: int = Field(0, description="data order and dropout seed")
-    device: str = Field("auto", description="'auto' (CUDA when available), 'cpu' or 'cuda'")
-    report_to: str = Field("none", description="trainer logging integration: 'none' or 'tensorboard' (installed)")
 
 
 @dataclass
@@ -57,22 +46,8 @@ def sft_config(settings: SFTSettings, output_dir: str | Path, progress: bool = F
     """The TRL `SFTConfig` for `settings`: CPU-safe (`recalign.llm.trainer.trainer_args`)."""
     from trl import SFTConfig
 
-    return SFTConfig(
-        learning_rate=settings.learning_rate,
-        num_train_epochs=settings.epochs,
-        max_steps=settings.max_steps,
-        per_device_train_batch_size=settings.batch_size,
-        gradient_accumulation_steps=settings.grad_accum,
-        max_length=settings.max_length,
-        weight_decay=settings.weight_decay,
-        warmup_steps=settings.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
-        lr_scheduler_type=settings.lr_scheduler,
-        max_grad_norm=settings.max_grad_norm,
-        logging_steps=settings.logging_steps,
-        completion_only_loss=settings.completion_only,
-        **trainer_args(output_dir=output_dir, device=settings.device, bf16=bf16, report_to=settings.report_to,
-                       seed=settings.seed),
-    )
+    return SFTConfig(weight_decay=settings.weight_decay, max_grad_norm=settings.max_grad_norm,
+                     completion_only_loss=settings.completion_only, **settings.trl_kwargs(output_dir, bf16=bf16))
 
 
 def _check_examples(examples: Sequence[dict]) -> None:
@@ -114,7 +89,7 @@ def make_sft_trainer(model, tokenizer, examples, settings: SFTSettings | None = 
     elif lora is not None:
         peft_config = lora_config(lora)
     bf16 = next(model.parameters()).dtype == torch.bfloat16
-    with dataset_progress_bars(progress):
+    with dataset_progress_bars(False):  # tokenising bars between the training bar are noise
         trainer = SFTTrainer(model=model, args=sft_config(settings, output_dir, progress, bf16=bf16),
                              train_dataset=data, processing_class=tokenizer, peft_config=peft_config,
                              callbacks=callbacks)

@@ -32,7 +32,7 @@ REPORT_TO = ("none", "tensorboard", "wandb", "mlflow", "csv")
 __all__ = [
     "LoraSettings", "TrainResult", "use_cpu", "report_to_value", "trainer_args", "lora_config", "attach_lora",
     "load_adapter", "save_adapter", "merged_copy", "reference_adapter_disabled", "make_adapter_trainable",
-    "freeze", "quiet_trainer", "LossProgress", "dataset_progress_bars", "known_library_warnings_silenced",
+    "freeze", "TrainerSettings", "quiet_trainer", "LossProgress", "dataset_progress_bars", "known_library_warnings_silenced",
     "run_trainer",
 ]
 
@@ -47,6 +47,40 @@ class LoraSettings(BaseModel):
     alpha: int = Field(32, ge=1, description="LoRA alpha (SPRec: 32)")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout")
     target_modules: list[str] | str = Field("all-linear", description="module names, or 'all-linear'")
+
+
+class TrainerSettings(BaseModel):
+    """Settings every LLM trainer shares (SFT, DPO and the coming PPO/GRPO/S-DPO subclass it)."""
+
+    model_config = ConfigDict(extra="forbid")
+    learning_rate: float = Field(2e-4, gt=0.0, description="AdamW learning rate")
+    epochs: float = Field(1.0, gt=0.0, description="passes over the training examples")
+    max_steps: int = Field(-1, description="optimizer steps; -1 = derived from epochs")
+    batch_size: int = Field(4, ge=1, description="examples per device per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="gradient accumulation steps")
+    max_length: int = Field(256, ge=8, description="max prompt+completion tokens (longer is truncated)")
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="linear warm-up share of the steps")
+    lr_scheduler: str = Field("linear", description="transformers scheduler name")
+    logging_steps: int = Field(1, ge=1, description="log the loss every N optimizer steps")
+    seed: int = Field(0, description="data order and dropout seed")
+    device: str = Field("auto", description="'auto' (CUDA when available), 'cpu' or 'cuda'")
+    report_to: str = Field("none", description="trainer logging integration: 'none' or 'tensorboard' (installed)")
+
+    def trl_kwargs(self, output_dir: str | Path, bf16: bool = False) -> dict[str, Any]:
+        """Keyword arguments of any TRL `*Config` for the shared fields, CPU-safe (`trainer_args`)."""
+        return dict(
+            learning_rate=self.learning_rate,
+            num_train_epochs=self.epochs,
+            max_steps=self.max_steps,
+            per_device_train_batch_size=self.batch_size,
+            gradient_accumulation_steps=self.grad_accum,
+            max_length=self.max_length,
+            logging_steps=self.logging_steps,
+            warmup_steps=self.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+            lr_scheduler_type=self.lr_scheduler,
+            **trainer_args(output_dir=output_dir, device=self.device, bf16=bf16, report_to=self.report_to,
+                           seed=self.seed),
+        )
 
 
 def use_cpu(device: str) -> bool:
