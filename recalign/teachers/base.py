@@ -116,6 +116,14 @@ class Recommender(ABC):
         self.n_items_ = dataset.n_items
         self.category_items_ = {c: v.tolist() for c, v in dataset.category_index().items()}
 
+    def _finish_fit(self, monitor) -> None:
+        """Copy a teacher's training record (`teachers.training.EpochMonitor`) into its fitted attributes."""
+        self.loss_history_: list[float] = monitor.losses
+        self.valid_history_: list[tuple[int, float]] = monitor.valid
+        self.best_epoch_ = monitor.best_epoch
+        self.epochs_trained_ = len(monitor.losses)
+        self.curve_ = monitor.curve.rows
+
     def _check_fitted(self) -> None:
         if not hasattr(self, "n_items_"):
             raise RecalignError(f"{self.name} is not fitted: call fit() or load() first")

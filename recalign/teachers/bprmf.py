@@ -7,7 +7,6 @@ user's training items), which it matches or beats on the same splits (BENCHMARKS
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pandas as pd
@@ -16,9 +15,8 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from recalign.data.dataset import Dataset, UserSequences
-from recalign.eval.curves import CurveLog
 from recalign.teachers.base import Recommender, TeacherConfig
-from recalign.teachers.training import EarlyStopping, ValidationRecall, epoch_progress
+from recalign.teachers.training import EpochMonitor, epoch_progress
 from recalign.threads import uses_config_threads
 
 
@@ -109,15 +107,7 @@ class BPRMF(Recommender):
         sampler = NegativeSampler(pair_users, pair_items, dataset.n_items, exclude=cfg.exclude_positives)
         n_pairs = len(pair_users)
 
-        checker = stopper = None
-        if valid is not None and len(valid):
-            history = dataset.sequences(valid_history if valid_history is not None else train)
-            checker = ValidationRecall(valid, history, k=10, max_users=cfg.valid_users, seed=cfg.seed)
-            stopper = EarlyStopping(cfg.patience)
-        self.loss_history_: list[float] = []
-        self.valid_history_: list[tuple[int, float]] = []
-        curve = CurveLog("recall@10")
-        started = time.perf_counter()
+        monitor = EpochMonitor(dataset, train, valid, valid_history, cfg)
         with epoch_progress(cfg.epochs, "BPR-MF", progress) as advance:
             for epoch in range(cfg.epochs):
                 order = torch.randperm(n_pairs, generator=generator)
@@ -141,28 +131,20 @@ class BPRMF(Recommender):
                     loss.backward()
                     optimizer.step()
                     total += float(loss.detach()) * len(idx)
-                self.loss_history_.append(total / max(1, n_pairs))
-                fields = {"loss": self.loss_history_[-1]}
-                stop, recall = False, None
-                if checker is not None and (epoch + 1) % cfg.eval_every == 0:
+
+                def score_now(users: np.ndarray) -> torch.Tensor:
                     self.user_embeddings_, self.item_embeddings_ = users_emb.detach(), items_emb.detach()
-                    recall = checker(lambda b: self.score(b, history))
-                    self.valid_history_.append((epoch + 1, recall))
-                    fields["valid_recall@10"] = recall
-                    stop = stopper.update(recall, epoch + 1, {"u": users_emb.detach(), "i": items_emb.detach()})
-                curve.add(epoch + 1, self.loss_history_[-1], recall)
-                advance(**fields)
-                out_of_time = cfg.max_train_seconds is not None and time.perf_counter() - started > cfg.max_train_seconds
-                if stop or out_of_time:
+                    return self.score(users, monitor.history)
+
+                if monitor.end_epoch(epoch, total / max(1, n_pairs), score_now,
+                                     lambda: {"u": users_emb.detach(), "i": items_emb.detach()}, advance):
                     break
-        if stopper is not None and stopper.best_state is not None:
-            self.user_embeddings_, self.item_embeddings_ = stopper.best_state["u"], stopper.best_state["i"]
-            self.best_epoch_ = stopper.best_epoch
+        best = monitor.best_state
+        if best is not None:
+            self.user_embeddings_, self.item_embeddings_ = best["u"], best["i"]
         else:
             self.user_embeddings_, self.item_embeddings_ = users_emb.detach().clone(), items_emb.detach().clone()
-            self.best_epoch_ = len(self.loss_history_)
-        self.epochs_trained_ = len(self.loss_history_)
-        self.curve_ = curve.rows
+        self._finish_fit(monitor)
         return self
 
     def _init(self, rows: int, generator: torch.Generator) -> torch.Tensor:

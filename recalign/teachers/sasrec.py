@@ -8,7 +8,6 @@ Items are shifted by one inside the network so that 0 is the padding token.
 from __future__ import annotations
 
 import math
-import time
 from typing import Literal
 
 import numpy as np
@@ -19,9 +18,8 @@ from pydantic import Field
 from torch import nn
 
 from recalign.data.dataset import Dataset, UserSequences
-from recalign.eval.curves import CurveLog
 from recalign.teachers.base import Recommender, TeacherConfig
-from recalign.teachers.training import EarlyStopping, ValidationRecall, epoch_progress
+from recalign.teachers.training import EpochMonitor, epoch_progress
 from recalign.threads import uses_config_threads
 
 
@@ -132,15 +130,7 @@ class SASRec(Recommender):
         trainable = np.flatnonzero(lengths >= 2)
         windows = sequences.padded(trainable, cfg.max_len + 1, pad=-1) + 1  # 0 = padding
 
-        checker = stopper = None
-        if valid is not None and len(valid):
-            history = dataset.sequences(valid_history if valid_history is not None else train)
-            checker = ValidationRecall(valid, history, k=10, max_users=cfg.valid_users, seed=cfg.seed)
-            stopper = EarlyStopping(cfg.patience)
-        self.loss_history_: list[float] = []
-        self.valid_history_: list[tuple[int, float]] = []
-        curve = CurveLog("recall@10")
-        started = time.perf_counter()
+        monitor = EpochMonitor(dataset, train, valid, valid_history, cfg)
         with epoch_progress(cfg.epochs, "SASRec", progress) as advance:
             for epoch in range(cfg.epochs):
                 self.network_.train()
@@ -158,27 +148,13 @@ class SASRec(Recommender):
                     optimizer.step()
                     total += float(loss.detach()) * int(mask.sum())
                     count += int(mask.sum())
-                self.loss_history_.append(total / max(1, count))
-                fields = {"loss": self.loss_history_[-1]}
-                stop, recall = False, None
-                if checker is not None and (epoch + 1) % cfg.eval_every == 0:
-                    recall = checker(lambda b: self.score(b, history))
-                    self.valid_history_.append((epoch + 1, recall))
-                    fields["valid_recall@10"] = recall
-                    stop = stopper.update(recall, epoch + 1, self.network_.state_dict())
-                curve.add(epoch + 1, self.loss_history_[-1], recall)
-                advance(**fields)
-                out_of_time = cfg.max_train_seconds is not None and time.perf_counter() - started > cfg.max_train_seconds
-                if stop or out_of_time:
+                if monitor.end_epoch(epoch, total / max(1, count), lambda b: self.score(b, monitor.history),
+                                     self.network_.state_dict, advance):
                     break
-        if stopper is not None and stopper.best_state is not None:
-            self.network_.load_state_dict(stopper.best_state)
-            self.best_epoch_ = stopper.best_epoch
-        else:
-            self.best_epoch_ = len(self.loss_history_)
+        if monitor.best_state is not None:
+            self.network_.load_state_dict(monitor.best_state)
         self.network_.eval()
-        self.epochs_trained_ = len(self.loss_history_)
-        self.curve_ = curve.rows
+        self._finish_fit(monitor)
         return self
 
     def _batches(self, lengths: np.ndarray, generator: torch.Generator) -> list[torch.Tensor]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 import logging
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -105,3 +106,54 @@ class EarlyStopping:
             self.bad_checks += 1
         return self.bad_checks >= self.patience
 
+
+
+class EpochMonitor:
+    """Per-epoch bookkeeping of a learned teacher: loss and validation history, early stop, curve rows, time budget.
+
+    `end_epoch` records one epoch and says whether to stop; after the loop, `best_state` / `best_epoch` hold the
+    state of the best validation check (None / the last epoch when there was no validation part).
+    """
+
+    def __init__(self, dataset, train: pd.DataFrame, valid: pd.DataFrame | None,
+                 valid_history: pd.DataFrame | None, config) -> None:
+        from recalign.eval.curves import CurveLog
+
+        self.config = config
+        self.checker: ValidationRecall | None = None
+        self.stopper: EarlyStopping | None = None
+        self.history: UserSequences | None = None
+        if valid is not None and len(valid):
+            self.history = dataset.sequences(valid_history if valid_history is not None else train)
+            self.checker = ValidationRecall(valid, self.history, k=10, max_users=config.valid_users, seed=config.seed)
+            self.stopper = EarlyStopping(config.patience)
+        self.losses: list[float] = []
+        self.valid: list[tuple[int, float]] = []
+        self.curve = CurveLog("recall@10")
+        self.started = time.perf_counter()
+
+    def end_epoch(self, epoch: int, loss: float, score: Callable[[np.ndarray], torch.Tensor],
+                  state: Callable[[], dict], advance: Callable[..., None]) -> bool:
+        """Record epoch `epoch` (0-based): validate every `eval_every` epochs; True when training should stop."""
+        self.losses.append(loss)
+        fields: dict = {"loss": loss}
+        stop, recall = False, None
+        if self.checker is not None and (epoch + 1) % self.config.eval_every == 0:
+            recall = self.checker(score)
+            self.valid.append((epoch + 1, recall))
+            fields["valid_recall@10"] = recall
+            stop = self.stopper.update(recall, epoch + 1, state())
+        self.curve.add(epoch + 1, loss, recall)
+        advance(**fields)
+        budget = self.config.max_train_seconds
+        return stop or (budget is not None and time.perf_counter() - self.started > budget)
+
+    @property
+    def best_state(self) -> dict | None:
+        """The state saved at the best validation check (None without validation)."""
+        return None if self.stopper is None else self.stopper.best_state
+
+    @property
+    def best_epoch(self) -> int:
+        """The epoch of the best validation check, else the last epoch trained."""
+        return self.stopper.best_epoch if self.best_state is not None else len(self.losses)
