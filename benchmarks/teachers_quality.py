@@ -79,11 +79,11 @@ def load_dataset(which: str) -> Dataset:
     return prepare_source(source, path)
 
 
-def evaluate(model, dataset: Dataset, split) -> dict:
-    """Recall@10/20 and NDCG@10/20: leave-one-out test part, full ranking, history excluded."""
+def evaluate(model, dataset: Dataset, split, part: str = "test") -> dict:
+    """Recall@10/20 and NDCG@10/20 on a leave-one-out part (test by default), full ranking, history excluded."""
     from recalign.eval.evaluate import evaluate as project_evaluate
 
-    metrics = project_evaluate(model, dataset, split, part="test", ks=(10, 20), protocol="full",
+    metrics = project_evaluate(model, dataset, split, part=part, ks=(10, 20), protocol="full",
                                exclude_history=True, progress=False)
     return {k: float(metrics[k]) for k in ("recall@10", "ndcg@10", "recall@20", "ndcg@20")}
 
@@ -144,8 +144,9 @@ def write_json(path: Path, value: dict) -> None:
     os.replace(tmp, path)
 
 
-def bpr_vs_recbole(which: str, seeds: list[int], progress: bool) -> dict:
-    """BPR-MF with its defaults on one dataset over `seeds`: test metrics, train time, time per epoch."""
+def bpr_vs_recbole(which: str, seeds: list[int], progress: bool, overrides: dict | None = None) -> dict:
+    """BPR-MF with its defaults (plus `overrides`) on one dataset over `seeds`: validation and test metrics, train
+    time, time per epoch. Candidate settings are compared on the validation metrics only."""
     import statistics
 
     from recalign.data.split import leave_one_out_split
@@ -155,24 +156,28 @@ def bpr_vs_recbole(which: str, seeds: list[int], progress: bool) -> dict:
     split = leave_one_out_split(dataset)
     runs = []
     for seed in seeds:
-        model = BPRMF(seed=seed, **BPR_CHECK[which])
+        model = BPRMF(seed=seed, **{**BPR_CHECK[which], **(overrides or {})})
         started = time.perf_counter()
         model.fit(dataset, split.train, split.valid, progress=progress)
         train_seconds = time.perf_counter() - started
         metrics = evaluate(model, dataset, split)
+        valid = {f"valid_{k}": v for k, v in evaluate(model, dataset, split, part="valid").items()}
         # train time per epoch without the validation checks (the curve's epoch seconds include them)
-        runs.append({"seed": seed, **metrics, "train_seconds": round(train_seconds, 2),
+        runs.append({"seed": seed, **metrics, **valid, "train_seconds": round(train_seconds, 2),
                      "epoch_seconds": round(train_seconds / model.epochs_trained_, 3),
                      "epochs_trained": model.epochs_trained_, "best_epoch": model.best_epoch_})
-        print(f"[{which}] bprmf seed {seed}: recall@10={metrics['recall@10']:.4f} ndcg@10={metrics['ndcg@10']:.4f} "
+        print(f"[{which}] bprmf seed {seed}: valid recall@10={valid['valid_recall@10']:.4f} "
+              f"ndcg@10={valid['valid_ndcg@10']:.4f}; test recall@10={metrics['recall@10']:.4f} ndcg@10={metrics['ndcg@10']:.4f} "
               f"{model.epochs_trained_} epochs, {train_seconds:.0f}s", flush=True)
     summary = {}
-    for key in ("recall@10", "ndcg@10", "recall@20", "ndcg@20", "epoch_seconds", "train_seconds"):
+    for key in ("recall@10", "ndcg@10", "recall@20", "ndcg@20", "valid_recall@10", "valid_ndcg@10",
+                "epoch_seconds", "train_seconds"):
         values = [r[key] for r in runs]
         summary[key] = {"mean": statistics.fmean(values),
                         "std": statistics.stdev(values) if len(values) > 1 else 0.0}
     return {"dataset": which, "users": dataset.n_users, "items": dataset.n_items, "seeds": seeds,
-            "config": BPRMF(**BPR_CHECK[which]).config.model_dump(), "runs": runs, "mean_std": summary,
+            "config": BPRMF(**{**BPR_CHECK[which], **(overrides or {})}).config.model_dump(),
+            "overrides": overrides or {}, "runs": runs, "mean_std": summary,
             "recbole_bpr": RECBOLE_BPR[which], "recalign_before": BPR_BEFORE[which],
             "at_or_above_recbole": all(summary[k]["mean"] >= RECBOLE_BPR[which][k] for k in ("recall@10", "ndcg@10"))}
 
@@ -233,6 +238,9 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="suffix of the result file names (keeps tuning runs apart)")
     parser.add_argument("--bpr-vs-recbole", action="store_true", help="BPR-MF defaults over --seeds vs RecBole")
     parser.add_argument("--seeds", default="0,1,2", help="seeds of --bpr-vs-recbole")
+    parser.add_argument("--bpr", action="append", default=[], metavar="KEY=VALUE",
+                        help="--bpr-vs-recbole: override a BPR-MF setting (JSON value) on both datasets, "
+                             "e.g. --bpr dim=128 --bpr lr=2e-3 (use --tag to keep candidates apart)")
     parser.add_argument("--threads-check", action="store_true", help="epoch time with 1 vs 2 threads")
     args = parser.parse_args()
     for assignment in args.set:
@@ -251,11 +259,12 @@ def main() -> None:
         return
     if args.bpr_vs_recbole:
         seeds = [int(s) for s in args.seeds.split(",")]
+        overrides = {key: json.loads(value) for key, _, value in (a.partition("=") for a in args.bpr)}
         path = RESULTS / f"teachers_bprmf_recbole{suffix}.json"
         results = json.loads(path.read_text())["datasets"] if path.exists() else {}
         for which in ("ml100k", "beauty"):
             if args.only in (None, which):
-                results[which] = bpr_vs_recbole(which, seeds, not args.no_progress)
+                results[which] = bpr_vs_recbole(which, seeds, not args.no_progress, overrides)
                 write_json(path, {"date": time.strftime("%Y-%m-%d"), "torch_threads": args.threads,
                                   "protocol": "leave-one-out, full ranking over all items, history excluded",
                                   "command": " ".join(sys.argv), "datasets": results})

@@ -344,3 +344,28 @@ def test_threads_setting_is_applied_and_restored(latent, monkeypatch):
         threads.default_threads()
     with pytest.raises(ConfigError, match="threads"):
         BPRMF(threads=0)
+
+
+# ---- measured defaults and the benchmarks that pin older ones ---------------------------------------------------
+
+def test_bprmf_defaults_are_the_measured_ones():
+    # BENCHMARKS.md "BPR-MF vs RecBole": RecBole's BPR settings with 128 factors (chosen on Beauty's validation recall)
+    cfg = BPRMF().config
+    assert (cfg.dim, cfg.lr, cfg.l2, cfg.batch_size, cfg.negatives) == (128, 1e-3, 0.0, 2048, 1)
+    assert cfg.exclude_positives and cfg.init_std is None and cfg.patience == 30
+
+
+def test_trd_benchmark_pins_every_bprmf_training_setting():
+    # benchmarks/trd_ml100k.py must keep measuring the teacher its recorded table used, whatever the defaults become
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "trd_ml100k.py"
+    spec = importlib.util.spec_from_file_location("trd_ml100k_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    not_training = {"seed", "threads", "max_train_seconds"}
+    assert set(module.TEACHER_PARAMS) == set(BPRMF.Config.model_fields) - not_training
+    cfg = BPRMF(**module.TEACHER_PARAMS).config
+    assert (cfg.dim, cfg.lr, cfg.batch_size, cfg.init_std, cfg.exclude_positives, cfg.patience) == \
+        (32, 5e-3, 4096, 0.1, False, 5)
