@@ -2,13 +2,15 @@
 
 Amazon Beauty (S3-Rec version) -> benchmarks/results/sasrec_beauty.json (anchor: SASRec R@10 0.0605 / N@10 0.0318
 reported; SASRec+SS 0.0921 / 0.0531), MovieLens-100K -> benchmarks/results/teachers_ml100k.json.
-`--bpr-vs-recbole`: BPR-MF with its defaults over 3 seeds beside RecBole 1.2.1's BPR on the same splits
--> benchmarks/results/teachers_bprmf_recbole.json. `--threads-check`: epoch time of BPR-MF and SASRec with 1 vs 2
-torch threads -> benchmarks/results/teachers_threads.json.
+`--bpr-vs-recbole`: BPR-MF with its defaults (or `--bpr KEY=VALUE` candidates, compared on their validation metrics)
+over 3 seeds beside RecBole 1.2.1's BPR on the same splits -> benchmarks/results/teachers_bprmf_recbole.json.
+`--threads-check`: epoch time of BPR-MF and SASRec with 1 vs 2 torch threads
+-> benchmarks/results/teachers_threads.json.
 
     .venv/bin/python benchmarks/teachers_quality.py             # both datasets
     .venv/bin/python benchmarks/teachers_quality.py --only beauty --quick
     .venv/bin/python benchmarks/teachers_quality.py --bpr-vs-recbole [--only ml100k] [--seeds 0,1,2]
+    .venv/bin/python benchmarks/teachers_quality.py --bpr-vs-recbole --only beauty --seeds 0 --bpr dim=128 --tag cand
     .venv/bin/python benchmarks/teachers_quality.py --threads-check
 """
 
