@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+import torch
 
 from recalign.data.dataset import Dataset, build_dataset
 
@@ -21,6 +22,15 @@ TINY_INTERACTIONS = pd.DataFrame(
      ("bob", "i3", 21, 5.0), ("carol", "i3", 22, 4.0), ("alice", "i3", 30, 2.0), ("bob", "i5", 31, 5.0),
      ("carol", "i4", 32, 5.0), ("alice", "i4", 40, 4.0), ("carol", "i5", 42, 1.0)],
     columns=["user", "item", "timestamp", "rating"])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tests run torch on one thread: tiny models are faster so, and much faster on a busy shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture()

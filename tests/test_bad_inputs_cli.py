@@ -7,7 +7,6 @@ Entry points covered: `run` (recipe YAML, overrides, --out), `data prepare`, `da
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np

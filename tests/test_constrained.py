@@ -15,15 +15,6 @@ from recalign.llm.constrained import CatalogTrie, TrieLogitsProcessor, _distinct
 EOS = 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models and small tensors run faster on one thread than two on the shared, loaded CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small_trie() -> CatalogTrie:
     # Shared prefixes, one title a prefix of another ([5, 6] vs [5, 6, 7]) and a duplicate (items 0 and 2).
     return CatalogTrie.from_sequences([[5, 6, 7], [5, 6], [5, 6, 7], [8], [5, 9, 1]], eos_token_id=EOS)

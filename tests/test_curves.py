@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from recalign.data.dataset import build_dataset
 from recalign.errors import DataError
@@ -16,15 +15,6 @@ from recalign.teachers.bprmf import BPRMF
 from recalign.teachers.sasrec import SASRec
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one torch thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -17,15 +17,6 @@ from recalign.errors import ConfigError  # noqa: E402
 from recalign.llm.dpo import DPOSettings, LoraSettings, train_dpo  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run far faster on one thread than two on a shared, loaded CPU (thread spin-waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model_and_tokenizer(seed: int = 0):
     """A 2-layer random Llama with a small byte-level BPE tokenizer and a ChatML template (built in memory)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -21,14 +21,6 @@ KS = (1, 5, 10, 20)
 L3 = 1 / math.log2(3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def synthetic():
     dataset = prepare_source("synthetic", None, n_users=120, n_items=80, seed=3)

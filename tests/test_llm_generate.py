@@ -21,14 +21,6 @@ from recalign.llm.tasks import parse_title  # noqa: E402
 PROMPTS = ["Dune ->", "A much longer prompt about Emma and Ulysses ->", "x", "Beloved, Hamlet and Walden ->"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     return tiny_model(seed=0)

@@ -16,14 +16,6 @@ from recalign.llm import models  # noqa: E402
 from recalign.llm.models import LoraSettings, add_lora, load_model, save_model, tiny_model  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _logits(model, tokenizer, text: str = "hello world") -> torch.Tensor:
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
     with torch.no_grad():

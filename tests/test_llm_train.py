@@ -17,15 +17,6 @@ from recalign.llm.train import SFTSettings, make_sft_trainer, train_sft  # noqa:
 TITLES = ["Dune", "Emma", "Ulysses", "Beloved", "Hamlet", "Walden"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run far faster on one thread than two on a shared, loaded CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     return tiny_model(seed=0)

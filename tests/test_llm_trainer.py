@@ -16,15 +16,6 @@ from recalign.llm.models import tiny_model  # noqa: E402
 from recalign.llm.train import SFTSettings, sft_config, train_sft  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run far faster on one thread than two on a shared, loaded CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 EXAMPLES = [{"prompt": "<|im_start|>user\nnext?<|im_end|>\n<|im_start|>assistant\n", "completion": '"Dune"'}] * 4
 
 

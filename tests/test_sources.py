@@ -81,8 +81,6 @@ def _write_jsonl(path, records, opener=open):
 
 
 def test_amazon2014_gz_reviews_and_literal_metadata(tmp_path):
-    import gzip
-
     _write_jsonl(tmp_path / "reviews_Toy_5.json.gz", [
         {"reviewerID": "A1", "asin": "B1", "overall": 5.0, "unixReviewTime": 300, "reviewText": "ok"},
         {"reviewerID": "A2", "asin": "B2", "overall": 2.0, "unixReviewTime": 100},

@@ -15,15 +15,6 @@ from recalign.llm.grounding import ExactGrounder
 from recalign.llm.tasks import Rows, eval_rows, sample_rows
 from recalign.methods.sprec import list_metrics, random_pairs, self_play_pairs, train_rows
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run far faster on one thread than two on a shared, loaded CPU (thread spin-waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TITLES = ["Alpha", "Beta", "Gamma", "Delta", "Epsilon", "Zeta"]
 
 

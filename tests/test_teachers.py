@@ -87,15 +87,6 @@ SMALL_SASREC = dict(max_len=12, dim=32, blocks=2, heads=1, dropout=0.1, batch_si
 SMALL_BPR = dict(dim=16, epochs=60, batch_size=512, lr=1e-2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and much faster on a busy shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def latent():
     data = _latent_factor_data()

@@ -8,6 +8,7 @@ names the file and, for text, the line.
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import zlib
 from pathlib import Path
@@ -73,6 +74,17 @@ def read_raw_text(path: str | os.PathLike, encoding: str = "utf-8", fallback: st
     """The text of a raw file (see `read_raw_bytes`, `decode_text`)."""
     path = Path(path)
     return decode_text(read_raw_bytes(path), path, encoding, fallback)
+
+
+def read_raw_json(path: str | os.PathLike):
+    """Parse a raw JSON file (checked as `read_raw_text`); a missing file or a syntax error names file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("missing file", path=path)
+    try:
+        return json.loads(read_raw_text(path))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"invalid JSON: {exc.msg}", path=path, line=exc.lineno) from None
 
 
 def open_raw_lines(path: str | os.PathLike, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:

@@ -9,7 +9,6 @@ title in `output`. Titles missing from the catalog are dropped by default and co
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
@@ -18,7 +17,7 @@ import pandas as pd
 from pydantic import Field
 
 from recalign.data.dataset import Dataset, build_dataset
-from recalign.data.rawfile import read_raw_text
+from recalign.data.rawfile import read_raw_json
 from recalign.data.sources import Source, SourceOptions
 from recalign.errors import DataError
 
@@ -38,19 +37,9 @@ class GoodreadsOptions(SourceOptions):
                                                    "without categories (a warning in the stats)")
 
 
-def read_json(path: Path):
-    """Parse a JSON file; syntax errors name file and line."""
-    if not path.is_file():
-        raise DataError("missing file", path=path)
-    try:
-        return json.loads(read_raw_text(path))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"invalid JSON: {exc.msg}", path=path, line=exc.lineno) from None
-
-
 def read_alpaca_records(path: Path) -> pd.DataFrame:
     """The records of an Alpaca prompt file as a frame (instruction, input, output); checks every field."""
-    records = read_json(path)
+    records = read_raw_json(path)
     if not isinstance(records, list):
         raise DataError("expected a JSON array of {instruction, input, output} records", path=path)
     for index, record in enumerate(records):
@@ -82,13 +71,13 @@ def load_goodreads(raw: Path, options: GoodreadsOptions) -> Dataset:
         raise DataError("expected the dataset folder (with eval/Goodreads/ and data/Goodreads/)", path=raw)
     id_path = raw / options.catalog / "id2name.json"
     genre_path = raw / options.catalog / "name2genre.json"
-    id2name = read_json(id_path)
+    id2name = read_raw_json(id_path)
     if not isinstance(id2name, dict):
         raise DataError("expected an object id -> title", path=id_path)
     if not genre_path.is_file() and options.require_genres:
         raise DataError("missing file name2genre.json (item genres); pass require_genres=false to prepare "
                         "without categories", path=genre_path)
-    genres = read_json(genre_path) if genre_path.is_file() else {}
+    genres = read_raw_json(genre_path) if genre_path.is_file() else {}
     if not isinstance(genres, dict):
         raise DataError("expected an object title -> list of genres", path=genre_path)
     ids = sorted(id2name, key=lambda k: (0, int(k)) if str(k).isdigit() else (1, str(k)))

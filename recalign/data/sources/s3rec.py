@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +9,7 @@ import pandas as pd
 from pydantic import Field
 
 from recalign.data.dataset import Dataset, build_dataset
-from recalign.data.rawfile import read_raw_text
+from recalign.data.rawfile import read_raw_json, read_raw_text
 from recalign.data.sources import Source, SourceOptions
 from recalign.errors import ConfigError, DataError
 
@@ -90,10 +89,7 @@ def load_s3rec(raw: Path, options: S3RecOptions) -> Dataset:
     files = [path]
     attributes_path = path.with_name(f"{path.stem}_item2attributes.json")
     if attributes_path.is_file():
-        try:
-            attributes = json.loads(read_raw_text(attributes_path))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"invalid JSON: {exc.msg}", path=attributes_path, line=exc.lineno) from None
+        attributes = read_raw_json(attributes_path)
         if not isinstance(attributes, dict):
             raise DataError("expected an object item -> attributes", path=attributes_path)
         meta["categories"] = [[str(a) for a in attributes.get(i, [])] for i in meta["item"]]

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
 from typing import Literal
 
@@ -19,7 +18,7 @@ import pandas as pd
 from pydantic import Field
 
 from recalign.data.dataset import Dataset, build_dataset
-from recalign.data.rawfile import read_raw_text
+from recalign.data.rawfile import read_raw_json
 from recalign.data.safe_pickle import safe_load
 from recalign.data.sources import Source, SourceOptions
 from recalign.errors import DataError
@@ -28,7 +27,7 @@ from recalign.errors import DataError
 def _read_mapping(folder: Path, stem: str, required: bool = True) -> tuple[dict | None, Path | None]:
     """`stem.pickle` (restricted unpickler) or `stem.json` from `folder`, which must hold a dict."""
     for path, reader in ((folder / f"{stem}.pickle", safe_load), (folder / f"{stem}.pkl", safe_load),
-                         (folder / f"{stem}.json", _read_json)):
+                         (folder / f"{stem}.json", read_raw_json)):
         if path.is_file():
             value = reader(path)
             if not isinstance(value, dict):
@@ -37,13 +36,6 @@ def _read_mapping(folder: Path, stem: str, required: bool = True) -> tuple[dict 
     if required:
         raise DataError(f"missing file {stem}.pickle (or {stem}.json)", path=folder)
     return None, None
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(read_raw_text(path))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"invalid JSON: {exc.msg}", path=path, line=exc.lineno) from None
 
 
 def flatten_sequences(sequences: dict, path: Path, what: str = "user") -> pd.DataFrame:

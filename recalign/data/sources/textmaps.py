@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ import pandas as pd
 from pydantic import Field
 
 from recalign.data.dataset import Dataset, build_dataset
-from recalign.data.rawfile import read_raw_text
+from recalign.data.rawfile import read_raw_json
 from recalign.data.safe_pickle import load_npy_object
 from recalign.data.sources import Source, SourceOptions
 from recalign.data.sources.amazon import categories_from_paths
@@ -94,15 +93,6 @@ class LCRecOptions(SourceOptions):
                                                "Office.inter.json); found automatically when the folder has one")
 
 
-def _read_json(path: Path):
-    if not path.is_file():
-        raise DataError("missing file", path=path)
-    try:
-        return json.loads(read_raw_text(path))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"invalid JSON: {exc.msg}", path=path, line=exc.lineno) from None
-
-
 def load_lcrec(raw: Path, options: LCRecOptions) -> Dataset:
     """Items in id order (title, brand, description; categories split on commas); users in file order."""
     folder = raw if raw.is_dir() else raw.parent
@@ -116,11 +106,11 @@ def load_lcrec(raw: Path, options: LCRecOptions) -> Dataset:
                               f"{', '.join(names) or 'none'})")
         name = names[0]
     inter_path, item_path = folder / f"{name}.inter.json", folder / f"{name}.item.json"
-    sequences = _read_json(inter_path)
+    sequences = read_raw_json(inter_path)
     if not isinstance(sequences, dict):
         raise DataError("expected an object user -> list of item ids", path=inter_path)
     interactions = flatten_sequences(sequences, inter_path)
-    meta = _read_json(item_path)
+    meta = read_raw_json(item_path)
     if not isinstance(meta, dict):
         raise DataError("expected an object item id -> {title, description, brand, categories}", path=item_path)
     ids = _sorted_ids(meta)
