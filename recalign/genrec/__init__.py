@@ -1,0 +1,1 @@
+"""RecGPT blocks: item text embeddings, the FSQ item tokenizer, the code decoder and trie-constrained beam search."""
