@@ -33,6 +33,10 @@ class UnsafePickleError(DataError):
     """A pickle file tried to build something other than plain containers and scalars."""
 
 
+class RequestError(RecalignError):
+    """A request to a service names an unknown item, user or category, or does not fit its shape."""
+
+
 class OutputError(RecalignError):
     """An output file or folder cannot be written (read-only folder, a file in the way, disk full ...)."""
 
