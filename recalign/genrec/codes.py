@@ -109,7 +109,7 @@ def collision_rate(codes: torch.Tensor) -> float:
     if codes.shape[0] == 0:
         return 0.0
     _, inverse, counts = torch.unique(codes, dim=0, return_inverse=True, return_counts=True)
-    return float((counts[inverse] > 1).float().mean())
+    return float((counts[inverse] > 1).double().mean())
 
 
 def disambiguate(codes: torch.Tensor, sizes: tuple[int, ...]) -> ItemCodes:
@@ -126,5 +126,5 @@ def disambiguate(codes: torch.Tensor, sizes: tuple[int, ...]) -> ItemCodes:
     group_start = torch.cumsum(counts, 0) - counts  # first slot of each group in `order`
     rank = torch.empty(n, dtype=torch.long)
     rank[order] = torch.arange(n) - group_start[inverse[order]]
-    rate = float((counts[inverse] > 1).float().mean())
+    rate = float((counts[inverse] > 1).double().mean())
     return ItemCodes(torch.cat([codes, rank[:, None]], 1), (*sizes, int(counts.max())), rate)
