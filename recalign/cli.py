@@ -63,6 +63,7 @@ app = typer.Typer(
 data_app = typer.Typer(help="Prepare, inspect and download datasets.", no_args_is_help=True)
 teacher_app = typer.Typer(help="Train classical teachers (popularity, bprmf, sasrec).", no_args_is_help=True)
 train_app = typer.Typer(help="Train LLM recommenders from a recipe (e.g. llm-sft).", no_args_is_help=True)
+serve_app = typer.Typer(help="Serve a trained model over HTTP (teacher: the RecLM-gen API).", no_args_is_help=True)
 
 
 def _version(value: bool) -> None:
@@ -82,6 +83,7 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
 app.add_typer(data_app, name="data")
 app.add_typer(teacher_app, name="teacher")
 app.add_typer(train_app, name="train")
+app.add_typer(serve_app, name="serve")
 
 err = Console(stderr=True)
 
@@ -319,6 +321,37 @@ def teacher_train(
                 message = message.replace(key, "")
             raise ConfigError(message) from None
         _run(recipe, run_dir, quiet)
+
+
+@serve_app.command("teacher")
+def serve_teacher(
+    stage: Path = typer.Argument(..., metavar="RUN/stages/NAME", help="a finished teacher stage folder"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to bind; anything but loopback needs "
+                             "$RECALIGN_TOKEN"),
+    port: int = typer.Option(12621, "--port", help="TCP port (12621 as the original RecLM-gen server)"),
+    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="micro-batching: wait at most this long to "
+                                      "gather concurrent requests into one batched teacher call"),
+    max_rows: int = typer.Option(20480, "--max-rows", help="micro-batching: at most this many rows per batch"),
+    no_batching: bool = typer.Option(False, "--no-batching", help="answer each request on its own"),
+) -> None:
+    """Serve a teacher stage over HTTP: POST /inference, POST /ranking, GET /health (systems.md section 1.3).
+
+    /inference: {"item_lists": [[...]], "k": K} plus optional "users", "candidate_item_lists",
+    "target_category" (["+C" | "-C" | null per row]), "exclude_history" (default true), "immediately" (1: no
+    batching) -> {"inference": [[items]]}. /ranking: the same with "candidate_item_lists" -> {"ranking": [[ranks]]},
+    0-based ranks among all items. The teacher reads the last 10 items of a history (all of them are excluded).
+    Set RECALIGN_TOKEN to require 'Authorization: Bearer <token>' (401 when missing, 403 when wrong); binding
+    off loopback needs it.
+
+    \b
+    Example:
+        recalign serve teacher runs/demo/stages/sasrec --port 12621
+    """
+    with user_errors():
+        from recalign.serve.teacher import serve_teacher as serve
+
+        _existing(stage, "teacher stage folder")
+        serve(stage, host, port, batching=not no_batching, max_wait_ms=max_wait_ms, max_rows=max_rows)
 
 
 @app.command("run")

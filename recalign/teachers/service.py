@@ -114,7 +114,7 @@ class TeacherService:
         order = torch.sort(scores, dim=1, descending=True, stable=True).indices  # stable: equal scores by id
         position = torch.empty_like(order)
         position.scatter_(1, order, torch.arange(self.n_items).expand_as(order).contiguous())
-        cand = _padded(candidates)
+        cand = pad_lists(candidates)
         ranks = position.gather(1, cand.clamp(min=0))
         return torch.where(cand >= 0, ranks, torch.full_like(ranks, -1))
 
@@ -177,7 +177,7 @@ class TeacherService:
     def _candidate_mask(self, candidates: list[list[int] | None]) -> torch.Tensor:
         """[B, n_items]: True at each row's candidates; rows without a list allow every item."""
         free = torch.tensor([c is None for c in candidates], dtype=torch.bool)
-        cand = _padded([[] if c is None else c for c in candidates])
+        cand = pad_lists([[] if c is None else c for c in candidates])
         mask = torch.zeros(len(candidates), self.n_items, dtype=torch.bool)
         rows = torch.arange(len(candidates)).unsqueeze(1).expand_as(cand)
         valid = cand >= 0
@@ -203,9 +203,10 @@ def _is_id(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def _padded(lists: list[list[int]]) -> torch.Tensor:
-    """Ragged int lists -> LongTensor [B, max_len] padded with -1 on the right."""
-    width = max((len(x) for x in lists), default=0)
+def pad_lists(lists: list[list[int]], width: int | None = None) -> torch.Tensor:
+    """Ragged int lists -> LongTensor [B, width] (default: the longest) padded with -1 on the right."""
+    lists = lists if width is None else [x[:width] for x in lists]
+    width = max((len(x) for x in lists), default=0) if width is None else width
     out = torch.full((len(lists), width), -1, dtype=torch.long)
     lengths = torch.tensor([len(x) for x in lists], dtype=torch.long)
     if width and int(lengths.sum()):
