@@ -71,9 +71,9 @@ POSITIVE = ('I like "{category}" items.', 'Please recommend only "{category}" it
             'I am in the mood for something "{category}".')
 NEGATIVE = ('Please exclude any "{category}" item.', 'I do not want "{category}" items.',
             'Nothing "{category}", please.')
-RATE = {"lp": "at most {amount} of the items should be \"{category}\"",
-        "mp": "at least {amount} of the items should be \"{category}\"",
-        "ep": "exactly {amount} of the items should be \"{category}\""}
+RATE = {"lp": "at most {amount} should be \"{category}\"",
+        "mp": "at least {amount} should be \"{category}\"",
+        "ep": "exactly {amount} should be \"{category}\""}
 
 TEMPLATES = {t.name: t for t in (
     PromptTemplate("reclm_seqrec", _HISTORY + "Recommend {k} different items the user may like next. " + _LIST,
@@ -108,7 +108,7 @@ def spec_messages(spec: ControlSpec, history: Sequence[str], candidates: Sequenc
         return get_template("reclm_control").messages(history=hist, k=spec.k,
                                                       intention=intention.format(category=spec.category))
     if spec.task in RULE_OF:
-        amount = f"{spec.m} item{'s' if spec.m != 1 else ''}" if spec.count_wording else f"{spec.p}%"
+        amount = f"{spec.m} of the {spec.k} items" if spec.count_wording else f"{spec.p}% of the items"
         rate = RATE[spec.task].format(amount=amount, category=spec.category)
         return get_template("reclm_category_rate").messages(history=hist, k=spec.k, rate=rate)
     if spec.select or spec.task == "ranking":
@@ -358,7 +358,8 @@ def sft_rows(source: ControlSource, epoch: int, seed: int = 0, tasks: Sequence[s
 
 def target_categories(categories: CategoryTable, targets: torch.Tensor, rng: np.random.Generator | None = None
                       ) -> torch.Tensor:
-    """[B] a category of each target: a random one of its categories (rng) or its last (-1 when it has none)."""
+    """[B] a category of each target (-1 when it has none): a random one of its categories (rng), else the last in
+    sorted order (for Amazon's nested category paths, the most specific one, as the original's category[-1])."""
     table = categories.table[targets.clamp(min=0)]
     if rng is None:
         last = table.shape[1] - 1 - table.flip(1).to(torch.int8).argmax(1)
