@@ -216,7 +216,7 @@ class BeamLists:
                 kept = [s for s, h in zip(sequences, has) if h]
                 padded = pad_histories(kept, self.decoder.config.max_items, side="left")
                 log_probs = self.decoder.next_item_log_probs(padded, self.codes, self.text_vectors,
-                                                             self.settings.temperature)
+                                                             self.settings.temperature).float().cpu()
                 seen = history_mask(kept, n_items)
                 found = beam_search(log_probs, self.trie, self.settings, seen).items[:, :k]
                 target = torch.from_numpy(np.flatnonzero(has) + start)

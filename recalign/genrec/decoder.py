@@ -105,7 +105,9 @@ class RecGPTDecoder(nn.Module):
 
     def forward(self, histories: torch.Tensor, codes, text_vectors: torch.Tensor) -> torch.Tensor:
         """Next-item logits [B, T, n_positions, max(sizes)]: [b, t, j, v] scores value v at position j of item t+1."""
-        table = self._checked_codes(codes)
+        device = self.gpt.wte.weight.device
+        table = self._checked_codes(codes).to(device)
+        histories, text_vectors = histories.to(device), text_vectors.to(device)
         batch, n_items = histories.shape
         if n_items > self.config.max_items:
             raise ConfigError(f"history of {n_items} items is longer than max_items {self.config.max_items}")
@@ -130,7 +132,7 @@ class RecGPTDecoder(nn.Module):
     def loss(self, histories: torch.Tensor, codes, text_vectors: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of every next-item code token (pairs that touch padding are ignored, label -100)."""
         logits = self(histories, codes, text_vectors)[:, :-1]
-        table = code_table(codes)
+        table, histories = code_table(codes).to(logits.device), histories.to(logits.device)
         following = histories[:, 1:]
         labels = table[following.clamp(min=0)]
         ignore = (following == PAD_ITEM) | (histories[:, :-1] == PAD_ITEM)
@@ -147,6 +149,7 @@ class RecGPTDecoder(nn.Module):
         """
         if temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {temperature}")
+        histories = histories.to(self.gpt.wte.weight.device)
         real = histories != PAD_ITEM
         steps = torch.arange(histories.shape[1], device=histories.device)
         last = torch.where(real, steps, -1).max(dim=1).values
@@ -161,7 +164,7 @@ class RecGPTDecoder(nn.Module):
         if table.dim() != 2 or table.shape[1] != self.n_positions:
             raise DataError(f"item codes have shape {tuple(table.shape)}; this decoder reads "
                             f"{self.n_positions} positions")
-        if table.numel() and (table >= torch.tensor(self.sizes)).any():
+        if table.numel() and (table >= torch.tensor(self.sizes, device=table.device)).any():
             raise DataError(f"item codes exceed this decoder's position sizes {self.sizes}")
         return table
 

@@ -49,7 +49,16 @@ def train_decoder(decoder: RecGPTDecoder, sequences: Sequence[Sequence[int]], co
     if min(flat) < 0 or max(flat) >= table.shape[0]:
         raise DataError(f"decoder training: item ids must lie in [0, {table.shape[0]}), got {min(flat)}..{max(flat)}")
     generator = torch.Generator().manual_seed(settings.seed)
-    torch.manual_seed(settings.seed)  # dropout draws
+    device = next(decoder.parameters()).device
+    table, text_vectors = table.to(device), text_vectors.to(device)  # moved once, not per batch
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(settings.seed)  # dropout draws; the caller's random state is left as it was
+        return _fit(decoder, usable, table, text_vectors, settings, generator)
+
+
+def _fit(decoder: RecGPTDecoder, usable: list[list[int]], table: torch.Tensor, text_vectors: torch.Tensor,
+         settings: DecoderTraining, generator: torch.Generator) -> DecoderTrainingResult:
+    """The AdamW loop of `train_decoder` over already checked sequences."""
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     n_batches = -(-len(usable) // settings.batch_size)
     result = DecoderTrainingResult()
