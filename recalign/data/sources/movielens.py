@@ -29,7 +29,7 @@ def _filter_ratings(frame: pd.DataFrame, options: MovieLensOptions) -> pd.DataFr
 
 
 def load_ml100k(raw: Path, options: MovieLensOptions) -> Dataset:
-    """Read the ml-100k folder: ratings from u.data, titles + genre flags from u.item (latin-1)."""
+    """Read the ml-100k folder: ratings from u.data, titles + genre flags from u.item (latin-1), u.user features."""
     data_path = require_file(raw, "u.data")
     folder = data_path.parent
     ratings = read_delimited(data_path, "\t", ["user", "item", "rating", "timestamp"],
@@ -54,10 +54,17 @@ def load_ml100k(raw: Path, options: MovieLensOptions) -> Dataset:
         meta["text"] = [f"{t}. Genres: {', '.join(c)}." for t, c in zip(meta["title"], meta["categories"])]
         items = meta[["item", "title", "categories", "text"]]
         files.append(item_path)
+    users = None
+    users_path = folder / "u.user"
+    if users_path.is_file():  # user features (age, gender, occupation) for CTR models
+        users = read_delimited(users_path, "|", ["user", "age", "gender", "occupation", "zip"], ids=("user",),
+                               numeric=("age",), encoding="latin-1")
+        users = users.astype({"user": "int64", "age": "int64"}).astype({"user": str})
+        files.append(users_path)
     ratings["user"] = ratings["user"].astype("int64").astype(str)
     ratings["item"] = ratings["item"].astype("int64").astype(str)
     return build_dataset(ratings, items=items, name="ml-100k", source="movielens-100k", raw_files=files,
-                         options=options.model_dump())
+                         options=options.model_dump(), users=users)
 
 
 def load_ml1m(raw: Path, options: MovieLensOptions) -> Dataset:
