@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ from recalign.eval.control import CategoryTable
 from recalign.llm.control_tasks import (ControlSource, ControlSpec, build_test_rows, minus_categories, rl_rows,
                                         sft_category_rate, sft_control, sft_control_re, sft_rows, sft_seqrec,
                                         epoch_generator)
-from recalign.llm.tasks import Rows, get_task, parse_titles
+from recalign.llm.tasks import Rows, get_task, parse_titles, sft_examples
 
 N_ITEMS = 30
 # Item i is in "c{i % 3}"; item 0 is also in c1.  c0 = {0, 3, ..., 27}, c1 = {0, 1, 4, ..., 28}, c2 = {2, 5, ..., 29}.
@@ -31,6 +33,9 @@ class FakeTeacher:
         self.calls = 0
 
     def topk(self, histories, k, *, users=None, candidates=None, categories=None, exclude_history=True):
+        # the service validates plain lists of ints (its HTTP client sends them as JSON)
+        assert isinstance(histories, list) and all(type(i) is int for h in histories for i in h)
+        assert users is None or (isinstance(users, list) and all(type(u) is int for u in users))
         self.calls += 1
         out = torch.full((len(histories), k), -1, dtype=torch.long)
         for row, history in enumerate(histories):
@@ -47,7 +52,7 @@ class FakeTeacher:
         return out
 
     def ranks(self, histories, candidates, users=None):
-        return (self.scores[None, None, :] > self.scores[candidates][..., None]).sum(-1)
+        return (self.scores[None, None, :] > self.scores[torch.tensor(candidates)][..., None]).sum(-1)
 
 
 def source(n_same=40, n_random=20):
@@ -126,7 +131,7 @@ def test_sft_control_re_one_row_per_item_with_reverse_questions():
     assert all(h == [] for h in rows.histories)
     for item, spec, signed in zip(rows.targets, rows.labels, rows.categories):
         if spec.task == "category_re":
-            assert signed is None
+            assert signed is None and spec.answer_categories == tuple(ITEM_CATEGORIES[item])
             continue
         own = spec.category in ITEM_CATEGORIES[item]
         assert spec.k == 1 and own == (spec.sign == "+") and signed == spec.sign + spec.category
@@ -191,7 +196,7 @@ def test_prompts_and_answers_round_trip():
     specs = [ControlSpec("seqrec", 2), ControlSpec("seqrec", 2, select=True), ControlSpec("+c", 2, "c0"),
              ControlSpec("-c", 2, "c1", variant=1), ControlSpec("lp", 10, "c2", p=20, m=2),
              ControlSpec("mp", 10, "c2", p=30, m=3, count_wording=True), ControlSpec("ep", 10, "c0", p=40, m=4),
-             ControlSpec("control_re", 1, "c1", sign="-"), ControlSpec("category_re", 1)]
+             ControlSpec("control_re", 1, "c1", sign="-"), ControlSpec("category_re", 1, answer_categories=("c0",))]
     rows = Rows(np.zeros(9, dtype=np.int64), [[5, 7]] * 9, np.full(9, 3), [[3, 0]] * 9,
                 [[0, 3, 9]] * 9, [None] * 9, specs)
     users = [task.row_messages(rows, i, TITLES)[-1]["content"] for i in range(9)]
@@ -205,7 +210,7 @@ def test_prompts_and_answers_round_trip():
     assert users[8] == 'What is the category of "Item 3"?'
     for i in range(8):
         assert parse_titles(task.row_completion(rows, i, TITLES)) == ["Item 3", "Item 0"]
-    assert task.row_completion(rows, 8, TITLES, ITEM_CATEGORIES) == 'The category of "Item 3" is "c0".'
+    assert task.row_completion(rows, 8, TITLES) == 'The category of "Item 3" is "c0".'
 
 
 def test_registered_tasks_from_a_dataset(tiny_dataset):
@@ -217,3 +222,28 @@ def test_registered_tasks_from_a_dataset(tiny_dataset):
     assert [s.category for s in test.labels] == ["Romance", "Romance", "Romance"]
     with pytest.raises(ConfigError, match="reclm_test"):
         get_task("reclm_test", task="zzz")
+
+
+def test_with_the_real_teacher_service(tiny_dataset):
+    """The calls the tasks make are the ones the in-process teacher service answers (no fake)."""
+    from recalign.teachers.popularity import Popularity
+    from recalign.teachers.service import TeacherService
+
+    split = leave_one_out_split(tiny_dataset)
+    service = TeacherService(Popularity().fit(tiny_dataset, split.part("train"), progress=False))
+    task = get_task("reclm_sft", seed=5)
+    rows = task.train_rows(tiny_dataset, split, teacher=service, epoch=0)
+    assert snapshot(rows) == snapshot(task.train_rows(tiny_dataset, split, teacher=service, epoch=0))
+    for i, spec in enumerate(rows.labels):
+        assert not set(rows.next_items[i]) & set(rows.histories[i])
+        if spec.task == "seqrec":
+            assert rows.next_items[i][0] == rows.targets[i] and len(rows.next_items[i]) == spec.k
+    examples = sft_examples(task, rows, tiny_dataset.titles(), SimpleNamespace(chat_template=None))
+    assert len(examples) == len(rows) and all(e["prompt"].startswith("user: ") for e in examples)
+    rl = get_task("reclm_rl").train_rows(tiny_dataset, split, teacher=service, epoch=0)
+    assert {s.task for s in rl.labels} >= {"seqrec", "+c"}
+    test = get_task("reclm_test", task="-c").eval_rows(
+        tiny_dataset, split, seqrec_lists=torch.full((3, 10), -1), teacher=service)
+    # alice's target i4 is Romance + Mystery (nothing left to exclude: she sits -C out); bob's and carol's i5 is
+    # Romance -> Mystery
+    assert test.targets.tolist() == [4, 4] and [s.category for s in test.labels] == ["Mystery", "Mystery"]

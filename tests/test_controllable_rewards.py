@@ -212,9 +212,11 @@ class FakeTeacher:
     scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2])
 
     def ranks(self, histories, candidates, users=None):
+        # the service validates plain lists of ints (its HTTP client sends them as JSON)
+        for lists in (histories, candidates, [users]):
+            assert isinstance(lists, list) and all(type(i) is int for row in lists for i in row)
         s = self.scores
-        higher = (s[None, None, :] > s[candidates][..., None]).sum(-1)
-        return higher
+        return (s[None, None, :] > s[torch.tensor(candidates)][..., None]).sum(-1)
 
 
 def test_reward_fn_batches_rows_and_places_rewards():
@@ -240,3 +242,20 @@ def test_reward_fn_batches_rows_and_places_rewards():
     assert coarse[0].tolist() == pytest.approx([0.0] * 13 + [list_r])
     with pytest.raises(ConfigError, match="no known row"):
         fn(["other"], [""], [[1]])
+
+
+def test_reward_fn_uses_each_rows_own_category_rule_and_scores_empty_answers():
+    tok = WordTokenizer()
+    specs = [ControlSpec(t, 3, "A", p=34, m=1) for t in ("lp", "mp", "ep")]
+    rows = Rows(np.array([0, 0, 0]), [[], [], []], np.array([6, 6, 6]), labels=specs)
+    fn = make_reward_fn(rows, ["lp", "mp", "ep"], FakeTeacher(), TITLES, CATS, tok, fine_grained=False)
+    answer = tok('1. "Alpha"\n2. "Bravo"\n3. "Echo"')["input_ids"]   # in A, in A, not in A
+    lp, mp, ep = (r[-1].item() for r in fn(["lp", "mp", "ep"], [""] * 3, [answer] * 3))
+    rank_part = 0.5 * (1 / L2(0 + 3) + 1 / L2(1 + 3) / L2(3) + 1 / L2(3 + 3) / L2(4)) / normaliser(3)  # ranks 0 1 3
+    assert lp == pytest.approx(10 * (rank_part + 0.5 * 1 / (abs(2 - 1) + 1)))  # n_in 2 > m 1
+    assert mp == pytest.approx(10 * (rank_part + 0.5 * 1.0))                     # n_in 2 >= 1
+    assert ep == pytest.approx(10 * (rank_part + 0.5 * 1 / 2))                   # n_in 2 != 1
+    empty = fn(["mp"], [""], [[0]])[0]  # only EOS: no items, L_task alone (n_in 0, m 1)
+    assert empty.tolist() == pytest.approx([10 * 0.5 * 1 / (abs(0 - 1) + 1)])
+    chatter = fn(["mp"], [""], [tok("Sorry.")["input_ids"]])[0]  # one line that names no catalog title: -1
+    assert chatter.tolist() == pytest.approx([0.0, 10 * (0.5 * -1 / normaliser(3) + 0.5 * 1 / 2)])

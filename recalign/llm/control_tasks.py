@@ -56,6 +56,7 @@ class ControlSpec:
     variant: int = 0              # which intention wording
     select: bool = False          # SeqRec "select from" candidates
     sign: str = "+"               # ControlRec without history: ask for C (+) or for anything but C (-)
+    answer_categories: tuple[str, ...] = ()  # the reverse question's answer: the item's categories
 
     @property
     def rule(self) -> str | None:
@@ -118,10 +119,10 @@ def spec_messages(spec: ControlSpec, history: Sequence[str], candidates: Sequenc
     return get_template("reclm_seqrec").messages(history=hist, k=spec.k)
 
 
-def spec_completion(spec: ControlSpec, answer: Sequence[str], categories: Sequence[str] = ()) -> str:
+def spec_completion(spec: ControlSpec, answer: Sequence[str]) -> str:
     """The answer text of a row: a numbered list of quoted titles, or the reverse question's sentence."""
     if spec.task == "category_re":
-        return f'The category of "{answer[0]}" is {quoted(categories)}.'
+        return f'The category of "{answer[0]}" is {quoted(spec.answer_categories)}.'
     return numbered(answer)
 
 
@@ -183,9 +184,10 @@ def _teacher_topk(source: ControlSource, rows: Rows, k: int, signed: Sequence[st
     """Teacher top-k per row (history excluded), -1 where the teacher has no more items."""
     if not len(rows):
         return torch.zeros((0, k), dtype=torch.long)
-    users = torch.as_tensor(rows.users, dtype=torch.long)
     kwargs = {} if signed is None else {"categories": list(signed)}
-    return torch.as_tensor(source.teacher.topk(rows.histories, k, users=users, **kwargs), dtype=torch.long)
+    histories = [[int(i) for i in h] for h in rows.histories]
+    top = source.teacher.topk(histories, k, users=[int(u) for u in rows.users], **kwargs)
+    return torch.as_tensor(top, dtype=torch.long)
 
 
 def _front(target: int, ranked: Sequence[int], k: int, target_first: bool = True) -> list[int]:
@@ -323,7 +325,8 @@ def sft_control_re(source: ControlSource, rng: np.random.Generator, max_items: i
         own = torch.nonzero(table[item]).flatten().numpy()
         other = torch.nonzero(~table[item]).flatten().numpy()
         if rev:
-            specs.append(ControlSpec("category_re", 1))
+            names = tuple(source.categories.names[int(c)] for c in own)
+            specs.append(ControlSpec("category_re", 1, answer_categories=names))
             signed.append(None)
             continue
         p = bool(p) or other.size == 0
@@ -414,7 +417,8 @@ def build_test_rows(base: Rows, task: str, categories: CategoryTable, seed: int 
 
     -C and LP 20% need the model's own SeqRec answers `seqrec_lists` [U, W] (grounded ids, < 0 = none); a row whose
     answer names no category without the target falls back to the teacher's top-10 (when a teacher is given), else
-    to the catalog's most frequent category without the target.
+    to the catalog's most frequent category without the target. A row left without a category (a target with no
+    category, or one carrying every category for -C) cannot state the request and is left out of that task.
     """
     if task not in TEST_TASKS:
         raise ConfigError(f"controllable test task {task!r}: expected one of {list(TEST_TASKS)}")
@@ -440,8 +444,11 @@ def build_test_rows(base: Rows, task: str, categories: CategoryTable, seed: int 
     specs = [ControlSpec(kind, int(k), name, p=p, m=None if p is None else p * int(k) // 100)
              for k, name in zip(ks, names)]
     signed = [None if c is None else ("-" if kind == "-c" else "+") + c for c in names]
-    return dataclasses.replace(rows, categories=signed, labels=specs,
-                               candidates=rows.candidates if task == "ranking" else [None] * n)
+    out = dataclasses.replace(rows, categories=signed, labels=specs,
+                              candidates=rows.candidates if task == "ranking" else [None] * n)
+    if kind in CONTROL_TASKS:  # a request without a category cannot be written: the row sits this task out
+        out = out.take(np.flatnonzero((column >= 0).numpy()))
+    return out
 
 
 def _fill_minus(categories: CategoryTable, base: Rows, targets: torch.Tensor, column: torch.Tensor, teacher
@@ -450,7 +457,8 @@ def _fill_minus(categories: CategoryTable, base: Rows, targets: torch.Tensor, co
     missing = torch.nonzero(column < 0).flatten()
     if missing.numel() and teacher is not None:
         sub = base.take(missing.numpy())
-        top = torch.as_tensor(teacher.topk(sub.histories, 10, users=torch.as_tensor(sub.users)), dtype=torch.long)
+        histories = [[int(i) for i in h] for h in sub.histories]
+        top = torch.as_tensor(teacher.topk(histories, 10, users=[int(u) for u in sub.users]), dtype=torch.long)
         column[missing] = minus_categories(categories, top, targets[missing])
     missing = torch.nonzero(column < 0).flatten()
     if missing.numel():
@@ -479,14 +487,10 @@ class ControlTask(BaseModel):
         answer = [titles[i] for i in (rows.next_items[index] if rows.next_items else [int(rows.targets[index])])]
         return spec_messages(spec, history, None if cands is None else [titles[i] for i in cands], answer)
 
-    def row_completion(self, rows: Rows, index: int, titles: Sequence[str], item_categories=None) -> str:
-        """The label answer of row `index` (the reverse question needs `item_categories`)."""
-        spec = self._spec(rows, index)
+    def row_completion(self, rows: Rows, index: int, titles: Sequence[str]) -> str:
+        """The label answer of row `index`."""
         answer_ids = rows.next_items[index] if rows.next_items else [int(rows.targets[index])]
-        cats = () if item_categories is None else item_categories[answer_ids[0]]
-        if spec.task == "category_re" and not cats:
-            raise ConfigError("the reverse category question needs item_categories for its answer")
-        return spec_completion(spec, [titles[i] for i in answer_ids], cats)
+        return spec_completion(self._spec(rows, index), [titles[i] for i in answer_ids])
 
     @staticmethod
     def _spec(rows: Rows, index: int) -> ControlSpec:

@@ -236,8 +236,9 @@ def make_reward_fn(rows: Rows, prompts: Sequence[str], teacher, catalog_titles: 
         items = torch.full((len(texts), width), -1, dtype=torch.long)
         lengths = torch.tensor([len(ts) for ts in titles])
         items[torch.arange(width)[None, :] < lengths[:, None]] = grounded
-        users = torch.as_tensor([int(rows.users[i]) for i in index], dtype=torch.long)
-        ranks = teacher.ranks([rows.histories[i] for i in index], items.clamp(min=0), users=users)
+        # Plain lists of ints, as the teacher service (and its HTTP client) validates them; padding asks item 0.
+        ranks = torch.as_tensor(teacher.ranks([[int(i) for i in rows.histories[i]] for i in index],
+                                              items.clamp(min=0).tolist(), users=[int(rows.users[i]) for i in index]))
         out = []
         for b, i in enumerate(index):  # one answer at a time: a handful of titles each
             spec: ControlSpec = rows.labels[i]
