@@ -259,3 +259,32 @@ def test_micro_batcher_gathers_and_splits():
     assert calls == [[7, -1]] and all(isinstance(f, ValueError) for f in failed)  # one failure fails its batch
     assert asyncio.run(batcher.run_now(6)) == 60
     batcher.close()
+
+
+def test_micro_batcher_loses_no_job_and_respects_max_rows():
+    """Jobs of 1-4 rows arriving at random moments with a 1 ms window: every job answered once, batches <= 6 rows
+    unless a single job is larger."""
+    sizes: list[int] = []
+
+    def run(jobs: list[tuple[int, int]]) -> list[int]:
+        sizes.append(sum(rows for _, rows in jobs))
+        return [index for index, _ in jobs]
+
+    gen = np.random.default_rng(0)
+    jobs = [(index, int(gen.integers(1, 5))) for index in range(150)] + [(150, 9)]
+    delays = gen.uniform(0, 0.004, size=len(jobs))
+
+    async def one(batcher: MicroBatcher, job: tuple[int, int], delay: float) -> int:
+        await asyncio.sleep(delay)
+        return await batcher.submit(job)
+
+    async def burst() -> list[int]:
+        batcher = MicroBatcher(run, rows=lambda job: job[1], max_wait_ms=1, max_rows=6)
+        try:
+            return await asyncio.wait_for(asyncio.gather(*(one(batcher, j, d) for j, d in zip(jobs, delays))), 60)
+        finally:
+            batcher.close()
+
+    assert asyncio.run(burst()) == list(range(151))
+    assert sum(sizes) == sum(rows for _, rows in jobs)
+    assert max(sizes) == 9 and sorted(sizes)[-2] <= 6  # only the 9-row job exceeds max_rows, alone

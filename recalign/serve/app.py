@@ -8,6 +8,7 @@ event loop keeps accepting requests while a batch is computed and the model neve
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hmac
 import ipaddress
@@ -125,15 +126,24 @@ class MicroBatcher(Generic[Job, Result]):
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recalign-model")
         self.batches = 0  # batched calls made, and the jobs they served (for /health and benchmarks)
         self.jobs = 0
-        self._queue: asyncio.Queue | None = None
+        self._pending: collections.deque = collections.deque()  # (job, rows, future, arrival), oldest first
+        self._pending_rows = 0
+        self._queued: asyncio.Event | None = None  # something is pending
+        self._full: asyncio.Event | None = None  # max_rows rows are pending
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def submit(self, job: Job) -> Result:
         """Queue `job` for the next batch and wait for its result."""
         self._ensure_worker()
-        future = asyncio.get_running_loop().create_future()
-        await self._queue.put((job, future))
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        rows = self._rows(job)
+        self._pending.append((job, rows, future, loop.time()))
+        self._pending_rows += rows
+        self._queued.set()
+        if self._pending_rows >= self.max_rows:
+            self._full.set()
         return await future
 
     async def run_now(self, job: Job) -> Result:
@@ -144,30 +154,35 @@ class MicroBatcher(Generic[Job, Result]):
     def _ensure_worker(self) -> None:
         loop = asyncio.get_running_loop()
         if self._loop is not loop or self._task is None or self._task.done():  # first call, or a new event loop
-            self._loop, self._queue = loop, asyncio.Queue()
+            self._loop, self._queued, self._full = loop, asyncio.Event(), asyncio.Event()
+            self._pending.clear()
+            self._pending_rows = 0
             self._task = loop.create_task(self._worker())
 
     async def _worker(self) -> None:
         loop = asyncio.get_running_loop()
-        queue = self._queue
         while True:
-            batch = [await queue.get()]
-            rows = self._rows(batch[0][0])
-            deadline = loop.time() + self.max_wait
-            while rows < self.max_rows:
-                if queue.empty():
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        break
-                    try:
-                        item = await asyncio.wait_for(queue.get(), remaining)
-                    except asyncio.TimeoutError:
-                        break
-                else:
-                    item = queue.get_nowait()
-                batch.append(item)
-                rows += self._rows(item[0])
-            await self._finish(batch)
+            await self._queued.wait()
+            remaining = self._pending[0][3] + self.max_wait - loop.time()  # the oldest job waits at most max_wait
+            if not self._full.is_set() and remaining > 0:
+                # waiting on an Event (not on a queue) so that a timeout can never swallow a job
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._full.wait(), remaining)
+            await self._finish(self._take())
+
+    def _take(self) -> list:
+        """The oldest pending jobs, up to max_rows rows (at least one job)."""
+        batch, rows = [], 0
+        while self._pending and (not batch or rows + self._pending[0][1] <= self.max_rows):
+            job, size, future, _ = self._pending.popleft()
+            batch.append((job, future))
+            rows += size
+        self._pending_rows -= rows
+        if self._pending_rows < self.max_rows:
+            self._full.clear()
+        if not self._pending:
+            self._queued.clear()
+        return batch
 
     async def _finish(self, batch: list) -> None:
         jobs = [job for job, _ in batch]
