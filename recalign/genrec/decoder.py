@@ -105,6 +105,10 @@ class RecGPTDecoder(nn.Module):
 
     def forward(self, histories: torch.Tensor, codes, text_vectors: torch.Tensor) -> torch.Tensor:
         """Next-item logits [B, T, n_positions, max(sizes)]: [b, t, j, v] scores value v at position j of item t+1."""
+        return self.head(self.encode(histories, codes, text_vectors))
+
+    def encode(self, histories: torch.Tensor, codes, text_vectors: torch.Tensor) -> torch.Tensor:
+        """Hidden states [B, T, n_positions, dim] of every code token of every history item."""
         device = self.gpt.wte.weight.device
         table = self._checked_codes(codes).to(device)
         histories, text_vectors = histories.to(device), text_vectors.to(device)
@@ -124,9 +128,12 @@ class RecGPTDecoder(nn.Module):
         pad = pad_item.repeat_interleave(self.n_positions, dim=1)
         hidden = self.gpt(inputs_embeds=embeds, attention_mask=hybrid_mask(n_items, self.n_positions, pad),
                           position_ids=position_ids(pad), use_cache=False).last_hidden_state
-        hidden = hidden.view(batch, n_items, self.n_positions, -1)
+        return hidden.view(batch, n_items, self.n_positions, -1)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [..., n_positions, max(sizes)] from hidden states [..., n_positions, dim] (-inf past sizes[j])."""
         weights = self.gpt.wte.weight[self.column_tokens]  # [P, V, d], tied to the input embedding as in GPT-2
-        logits = torch.einsum("btpd,pvd->btpv", hidden, weights)
+        logits = torch.einsum("...pd,pvd->...pv", hidden, weights)
         return logits.masked_fill(~self.column_valid, float("-inf"))
 
     def loss(self, histories: torch.Tensor, codes, text_vectors: torch.Tensor) -> torch.Tensor:
@@ -137,8 +144,6 @@ class RecGPTDecoder(nn.Module):
         labels = table[following.clamp(min=0)]
         ignore = (following == PAD_ITEM) | (histories[:, :-1] == PAD_ITEM)
         labels = labels.masked_fill(ignore[..., None], -100)
-        # -inf logits of invalid columns would give 0·inf = nan in the gradient; a large finite value is the same.
-        logits = logits.masked_fill(~self.column_valid, -1e9)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
 
     def next_item_log_probs(self, histories: torch.Tensor, codes, text_vectors: torch.Tensor,
@@ -155,9 +160,9 @@ class RecGPTDecoder(nn.Module):
         last = torch.where(real, steps, -1).max(dim=1).values
         if (last < 0).any():
             raise DataError(f"history row {int(torch.nonzero(last < 0)[0])} has no items")
-        logits = self(histories, codes, text_vectors)
         rows = torch.arange(histories.shape[0], device=histories.device)
-        return torch.log_softmax(logits[rows, last] / temperature, dim=-1)
+        hidden = self.encode(histories, codes, text_vectors)[rows, last]  # only the last item's tokens are scored
+        return torch.log_softmax(self.head(hidden) / temperature, dim=-1)
 
     def _checked_codes(self, codes) -> torch.Tensor:
         table = code_table(codes)
