@@ -13,7 +13,7 @@ from recalign.errors import ConfigError
 from recalign.eval.control import CategoryTable
 from recalign.llm.control_tasks import (ControlSource, ControlSpec, build_test_rows, minus_categories, rl_rows,
                                         sft_category_rate, sft_control, sft_control_re, sft_rows, sft_seqrec,
-                                        epoch_generator)
+                                        epoch_generator, metric_inputs, parse_test_task, rl_validation_rows)
 from recalign.llm.tasks import Rows, get_task, parse_titles, sft_examples
 
 N_ITEMS = 30
@@ -188,7 +188,8 @@ def test_test_rows_every_task():
     with pytest.raises(ConfigError, match="SeqRec answers"):
         build_test_rows(base, "-c", CATS)
     with pytest.raises(ConfigError, match="expected one of"):
-        build_test_rows(base, "lp_50", CATS)
+        build_test_rows(base, "lp_500", CATS)
+    assert parse_test_task("ep_50") == ("ep", 50) and parse_test_task("+c") == ("+c", None)
 
 
 def test_prompts_and_answers_round_trip():
@@ -220,7 +221,7 @@ def test_registered_tasks_from_a_dataset(tiny_dataset):
     test = get_task("reclm_test", task="+c").eval_rows(tiny_dataset, split)
     # test targets: alice i4 (Romance, Mystery -> "Romance" last in sorted order), bob i5, carol i5 (Romance)
     assert [s.category for s in test.labels] == ["Romance", "Romance", "Romance"]
-    with pytest.raises(ConfigError, match="reclm_test"):
+    with pytest.raises(ConfigError, match="controllable test task 'zzz'"):
         get_task("reclm_test", task="zzz")
 
 
@@ -247,3 +248,28 @@ def test_with_the_real_teacher_service(tiny_dataset):
     # alice's target i4 is Romance + Mystery (nothing left to exclude: she sits -C out); bob's and carol's i5 is
     # Romance -> Mystery
     assert test.targets.tolist() == [4, 4] and [s.category for s in test.labels] == ["Mystery", "Mystery"]
+
+
+def test_rl_validation_mix():
+    base = Rows(np.array([0, 1, 2]), [[5], [1, 2], [7]], np.array([3, 0, 4]))
+    rows = rl_validation_rows(base, CATS, FakeTeacher(CATS))
+    got = [(s.task, s.p) for s in rows.labels[::3]]
+    assert got == [("seqrec", None), ("+c", None), ("-c", None), ("lp", 20), ("mp", 30), ("ep", 50),
+                   ("itemcount", None)]
+    assert rows.labels[6].category == "c1"  # -C of row 0 from the teacher's top-10 (as in the SFT -C case)
+
+
+def test_metric_inputs_from_test_rows():
+    from recalign.eval.control import score_control
+
+    base = Rows(np.array([0, 1, 2]), [[5], [1, 2], [7]], np.array([3, 0, 4]))
+    rows = build_test_rows(base, "ep_30", CATS)   # C = c0, c1, c1; k = 10, m = 3
+    grounded = torch.full((3, 10), -2)
+    grounded[0, :4] = torch.tensor([0, 3, 6, -1])          # three in c0
+    grounded[2, :5] = torch.tensor([1, 4, 7, 10, 13])      # five in c1; 7 is in the history
+    out = score_control(metric_inputs(rows, grounded, CATS, n_outputs=torch.tensor([4, 0, 10])))
+    assert out["category_rate_correct"] == pytest.approx(1 / 3)  # |3-3| <= 1; empty |0-3|; |5-3| = 2
+    assert out["target_category_rate"] == pytest.approx((3 / 10 + 0 + 5 / 10) / 3)
+    assert out["recall"] == pytest.approx(2 / 3) and out["mrr"] == pytest.approx((1 / 2 + 0 + 1 / 2) / 3)
+    assert out["in_history"] == pytest.approx(1 / 30) and out["correct_count"] == pytest.approx(1 / 3)
+    assert "not_in_candidate" not in out

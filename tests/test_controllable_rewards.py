@@ -259,3 +259,14 @@ def test_reward_fn_uses_each_rows_own_category_rule_and_scores_empty_answers():
     assert empty.tolist() == pytest.approx([10 * 0.5 * 1 / (abs(0 - 1) + 1)])
     chatter = fn(["mp"], [""], [tok("Sorry.")["input_ids"]])[0]  # one line that names no catalog title: -1
     assert chatter.tolist() == pytest.approx([0.0, 10 * (0.5 * -1 / normaliser(3) + 0.5 * 1 / 2)])
+
+
+def test_reward_fn_renders_the_prompts_itself():
+    tok = WordTokenizer()
+    tok.chat_template = None  # plain "role: content" prompts
+    rows = Rows(np.array([0]), [[5]], np.array([1]), labels=[ControlSpec("seqrec", 1)])
+    fn = make_reward_fn(rows, None, FakeTeacher(), TITLES, CATS, tok)
+    prompt = 'user: The user has enjoyed these items, oldest first: "Golf"\n'
+    out = fn([prompt + "Recommend 1 different items the user may like next. Answer with a numbered list of 1 titles "
+              "in double quotes, one per line, best first.\nassistant: "], [""], [tok('1. "Bravo"')["input_ids"]])
+    assert out[0].tolist() == pytest.approx([0, 0, 0, 0, 1.0, 10 * (0.5 * 1 + 0.5 * 1)])

@@ -22,6 +22,7 @@ exclude_history=True) -> LongTensor [B, k]` (categories[i] = "+C", "-C" or None;
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
@@ -30,7 +31,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from recalign.errors import ConfigError
-from recalign.eval.control import CategoryTable
+from recalign.eval.control import CategoryTable, control_inputs
 from recalign.llm.prompts import PromptTemplate, get_template, numbered, quoted, register_template
 from recalign.llm.tasks import Rows, add_candidates, eval_rows, register_task
 
@@ -41,6 +42,7 @@ RULE_OF = {"lp": "LP", "mp": "MP", "ep": "EP"}
 SFT_TASKS = ("seqrec", "control", "category_rate", "control_re")
 RL_TASKS = ("seqrec", "+c", "-c", "lp", "mp", "ep")
 TEST_TASKS = ("seqrec", "+c", "-c", "lp_20", "ep_30", "mp_30", "itemcount", "ranking")
+RL_VALID_TASKS = ("seqrec", "+c", "-c", "lp_20", "mp_30", "ep_50", "itemcount")
 
 
 @dataclass(frozen=True)
@@ -411,44 +413,81 @@ def rl_rows(source: ControlSource, episode: int, seed: int = 0, tasks: Sequence[
 
 # ---- test tasks (§5.6) --------------------------------------------------------------------------------------------
 
-def build_test_rows(base: Rows, task: str, categories: CategoryTable, seed: int = 0, *,
-              seqrec_lists: torch.Tensor | None = None, teacher: Any = None, n_negatives: int = 100) -> Rows:
-    """The rows of test task `task` (one of TEST_TASKS) over `base` (history = last 10 items, target = final).
+def parse_test_task(task: str) -> tuple[str, int | None]:
+    """(kind, percent) of a test task name: "seqrec", "+c", "-c", "itemcount", "ranking" or "lp_20", "mp_30", ..."""
+    match = re.fullmatch(r"(lp|mp|ep)_(\d{1,3})", task)
+    if match and 0 <= int(match.group(2)) <= 100:
+        return match.group(1), int(match.group(2))
+    if task in ("seqrec", "+c", "-c", "itemcount", "ranking"):
+        return task, None
+    raise ConfigError(f"controllable test task {task!r}: expected one of {list(TEST_TASKS)} "
+                      "(or lp_P / mp_P / ep_P with a percentage P)")
 
-    -C and LP 20% need the model's own SeqRec answers `seqrec_lists` [U, W] (grounded ids, < 0 = none); a row whose
+
+def build_test_rows(base: Rows, task: str, categories: CategoryTable, seed: int = 0, *,
+                    seqrec_lists: torch.Tensor | None = None, teacher: Any = None, n_negatives: int = 100) -> Rows:
+    """The rows of test task `task` (TEST_TASKS, or lp_P / mp_P / ep_P) over `base` (history = last 10 items,
+    target = final); k = 10 (11..15 for ItemCount), m = floor(P k / 100).
+
+    -C and LP need the model's own SeqRec answers `seqrec_lists` [U, W] (grounded ids, < 0 = none); a row whose
     answer names no category without the target falls back to the teacher's top-10 (when a teacher is given), else
-    to the catalog's most frequent category without the target. A row left without a category (a target with no
-    category, or one carrying every category for -C) cannot state the request and is left out of that task.
+    to the catalog's most frequent category without the target. +C, MP and EP use the target's category. A row left
+    without a category (a target with no category, or one carrying every category for -C) cannot state the request
+    and is left out of that task.
     """
-    if task not in TEST_TASKS:
-        raise ConfigError(f"controllable test task {task!r}: expected one of {list(TEST_TASKS)}")
+    kind, p = parse_test_task(task)
     n = len(base)
     targets = torch.as_tensor(base.targets, dtype=torch.long)
-    rng = np.random.default_rng([int(seed), TEST_TASKS.index(task)])
+    rng = np.random.default_rng([int(seed), sum(task.encode())])
     rows, column = base, torch.full((n,), -1, dtype=torch.long)
     ks = np.full(n, 10)
-    if task in ("-c", "lp_20"):
+    if kind in ("-c", "lp"):
         if seqrec_lists is None:
             raise ConfigError(f"controllable test task {task!r}: needs the model's SeqRec answers (run seqrec first)")
         column = minus_categories(categories, torch.as_tensor(seqrec_lists, dtype=torch.long), targets)
         column = _fill_minus(categories, base, targets, column, teacher)
-    elif task in ("+c", "ep_30", "mp_30"):
+    elif kind in ("+c", "ep", "mp"):
         column = target_categories(categories, targets)
-    elif task == "itemcount":
+    elif kind == "itemcount":
         ks = rng.integers(11, 16, size=n)
-    elif task == "ranking":
+    elif kind == "ranking":
         rows = add_candidates(base, categories.n_items, n_negatives, seed)
-    kind = {"lp_20": "lp", "ep_30": "ep", "mp_30": "mp"}.get(task, task)
-    p = {"lp_20": 20, "ep_30": 30, "mp_30": 30}.get(task)
     names = [None if int(c) < 0 else categories.names[int(c)] for c in column]
     specs = [ControlSpec(kind, int(k), name, p=p, m=None if p is None else p * int(k) // 100)
              for k, name in zip(ks, names)]
     signed = [None if c is None else ("-" if kind == "-c" else "+") + c for c in names]
     out = dataclasses.replace(rows, categories=signed, labels=specs,
-                              candidates=rows.candidates if task == "ranking" else [None] * n)
+                              candidates=rows.candidates if kind == "ranking" else [None] * n)
     if kind in CONTROL_TASKS:  # a request without a category cannot be written: the row sits this task out
         out = out.take(np.flatnonzero((column >= 0).numpy()))
     return out
+
+
+def rl_validation_rows(base: Rows, categories: CategoryTable, teacher: Any, seed: int = 0) -> Rows:
+    """§5.4's validation mix on `base` (e.g. the validation part): SeqRec, +C, -C, LP_20, MP_30, EP_50, ItemCount;
+    -C and LP take their category from the teacher's top-10."""
+    histories = [[int(i) for i in h] for h in base.histories]
+    top = torch.as_tensor(teacher.topk(histories, 10, users=[int(u) for u in base.users]), dtype=torch.long)
+    return concat_rows([build_test_rows(base, task, categories, seed, seqrec_lists=top, teacher=teacher)
+                        for task in RL_VALID_TASKS])
+
+
+def metric_inputs(rows: Rows, grounded: torch.Tensor, categories: CategoryTable, *,
+                  n_outputs: torch.Tensor | None = None, sr_grounded: torch.Tensor | None = None,
+                  parity: str | None = None):
+    """The `control` metric inputs (recalign.eval.control) of test rows and their grounded answers [U, >= max k]."""
+    specs = [ControlTask._spec(rows, i) for i in range(len(rows))]
+    column = [-1 if s.category is None else categories.index(s.category) for s in specs]
+    rules = [s.rule for s in specs]
+    has_rule = any(r is not None for r in rules)
+    has_category = any(c >= 0 for c in column)
+    has_candidates = rows.candidates is not None and all(c is not None for c in rows.candidates)
+    return control_inputs(
+        grounded, rows.targets, [s.k for s in specs], categories.n_items, n_outputs=n_outputs, history=rows.histories,
+        categories=categories if has_category else None, row_category=column if has_category else None,
+        rule=rules if has_rule else None, m=[s.m or 0 for s in specs] if has_rule else None,
+        sr_grounded=sr_grounded if has_category else None,
+        candidates=rows.candidates if has_candidates else None, parity=parity)
 
 
 def _fill_minus(categories: CategoryTable, base: Rows, targets: torch.Tensor, column: torch.Tensor, teacher
@@ -527,7 +566,11 @@ class ControlTestTask(ControlTask):
     """One test task of §5.6 (`task`: seqrec, +c, -c, lp_20, ep_30, mp_30, itemcount, ranking)."""
 
     kind: Literal["reclm_test"] = "reclm_test"
-    task: Literal["seqrec", "+c", "-c", "lp_20", "ep_30", "mp_30", "itemcount", "ranking"] = "seqrec"
+    task: str = Field("seqrec", description="seqrec, +c, -c, lp_20, ep_30, mp_30, itemcount, ranking (or lp_P ...)")
+
+    def model_post_init(self, context: Any) -> None:
+        """Check the task name early (a config error naming the choices)."""
+        parse_test_task(self.task)
 
     def eval_rows(self, dataset, split, part: str = "test", seed: int = 0, *, seqrec_lists: torch.Tensor | None = None,
                   teacher: Any = None) -> Rows:

@@ -32,9 +32,9 @@ import torch
 from recalign.errors import ConfigError
 from recalign.eval.control import CategoryTable
 from recalign.eval.lists import repeat_mask
-from recalign.llm.control_tasks import CONTROL_TASKS, RANK_TASKS, ControlSpec
+from recalign.llm.control_tasks import CONTROL_TASKS, RANK_TASKS, ControlSpec, ControlTask
 from recalign.llm.grounding import ExactGrounder
-from recalign.llm.tasks import Rows, parse_titles
+from recalign.llm.tasks import Rows, parse_titles, prompts_for
 
 ALPHA = 0.5
 LIST_SCALE = 10.0
@@ -209,12 +209,15 @@ def list_token_rewards(n_tokens: int, list_reward: float) -> torch.Tensor:
 
 # ---- the PPO reward function ------------------------------------------------------------------------------------
 
-def make_reward_fn(rows: Rows, prompts: Sequence[str], teacher, catalog_titles: Sequence[str],
+def make_reward_fn(rows: Rows, prompts: Sequence[str] | None, teacher, catalog_titles: Sequence[str],
                    categories: CategoryTable, tokenizer, *, alpha: float = ALPHA, fine_grained: bool = True
                    ) -> RewardFn:
     """reward_fn(prompts, responses, response_ids) -> per-token rewards, for the rows whose rendered prompts are
-    `prompts` (rows.labels[i] is the row's `ControlSpec`); the teacher gives `ranks(histories, candidates, users)`.
+    `prompts` (None: rendered here with the control task's templates; rows.labels[i] is the row's `ControlSpec`);
+    the teacher gives `ranks(histories, candidates, users)` (in process, or the HTTP client).
     """
+    if prompts is None and rows.labels is not None:
+        prompts = prompts_for(ControlTask(), rows, catalog_titles, tokenizer)
     if rows.labels is None or len(prompts) != len(rows):
         raise ConfigError("reward: rows need their ControlSpec labels and one rendered prompt per row")
     row_of = {}
