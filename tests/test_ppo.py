@@ -13,7 +13,8 @@ pytest.importorskip("peft")
 from recalign.errors import ConfigError  # noqa: E402
 from recalign.llm.ppo import (ACTOR, CRITIC, LOOP, STATE_FILE, VALUE_HEAD_FILE, PPOSettings, PPOTrainer,  # noqa: E402
                               RunningMoments, approx_kl, clipped_policy_loss, clipped_value_loss,
-                              entropy_from_logits, gae, masked_whiten, rewards_on_last_token)
+                              entropy_from_logits, gae, kl_penalized_rewards, masked_whiten,
+                              rewards_on_last_token)
 from recalign.methods.iterations import IterationStore  # noqa: E402
 
 PROMPTS = [f"p{i} :" for i in range(8)]
@@ -44,6 +45,17 @@ def test_gae_with_gamma_and_lambda_one_is_monte_carlo():
     advantages, returns = gae(rewards, values, gamma=1.0, lam=1.0)
     assert torch.allclose(returns, torch.tensor([[1.5, 1.0, 1.0, 2.0]]))  # rewards-to-go
     assert torch.allclose(advantages, returns - values)
+
+
+def test_per_token_reward_is_scaled_reward_minus_kl_penalty():
+    task = torch.tensor([[0.0, 0.0, 2.0, 9.0]])
+    logp = torch.tensor([[-1.0, -2.0, -0.5, -3.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5, -1.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    rewards, kl = kl_penalized_rewards(task, logp, ref, mask, kl_coef=0.3, scale=2.0)
+    assert kl[0].tolist() == pytest.approx([0.5, -1.0, 0.0, 0.0])
+    # r = R / 2 − 0.3·kl: [0 − 0.15, 0 + 0.3, 1 − 0, padding 0]
+    assert rewards[0].tolist() == pytest.approx([-0.15, 0.3, 1.0, 0.0])
 
 
 def test_clipped_policy_loss_on_hand_numbers():

@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # annotations only: the store lives in a higher layer (recali
     from recalign.methods.iterations import IterationStore
 
 __all__ = ["PPOSettings", "PPOTrainer", "PPOResult", "RewardFn", "gae", "masked_mean", "masked_whiten",
-           "clipped_policy_loss", "clipped_value_loss", "approx_kl", "entropy_from_logits", "RunningMoments",
+           "kl_penalized_rewards", "clipped_policy_loss", "clipped_value_loss", "approx_kl", "entropy_from_logits", "RunningMoments",
            "rewards_on_last_token", "ACTOR", "CRITIC", "LOOP"]
 
 ACTOR, CRITIC, LOOP = "actor", "critic", "ppo"
@@ -117,6 +117,13 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float,
         advantages[:, t] = (delta + gamma * lam * next_advantage) * mask[:, t]
         next_value, next_advantage = values[:, t] * mask[:, t], advantages[:, t]
     return advantages, (advantages + values) * mask
+
+
+def kl_penalized_rewards(task_rewards: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor,
+                         mask: torch.Tensor, kl_coef: float, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_t, kl_t) [N, T]: r_t = R_t / scale − kl_coef·kl_t with kl_t = log π(a_t|s_t) − log π_ref(a_t|s_t)."""
+    kl = (logp - ref_logp) * mask
+    return (task_rewards / scale - kl_coef * kl) * mask, kl
 
 
 def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
@@ -356,9 +363,8 @@ class PPOTrainer:
         sums = task_rewards.sum(1)
         if s.scale_rewards:
             self.reward_stats.update(sums)
-            task_rewards = task_rewards / self.reward_stats.std
-        kl = (old_logp - ref_logp) * rollouts.mask
-        rewards = (task_rewards - s.kl_coef * kl) * rollouts.mask
+        scale = self.reward_stats.std if s.scale_rewards else 1.0
+        rewards, kl = kl_penalized_rewards(task_rewards, old_logp, ref_logp, rollouts.mask, s.kl_coef, scale)
         advantages, returns = gae(rewards, old_values, s.gamma, s.lam, rollouts.mask)
         if s.whiten_advantages:
             advantages = masked_whiten(advantages, rollouts.mask)
