@@ -89,6 +89,32 @@ def test_scores_do_not_depend_on_batch_size_or_padding_side(text_mode):
     assert (left[0, :2] - left[1, :2]).abs().max() > 1e-3
 
 
+def test_model_attends_inside_an_item_and_causally_across_items():
+    decoder = tiny_decoder()
+    text = torch.randn(6, 6, generator=torch.Generator().manual_seed(6))
+    text[3] = text[0]  # items 0 = (0, 1, 0) and 3 = (0, 0, 0) then differ only in their position-1 token
+    with torch.no_grad():
+        a = decoder(torch.tensor([[1, 0, 2]]), CODES, text)
+        b = decoder(torch.tensor([[1, 3, 2]]), CODES, text)
+    torch.testing.assert_close(a[0, 0], b[0, 0], atol=1e-6, rtol=0)  # item 0 cannot see the later item
+    assert (a[0, 1, 0, :3] - b[0, 1, 0, :3]).abs().max() > 1e-4  # position 0 sees position 1 of its own item
+    assert (a[0, 2, :, :2] - b[0, 2, :, :2]).abs().max() > 1e-5  # the next item sees the earlier one (weakly at init)
+
+
+def test_text_vectors_of_the_history_items_change_the_scores():
+    decoder = tiny_decoder()
+    text = torch.randn(6, 6, generator=torch.Generator().manual_seed(7))
+    changed = text.clone()
+    changed[5] += 1.0  # item 5 is not in the history
+    moved = text.clone()
+    moved[1] += 1.0  # item 1 is
+    history = torch.tensor([[0, 1]])
+    with torch.no_grad():
+        base = decoder.next_item_log_probs(history, CODES, text)
+        assert torch.equal(base, decoder.next_item_log_probs(history, CODES, changed))
+        assert (base - decoder.next_item_log_probs(history, CODES, moved))[:, :2].abs().max() > 1e-4
+
+
 def test_log_probs_are_normalised_per_position_with_temperature():
     decoder = tiny_decoder()
     text = torch.randn(6, 6, generator=torch.Generator().manual_seed(2))
