@@ -273,3 +273,8 @@ def test_metric_inputs_from_test_rows():
     assert out["recall"] == pytest.approx(2 / 3) and out["mrr"] == pytest.approx((1 / 2 + 0 + 1 / 2) / 3)
     assert out["in_history"] == pytest.approx(1 / 30) and out["correct_count"] == pytest.approx(1 / 3)
     assert "not_in_candidate" not in out
+
+
+def test_source_needs_two_items_per_sequence():
+    with pytest.raises(ConfigError, match="at least 2 items"):
+        ControlSource(np.arange(2), [[1, 2], [3]], CATS, FakeTeacher(CATS))

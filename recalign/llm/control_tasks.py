@@ -140,6 +140,12 @@ class ControlSource:
     teacher: Any
     max_history: int = 10
 
+    def __post_init__(self) -> None:
+        if len(self.users) != len(self.sequences) or any(len(s) < 2 for s in self.sequences):
+            raise ConfigError("controllable rows: one sequence per user, each with at least 2 items")
+        if self.max_history < 1:
+            raise ConfigError("controllable rows: max_history must be >= 1")
+
     @classmethod
     def from_split(cls, dataset, split, teacher, max_history: int = 10) -> "ControlSource":
         """Each user's sequence before the validation part (the last two items never appear in SFT/RL rows)."""
