@@ -13,8 +13,8 @@ from hypothesis import given, settings as hyp_settings, strategies as st
 from recalign.data.dataset import UserSequences
 from recalign.errors import ConfigError, DataError
 from recalign.eval.lists import ListRecommender
-from recalign.genrec.beam import (BeamLists, BeamSettings, CodeTrie, beam_search, history_mask,
-                                  python_loop_beam)
+from recalign.genrec.beam import (BeamLists, BeamSettings, CodeTrie, beam_search, compare_with_python_loop,
+                                  history_mask, python_loop_beam)
 from recalign.genrec.codes import ItemCodes
 from recalign.genrec.decoder import DecoderConfig, RecGPTDecoder
 
@@ -128,6 +128,17 @@ def test_vectorised_beam_equals_the_python_loop(exclude):
         alive = fast.items[user] >= 0
         assert fast.items[user][alive].tolist() == [item for item, _ in slow[user]]
         assert fast.scores[user][alive].tolist() == pytest.approx([score for _, score in slow[user]])
+
+
+def test_speed_comparison_reports_both_timings_and_agreement():
+    generator = torch.Generator().manual_seed(8)
+    codes = torch.tensor(list(itertools.product(range(6), range(6), range(2))))
+    table = torch.log_softmax(torch.randn(16, 3, 6, generator=generator), -1)
+    histories = [[0, 5]] * 16
+    report = compare_with_python_loop(table, codes, BeamSettings(widths=(4, 8), extensions=3), histories)
+    assert report["users"] == 16 and report["same_items"] is True
+    assert report["vectorised_s"] > 0 and report["python_loop_s"] > 0
+    assert report["speedup"] == pytest.approx(report["python_loop_s"] / report["vectorised_s"])
 
 
 def test_bad_settings_are_config_errors():
