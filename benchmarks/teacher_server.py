@@ -118,15 +118,25 @@ async def drive(url: str, rows: list[tuple[int, list[int]]], concurrency: int,
                 wrong += 1
 
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
-        wall = time.perf_counter() - started
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu
     ms = np.asarray(latencies) * 1000 if latencies else np.zeros(1)
     return {"requests": len(rows), "errors": len(errors), "first_errors": sorted(set(errors))[:3],
             "wrong_answers": wrong, "wall_seconds": round(wall, 3), "requests_per_second": round(len(rows) / wall, 1),
+            "client_cpu_seconds": round(cpu, 2),
             "latency_ms": {"p50": round(float(np.percentile(ms, 50)), 2), "p90": round(float(np.percentile(ms, 90)), 2),
                            "p99": round(float(np.percentile(ms, 99)), 2), "mean": round(float(ms.mean()), 2),
                            "max": round(float(ms.max()), 2)}}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc); NaN elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
 
 
 def run_mode(stage: Path, batching: bool, rows: list, warmup: list, concurrency: int, max_wait_ms: float,
@@ -139,13 +149,15 @@ def run_mode(stage: Path, batching: bool, rows: list, warmup: list, concurrency:
     url = f"http://127.0.0.1:{port}"
     try:
         asyncio.run(drive(url, warmup, concurrency, expected))
-        before = httpx.get(f"{url}/health").json()
+        before, server_cpu = httpx.get(f"{url}/health").json(), cpu_seconds(server.pid)
         result = asyncio.run(drive(url, rows, concurrency, expected))
-        after = httpx.get(f"{url}/health").json()
+        after, server_cpu = httpx.get(f"{url}/health").json(), cpu_seconds(server.pid) - server_cpu
     finally:
         server.terminate()
         server.wait(30)
     batches = after["batches"] - before["batches"]
+    # client or server CPU close to the wall time says which side limited the rate (on a quiet machine)
+    result["server_cpu_seconds"] = round(server_cpu, 2) if server_cpu == server_cpu else None
     result["model_calls"] = batches if batching else len(rows)
     result["mean_requests_per_call"] = round(len(rows) / batches, 2) if batching and batches else 1.0
     return result
@@ -158,12 +170,15 @@ def print_table(results: dict, info: dict) -> None:
 
     table = Table(title=f"teacher server: {info['requests']} /inference requests, concurrency {info['concurrency']}, "
                         f"SASRec on ML-100K ({info['items']} items)")
-    for column in ("mode", "errors", "wrong", "p50 ms", "p99 ms", "req/s", "requests/model call"):
+    for column in ("mode", "errors", "wrong", "p50 ms", "p99 ms", "req/s", "requests/model call", "client CPU s",
+                   "server CPU s", "wall s"):
         table.add_column(column, justify="right")
     for mode, r in results.items():
         table.add_row(mode, str(r["errors"]), str(r["wrong_answers"]), f"{r['latency_ms']['p50']:.1f}",
                       f"{r['latency_ms']['p99']:.1f}", f"{r['requests_per_second']:.0f}",
-                      f"{r['mean_requests_per_call']:.1f}")
+                      f"{r['mean_requests_per_call']:.1f}", f"{r['client_cpu_seconds']:.1f}",
+                      "-" if r["server_cpu_seconds"] is None else f"{r['server_cpu_seconds']:.1f}",
+                      f"{r['wall_seconds']:.1f}")
     Console().print(table)
 
 

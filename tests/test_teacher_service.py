@@ -159,3 +159,16 @@ def test_from_stage(tmp_path, sasrec):
                        sasrec.ranks(histories, [[0, 1]] * 3))
     with pytest.raises(RecalignError, match="not a teacher stage"):
         TeacherService.from_stage(tmp_path)
+
+
+def test_row_chunks_give_the_same_answers(sasrec):
+    chunked = TeacherService(sasrec.teacher, chunk_rows=3)
+    gen = np.random.default_rng(5)
+    histories = [gen.choice(sasrec.n_items, size=4, replace=False).tolist() for _ in range(10)]
+    candidates = [gen.choice(sasrec.n_items, size=int(gen.integers(1, 6)), replace=False).tolist()
+                  for _ in range(10)]
+    categories = [None, "+" + sasrec.categories[0], "-" + sasrec.categories[1]] * 3 + [None]
+    assert torch.equal(chunked.topk(histories, 6, categories=categories), sasrec.topk(histories, 6,
+                                                                                    categories=categories))
+    assert torch.equal(chunked.ranks(histories, candidates), sasrec.ranks(histories, candidates))
+    assert sasrec.ranks(histories, candidates).shape == (10, max(len(c) for c in candidates))

@@ -31,7 +31,7 @@ class TeacherService:
     """A fitted teacher plus its item categories, answering top-K and rank questions for whole batches."""
 
     def __init__(self, teacher: Recommender, category_items: Mapping[str, Sequence[int]] | None = None,
-                 max_history: int | None = DEFAULT_MAX_HISTORY):
+                 max_history: int | None = DEFAULT_MAX_HISTORY, chunk_rows: int = 2048):
         teacher._check_fitted()
         if max_history is not None and max_history < 1:
             raise RecalignError(f"max_history must be a positive integer or None, got {max_history!r}")
@@ -39,6 +39,7 @@ class TeacherService:
         self.n_items: int = int(teacher.n_items_)
         self.n_users: int = int(teacher.n_users_)
         self.max_history = max_history
+        self.chunk_rows = max(1, int(chunk_rows))  # rows scored at once: memory ~ chunk_rows x n_items
         categories = teacher.category_items_ if category_items is None else category_items
         names = sorted(str(c) for c in categories)
         self.category_ids: dict[str, int] = {name: i for i, name in enumerate(names)}
@@ -80,24 +81,15 @@ class TeacherService:
         candidates[i] (None: every item) limits row i; categories[i] is "+C" (items of C), "-C" (items not in C)
         or None; with exclude_history, the row's history items (the whole given list) are never returned.
         """
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        if not _is_id(k) or k < 1:
             raise RequestError(f"k must be a positive integer, got {shorten(k)}")
         self.check(histories, users=users, candidates=candidates, categories=categories)
-        scores = self._scores(histories, users)
-        allowed = torch.ones_like(scores, dtype=torch.bool)
-        if candidates is not None:
-            allowed &= self._candidate_mask(candidates)
-        if categories is not None:
-            allowed &= self._category_mask(categories)
-        if exclude_history:
-            rows, cols = _sequences(histories, None, self.n_items).mask_coordinates(np.arange(len(histories)))
-            allowed[rows, cols] = False
-        scores = scores.masked_fill(~allowed, -torch.inf)
-        items, values = topk_items(scores, k)
-        items = torch.where(torch.isneginf(values), torch.full_like(items, -1), items)
-        if items.shape[1] < k:  # fewer items than k in the catalog
-            items = torch.cat([items, items.new_full((len(items), k - items.shape[1]), -1)], dim=1)
-        return items
+        parts = []
+        for rows in self._chunks(len(histories)):  # bounds the [rows, n_items] score matrix of huge requests
+            parts.append(self._topk_rows(histories[rows], int(k), None if users is None else users[rows],
+                                         None if candidates is None else candidates[rows],
+                                         None if categories is None else categories[rows], exclude_history))
+        return torch.cat(parts) if parts else torch.empty(0, int(k), dtype=torch.long)
 
     def ranks(self, histories: list[list[int]], candidates: list[list[int]], users: list[int] | None = None
               ) -> torch.Tensor:
@@ -110,13 +102,10 @@ class TeacherService:
         self.check(histories, users=users, candidates=candidates)
         if any(c is None for c in candidates):
             raise RequestError("ranking needs a candidate list for every row")
-        scores = self._scores(histories, users)
-        order = torch.sort(scores, dim=1, descending=True, stable=True).indices  # stable: equal scores by id
-        position = torch.empty_like(order)
-        position.scatter_(1, order, torch.arange(self.n_items).expand_as(order).contiguous())
-        cand = pad_lists(candidates)
-        ranks = position.gather(1, cand.clamp(min=0))
-        return torch.where(cand >= 0, ranks, torch.full_like(ranks, -1))
+        width = max((len(c) for c in candidates), default=0)
+        parts = [self._rank_rows(histories[rows], None if users is None else users[rows], candidates[rows], width)
+                 for rows in self._chunks(len(histories))]
+        return torch.cat(parts) if parts else torch.empty(0, width, dtype=torch.long)
 
     # ---- validation ---------------------------------------------------------------------------------
     def check(self, histories: list[list[int]], *, users: list[int] | None = None,
@@ -166,13 +155,47 @@ class TeacherService:
     # ---- masks and scores ---------------------------------------------------------------------------
     def _scores(self, histories: list[list[int]], users: list[int] | None) -> torch.Tensor:
         """Teacher scores [B, n_items] for each row's history (its last max_history items) or user id."""
-        rows = np.arange(len(histories))
         if self.name in USER_BASED_TEACHERS:
             empty = UserSequences(indptr=np.zeros(self.n_users + 1, dtype=np.int64),
                                   items=np.zeros(0, dtype=np.int64), n_items=self.n_items)
             return self.teacher.score(np.asarray(users, dtype=np.int64), empty).float()
         # history-based teachers read row r's sequence from the user slot r of a per-request UserSequences
-        return self.teacher.score(rows, _sequences(histories, self.max_history, self.n_items)).float()
+        return self.teacher.score(np.arange(len(histories)),
+                                  _sequences(histories, self.max_history, self.n_items)).float()
+
+    def _chunks(self, n_rows: int) -> list[slice]:
+        return [slice(start, start + self.chunk_rows) for start in range(0, n_rows, self.chunk_rows)]
+
+    def _topk_rows(self, histories: list[list[int]], k: int, users: list[int] | None,
+                   candidates: list[list[int] | None] | None, categories: list[str | None] | None,
+                   exclude_history: bool) -> torch.Tensor:
+        """topk for rows already checked: one score call, then masks for candidates, category and history."""
+        scores = self._scores(histories, users)
+        allowed = torch.ones_like(scores, dtype=torch.bool)
+        if candidates is not None:
+            allowed &= self._candidate_mask(candidates)
+        if categories is not None:
+            allowed &= self._category_mask(categories)
+        if exclude_history:
+            rows, cols = _sequences(histories, None, self.n_items).mask_coordinates(np.arange(len(histories)))
+            allowed[rows, cols] = False
+        scores = scores.masked_fill(~allowed, -torch.inf)
+        items, values = topk_items(scores, k)
+        items = torch.where(torch.isneginf(values), torch.full_like(items, -1), items)
+        if items.shape[1] < k:  # fewer items than k in the catalog
+            items = torch.cat([items, items.new_full((len(items), k - items.shape[1]), -1)], dim=1)
+        return items
+
+    def _rank_rows(self, histories: list[list[int]], users: list[int] | None, candidates: list[list[int]],
+                   width: int) -> torch.Tensor:
+        """ranks for rows already checked: each item's position in the (score desc, id asc) order."""
+        scores = self._scores(histories, users)
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices  # stable: equal scores by id
+        position = torch.empty_like(order)
+        position.scatter_(1, order, torch.arange(self.n_items).expand_as(order).contiguous())
+        cand = pad_lists(candidates, width)
+        ranks = position.gather(1, cand.clamp(min=0))
+        return torch.where(cand >= 0, ranks, torch.full_like(ranks, -1))
 
     def _candidate_mask(self, candidates: list[list[int] | None]) -> torch.Tensor:
         """[B, n_items]: True at each row's candidates; rows without a list allow every item."""
