@@ -253,6 +253,11 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
     assert all(torch.equal(straight_weights[n], resumed_weights[n]) for n in straight_weights)
     assert torch.equal(straight.value_head.weight, resumed.value_head.weight)
 
+    model, tokenizer = toy_policy()  # a finished run is a no-op: nothing generated or scored again
+    again = PPOTrainer(model, tokenizer, settings).train(PROMPTS, dies_in_iteration_3, 3, store=store, progress=False)
+    assert calls["n"] == 3 and again.records == resumed.records
+    assert torch.equal(again.value_head.weight, straight.value_head.weight)
+
 
 # ---- bad input ---------------------------------------------------------------------------------------------------
 

@@ -284,7 +284,10 @@ class PPOResult:
 
 
 class PPOTrainer:
-    """PPO on a causal LM: actor and critic LoRA adapters on one frozen base, a trained value head, resumable."""
+    """PPO on a causal LM: actor and critic LoRA adapters on one frozen base, a trained value head, resumable.
+
+    A model object is wrapped in place (a PEFT model is first merged into a copy); a folder is loaded in float32.
+    """
 
     def __init__(self, model_dir_or_model: Any, tokenizer, settings: PPOSettings | None = None):
         from peft import PeftModel, get_peft_model
@@ -329,9 +332,10 @@ class PPOTrainer:
         start = 1
         if store is not None:
             last = store.last_done(LOOP)
-            if last:
-                self.load(store.folder(LOOP, last))
-                records = [store.record(store.folder(LOOP, i)) for i in range(1, min(last, iterations) + 1)]
+            upto = min(last, iterations)  # a rerun asking for fewer iterations gets that iteration's state
+            if upto:
+                self.load(store.folder(LOOP, upto))
+                records = [store.record(store.folder(LOOP, i)) for i in range(1, upto + 1)]
             start = last + 1
         with _progress_bar(progress, max(iterations, 0), start - 1) as advance:
             for iteration in range(start, iterations + 1):
