@@ -82,7 +82,7 @@ def beam_cases(draw):
     return torch.tensor(chosen), max(sizes), n_users, seed, BeamSettings(widths, extensions, 1.0, exclude)
 
 
-@hyp_settings(max_examples=60, deadline=None)
+@hyp_settings(max_examples=80, deadline=None, derandomize=True)
 @given(beam_cases())
 def test_beam_yields_only_catalog_codes_with_their_exhaustive_scores(case):
     codes, vocab, n_users, seed, settings = case
