@@ -6,6 +6,8 @@ Each mode reports errors (non-200 answers or transport failures), answers that d
 `TeacherService`, p50/p99 latency and requests/s -> benchmarks/results/teacher_server.json and a table.
 
 The server runs in its own process (the real CLI), so the load generator does not share its interpreter.
+Client and server CPU seconds are recorded beside the wall time: a side whose CPU time is close to the wall time
+limited the rate (on a busy shared machine neither is, and the numbers mostly measure the machine's load).
 The SASRec teacher is trained once (about two minutes on a quiet core) and cached under runs/bench-teacher-server/.
 
     .venv/bin/python benchmarks/teacher_server.py                  # 10,000 requests per mode, concurrency 32
@@ -179,7 +181,7 @@ def print_table(results: dict, info: dict) -> None:
                       f"{r['mean_requests_per_call']:.1f}", f"{r['client_cpu_seconds']:.1f}",
                       "-" if r["server_cpu_seconds"] is None else f"{r['server_cpu_seconds']:.1f}",
                       f"{r['wall_seconds']:.1f}")
-    Console().print(table)
+    Console(width=160).print(table)
 
 
 def main() -> None:
