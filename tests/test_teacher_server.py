@@ -288,3 +288,37 @@ def test_micro_batcher_loses_no_job_and_respects_max_rows():
     assert asyncio.run(burst()) == list(range(151))
     assert sum(sizes) == sum(rows for _, rows in jobs)
     assert max(sizes) == 9 and sorted(sizes)[-2] <= 6  # only the 9-row job exceeds max_rows, alone
+
+
+@pytest.mark.slow
+def test_cli_serves_a_stage_on_loopback(tmp_path, popularity):
+    """`recalign serve teacher STAGE --port P` in its own process answers /health and /inference."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from recalign.serve.app import free_port
+
+    stage = tmp_path / "stages" / "pop"
+    popularity.teacher.save(stage / "model")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+    server = subprocess.Popen([sys.executable, "-m", "recalign.cli", "serve", "teacher", str(stage), "--port",
+                               str(port), "--no-batching"], env={**env, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, "the server exited"
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "no /health answer within 120 s"
+                time.sleep(0.2)
+        assert health.json()["teacher"] == "popularity" and health.json()["batching"] is False
+        answer = httpx.post(f"http://127.0.0.1:{port}/inference", json={"item_lists": [[0], [2]], "k": 2})
+        assert answer.json() == {"inference": [[2, 1], [0, 1]]}
+    finally:
+        server.terminate()
+        server.wait(30)
