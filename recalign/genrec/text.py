@@ -70,13 +70,17 @@ def embed_texts(
     batch_size: int = 128,
     device: str = "cpu",
     progress: bool = True,
+    max_tokens: int | None = 128,
 ) -> np.ndarray:
     """float32 [len(texts), d] sentence embeddings, read from / written to `cache_dir` keyed by model + text hash.
 
-    `encoder` (texts -> array) replaces the sentence-transformers model, for tests.
+    `max_tokens` truncates each text (None: the model's own limit, 256 for MiniLM); `encoder` (texts -> array)
+    replaces the sentence-transformers model, for tests.
     """
     texts = [str(t) for t in texts]
-    digest = hashlib.sha256("\x1f".join([model, *texts]).encode("utf-8")).hexdigest()[:20]
+    if max_tokens is not None and max_tokens < 1:
+        raise ConfigError(f"text max_tokens: must be >= 1, got {max_tokens}")
+    digest = hashlib.sha256("\x1f".join([model, str(max_tokens), *texts]).encode("utf-8")).hexdigest()[:20]
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in model.rstrip("/").split("/")[-1])[:60]
     path = Path(cache_dir if cache_dir is not None else embeddings_cache_dir()) / f"{slug}-{digest}.npy"
     if path.exists():
@@ -87,6 +91,8 @@ def embed_texts(
         from sentence_transformers import SentenceTransformer  # heavy: only when embeddings are computed
 
         st = SentenceTransformer(resolve_text_model(model), device=device)
+        if max_tokens is not None:
+            st.max_seq_length = min(max_tokens, st.max_seq_length or max_tokens)  # CPU cost grows with length
         encoder = lambda xs: st.encode(xs, batch_size=batch_size, convert_to_numpy=True,  # noqa: E731
                                        show_progress_bar=progress)
     emb = np.ascontiguousarray(np.asarray(encoder(texts), dtype=np.float32))
