@@ -58,6 +58,7 @@ STAGE_KINDS: dict[str, str] = {
     "trd": "recalign.methods.trd:TRD_STAGE",
     "llm-sft": "recalign.llm.stage:LLM_SFT_STAGE",
     "sprec": "recalign.methods.sprec_report:SPREC_STAGE",
+    "controllable": "recalign.methods.controllable_stage:CONTROLLABLE_STAGE",
     "trackrec": "recalign.methods.trackrec:TRACKREC_STAGE",
     "recgpt": "recalign.methods.recgpt:RECGPT_STAGE",
 }
