@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -61,6 +62,17 @@ def resolve_text_model(model: str) -> str:
     return model
 
 
+@functools.lru_cache(maxsize=2)
+def _sentence_model(path: str, device: str, max_tokens: int | None):
+    """A sentence-transformers model reading at most `max_tokens` tokens, loaded once per process."""
+    from sentence_transformers import SentenceTransformer  # heavy: only when embeddings are computed
+
+    model = SentenceTransformer(path, device=device)
+    if max_tokens is not None:
+        model.max_seq_length = min(max_tokens, model.max_seq_length or max_tokens)  # CPU cost grows with length
+    return model
+
+
 def embed_texts(
     texts: Sequence[str],
     model: str = DEFAULT_TEXT_MODEL,
@@ -88,11 +100,7 @@ def embed_texts(
         if cached.shape[0] == len(texts):
             return cached
     if encoder is None:
-        from sentence_transformers import SentenceTransformer  # heavy: only when embeddings are computed
-
-        st = SentenceTransformer(resolve_text_model(model), device=device)
-        if max_tokens is not None:
-            st.max_seq_length = min(max_tokens, st.max_seq_length or max_tokens)  # CPU cost grows with length
+        st = _sentence_model(resolve_text_model(model), device, max_tokens)
         encoder = lambda xs: st.encode(xs, batch_size=batch_size, convert_to_numpy=True,  # noqa: E731
                                        show_progress_bar=progress)
     emb = np.ascontiguousarray(np.asarray(encoder(texts), dtype=np.float32))
