@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -153,6 +154,8 @@ class TaskAnswers(BaseModel):
     answers: list[str] | None = None            # raw generated text (None for a teacher baseline)
     grounded: list[list[int]]                   # grounded entries, -1 = not in the catalog, -2 = no entry
     n_outputs: list[int]                        # titles before truncation (CorrectCount)
+    seconds: float | None = None                # generation wall time of the answers (cost measurements)
+    cpu_seconds: float | None = None            # ... and its process CPU time (all threads; load-independent)
 
     def grounded_tensor(self) -> torch.Tensor:
         """[rows, max(k)] grounded entries, padded with NO_ENTRY."""
@@ -379,10 +382,13 @@ def generate_answers(config: ControllableConfig, model, tokenizer, task: str, ro
     prompts = prompts_for(ControlTask(max_history=config.max_history), rows, titles, tokenizer)
     widest = max(s.k for s in rows.labels)
     settings = GenerationSettings(max_new_tokens=math.ceil(config.max_new_tokens * widest / 10), do_sample=False)
+    started, cpu = time.perf_counter(), time.process_time()
     answers = [a[0] for a in generate(model, tokenizer, prompts, settings, batch_size=config.batch_size,
                                       progress=progress)]
+    seconds, cpu = round(time.perf_counter() - started, 3), round(time.process_time() - cpu, 3)
     grounded = ground_lists([parse_titles(a) for a in answers], make_grounder(config.grounding, titles), widest)
-    return answer_records(task, rows, grounded.grounded, grounded.n_outputs, answers)
+    record = answer_records(task, rows, grounded.grounded, grounded.n_outputs, answers)
+    return record.model_copy(update={"seconds": seconds, "cpu_seconds": cpu})
 
 
 def _test_base(dataset, split, max_history: int, users: np.ndarray | None) -> Rows:
