@@ -51,7 +51,8 @@ QUICK = [  # a tiny random Llama and small sizes: the whole pipeline in minutes 
 MEASURE = [  # SmolLM2 at the smallest scale that still times every part: one SFT epoch, 1 PPO and 1 GRPO iteration
     "stages.sasrec.params.epochs=6", "stages.sasrec.params.max_train_seconds=60",
     "stages.sft.params.sft_epochs=1", "stages.sft.params.sft_rows=16", "stages.sft.params.control_re_items=8",
-    "stages.ppo.params.rl_iterations=1", "stages.grpo.params.rl_iterations=1",
+    "stages.ppo.params.rl_iterations=1", "stages.ppo.params.prompts_per_iteration=4",
+    "stages.grpo.params.rl_iterations=1", "stages.grpo.params.prompts_per_iteration=2",
     "stages.sft.params.test_tasks=[seqrec,+c]", "stages.ppo.params.test_tasks=[seqrec]",
     "stages.grpo.params.test_tasks=[seqrec]",
 ]

@@ -25,7 +25,7 @@ from recalign.errors import ConfigError, RecalignError
 from recalign.eval.control import CategoryTable
 from recalign.eval.lists import NO_ENTRY, GeneratedLists
 from recalign.io import write_atomic, write_json
-from recalign.llm.control_tasks import build_test_rows
+from recalign.llm.control_tasks import TEST_TASKS, build_test_rows
 from recalign.methods.controllable import (ControllableConfig, TaskAnswers, _ordered, _test_base, answer_records,
                                            fingerprint, load_answers, run_controllable, score_answers)
 from recalign.stages import Stage
@@ -168,7 +168,8 @@ def stage_answers(stage_dir: str | Path) -> dict[str, TaskAnswers]:
     if not folder.is_dir():
         raise ConfigError(f"{stage_dir}: no answers/ folder (not a finished controllable stage)")
     found = {a.task: a for a in (load_answers(p) for p in sorted(folder.glob("*.json")))}
-    return {t: found[t] for t in _ordered(list(found))}
+    order = sorted(found, key=lambda t: (TEST_TASKS.index(t) if t in TEST_TASKS else len(TEST_TASKS), t))
+    return {t: found[t] for t in _ordered(order)}
 
 
 # ---- the stage ----------------------------------------------------------------------------------------------
