@@ -127,7 +127,9 @@ def sequence_logprobs(model, sequences: Sequence[tuple[list[int], list[int]]]) -
         mask[row, :lengths[row]] = 1
         scored[row, len(prompt):lengths[row]] = True
     first = min(len(p) for p, _ in sequences)  # no completion token before this column: skip its logits
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, first - 1:-1, :]
+    # logits of positions first-1 .. width-2 only (each predicts the next token); the prompt-only columns are skipped
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                   logits_to_keep=width - first + 1).logits[:, :-1, :]
     targets = ids[:, first:].to(device)
     token_logp = torch.gather(logits.float(), 2, targets.unsqueeze(2)).squeeze(2) \
         - torch.logsumexp(logits.float(), dim=2)

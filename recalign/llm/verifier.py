@@ -94,8 +94,8 @@ def verifier_scores(model, tokenizer, prompts: Sequence[str], batch_size: int = 
                 batch = tokenizer.pad({"input_ids": [encoded[i] for i in index]}, return_tensors="pt", padding=True)
                 mask = batch["attention_mask"].to(device)
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift the positions
-                logits = model(input_ids=batch["input_ids"].to(device), attention_mask=mask,
-                               position_ids=positions).logits[:, -1, :]
+                logits = model(input_ids=batch["input_ids"].to(device), attention_mask=mask, position_ids=positions,
+                               logits_to_keep=1).logits[:, -1, :]  # only the answer position's [B, V] logits
                 scores[index] = score_from_logits(logits, yes_ids, no_ids).cpu()
                 top[index] = logits.argmax(dim=-1).cpu()
     finally:
