@@ -198,3 +198,15 @@ def test_an_unknown_teacher_or_init_stage_is_a_config_error():
         _recipe([{"name": "x", "kind": "controllable", "params": {"teacher": "pop", "init_from": "nope"}}])
     with pytest.raises(ConfigError, match="teacher"):
         _recipe([{"name": "x", "kind": "controllable", "params": {"teacher": "x"}}])  # itself: not earlier
+
+
+def test_ppo_minibatch_rows_keep_padding_positions_inside_their_trimmed_width():
+    """Regression (found by the SmolLM2 run): a long prompt with a short answer beside a short prompt with a long
+    answer; a mini-batch of the two is trimmed to width 5, so padding steps must not point past it."""
+    from recalign.llm.ppo import pack_rollouts
+
+    rollouts = pack_rollouts([[1, 2, 3], [4], [1] * 10], [[5], [6, 7, 8, 9], [5]], pad_id=0)
+    part = rollouts.rows(torch.tensor([0, 1]))
+    assert part.input_ids.shape == (2, 5)
+    assert part.positions.tolist() == [[2, 3, 4, 4], [0, 1, 2, 3]]  # row 0's real token at 2, padding clamped
+    assert part.tokens.tolist() == [[5, 0, 0, 0], [6, 7, 8, 9]]

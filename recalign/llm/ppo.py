@@ -216,7 +216,8 @@ class Rollouts:
         width = int(self.attention_mask[index].sum(1).max())
         steps = max(int(self.mask[index].sum(1).max()), 1)
         return Rollouts(self.input_ids[index, :width], self.attention_mask[index, :width],
-                        self.positions[index, :steps], self.tokens[index, :steps], self.mask[index, :steps])
+                        self.positions[index, :steps].clamp(max=width - 1),  # padding steps stay in the trimmed row
+                        self.tokens[index, :steps], self.mask[index, :steps])
 
 
 def pack_rollouts(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], pad_id: int,

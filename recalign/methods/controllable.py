@@ -108,7 +108,8 @@ class ControllableConfig(BaseModel):
     # test (§5.6)
     test_tasks: list[str] = Field(default_factory=lambda: list(TEST_TASKS),
                                   description=f"test tasks, some of {list(TEST_TASKS)} (or lp_P / mp_P / ep_P)")
-    max_new_tokens: int = Field(128, ge=8, description="tokens per 10-item test answer (scaled by k / 10)")
+    max_new_tokens: int = Field(160, ge=8, description="tokens per 10-item test answer (scaled by k / 10; "
+                                                       "~14 per MovieLens title)")
     batch_size: int = Field(8, ge=1, description="prompts per generate call at test time")
     grounding: GroundingConfig = Field(default_factory=lambda: GroundingConfig(kind="fuzzy", threshold=3),
                                        description="test-time grounding (§5.6: exact, then Levenshtein <= 3)")
