@@ -10,7 +10,7 @@ from recalign.config import recipe_from_dict
 from recalign.stages import STAGE_KINDS, fill_seeds, get_stage, seed_fields
 
 # The smallest valid params of each kind (a kind missing here must validate with {}).
-MINIMAL = {"teacher": {"model": "popularity"}}
+MINIMAL = {"teacher": {"model": "popularity"}, "controllable": {"teacher": "http://127.0.0.1:12621"}}
 KINDS = sorted(STAGE_KINDS)
 
 
