@@ -15,9 +15,21 @@ JSON: benchmarks/results/reclmgen_ml100k.json (--quick: reclmgen_ml100k_quick.js
     python benchmarks/reclmgen_ml100k.py --users 24       # SmolLM2-135M on 24 users (see the budget below)
     python benchmarks/reclmgen_ml100k.py                  # the recipe as written: 200 users (GPU-sized)
 
-Cost on this 2-core CPU (SmolLM2-135M, float32, machine shared with other jobs), measured with
-`--users 8 --measure` (COST below; the numbers are filled in from benchmarks/results/reclmgen_ml100k_cost.json):
-COST
+Cost on this 2-core CPU (SmolLM2-135M, float32, torch on 1 thread, machine shared with other jobs), measured with
+`--measure` (8 users, 128-token answers; benchmarks/results/reclmgen_ml100k_cost.json when it finished):
+- test answer (greedy, batch 8, 128 new tokens = ~9 MovieLens titles): 6.8 CPU-s (SeqRec) and 7.1 CPU-s (+C) per
+  answer, 13.8 s wall under load; a 10-title answer needs ~160 tokens, so ~8.5 CPU-s; SeqRanking prompts (101
+  candidate titles, ~1,600 tokens) cost more.
+- SFT: 16 rows of the §5.3 mix (prompts up to 512 tokens), 2 optimizer steps: 6.5 min wall under load, roughly
+  9 CPU-s per row.
+- PPO iteration (4 prompts x (1 greedy + 1 sampled) = 8 answers of ~100 tokens, π_old/π_ref/V passes, 2 PPO
+  epochs = 4 updates of actor + critic + value head): 791 s wall under load, ~6 CPU-min.
+- GRPO iteration (2 prompts x 4 samples): GRPO_COST
+Estimate for the recipe as written (200 users): 8 tasks x 200 users x 3 variants = 4,800 answers x ~8.5 CPU-s =
+~11 CPU-hours for the test tasks alone, plus SFT (2 x 256 rows x ~9 CPU-s = ~77 CPU-min), so not 90 minutes here
+(a GPU run: device cuda). `--users 24` is 576 answers (~80 CPU-min) + SFT + RL = roughly 3 CPU-hours (~2 h wall on
+2 quiet cores); within 90 minutes on this CPU fit about `--users 8` with the recipe's SFT/RL, or lower
+stages.sft.params.sft_rows / rl_iterations as well (the table then only shows plumbing-level differences).
 """
 
 from __future__ import annotations
@@ -55,6 +67,10 @@ MEASURE = [  # SmolLM2 at the smallest scale that still times every part: one SF
     "stages.grpo.params.rl_iterations=1", "stages.grpo.params.prompts_per_iteration=2",
     "stages.sft.params.test_tasks=[seqrec,+c]", "stages.ppo.params.test_tasks=[seqrec]",
     "stages.grpo.params.test_tasks=[seqrec]",
+    # 128-token answers (9 MovieLens titles): the cost is per token, so the estimate scales to 160
+    "stages.sft.params.max_new_tokens=128", "stages.ppo.params.max_new_tokens=128",
+    "stages.grpo.params.max_new_tokens=128", "stages.ppo.params.ppo.max_new_tokens=128",
+    "stages.grpo.params.grpo.max_new_tokens=128",
 ]
 
 
@@ -179,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--json", type=Path, default=None, help="result file (default benchmarks/results/...)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument("--report-only", action="store_true", help="no training: tables from the finished stages")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     mode = "quick" if args.quick else "measure" if args.measure else "full"
@@ -187,7 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     run_dir = args.out or ROOT / "runs" / f"reclmgen-ml100k{suffix}"
     overrides = QUICK if args.quick else MEASURE if args.measure else []
     started = time.perf_counter()
-    run(users, overrides, run_dir, progress=not args.quiet)
+    if not args.report_only:
+        run(users, overrides, run_dir, progress=not args.quiet)
     resamples = args.resamples or {"quick": 200, "measure": 50, "full": 1000}[mode]
     result = collect(run_dir, resamples, seed=0)
     result.update({"mode": mode, "overrides": overrides, "resamples": resamples, "run_dir": str(run_dir),
