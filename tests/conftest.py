@@ -46,3 +46,28 @@ def synthetic_dataset() -> Dataset:
 
     return generate_synthetic(SyntheticOptions(n_users=200, n_items=60, n_categories=4, min_length=10,
                                                max_length=20, seed=0))
+
+
+# ---- a toy policy for the RL tests (tests/test_ppo.py, tests/test_grpo.py) ----------------------------------------
+
+def toy_policy(seed: int = 0):
+    """(tiny random Llama, 22-word tokenizer): prompts 'p0 :' .. 'p7 :', answers over w0..w9.
+
+    A small vocabulary makes the toy reward reachable by sampling; the final norm is scaled up (×4) because a
+    random tiny Llama's tied embeddings (std 0.02) cap every logit near ±1, so no adapter could make any token
+    likely (the best p(w3) would be about 0.15).
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from recalign.llm.models import tiny_model
+
+    words = ["<pad>", "<eos>", "<bos>", ":"] + [f"w{i}" for i in range(10)] + [f"p{i}" for i in range(8)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
+                                        bos_token="<bos>")
+    model, tokenizer = tiny_model(seed=seed, tokenizer=tokenizer)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(4.0)
+    return model, tokenizer

@@ -13,26 +13,9 @@ from recalign.errors import ConfigError  # noqa: E402
 from recalign.llm.grpo import GRPOSettings, grpo_config, sequence_reward, train_grpo  # noqa: E402
 
 PROMPTS = [f"p{i} :" for i in range(8)]
+from conftest import toy_policy  # noqa: E402
+
 TARGET = "w3"
-
-
-def toy_policy(seed: int = 0):
-    """(tiny random Llama, 22-word tokenizer); the final norm ×4 so an adapter can make a token likely
-    (as in tests/test_ppo.py: a random tiny Llama's tied embeddings cap every logit near ±1)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from recalign.llm.models import tiny_model
-
-    words = ["<pad>", "<eos>", "<bos>", ":"] + [f"w{i}" for i in range(10)] + [f"p{i}" for i in range(8)]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
-                                        bos_token="<bos>")
-    model, tokenizer = tiny_model(seed=seed, tokenizer=tokenizer)
-    with torch.no_grad():
-        model.model.norm.weight.mul_(4.0)
-    return model, tokenizer
 
 
 def toy_reward(tokenizer):

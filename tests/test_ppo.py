@@ -18,6 +18,8 @@ from recalign.llm.ppo import (ACTOR, CRITIC, LOOP, STATE_FILE, VALUE_HEAD_FILE, 
 from recalign.methods.iterations import IterationStore  # noqa: E402
 
 PROMPTS = [f"p{i} :" for i in range(8)]
+from conftest import toy_policy  # noqa: E402
+
 TARGET = "w3"  # the toy reward: +1 when the answer's first token is w3
 
 
@@ -100,29 +102,6 @@ def test_rewards_on_last_token():
 
 
 # ---- on a tiny random Llama ------------------------------------------------------------------------------------
-
-def toy_policy(seed: int = 0):
-    """(tiny random Llama, 22-word tokenizer): prompts 'p0 :' .. 'p7 :', answers over w0..w9.
-
-    A small vocabulary makes the toy reward reachable by sampling; the final norm is scaled up (×4) because a
-    random tiny Llama's tied embeddings (std 0.02) cap every logit near ±1, so no adapter could make any token
-    likely (the best p(w3) would be about 0.15).
-    """
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from recalign.llm.models import tiny_model
-
-    words = ["<pad>", "<eos>", "<bos>", ":"] + [f"w{i}" for i in range(10)] + [f"p{i}" for i in range(8)]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
-                                        bos_token="<bos>")
-    model, tokenizer = tiny_model(seed=seed, tokenizer=tokenizer)
-    with torch.no_grad():
-        model.model.norm.weight.mul_(4.0)
-    return model, tokenizer
-
 
 def toy_reward(tokenizer):
     """+1 on the last token when the answer starts with TARGET, else 0 (list-only placement)."""

@@ -19,7 +19,7 @@ from pydantic import Field
 from recalign.errors import ConfigError
 from recalign.llm.trainer import (LoraSettings, TrainerSettings, TrainResult, dataset_progress_bars,
                                   known_library_warnings_silenced, lora_config, make_adapter_trainable,
-                                  merged_copy, quiet_trainer, run_trainer)
+                                  merged_copy, model_or_folder, quiet_trainer, run_trainer)
 
 __all__ = ["GRPOSettings", "GRPOResult", "sequence_reward", "grpo_config", "train_grpo"]
 
@@ -106,7 +106,7 @@ def train_grpo(model_dir_or_model: Any, tokenizer, prompts: Sequence[str], rewar
     prompts = [str(p) for p in prompts]
     if not prompts:
         raise ConfigError("GRPO needs at least one prompt; got none")
-    model = _load(model_dir_or_model)
+    model = model_or_folder(model_dir_or_model, "GRPO model")
     peft_config = None
     if isinstance(model, PeftModel):
         if settings.beta > 0.0:  # TRL would copy the adapter as the reference; ours is the base model
@@ -130,14 +130,3 @@ def train_grpo(model_dir_or_model: Any, tokenizer, prompts: Sequence[str], rewar
                       output_dir=result.output_dir)
 
 
-def _load(model_dir_or_model: Any):
-    """A loaded model as is; a folder with config.json loaded in float32."""
-    if not isinstance(model_dir_or_model, (str, Path)):
-        return model_dir_or_model
-    folder = Path(model_dir_or_model)
-    if not (folder / "config.json").is_file():
-        raise ConfigError(f"GRPO model: {folder} is not a model folder (no config.json)")
-    from transformers import AutoModelForCausalLM
-
-    with known_library_warnings_silenced():
-        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)

@@ -34,7 +34,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from recalign.errors import ConfigError
-from recalign.llm.trainer import LoraSettings, known_library_warnings_silenced, lora_config, merged_copy, use_cpu
+from recalign.llm.trainer import (LoraSettings, known_library_warnings_silenced, lora_config, merged_copy,
+                                  model_or_folder, use_cpu)
 
 if TYPE_CHECKING:  # annotations only: the store lives in a higher layer (recalign.methods)
     from recalign.methods.iterations import IterationStore
@@ -295,7 +296,7 @@ class PPOTrainer:
 
         self.settings = settings = settings or PPOSettings()
         self.device = torch.device("cpu" if use_cpu(settings.device) else "cuda")
-        base = _load_base(model_dir_or_model)
+        base = model_or_folder(model_dir_or_model, "PPO model")
         if isinstance(base, PeftModel):  # e.g. the SFT adapter: PPO starts from the merged SFT model
             base = merged_copy(base)
         base = base.to(device=self.device, dtype=torch.float32)
@@ -512,19 +513,6 @@ class PPOTrainer:
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------------
-
-def _load_base(model_dir_or_model: Any):
-    """A loaded model as is; a folder with config.json loaded in float32."""
-    if not isinstance(model_dir_or_model, (str, Path)):
-        return model_dir_or_model
-    folder = Path(model_dir_or_model)
-    if not (folder / "config.json").is_file():
-        raise ConfigError(f"PPO model: {folder} is not a model folder (no config.json)")
-    from transformers import AutoModelForCausalLM
-
-    with known_library_warnings_silenced():
-        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-
 
 def _adapter_parameters(model, adapter: str) -> list[torch.nn.Parameter]:
     """The LoRA parameters of one named adapter, in a fixed order."""

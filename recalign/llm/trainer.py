@@ -312,6 +312,19 @@ def known_library_warnings_silenced() -> Iterator[None]:
         yield
 
 
+def model_or_folder(model_dir_or_model: Any, what: str = "model"):
+    """A loaded model as is; a folder with config.json loaded in float32 (`what` names it in the error)."""
+    if not isinstance(model_dir_or_model, (str, os.PathLike)):
+        return model_dir_or_model
+    folder = Path(model_dir_or_model)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"{what}: {folder} is not a model folder (no config.json)")
+    from transformers import AutoModelForCausalLM
+
+    with known_library_warnings_silenced():
+        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+
+
 def run_trainer(trainer, prefix: str = "train") -> TrainResult:
     """`trainer.train()`, then the model in eval mode with its KV cache back on, as a `TrainResult`."""
     start = time.perf_counter()
