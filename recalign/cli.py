@@ -63,7 +63,7 @@ app = typer.Typer(
 data_app = typer.Typer(help="Prepare, inspect and download datasets.", no_args_is_help=True)
 teacher_app = typer.Typer(help="Train classical teachers (popularity, bprmf, sasrec).", no_args_is_help=True)
 train_app = typer.Typer(help="Train LLM recommenders from a recipe (e.g. llm-sft).", no_args_is_help=True)
-serve_app = typer.Typer(help="Serve a trained model over HTTP (teacher: the RecLM-gen API).", no_args_is_help=True)
+serve_app = typer.Typer(help="Serve a trained model over HTTP (teacher: the RecLM-gen API; llm: OpenAI-compatible).", no_args_is_help=True)
 
 
 def _version(value: bool) -> None:
@@ -352,6 +352,31 @@ def serve_teacher(
 
         _existing(stage, "teacher stage folder")
         serve(stage, host, port, batching=not no_batching, max_wait_ms=max_wait_ms, max_rows=max_rows)
+
+
+@serve_app.command("llm")
+def serve_llm(
+    stage: Path = typer.Argument(..., metavar="RUN/stages/NAME", help="a finished llm-sft stage folder"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to bind; anything but loopback needs "
+                             "$RECALIGN_TOKEN"),
+    port: int = typer.Option(8000, "--port", help="TCP port"),
+    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="micro-batching: wait at most this long to "
+                                      "gather concurrent requests into one batched generate"),
+) -> None:
+    """Serve an llm-sft stage (base model + adapter): OpenAI-compatible /v1/models, /v1/chat/completions,
+    /v1/completions, and POST /v1/recommend {"history": [ids or titles], "k": K, "control": "+C"|"-C",
+    "candidates": [ids]} -> {"items": [{"id", "title", "score"}]} (trie-constrained: only catalog items, never a
+    history item, never an item of C under "-C"). Set RECALIGN_TOKEN to require 'Authorization: Bearer <token>'.
+
+    \b
+    Example:
+        recalign serve llm runs/goodreads/stages/sft --port 8000
+    """
+    with user_errors():
+        from recalign.serve.llm import serve_llm as serve
+
+        _existing(stage, "llm-sft stage folder")
+        serve(stage, host, port, max_wait_ms=max_wait_ms)
 
 
 @app.command("run")

@@ -166,3 +166,47 @@ def test_concurrent_recommendations_equal_sequential_ones(served):
     for row, expected in zip(concurrent, sequential):
         assert [i["score"] for i in row] == pytest.approx([i["score"] for i in expected], abs=1e-4)
     assert app.state.batcher.batches - batches_before < len(bodies)  # some requests shared a batch
+
+
+def test_cli_serve_llm_refuses_bad_folders_and_public_binds(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from recalign.cli import app as cli_app
+
+    monkeypatch.delenv("RECALIGN_TOKEN", raising=False)
+    runner = CliRunner()
+    public = runner.invoke(cli_app, ["serve", "llm", str(tmp_path), "--host", "0.0.0.0"])
+    assert public.exit_code == 2 and "needs a bearer token" in public.output
+    missing = runner.invoke(cli_app, ["serve", "llm", str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and missing.output.startswith("recalign: error:")
+    not_stage = runner.invoke(cli_app, ["serve", "llm", str(tmp_path)])
+    assert not_stage.exit_code == 2 and "not a finished stage folder" in not_stage.output
+
+
+def test_llm_app_from_stage_serves_the_saved_adapter(tmp_path):
+    import pandas as pd
+
+    from recalign.config import recipe_from_dict
+    from recalign.runs import run_recipe
+    from recalign.serve.llm import llm_app_from_stage
+
+    frame = pd.DataFrame([(f"u{u}", f"i{(u + t) % 6}", t) for u in range(4) for t in range(4)],
+                         columns=["user", "item", "timestamp"])
+    titles = ["Alpha Road", "Beta Lake", "Gamma Hill", "Delta Wood", "Echo Bay", "Foxtrot Peak"]
+    items = pd.DataFrame({"item": [f"i{i}" for i in range(6)], "title": titles,
+                          "categories": [["A"], ["A"], ["B"], ["B"], ["A", "B"], ["C"]]})
+    build_dataset(frame, items=items, name="toy", source="test").save(tmp_path / "data")
+    params = {"model": "tiny", "train_rows": 2, "batch_size": 2, "task": {"max_history": 3},
+              "lora": {"r": 2, "alpha": 4, "dropout": 0.0}, "sft": {"max_steps": 1, "batch_size": 2, "max_length": 160},
+              "generation": {"max_new_tokens": 4}, "grounding": {"kind": "fuzzy"}}
+    recipe = recipe_from_dict({"name": "toyllm", "seed": 1, "data": {"path": str(tmp_path / "data")},
+                               "eval": {"ks": [1], "users": 2},
+                               "stages": [{"name": "sft", "kind": "llm-sft", "params": params}]})
+    run_recipe(recipe, tmp_path / "run", progress=False)
+    with serving_in_thread(llm_app_from_stage(tmp_path / "run" / "stages" / "sft")) as url:
+        models = httpx.get(f"{url}/v1/models").json()["data"]
+        answer = httpx.post(f"{url}/v1/recommend", json={"history": ["Alpha Road", 1], "k": 3, "control": "-B"},
+                            timeout=60)
+    assert [m["id"] for m in models] == ["toyllm/sft"]
+    assert answer.status_code == 200, answer.text
+    assert sorted(i["title"] for i in answer.json()["items"]) == ["Foxtrot Peak"]  # not A-history, not B

@@ -33,6 +33,7 @@ MAX_HISTORY_ITEMS = 200
 MAX_PROMPT_CHARS = 20000
 MAX_TOKENS = 512
 MAX_CACHED_TRIES = 64
+MASKED_SCORE = -1e4  # a beam below this mean log-prob went through masked tokens (fewer items than beams)
 
 
 # ---- request bodies ----------------------------------------------------------------------------------------------
@@ -249,7 +250,7 @@ class LLMRecommender:
                     input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                     logits_processor=LogitsProcessorList([TrieLogitsProcessor(trie, width)]),
                     max_new_tokens=trie.max_depth + 1, num_beams=beams, num_return_sequences=beams,
-                    do_sample=False, temperature=None, top_p=None, top_k=None, early_stopping=True,
+                    do_sample=False, temperature=None, top_p=None, top_k=None, early_stopping=False,
                     pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
                     return_dict_in_generate=True, output_scores=True, use_cache=True)
         finally:
@@ -264,7 +265,7 @@ class LLMRecommender:
             for beam in range(row * beams, (row + 1) * beams):
                 path = tokens[beam]
                 item = lookup.get(tuple(path[:path.index(eos)] if eos in path else path))
-                if item is None or item in seen or item in job.history:
+                if item is None or item in seen or item in job.history or scores[beam] < MASKED_SCORE:
                     continue
                 seen.add(item)
                 chosen.append(self._entry(item, scores[beam]))
