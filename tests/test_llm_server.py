@@ -210,3 +210,18 @@ def test_llm_app_from_stage_serves_the_saved_adapter(tmp_path):
     assert [m["id"] for m in models] == ["toyllm/sft"]
     assert answer.status_code == 200, answer.text
     assert sorted(i["title"] for i in answer.json()["items"]) == ["Foxtrot Peak"]  # not A-history, not B
+
+
+def test_recommend_with_nothing_left_is_an_empty_list(served):
+    url, _ = served
+    # -Mystery leaves {2, 4}; both are history
+    answer = post(url, "/v1/recommend", {"history": [2, 4], "k": 3, "control": "-Mystery"})
+    assert answer.status_code == 200 and answer.json()["items"] == []
+    one = post(url, "/v1/recommend", {"history": [], "k": 3, "candidates": ["Broken Mirror 5"]})
+    assert [i["id"] for i in one.json()["items"]] == [4]
+
+
+def test_too_long_prompt_is_a_400_not_a_500(served):
+    url, _ = served
+    answer = post(url, "/v1/completions", {"model": NAME, "prompt": "book " * 3000, "max_tokens": 4})
+    assert answer.status_code == 400 and "exceeds the model's context of 2048 tokens" in answer.json()["error"]

@@ -170,6 +170,19 @@ class LLMRecommender:
 
         return render_prompt(self.tokenizer, [{"role": m.role, "content": m.content} for m in messages])
 
+    @property
+    def context(self) -> int | None:
+        """The model's context length in tokens (None when its config does not say)."""
+        return getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+
+    def check_length(self, prompts: Sequence[str], max_new_tokens: int) -> None:
+        """Raise RequestError when a prompt plus its answer would not fit the model's context."""
+        limit = self.context
+        longest = max(self.count_tokens(prompts), default=0)
+        if limit is not None and longest + max_new_tokens > limit:
+            raise RequestError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's "
+                               f"context of {limit} tokens")
+
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Token count of each text (no special tokens added)."""
         return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]] \
@@ -208,7 +221,8 @@ class LLMRecommender:
 
     def trie(self, allowed: tuple[int, ...]) -> tuple[Any, dict[tuple[int, ...], int]]:
         """The trie over `allowed` items and its token path -> item map (cached)."""
-        if allowed not in self._tries:
+        cached = self._tries.get(allowed)  # read once: the model thread and the event loop both call this
+        if cached is None:
             from recalign.llm.constrained import CatalogTrie
 
             paths = [self.catalog.paths[i] for i in allowed]
@@ -218,9 +232,9 @@ class LLMRecommender:
             for item, path in zip(allowed, paths):
                 lookup.setdefault(path, item)
             if len(self._tries) >= MAX_CACHED_TRIES:
-                self._tries.pop(next(iter(self._tries)))
-            self._tries[allowed] = (trie, lookup)
-        return self._tries[allowed]
+                self._tries.pop(next(iter(self._tries)), None)
+            cached = self._tries[allowed] = (trie, lookup)
+        return cached
 
     def _recommend(self, jobs: list[RecommendJob]) -> list[list[dict]]:
         """Trie-constrained beam search for jobs sharing one allowed set and beam width."""
@@ -289,7 +303,10 @@ class LLMRecommender:
         excluded = frozenset(history)
         blocked = len(excluded.intersection(allowed))
         beams = min(len(allowed), max(2, body.k + blocked))
-        return RecommendJob(self.recommend_prompt(recent), allowed, excluded, body.k, beams)
+        prompt = self.recommend_prompt(recent)
+        if allowed:
+            self.check_length([prompt], self.trie(allowed)[0].max_depth + 1)
+        return RecommendJob(prompt, allowed, excluded, body.k, beams)
 
 
 def build_catalog(dataset, tokenizer, task) -> Catalog:
@@ -326,6 +343,7 @@ def llm_app(model, tokenizer, dataset, task=None, *, name: str = "recalign-llm",
 
     def text_job(body: _Sampling, prompts: list[str]) -> TextJob:
         check_model(body.model)
+        engine.check_length(prompts, body.max_tokens or 32)
         return TextJob(tuple(prompts), body.max_tokens or 32, float(body.temperature), float(body.top_p),
                        body.seed or 0)
 
@@ -369,7 +387,10 @@ def llm_app(model, tokenizer, dataset, task=None, *, name: str = "recalign-llm",
     @app.post("/v1/recommend", dependencies=auth, response_model=None)
     async def recommend(body: RecommendBody) -> JSONResponse:
         """Up to k catalog items for a history (never a history item; "-C": never an item of C)."""
-        items = await batcher.submit(engine.recommend_job(body))
+        job = engine.recommend_job(body)
+        if not set(job.allowed) - job.history:  # nothing left to recommend: no model call
+            return JSONResponse({"model": name, "items": []})
+        items = await batcher.submit(job)
         return JSONResponse({"model": name, "items": items})
 
     @app.get("/health")
