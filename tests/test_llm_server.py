@@ -225,3 +225,16 @@ def test_too_long_prompt_is_a_400_not_a_500(served):
     url, _ = served
     answer = post(url, "/v1/completions", {"model": NAME, "prompt": "book " * 3000, "max_tokens": 4})
     assert answer.status_code == 400 and "exceeds the model's context of 2048 tokens" in answer.json()["error"]
+
+
+def test_grounded_decoding_returns_allowed_catalog_items(served):
+    url, _ = served
+    answer = post(url, "/v1/recommend", {"history": [0], "k": 5, "control": "-Romance", "decoding": "grounded"})
+    assert answer.status_code == 200, answer.text
+    items = answer.json()["items"]
+    assert [i["id"] for i in items] == [1]  # Mystery-only items {0, 1} minus the history
+    assert 0.0 <= items[0]["score"] <= 1.0
+    four = post(url, "/v1/recommend", {"history": [2], "k": 4, "decoding": "grounded"}).json()["items"]
+    assert sorted(i["id"] for i in four) == [0, 1, 3, 4]
+    scores = [i["score"] for i in four]
+    assert scores == sorted(scores, reverse=True)

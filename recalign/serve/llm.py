@@ -81,6 +81,9 @@ class RecommendBody(BaseModel):
     control: StrictStr | None = Field(None, description='"+C": only items of category C; "-C": no item of C')
     candidates: Annotated[list[StrictInt | StrictStr], Field(min_length=1, max_length=10000)] | None = Field(
         None, description="only these items (ids or titles)")
+    decoding: Literal["constrained", "grounded"] = Field(
+        "constrained", description="constrained: beam search under the catalog trie (score: mean token log-prob); "
+                                   "grounded: one greedy answer, then the nearest titles (score: fuzzy similarity)")
 
 
 # ---- jobs on the model thread ------------------------------------------------------------------------------------
@@ -104,6 +107,7 @@ class RecommendJob:
     history: frozenset[int]
     k: int
     beams: int
+    decoding: str = "constrained"
 
 
 @dataclass
@@ -195,11 +199,12 @@ class LLMRecommender:
         groups: dict[tuple, list[int]] = {}
         for index, job in enumerate(jobs):
             key = ("text", job.max_tokens, job.temperature, job.top_p, job.seed) if isinstance(job, TextJob) \
-                else ("rec", job.allowed, job.beams)
+                else (job.decoding, job.allowed, job.beams)
             groups.setdefault(key, []).append(index)
         for key, members in groups.items():
             group = [jobs[i] for i in members]
-            answers = self._texts(group) if key[0] == "text" else self._recommend(group)
+            answers = self._texts(group) if key[0] == "text" else \
+                self._ground(group) if key[0] == "grounded" else self._recommend(group)
             for index, answer in zip(members, answers):
                 results[index] = answer
         return results
@@ -288,6 +293,28 @@ class LLMRecommender:
             answers.append(chosen)
         return answers
 
+    def _ground(self, jobs: list[RecommendJob]) -> list[list[dict]]:
+        """One greedy answer per job, then the allowed titles nearest to its title (rapidfuzz ratio, 0..1)."""
+        import numpy as np
+        from rapidfuzz import fuzz, process
+
+        from recalign.llm.generate import GenerationSettings, generate
+        from recalign.llm.grounding import normalise_title
+        from recalign.llm.tasks import parse_title
+
+        allowed = np.asarray(jobs[0].allowed, dtype=np.int64)
+        settings = GenerationSettings(max_new_tokens=self.trie(jobs[0].allowed)[0].max_depth + 1)
+        outputs = generate(self.model, self.tokenizer, [job.prompt for job in jobs], settings, batch_size=len(jobs))
+        queries = [normalise_title(parse_title(o[0])) for o in outputs]
+        names = [normalise_title(self.catalog.titles[i]) for i in allowed]
+        similarity = process.cdist(queries, names, scorer=fuzz.ratio, dtype=np.float64, workers=1) / 100.0
+        answers = []
+        for row, job in enumerate(jobs):
+            order = np.lexsort((allowed, -similarity[row]))  # most similar first, ties -> lowest id
+            keep = [i for i in order.tolist() if int(allowed[i]) not in job.history][:job.k]
+            answers.append([self._entry(int(allowed[i]), float(similarity[row, i])) for i in keep])
+        return answers
+
     def _entry(self, item: int, score: float) -> dict:
         return {"id": item, "original_id": self.catalog.original_ids[item], "title": self.catalog.titles[item],
                 "score": round(float(score), 6)}
@@ -306,7 +333,8 @@ class LLMRecommender:
         prompt = self.recommend_prompt(recent)
         if allowed:
             self.check_length([prompt], self.trie(allowed)[0].max_depth + 1)
-        return RecommendJob(prompt, allowed, excluded, body.k, beams)
+        return RecommendJob(prompt, allowed, excluded, body.k, beams if body.decoding == "constrained" else 0,
+                            body.decoding)
 
 
 def build_catalog(dataset, tokenizer, task) -> Catalog:
