@@ -52,7 +52,7 @@ class DPOResult(TrainResult):
         if steps:
             for key in ("rewards/accuracies", "rewards/margins"):
                 if key in steps[-1]:
-                    out["dpo_" + key.split("/")[1]] = float(steps[-1][key])
+                    out[f"{self.prefix}_" + key.split("/")[1]] = float(steps[-1][key])
         return out
 
 

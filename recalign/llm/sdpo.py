@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from recalign.errors import ConfigError
-from recalign.llm.trainer import TrainerSettings, TrainResult, make_adapter_trainable, use_cpu
+from recalign.llm.dpo import DPOResult
+from recalign.llm.trainer import TrainerSettings, make_adapter_trainable, use_cpu
 
 __all__ = ["SDPOSettings", "SDPOResult", "sdpo_losses", "sdpo_loss", "dpo_losses", "select_preferences",
            "sequence_logprobs", "train_sdpo"]
@@ -49,19 +50,10 @@ class SDPOSettings(TrainerSettings):
 
 
 @dataclass
-class SDPOResult(TrainResult):
+class SDPOResult(DPOResult):
     """An S-DPO pass's `TrainResult`; its summary adds the reward accuracy and margin of the last logged step."""
 
     prefix: str = "sdpo"
-
-    def summary(self) -> dict:
-        """Steps, first/last loss, seconds, reward accuracy and margin of the last logged step."""
-        out = super().summary()
-        steps = [e for e in self.log_history if "loss" in e and "train_loss" not in e]
-        if steps:
-            for key in ("rewards/accuracies", "rewards/margins"):
-                out["sdpo_" + key.split("/")[1]] = float(steps[-1][key])
-        return out
 
 
 # ---- the loss --------------------------------------------------------------------------------------------------

@@ -28,12 +28,13 @@ SYSTEM = "You are a helpful assistant."
 SUMMARY_LINE = ("A summary of the user's preferences is given between <summary> and </summary>; consider it and "
                 "the history to predict.")
 REC_TUNING_LINE = "Only output the result (Yes or No)."
+PROFILE_AND_HISTORY = "{profile}\nThe user rated these {noun}s (oldest first): {history}\n"  # line 1-2 of every prompt
+CTR_QUESTION = "Will the user like the {noun} '{candidate}'? Answer Yes or No."  # line 3 of the CTR prompt
 
 CTR_TEMPLATE = register_template(PromptTemplate(
     name="trackrec_ctr",
     system=SYSTEM,
-    user=("{profile}\nThe user rated these {noun}s (oldest first): {history}\n"
-          "Will the user like the {noun} '{candidate}'? Answer Yes or No."),
+    user=PROFILE_AND_HISTORY + CTR_QUESTION,
     answer="{answer}",
     description="TrackRec CTR question: profile, rated history, candidate -> Yes/No",
 ))
@@ -41,8 +42,7 @@ CTR_TEMPLATE = register_template(PromptTemplate(
 COT_TEMPLATE = register_template(PromptTemplate(
     name="trackrec_cot",
     system=SYSTEM,
-    user=("{profile}\nThe user rated these {noun}s (oldest first): {history}\n"
-          "Please summarize the user's {noun} watch preference within 200 words."),
+    user=PROFILE_AND_HISTORY + "Please summarize the user's {noun} watch preference within 200 words.",
     answer="{cot}",
     description="TrackRec CoT prompt: profile and rated history -> a preference summary (the RecCoT)",
 ))
@@ -50,9 +50,8 @@ COT_TEMPLATE = register_template(PromptTemplate(
 VALIDATOR_TEMPLATE = register_template(PromptTemplate(
     name="trackrec_validator",
     system=SYSTEM,
-    user=("{profile}\nThe user rated these {noun}s (oldest first): {history}\n"
-          "Will the user like the {noun} '{candidate}'? Answer Yes or No.\n"
-          f"{SUMMARY_LINE}\n<summary>{{cot}}</summary>\n{REC_TUNING_LINE}"),
+    user=(PROFILE_AND_HISTORY + CTR_QUESTION + "\n"
+          + f"{SUMMARY_LINE}\n<summary>{{cot}}</summary>\n{REC_TUNING_LINE}"),
     answer="{answer}",
     description="TrackRec validator V: the CTR question + the CoT as a summary -> Yes/No",
 ))
