@@ -362,6 +362,8 @@ def serve_llm(
     port: int = typer.Option(8000, "--port", help="TCP port"),
     max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="micro-batching: wait at most this long to "
                                       "gather concurrent requests into one batched generate"),
+    max_rows: int = typer.Option(64, "--max-rows", help="micro-batching: at most this many prompts per batched "
+                                 "generate (1: one request at a time)"),
 ) -> None:
     """Serve an llm-sft stage (base model + adapter): OpenAI-compatible /v1/models, /v1/chat/completions,
     /v1/completions, and POST /v1/recommend {"history": [ids or titles], "k": K, "control": "+C"|"-C",
@@ -376,7 +378,7 @@ def serve_llm(
         from recalign.serve.llm import serve_llm as serve
 
         _existing(stage, "llm-sft stage folder")
-        serve(stage, host, port, max_wait_ms=max_wait_ms)
+        serve(stage, host, port, max_wait_ms=max_wait_ms, max_rows=max_rows)
 
 
 @app.command("run")

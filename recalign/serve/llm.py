@@ -433,7 +433,8 @@ def llm_app(model, tokenizer, dataset, task=None, *, name: str = "recalign-llm",
 
 # ---- from a stage folder -----------------------------------------------------------------------------------------
 def llm_app_from_stage(folder: str | os.PathLike, *, token: str | None = None,
-                       max_wait_ms: float = DEFAULT_MAX_WAIT_MS, progress: bool = False) -> FastAPI:
+                       max_wait_ms: float = DEFAULT_MAX_WAIT_MS, max_rows: int = 64,
+                       progress: bool = False) -> FastAPI:
     """The LLM app of a finished llm-sft stage RUN/stages/NAME: its base model + saved adapter, task and catalog."""
     from recalign.llm.models import load_model
     from recalign.runs import DONE, open_run
@@ -457,15 +458,18 @@ def llm_app_from_stage(folder: str | os.PathLike, *, token: str | None = None,
         model, tokenizer = load_model(params.model, device=params.device, dtype=params.dtype, seed=recipe.seed,
                                       adapter=model_dir, progress=progress)
     return llm_app(model, tokenizer, dataset, params.task, name=f"{recipe.name}/{stage_dir.name}", token=token,
-                   max_wait_ms=max_wait_ms)
+                   max_wait_ms=max_wait_ms, max_rows=max_rows)
 
 
 def serve_llm(folder: str | os.PathLike, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *,
-              max_wait_ms: float = DEFAULT_MAX_WAIT_MS, log_level: str = "warning") -> None:
+              max_wait_ms: float = DEFAULT_MAX_WAIT_MS, max_rows: int = 64, log_level: str = "warning") -> None:
     """Load the llm-sft stage `folder` and serve it until interrupted ($RECALIGN_TOKEN required off loopback)."""
     token = server_token(host, TOKEN_ENV)  # before loading anything: a refused bind costs nothing
     if not 0 < port < 65536:
         raise ConfigError(f"--port must be 1..65535, got {port}")
     if max_wait_ms < 0:
         raise ConfigError(f"--max-wait-ms must be >= 0, got {max_wait_ms}")
-    serve(llm_app_from_stage(folder, token=token, max_wait_ms=max_wait_ms, progress=True), host, port, log_level)
+    if max_rows < 1:
+        raise ConfigError(f"--max-rows must be >= 1, got {max_rows}")
+    serve(llm_app_from_stage(folder, token=token, max_wait_ms=max_wait_ms, max_rows=max_rows, progress=True),
+          host, port, log_level)
