@@ -73,6 +73,15 @@ MEASURE = [  # SmolLM2 at the smallest scale that still times every part: one SF
     "stages.grpo.params.grpo.max_new_tokens=128",
 ]
 
+BUDGET = [  # SmolLM2 scaled to about 90 CPU-minutes: 3 test tasks (the claim's SeqRec, +C and EP_30), short SFT and RL
+    "stages.sasrec.params.max_train_seconds=180",
+    "stages.sft.params.sft_epochs=2", "stages.sft.params.sft_rows=64", "stages.sft.params.control_re_items=32",
+    "stages.ppo.params.rl_iterations=4", "stages.ppo.params.prompts_per_iteration=4",
+    "stages.grpo.params.rl_iterations=2", "stages.grpo.params.prompts_per_iteration=2",
+    "stages.sft.params.test_tasks=[seqrec,+c,ep_30]", "stages.ppo.params.test_tasks=[seqrec,+c,ep_30]",
+    "stages.grpo.params.test_tasks=[seqrec,+c,ep_30]",
+]
+
 
 def run(users: int, overrides: list[str], run_dir: Path, progress: bool) -> dict:
     """Run or resume the recipe with `eval.users` = users; returns the run summary."""
@@ -190,6 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--users", type=int, default=None, help="evaluated test users (default 200; --quick 24)")
     parser.add_argument("--quick", action="store_true", help="tiny random Llama and small sizes (minutes)")
     parser.add_argument("--measure", action="store_true", help="SmolLM2 at the smallest scale: timings only")
+    parser.add_argument("--budget", action="store_true",
+                        help="SmolLM2 scaled to ~90 CPU-minutes (32 users, 3 test tasks, short SFT/PPO/GRPO)")
     parser.add_argument("--out", type=Path, default=None, help="run folder (default runs/reclmgen-ml100k[-quick])")
     parser.add_argument("--resamples", type=int, default=None, help="bootstrap resamples (default 1000; --quick 200)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
@@ -198,21 +209,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report-only", action="store_true", help="no training: tables from the finished stages")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    mode = "quick" if args.quick else "measure" if args.measure else "full"
-    users = args.users or (24 if args.quick else 8 if args.measure else 200)
-    suffix = {"quick": "-quick", "measure": "-measure", "full": ""}[mode]
+    mode = "quick" if args.quick else "measure" if args.measure else "budget" if args.budget else "full"
+    users = args.users or {"quick": 24, "measure": 8, "budget": 32, "full": 200}[mode]
+    suffix = {"quick": "-quick", "measure": "-measure", "budget": "-budget", "full": ""}[mode]
     run_dir = args.out or ROOT / "runs" / f"reclmgen-ml100k{suffix}"
-    overrides = QUICK if args.quick else MEASURE if args.measure else []
+    overrides = {"quick": QUICK, "measure": MEASURE, "budget": BUDGET, "full": []}[mode]
     started = time.perf_counter()
     if not args.report_only:
         run(users, overrides, run_dir, progress=not args.quiet)
-    resamples = args.resamples or {"quick": 200, "measure": 50, "full": 1000}[mode]
+    resamples = args.resamples or {"quick": 200, "measure": 50, "budget": 1000, "full": 1000}[mode]
     result = collect(run_dir, resamples, seed=0)
     result.update({"mode": mode, "overrides": overrides, "resamples": resamples, "run_dir": str(run_dir),
                    "wall_seconds": round(time.perf_counter() - started, 1)})
     print_report(result)
     name = {"quick": "reclmgen_ml100k_quick.json", "measure": "reclmgen_ml100k_cost.json",
-            "full": "reclmgen_ml100k.json"}[mode]
+            "budget": "reclmgen_ml100k_budget.json", "full": "reclmgen_ml100k.json"}[mode]
     from recalign.io import write_json
 
     path = write_json(args.json or RESULTS / name, result)
