@@ -33,7 +33,7 @@ __all__ = [
     "LoraSettings", "TrainResult", "use_cpu", "report_to_value", "trainer_args", "lora_config", "attach_lora",
     "load_adapter", "save_adapter", "merged_copy", "reference_adapter_disabled", "make_adapter_trainable",
     "freeze", "TrainerSettings", "quiet_trainer", "LossProgress", "dataset_progress_bars", "known_library_warnings_silenced",
-    "run_trainer",
+    "run_trainer", "is_main_process", "world_size",
 ]
 
 
@@ -63,6 +63,7 @@ class TrainerSettings(BaseModel):
     lr_scheduler: str = Field("linear", description="transformers scheduler name")
     logging_steps: int = Field(1, ge=1, description="log the loss every N optimizer steps")
     seed: int = Field(0, description="data order and dropout seed")
+    shuffle: bool = Field(True, description="shuffle the examples (seeded); False keeps their order")
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu' or 'cuda'")
     report_to: str = Field("none", description="trainer logging integration: 'none' or 'tensorboard' (installed)")
 
@@ -78,6 +79,7 @@ class TrainerSettings(BaseModel):
             logging_steps=self.logging_steps,
             warmup_steps=self.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
             lr_scheduler_type=self.lr_scheduler,
+            train_sampling_strategy="random" if self.shuffle else "sequential",
             **trainer_args(output_dir=output_dir, device=self.device, bf16=bf16, report_to=self.report_to,
                            seed=self.seed),
         )
@@ -128,6 +130,18 @@ def trainer_args(*, output_dir: str | Path, device: str = "auto", bf16: bool = F
         disable_tqdm=True,  # our own progress bar (`quiet_trainer`) replaces tqdm and the printer callback
         dataloader_num_workers=0,
     )
+
+
+# ---- processes ------------------------------------------------------------------------------------------------
+
+def world_size() -> int:
+    """How many training processes this run has (`accelerate launch` / `torchrun` set WORLD_SIZE; else 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """True in the one process that writes files: rank 0 of `accelerate launch` / `torchrun`, or a plain run."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 # ---- results ------------------------------------------------------------------------------------------------
