@@ -23,6 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from recalign.errors import ConfigError
+from recalign.llm.backends import GenerationBackend
 from recalign.llm.dpo import LoraSettings
 from recalign.llm.generate import GenerationSettings
 from recalign.llm.grounding import GroundingConfig
@@ -48,6 +49,9 @@ class LLMSFTParams(BaseModel):
                                       description="LoRA adapter; null = full fine-tuning")
     sft: SFTSettings = Field(default_factory=SFTSettings, description="SFT hyper-parameters")
     generation: GenerationSettings = Field(default_factory=GenerationSettings, description="decoding settings")
+    backend: GenerationBackend = Field(default_factory=GenerationBackend,
+                                       description="engine of the evaluation answers: transformers | vllm | openai "
+                                                   "| auto (recalign.llm.backends); SFT always uses transformers")
     batch_size: int = Field(8, ge=1, description="prompts per generate call")
     decodings: list[Decoding] = Field(default_factory=lambda: ["greedy"],
                                       description="decodings evaluated: greedy and/or constrained (catalog trie)")
@@ -110,9 +114,11 @@ class AnswerLists:
 
     def __init__(self, model, tokenizer, task: SeqRecTask, titles: Sequence[str], grounder,
                  generation: GenerationSettings | None = None, batch_size: int = 8, decoding: Decoding = "greedy",
-                 progress: bool = False):
+                 progress: bool = False, backend: GenerationBackend | None = None, scratch: Path | None = None):
         self.model, self.tokenizer, self.task, self.titles, self.grounder = model, tokenizer, task, titles, grounder
         self.generation, self.batch_size, self.progress = generation, batch_size, progress
+        self.backend, self.scratch = backend or GenerationBackend(), scratch  # scratch: vllm's merged copy
+        self.backend.check(constrained=decoding == "constrained")
         self.processor = catalog_constraint(titles, tokenizer, task) if decoding == "constrained" else None
         self.answers_: list[str] = []
         self.users_ = np.zeros(0, dtype=np.int64)
@@ -120,12 +126,13 @@ class AnswerLists:
 
     def answers(self, rows: Rows) -> list[str]:
         """One generated answer per row (its prompt from the row's history titles)."""
-        from recalign.llm.generate import generate
+        from recalign.llm.backends import generate_answers
         from recalign.llm.tasks import prompts_for
 
         prompts = prompts_for(self.task, rows, self.titles, self.tokenizer)
-        outputs = generate(self.model, self.tokenizer, prompts, self.generation, batch_size=self.batch_size,
-                           logits_processor=self.processor, progress=self.progress)
+        outputs = generate_answers(self.backend, self.model, self.tokenizer, prompts, self.generation,
+                                   batch_size=self.batch_size, logits_processor=self.processor,
+                                   progress=self.progress, scratch=self.scratch)
         return [o[0] for o in outputs]
 
     def recommend(self, users, histories, k: int):
@@ -189,6 +196,7 @@ def run_llm_sft_stage(ctx: "RunContext", params: LLMSFTParams) -> dict:
         raise ConfigError("an llm-sft stage needs a split (add `split:` to the recipe)")
     if not params.decodings:
         raise ConfigError("llm-sft: decodings must name at least one of greedy, constrained")
+    params.backend.check(constrained="constrained" in params.decodings, where="llm-sft backend")  # before training
     titles = ctx.dataset.titles()
     task = params.task
     train = sample_rows(task.train_rows(ctx.dataset, ctx.split), params.train_rows, ctx.seed)
@@ -226,7 +234,8 @@ def evaluate_decodings(ctx: "RunContext", model, tokenizer, params: LLMSFTParams
     records: list[dict] = []
     for position, decoding in enumerate(params.decodings):
         lists_model = AnswerLists(model, tokenizer, params.task, titles, grounder, params.generation,
-                                  params.batch_size, decoding, ctx.progress)
+                                  params.batch_size, decoding, ctx.progress, params.backend,
+                                  ctx.stage_dir / "scratch")
         started = time.perf_counter()
         scored = ctx.evaluate(lists_model, part=part)
         scored["generation_seconds"] = round(time.perf_counter() - started, 3)
@@ -250,11 +259,13 @@ class RecipeAnswers:
     """
 
     def __init__(self, ctx: "RunContext", task: SeqRecTask, grounder, generation: GenerationSettings | None = None,
-                 batch_size: int = 8, part: str = "test", progress: bool = False):
+                 batch_size: int = 8, part: str = "test", progress: bool = False,
+                 backend: GenerationBackend | None = None):
         from recalign.eval.evaluate import relevant_items
 
         self.ctx, self.task, self.grounder, self.part = ctx, task, grounder, part
         self.generation, self.batch_size, self.progress = generation, batch_size, progress
+        self.backend = backend or GenerationBackend()
         users = ctx.eval_users(part)
         targets = _first_targets(ctx, part)
         self.history = ctx.dataset.sequences(ctx.split.history(part))
@@ -274,7 +285,8 @@ class RecipeAnswers:
         """Generate for the recipe's users, ground, and score with the recipe's evaluator."""
         titles = self.ctx.dataset.titles()
         lists_model = AnswerLists(model, tokenizer, self.task, titles, self.grounder, self.generation,
-                                  self.batch_size, progress=self.progress)
+                                  self.batch_size, progress=self.progress, backend=self.backend,
+                                  scratch=self.ctx.stage_dir / "scratch")
         metrics = self.ctx.evaluate(lists_model, part=self.part, users=self.rows.users)
         metrics.update(title_validity(lists_model.answers_, titles, self.task))
         self.answers_ = lists_model.records(self.targets)
@@ -324,6 +336,7 @@ def reevaluate_llm_stage(ctx: "RunContext", params: LLMSFTParams, part: str | No
         model, tokenizer = load_model(params.model, device=params.device, dtype=params.dtype, seed=ctx.seed,
                                       adapter=folder, progress=ctx.progress)
     part = part or params.eval_part
+    params.backend.check(constrained="constrained" in params.decodings, where="llm-sft backend")
     metrics, _ = evaluate_decodings(ctx, model, tokenizer, params, part)
     return {"model": params.model, "part": part, **metrics}
 

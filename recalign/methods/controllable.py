@@ -45,6 +45,7 @@ from recalign.errors import ConfigError
 from recalign.eval.control import CategoryTable, score_control
 from recalign.eval.lists import NO_ENTRY
 from recalign.io import write_atomic
+from recalign.llm.backends import GenerationBackend
 from recalign.llm.control_tasks import (SFT_TASKS, TEST_TASKS, ControlSource, ControlTask,
                                         build_test_rows, concat_rows, metric_inputs, parse_test_task, rl_rows,
                                         sft_rows)
@@ -62,7 +63,8 @@ __all__ = ["ControllableConfig", "TaskAnswers", "run_controllable", "score_answe
            "answer_records", "ANSWERS_DIR"]
 
 ANSWERS_DIR = "test"
-RESUMABLE_FIELDS = {"rl_iterations", "test_tasks", "batch_size"}  # may change between attempts on one work folder
+# may change between attempts on one work folder (test-time fields never change a checkpoint)
+RESUMABLE_FIELDS = {"rl_iterations", "test_tasks", "batch_size", "backend"}
 
 
 # ---- configuration ------------------------------------------------------------------------------------
@@ -111,6 +113,10 @@ class ControllableConfig(BaseModel):
     max_new_tokens: int = Field(160, ge=8, description="tokens per 10-item test answer (scaled by k / 10; "
                                                        "~14 per MovieLens title)")
     batch_size: int = Field(8, ge=1, description="prompts per generate call at test time")
+    backend: GenerationBackend = Field(default_factory=GenerationBackend,
+                                       description="engine of the test answers: transformers | vllm | openai | auto "
+                                                   "(recalign.llm.backends); SFT, PPO and GRPO sampling always use "
+                                                   "transformers")
     grounding: GroundingConfig = Field(default_factory=lambda: GroundingConfig(kind="fuzzy", threshold=3),
                                        description="test-time grounding (§5.6: exact, then Levenshtein <= 3)")
     n_negatives: int = Field(100, ge=1, description="SeqRanking: random negatives beside the target")
@@ -220,6 +226,7 @@ def run_controllable(config: ControllableConfig, dataset, split, teacher, work_d
     config = fill_seeds(config, config.seed if config.seed is not None else 0)
     if config.model is None:
         raise ConfigError("controllable: `model` is not set (and no init_from stage gave one)")
+    config.backend.check(where="controllable backend")  # before any training
     say = log or (lambda message: None)
     store = IterationStore(work_dir, fingerprint(config, sft_adapter), key_fields=("loop", "iteration"))
     source = ControlSource.from_split(dataset, split, teacher, config.max_history)
@@ -372,8 +379,9 @@ def _copy(model):
 def generate_answers(config: ControllableConfig, model, tokenizer, task: str, rows: Rows, titles,
                      progress: bool) -> TaskAnswers:
     """Greedy answers of `rows`, parsed into titles and grounded (exact, then Levenshtein <= 3 by default)."""
+    from recalign.llm.backends import generate_answers as generate_on
     from recalign.llm.evaluate import ground_lists
-    from recalign.llm.generate import GenerationSettings, generate
+    from recalign.llm.generate import GenerationSettings
     from recalign.llm.grounding import make_grounder
     from recalign.llm.tasks import parse_titles
 
@@ -384,8 +392,8 @@ def generate_answers(config: ControllableConfig, model, tokenizer, task: str, ro
     widest = max(s.k for s in rows.labels)
     settings = GenerationSettings(max_new_tokens=math.ceil(config.max_new_tokens * widest / 10), do_sample=False)
     started, cpu = time.perf_counter(), time.process_time()
-    answers = [a[0] for a in generate(model, tokenizer, prompts, settings, batch_size=config.batch_size,
-                                      progress=progress)]
+    answers = [a[0] for a in generate_on(config.backend, model, tokenizer, prompts, settings,
+                                         batch_size=config.batch_size, progress=progress)]
     seconds, cpu = round(time.perf_counter() - started, 3), round(time.process_time() - cpu, 3)
     grounded = ground_lists([parse_titles(a) for a in answers], make_grounder(config.grounding, titles), widest)
     record = answer_records(task, rows, grounded.grounded, grounded.n_outputs, answers)

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from recalign.errors import ConfigError
 from recalign.eval import beyond
+from recalign.llm.backends import GenerationBackend
 from recalign.llm.dpo import DPOSettings
 from recalign.llm.grounding import GroundingConfig
 from recalign.llm.train import SFTSettings
@@ -49,7 +50,8 @@ from recalign.stages import fill_seeds
 VARIANTS = ("sft", "dpo_random", "sprec")
 STATE_FILE = "state.json"
 MARKER = "metrics.json"  # an iteration folder is finished when its record exists (written last, then renamed)
-RESUMABLE_FIELDS = {"variants", "iterations", "compare_resamples"}  # may change between attempts on one work folder
+# may change between attempts on one work folder (the backend only runs evaluation, never the checkpoints)
+RESUMABLE_FIELDS = {"variants", "iterations", "compare_resamples", "backend"}
 
 
 # ---- configuration ------------------------------------------------------------------------------------
@@ -91,6 +93,10 @@ class SPRecConfig(BaseModel):
                                                 description="decoding of the self-play negatives")
     eval_generation: GenerationSettings = Field(default_factory=GenerationSettings,
                                                 description="decoding at evaluation")
+    backend: GenerationBackend = Field(default_factory=GenerationBackend,
+                                       description="engine of the evaluation answers: transformers | vllm | openai | "
+                                                   "auto (recalign.llm.backends); the self-play negatives, SFT and "
+                                                   "DPO always use transformers")
     ks: list[int] = Field(default_factory=lambda: [1, 5, 10], description="cut-offs K")
     eval_part: Literal["valid", "test"] = Field("test", description="split part evaluated after every iteration")
     eval_rows: int | None = Field(None, ge=1, description="evaluate a seeded subsample of this many rows (null = all)")
@@ -188,6 +194,7 @@ def run_sprec(config: SPRecConfig, dataset, split, work_dir: str | Path, *, prog
     train = train_rows(dataset, split, config.max_history, config.train_users)
     if len(train) == 0:
         raise ConfigError("SPRec: no train rows (every user needs >= 2 train interactions)")
+    config.backend.check(where="sprec backend")  # before any training
     evaluate = evaluator or _make_evaluator(config, dataset, split, grounder, progress)
 
     # Stage 0: θ₀ ← SFT(base + LoRA, train rows): the "sft" variant and iteration 0 of every variant.
@@ -264,7 +271,7 @@ class _Evaluator:
         from recalign.llm.grounding import extract_title
 
         answers = _generate(model, tokenizer, self.rows, self.dataset.titles(), self.config.eval_generation,
-                            self.config, self.progress)
+                            self.config, self.progress, self.config.backend)
         generated = [extract_title(a) for a in answers]
         k_max = max(self.config.ks)
         lists = self.grounder.topk(generated, k_max)
@@ -410,14 +417,14 @@ def _sft(model, tokenizer, rows: Rows, titles: list[str], settings: SFTSettings,
 
 
 def _generate(model, tokenizer, rows: Rows, titles: list[str], settings: GenerationSettings, config: SPRecConfig,
-              progress: bool) -> list[str]:
-    """Greedy answers for every row (`recalign.llm.generate`: length-sorted left-padded batches, KV cache on)."""
+              progress: bool, backend: GenerationBackend | None = None) -> list[str]:
+    """Greedy answers for every row (`recalign.llm.backends`; transformers unless `backend` says otherwise)."""
+    from recalign.llm.backends import generate_answers
     from recalign.llm.generate import GenerationSettings as Decoding
-    from recalign.llm.generate import generate
 
-    answers = generate(model, tokenizer, _prompts(tokenizer, rows, titles, config),
-                       Decoding(max_new_tokens=settings.max_new_tokens), batch_size=settings.batch_size,
-                       progress=progress)
+    answers = generate_answers(backend, model, tokenizer, _prompts(tokenizer, rows, titles, config),
+                               Decoding(max_new_tokens=settings.max_new_tokens), batch_size=settings.batch_size,
+                               progress=progress)
     return [a[0] for a in answers]
 
 

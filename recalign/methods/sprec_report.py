@@ -186,7 +186,8 @@ def run_stage(ctx, params) -> dict:
         evaluator = RecipeAnswers(ctx, SeqRecTask(max_history=config.max_history),
                                   make_grounder(config.grounding, ctx.dataset.titles()),
                                   GenerationSettings(max_new_tokens=config.eval_generation.max_new_tokens),
-                                  config.eval_generation.batch_size, part=config.eval_part, progress=ctx.progress)
+                                  config.eval_generation.batch_size, part=config.eval_part, progress=ctx.progress,
+                                  backend=config.backend)
     # The stage folder is rebuilt from scratch on every attempt; iterations live outside it so a kill resumes.
     key = stable_hash({"config": _fingerprint(config), "protocol": protocol,
                        "eval": ctx.recipe.eval.model_dump(mode="json", exclude={"table"}),

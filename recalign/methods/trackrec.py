@@ -38,6 +38,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from recalign.errors import ConfigError
+from recalign.llm.backends import GenerationBackend
 from recalign.llm.sdpo import SDPOSettings
 from recalign.llm.trackrec_prompts import CtrSample
 from recalign.llm.train import SFTSettings
@@ -102,6 +103,11 @@ class TrackRecConfig(BaseModel):
                                                                         batch_size=8, max_length=1024),
                                     description="V's Rec-tuning SFT on Yes/No (TrackRec: 3 epochs)")
     decoding: CoTDecoding = Field(default_factory=CoTDecoding, description="G's CoT decoding")
+    backend: GenerationBackend = Field(default_factory=GenerationBackend,
+                                       description="engine of G's greedy CoTs (step e, train and test impressions): "
+                                                   "transformers | vllm | openai | auto (recalign.llm.backends); the "
+                                                   "sampled CoTs of step (a), S-DPO and V's scores always use "
+                                                   "transformers")
     verifier_batch_size: int = Field(8, ge=1, description="V prompts per forward pass")
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda'")
     seed: int = Field(0, description="seed of the row samples, CoT sampling, negatives and training")
@@ -277,6 +283,7 @@ def run_trackrec(config: TrackRecConfig, train: CtrRows, test: CtrRows, catalog:
                  on_iteration_start: IterationHook | None = None) -> dict:
     """Distil G, then `config.iterations` alternating iterations, resuming from `work_dir`; returns the records."""
     config = fill_seeds(config, config.seed)
+    config.backend.check(where="trackrec backend")  # before any training
     say = log or (lambda message: None)
     train, test = train.sample(config.train_rows, config.seed), test.sample(config.test_rows, config.seed + 1)
     if len(train) == 0 or len(test) == 0:
@@ -391,12 +398,13 @@ def _sft(model, tokenizer, prompts: list[str], completions: list[str], settings:
 
 
 def _greedy(model, tokenizer, samples: list[CtrSample], config: TrackRecConfig, progress: bool) -> list[str]:
-    from recalign.llm.generate import GenerationSettings, generate
+    from recalign.llm.backends import generate_answers
+    from recalign.llm.generate import GenerationSettings
 
     prompts = [_cot_prompt(tokenizer, s) for s in samples]
-    return [a[0].strip() for a in generate(model, tokenizer, prompts,
-                                           GenerationSettings(max_new_tokens=config.decoding.max_new_tokens),
-                                           batch_size=config.decoding.batch_size, progress=progress)]
+    return [a[0].strip() for a in generate_answers(config.backend, model, tokenizer, prompts,
+                                                   GenerationSettings(max_new_tokens=config.decoding.max_new_tokens),
+                                                   batch_size=config.decoding.batch_size, progress=progress)]
 
 
 def _sample(model, tokenizer, samples: list[CtrSample], config: TrackRecConfig, seed: int,

@@ -7,6 +7,11 @@ only those), the beam width is k + the history items the trie still holds, and h
 the beams afterwards. Requests arriving together share one batched `generate` per (trie, beam width) group on the
 `MicroBatcher`'s model thread; a request's beam width depends only on the request, so answers do not depend on
 which requests it was batched with.
+
+Generation backends (`recalign.llm.backends`, `serve_llm(backend=...)`): transformers (default) runs everything
+above in-process; with vllm (in-process, the stage's model merged once at start-up) or openai (another
+OpenAI-compatible server, e.g. `vllm serve`) the completions go to that engine and /v1/recommend cannot walk the
+trie: every request is answered with `decoding: grounded` (one greedy answer, then the nearest allowed titles).
 """
 
 from __future__ import annotations
@@ -154,8 +159,13 @@ class Catalog:
 class LLMRecommender:
     """A causal LM + tokenizer + catalog answering batches of text and recommendation jobs (one thread)."""
 
-    def __init__(self, model, tokenizer, catalog: Catalog, task, name: str):
+    def __init__(self, model, tokenizer, catalog: Catalog, task, name: str, backend=None):
+        from recalign.llm.backends import GenerationBackend, vllm_engine
+
         self.model, self.tokenizer, self.catalog, self.task, self.name = model, tokenizer, catalog, task, name
+        self.backend = backend or GenerationBackend()
+        self.engine = self.backend.resolved()  # transformers | vllm | openai
+        self.runner = vllm_engine(self.backend, model, tokenizer) if self.engine == "vllm" else model
         self._tries: dict[tuple[int, ...], tuple[Any, dict[tuple[int, ...], int]]] = {}
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -210,14 +220,16 @@ class LLMRecommender:
         return results
 
     def _texts(self, jobs: list[TextJob]) -> list[list[str]]:
-        from recalign.llm.generate import GenerationSettings, generate
+        from recalign.llm.backends import generate_answers
+        from recalign.llm.generate import GenerationSettings
 
         first = jobs[0]
         settings = GenerationSettings(max_new_tokens=first.max_tokens, do_sample=first.temperature > 0,
                                       temperature=first.temperature if first.temperature > 0 else 1.0,
                                       top_p=first.top_p, seed=first.seed)
         prompts = [p for job in jobs for p in job.prompts]
-        outputs = generate(self.model, self.tokenizer, prompts, settings, batch_size=max(1, len(prompts)))
+        outputs = generate_answers(self.backend, self.runner, self.tokenizer, prompts, settings,
+                                   batch_size=max(1, len(prompts)))
         answers, start = [], 0
         for job in jobs:
             answers.append([o[0] for o in outputs[start:start + len(job.prompts)]])
@@ -298,13 +310,15 @@ class LLMRecommender:
         import numpy as np
         from rapidfuzz import fuzz, process
 
-        from recalign.llm.generate import GenerationSettings, generate
+        from recalign.llm.backends import generate_answers
+        from recalign.llm.generate import GenerationSettings
         from recalign.llm.grounding import normalise_title
         from recalign.llm.tasks import parse_title
 
         allowed = np.asarray(jobs[0].allowed, dtype=np.int64)
         settings = GenerationSettings(max_new_tokens=self.trie(jobs[0].allowed)[0].max_depth + 1)
-        outputs = generate(self.model, self.tokenizer, [job.prompt for job in jobs], settings, batch_size=len(jobs))
+        outputs = generate_answers(self.backend, self.runner, self.tokenizer, [job.prompt for job in jobs], settings,
+                                   batch_size=len(jobs))
         queries = [normalise_title(parse_title(o[0])) for o in outputs]
         names = [normalise_title(self.catalog.titles[i]) for i in allowed]
         similarity = process.cdist(queries, names, scorer=fuzz.ratio, dtype=np.float64, workers=1) / 100.0
@@ -333,6 +347,8 @@ class LLMRecommender:
         prompt = self.recommend_prompt(recent)
         if allowed:
             self.check_length([prompt], self.trie(allowed)[0].max_depth + 1)
+        if self.engine != "transformers":  # vllm/openai cannot walk the trie: grounded post-hoc instead
+            body = body.model_copy(update={"decoding": "grounded"})
         return RecommendJob(prompt, allowed, excluded, body.k, beams if body.decoding == "constrained" else 0,
                             body.decoding)
 
@@ -348,14 +364,14 @@ def build_catalog(dataset, tokenizer, task) -> Catalog:
 
 # ---- the app -----------------------------------------------------------------------------------------------------
 def llm_app(model, tokenizer, dataset, task=None, *, name: str = "recalign-llm", token: str | None = None,
-            max_wait_ms: float = DEFAULT_MAX_WAIT_MS, max_rows: int = 64) -> FastAPI:
+            max_wait_ms: float = DEFAULT_MAX_WAIT_MS, max_rows: int = 64, backend=None) -> FastAPI:
     """The LLM app over a loaded model, its tokenizer and the dataset's catalog; `token` guards every /v1 route."""
     from recalign.llm.tasks import SeqRecTask
 
     task = task or SeqRecTask()
     if getattr(task, "k", 1) != 1:
         raise ConfigError("serve llm: /v1/recommend needs a one-title task (task.k = 1)")
-    engine = LLMRecommender(model, tokenizer, build_catalog(dataset, tokenizer, task), task, name)
+    engine = LLMRecommender(model, tokenizer, build_catalog(dataset, tokenizer, task), task, name, backend)
     app = create_app("recalign llm", f"{name}: OpenAI-compatible completions and /v1/recommend over "
                                      f"{len(engine.catalog.titles)} catalog items")
     batcher: MicroBatcher[TextJob | RecommendJob, Any] = MicroBatcher(
@@ -434,7 +450,7 @@ def llm_app(model, tokenizer, dataset, task=None, *, name: str = "recalign-llm",
 # ---- from a stage folder -----------------------------------------------------------------------------------------
 def llm_app_from_stage(folder: str | os.PathLike, *, token: str | None = None,
                        max_wait_ms: float = DEFAULT_MAX_WAIT_MS, max_rows: int = 64,
-                       progress: bool = False) -> FastAPI:
+                       progress: bool = False, backend=None) -> FastAPI:
     """The LLM app of a finished llm-sft stage RUN/stages/NAME: its base model + saved adapter, task and catalog."""
     from recalign.llm.models import load_model
     from recalign.runs import DONE, open_run
@@ -452,18 +468,32 @@ def llm_app_from_stage(folder: str | os.PathLike, *, token: str | None = None,
     if params.save == "none":
         raise ConfigError(f"{stage_dir}: the stage saved no model (save: none)")
     model_dir = stage_dir / "model"
+    if backend is not None:
+        backend.check(where="serve llm --backend")  # before loading anything
+    # vllm/openai generate elsewhere: the local copy (prompts, lengths, vLLM's merge) stays on the CPU
+    device = params.device if backend is None or backend.resolved() == "transformers" else "cpu"
     if params.save == "merged":
-        model, tokenizer = load_model(str(model_dir), device=params.device, dtype=params.dtype, progress=progress)
+        model, tokenizer = load_model(str(model_dir), device=device, dtype=params.dtype, progress=progress)
     else:
-        model, tokenizer = load_model(params.model, device=params.device, dtype=params.dtype, seed=recipe.seed,
+        model, tokenizer = load_model(params.model, device=device, dtype=params.dtype, seed=recipe.seed,
                                       adapter=model_dir, progress=progress)
     return llm_app(model, tokenizer, dataset, params.task, name=f"{recipe.name}/{stage_dir.name}", token=token,
-                   max_wait_ms=max_wait_ms, max_rows=max_rows)
+                   max_wait_ms=max_wait_ms, max_rows=max_rows, backend=backend)
 
 
 def serve_llm(folder: str | os.PathLike, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *,
-              max_wait_ms: float = DEFAULT_MAX_WAIT_MS, max_rows: int = 64, log_level: str = "warning") -> None:
-    """Load the llm-sft stage `folder` and serve it until interrupted ($RECALIGN_TOKEN required off loopback)."""
+              max_wait_ms: float = DEFAULT_MAX_WAIT_MS, max_rows: int = 64, log_level: str = "warning",
+              backend: str = "transformers", base_url: str | None = None, api_key_env: str | None = None,
+              served_model: str | None = None) -> None:
+    """Load the llm-sft stage `folder` and serve it until interrupted ($RECALIGN_TOKEN required off loopback).
+
+    `backend`: transformers | vllm | openai | auto; openai forwards generation to `base_url` (key from the
+    environment variable `api_key_env`, model `served_model`). See `recalign.llm.backends`.
+    """
+    from recalign.llm.backends import backend_from_options
+
+    engine = backend_from_options(backend, base_url=base_url, api_key_env=api_key_env, model=served_model,
+                                  where="serve llm")
     token = server_token(host, TOKEN_ENV)  # before loading anything: a refused bind costs nothing
     if not 0 < port < 65536:
         raise ConfigError(f"--port must be 1..65535, got {port}")
@@ -471,5 +501,6 @@ def serve_llm(folder: str | os.PathLike, host: str = "127.0.0.1", port: int = DE
         raise ConfigError(f"--max-wait-ms must be >= 0, got {max_wait_ms}")
     if max_rows < 1:
         raise ConfigError(f"--max-rows must be >= 1, got {max_rows}")
-    serve(llm_app_from_stage(folder, token=token, max_wait_ms=max_wait_ms, max_rows=max_rows, progress=True),
+    serve(llm_app_from_stage(folder, token=token, max_wait_ms=max_wait_ms, max_rows=max_rows, progress=True,
+                             backend=engine),
           host, port, log_level)
