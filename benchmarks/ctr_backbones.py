@@ -31,9 +31,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from recalign.ctr.data import build_impressions, split_users  # noqa: E402
+from recalign.ctr.data import Impressions, build_impressions, split_users  # noqa: E402
 from recalign.ctr.knowledge import DEFAULT_MODEL, history_summaries, load_knowledge, write_knowledge  # noqa: E402
-from recalign.ctr.train import BACKBONES, CTRSettings, fit_ctr  # noqa: E402
+from recalign.ctr.train import BACKBONES, CTRResult, CTRSettings, fit_ctr  # noqa: E402
 from recalign.data.sources import prepare_source  # noqa: E402
 from recalign.io import write_json  # noqa: E402
 
@@ -64,11 +64,7 @@ def main() -> None:
     torch.set_num_threads(1)
     started = time.perf_counter()
     dataset = prepare_source("movielens-100k", args.raw)
-    impressions = build_impressions(dataset)
-    if args.users:
-        present = np.unique(impressions.user)
-        keep = np.random.default_rng(0).choice(present, size=min(args.users, len(present)), replace=False)
-        impressions = impressions.take(np.flatnonzero(np.isin(impressions.user, keep)))
+    impressions = sample_users(build_impressions(dataset), args.users)
     parts = {name: impressions.take(rows) for name, rows in split_users(impressions, seed=0).items()}
 
     t0 = time.perf_counter()
@@ -84,20 +80,9 @@ def main() -> None:
     print(f"impressions {len(impressions)} ({', '.join(f'{k} {len(v)}' for k, v in parts.items())}); "
           f"knowledge {knowledge['train'].shape[1:]} in {embed_seconds:.0f} s", flush=True)
 
-    runs = []
-    for backbone in args.backbones:
-        for with_kar in (False, True):
-            for seed in args.seeds:
-                settings = CTRSettings(epochs=args.epochs, patience=args.patience, batch_sizes=tuple(args.batch_sizes),
-                                       lrs=tuple(args.lrs), seed=seed, threads=1)
-                t = time.perf_counter()
-                result = fit_ctr(backbone, parts, settings, knowledge=knowledge if with_kar else None)
-                row = {"backbone": backbone, "kar": with_kar, "seed": seed, "seconds": time.perf_counter() - t,
-                       **result.summary()}
-                runs.append(row)
-                print(f"{backbone:7s} {'+KAR' if with_kar else 'alone':5s} seed {seed}: test AUC "
-                      f"{result.test['auc']:.4f} LogLoss {result.test['logloss']:.4f} (valid AUC "
-                      f"{result.valid['auc']:.4f}, epoch {result.chosen['epoch']}, {row['seconds']:.0f} s)", flush=True)
+    runs = [fit_run(backbone, variant, seed, parts, knowledge if variant != "alone" else None,
+                    ctr_settings(args, seed))[0]
+            for backbone in args.backbones for variant in ("alone", "+KAR (stand-in)") for seed in args.seeds]
 
     table = summarise(runs)
     print_table(table)
@@ -117,15 +102,43 @@ def main() -> None:
     print(f"wrote {args.out} in {time.perf_counter() - started:.0f} s")
 
 
+def sample_users(impressions: Impressions, users: int, seed: int = 0) -> Impressions:
+    """The impressions of a seeded sample of `users` users (all impressions when `users` is 0)."""
+    if not users:
+        return impressions
+    present = np.unique(impressions.user)
+    keep = np.random.default_rng(seed).choice(present, size=min(users, len(present)), replace=False)
+    return impressions.take(np.flatnonzero(np.isin(impressions.user, keep)))
+
+
+def ctr_settings(args: argparse.Namespace, seed: int) -> CTRSettings:
+    """CTR training settings from the command line (epochs, patience, grid) for one model seed, one thread."""
+    return CTRSettings(epochs=args.epochs, patience=args.patience, batch_sizes=tuple(args.batch_sizes),
+                       lrs=tuple(args.lrs), seed=seed, threads=1)
+
+
+def fit_run(backbone: str, variant: str, seed: int, parts: dict[str, Impressions],
+            knowledge: dict[str, np.ndarray] | None, settings: CTRSettings) -> tuple[dict, CTRResult]:
+    """One backbone fit (validation-chosen epoch and grid point, test scored once), printed: (JSON row, result)."""
+    started = time.perf_counter()
+    result = fit_ctr(backbone, parts, settings, knowledge=knowledge)
+    row = {"backbone": backbone, "variant": variant, "kar": knowledge is not None, "seed": seed,
+           "seconds": time.perf_counter() - started, **result.summary()}
+    print(f"{backbone:7s} {variant:18s} seed {seed}: test AUC {result.test['auc']:.4f} LogLoss "
+          f"{result.test['logloss']:.4f} (valid AUC {result.valid['auc']:.4f}, epoch {result.chosen['epoch']}, "
+          f"{row['seconds']:.0f} s)", flush=True)
+    return row, result
+
+
 def summarise(runs: list[dict]) -> list[dict]:
-    """Mean and std over seeds of test AUC and LogLoss per (backbone, with/without KAR)."""
+    """Mean and std over seeds of test AUC and LogLoss per (backbone, variant), in order of first appearance."""
     table = []
     for backbone in dict.fromkeys(r["backbone"] for r in runs):
-        for kar in (False, True):
-            rows = [r for r in runs if r["backbone"] == backbone and r["kar"] == kar]
+        for variant in dict.fromkeys(r["variant"] for r in runs):
+            rows = [r for r in runs if r["backbone"] == backbone and r["variant"] == variant]
             if not rows:
                 continue
-            entry = {"backbone": backbone, "variant": "+KAR (stand-in)" if kar else "alone", "seeds": len(rows)}
+            entry = {"backbone": backbone, "variant": variant, "seeds": len(rows)}
             for metric in ("auc", "logloss"):
                 values = [r["test"][metric] for r in rows]
                 entry[metric] = statistics.fmean(values)

@@ -13,6 +13,7 @@ Layout of a run folder:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -287,6 +288,8 @@ def run_recipe(recipe: Recipe, run_dir: str | os.PathLike, progress: bool = True
     from recalign.eval.report import write_report
 
     run_dir = Path(run_dir)
+    if process_rank() > 0:  # under `accelerate launch`: only rank 0 writes the run folder
+        return _follow_recipe(recipe, run_dir, get_stage)
     problem = unwritable_reason(run_dir)
     if problem is not None:  # refuse before preparing data or training anything
         raise OutputError(run_dir, problem)
@@ -304,6 +307,7 @@ def run_recipe(recipe: Recipe, run_dir: str | os.PathLike, progress: bool = True
         if fresh:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+    _mark_started(run_dir)
     append_log(run_dir, f"run {recipe.name}: dataset {dataset.name} ({fingerprint}), "
                         f"{dataset.n_users} users, {dataset.n_items} items, {len(dataset.interactions)} interactions")
 
@@ -324,12 +328,78 @@ def run_recipe(recipe: Recipe, run_dir: str | os.PathLike, progress: bool = True
                                             echo, get_stage)
             _write_summary(run_dir, recipe, fingerprint, results)
     except BaseException:
+        _clear_started(run_dir)
         if fresh and not results:  # nothing finished, so nothing to resume: leave no folder behind
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     summary = _write_summary(run_dir, recipe, fingerprint, results)
     write_report(run_dir)
+    _clear_started(run_dir)
     return summary
+
+
+# ---- several processes (`accelerate launch`, `recalign run --processes N`) --------------------------------
+
+# Stage kinds whose trainers run data-parallel in every process of a launch (TRL trainers, our PPO); every other
+# kind (teachers, TRD, RecGPT) runs once, in rank 0, while the other ranks wait for its DONE marker.
+MULTI_PROCESS_KINDS = frozenset({"llm-sft", "sprec", "controllable", "trackrec"})
+RANKS = ".ranks"  # rank 0's "run folder ready" marker and the other ranks' private scratch run folders
+
+
+def process_rank() -> int:
+    """This process's rank under `accelerate launch` / `torchrun` (RANK), 0 in a plain run."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _launch_id() -> str:
+    """Shared by the processes of one launch on one machine: their launcher's pid and the rendezvous port."""
+    return f"{os.getppid()}-{os.environ.get('MASTER_PORT', '0')}"
+
+
+def _mark_started(run_dir: Path) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        write_atomic(run_dir / RANKS / f"{_launch_id()}.ready", "ready\n")
+
+
+def _clear_started(run_dir: Path) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        (run_dir / RANKS / f"{_launch_id()}.ready").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            (run_dir / RANKS).rmdir()  # other ranks may still be removing their scratch folders
+
+
+def _wait_for(condition: Callable[[], bool], poll_s: float = 0.5) -> None:
+    """Poll until `condition()` holds (if rank 0 fails, the launcher ends every rank)."""
+    while not condition():
+        time.sleep(poll_s)
+
+
+def _follow_recipe(recipe: Recipe, run_dir: Path, get_stage) -> dict:
+    """A rank > 0: train the multi-process stages along with rank 0, in a private scratch run folder whose
+    stages/ links to rank 0's finished stages; skip the other stages; return rank 0's summary. Nothing it writes
+    lands in the run folder (only rank 0 writes metrics, checkpoints, work/ and log.txt)."""
+    run_dir = run_dir.resolve()
+    _wait_for(lambda: (run_dir / RANKS / f"{_launch_id()}.ready").is_file())
+    recipe = recipe.model_copy(update={"data": absolute_data_paths(recipe.data), "datasets": {
+        role: [absolute_data_paths(spec) for spec in specs] for role, specs in recipe.datasets.items()}})
+    dataset, split = make_split(prepare_data(recipe.data, cache_dir=run_dir / "data"), recipe.split, recipe.seed)
+    hashes = stage_hashes(recipe, dataset.fingerprint())
+    scratch = run_dir / RANKS / f"{_launch_id()}-rank{process_rank()}"
+    (scratch / "stages").mkdir(parents=True, exist_ok=True)
+    try:
+        for spec in recipe.stages:
+            final = run_dir / "stages" / spec.name
+            if spec.kind in MULTI_PROCESS_KINDS and not stage_is_done(final, hashes[spec.name]):
+                _run_stage(spec, hashes[spec.name], scratch, dataset, split, recipe, False, None, get_stage)
+                shutil.rmtree(scratch / "stages" / spec.name)
+            _wait_for(lambda: stage_is_done(final, hashes[spec.name]))
+            (scratch / "stages" / spec.name).symlink_to(final, target_is_directory=True)
+        _wait_for(lambda: not (run_dir / RANKS / f"{_launch_id()}.ready").is_file())  # rank 0 wrote the summary
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            (run_dir / RANKS).rmdir()
+    return json.loads((run_dir / "metrics.json").read_text())
 
 
 def _start_run_folder(run_dir: Path, recipe: Recipe, raw_dataset: Dataset, dataset: Dataset, split: "Split") -> None:
