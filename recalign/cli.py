@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Iterator, List, Optional
@@ -387,6 +388,9 @@ def run(
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. seed=3"),
     run_dir: Optional[Path] = typer.Option(None, "--out", help="run folder (default runs/<recipe name>)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+    processes: int = typer.Option(1, "--processes", min=1,
+                                  help="training processes: re-run under `accelerate launch` (LLM training stages "
+                                       "train data-parallel; other stages run once, in rank 0)"),
 ) -> None:
     """Run a recipe: prepare data, split, run every stage, print one results table.
 
@@ -397,12 +401,46 @@ def run(
     Examples:
         recalign run recipes/demo.yaml
         recalign run recipes/demo.yaml seed=3 stages.sasrec.params.epochs=5 eval.ks=[5,10] --out runs/demo-s3
+        recalign run recipes/demo.yaml --processes 2
     """
     with user_errors():
         from recalign.config import load_recipe
 
         recipe = load_recipe(recipe_yaml, overrides or [])
-        _run(recipe, run_dir if run_dir is not None else Path("runs") / recipe.name, quiet)
+        run_dir = run_dir if run_dir is not None else Path("runs") / recipe.name
+        if processes > 1 and "WORLD_SIZE" not in os.environ:  # not yet inside a launch: start one
+            _relaunch(recipe, processes, [str(recipe_yaml), *(overrides or []), "--out", str(run_dir),
+                                          *(["--quiet"] if quiet else [])])
+            return
+        _run(recipe, run_dir, quiet)
+
+
+def launch_command(processes: int, run_args: list[str]) -> list[str]:
+    """`accelerate launch` of `recalign run RUN_ARGS` with `processes` processes on this machine.
+
+    `--multi_gpu` starts the processes through torchrun; without CUDA they train on the CPU (gloo), because the
+    trainers set `use_cpu` there (accelerate's `--cpu` with several processes would need mpirun)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "-m", "recalign.cli", "run", *run_args]
+
+
+def _relaunch(recipe, processes: int, run_args: list[str]) -> None:
+    import importlib.util
+    import subprocess
+
+    from recalign.runs import MULTI_PROCESS_KINDS
+
+    if importlib.util.find_spec("accelerate") is None:
+        raise ConfigError("--processes needs the accelerate package (pip install accelerate)")
+    for stage in recipe.stages:
+        if stage.kind not in MULTI_PROCESS_KINDS:
+            err.print(f"[{stage.name}] a {stage.kind} stage does not train data-parallel: it runs once, in rank 0",
+                      highlight=False, markup=False)
+    done = subprocess.run(launch_command(processes, run_args), env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if done.returncode != 0:
+        raise RecalignError(f"the {processes}-process run failed (exit code {done.returncode}); "
+                            "see the messages above")
 
 
 @train_app.command("llm-sft")
@@ -435,7 +473,11 @@ def _run(recipe, run_dir: Path, quiet: bool) -> None:
     from recalign.eval.report import results_table
     from recalign.runs import run_recipe
 
+    from recalign.runs import process_rank
+
     summary = run_recipe(recipe, run_dir, progress=not quiet, echo=lambda line: err.print(line, highlight=False, markup=False))
+    if process_rank() > 0:  # one table, from rank 0
+        return
     out.print(results_table(summary, recipe.eval.table))
     out.print(f"run folder: {run_dir} (report.md, metrics.json)")
 
