@@ -22,6 +22,7 @@ from typing import Awaitable, Callable, Generic, Iterator, Sequence, TypeVar
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from recalign.errors import ConfigError, RecalignError
@@ -29,6 +30,7 @@ from recalign.errors import ConfigError, RecalignError
 TOKEN_ENV = "RECALIGN_TOKEN"  # the bearer token every server (and recalign.teachers.client) reads
 DEFAULT_MAX_WAIT_MS = 5.0
 DEFAULT_MAX_ROWS = 20480  # the original teacher server's batch limit
+DEFAULT_MAX_BODY_BYTES = 32 * 2**20  # a bigger request body is a 413 before it is read
 
 Job = TypeVar("Job")
 Result = TypeVar("Result")
@@ -72,9 +74,27 @@ def bearer_auth(token: str | None) -> Callable[[Request], Awaitable[None]]:
 
 
 # ---- the app ---------------------------------------------------------------------------------------
-def create_app(title: str, description: str = "") -> FastAPI:
+class ErrorBody(BaseModel):
+    """Every error answer: one line that says what was wrong."""
+
+    error: str
+
+
+ERROR_RESPONSES: dict[int | str, dict] = {  # documented in every operation's OpenAPI responses
+    400: {"model": ErrorBody, "description": "unknown item, user, category or model, or too long for the model"},
+    401: {"model": ErrorBody, "description": "missing bearer token (when the server has one)"},
+    403: {"model": ErrorBody, "description": "wrong bearer token"},
+    413: {"model": ErrorBody, "description": "request body larger than the server's limit"},
+    422: {"model": ErrorBody, "description": "malformed JSON, or a body that does not fit the schema"},
+}
+
+
+def create_app(title: str, description: str = "", max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """A FastAPI app whose every error is a JSON body {"error": message} (4xx for the client's mistakes)."""
-    app = FastAPI(title=title, description=description, docs_url=None, redoc_url=None)
+    if max_body_bytes < 1:
+        raise ConfigError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
+    app = FastAPI(title=title, description=description, docs_url=None, redoc_url=None, responses=ERROR_RESPONSES)
+    app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -93,6 +113,33 @@ def create_app(title: str, description: str = "") -> FastAPI:
         return JSONResponse({"error": f"internal error ({type(exc).__name__})"}, status_code=500)
 
     return app
+
+
+class BodyLimit:
+    """ASGI middleware: a request body above `max_body_bytes` is a JSON 413, checked on Content-Length before
+    anything is read and on the bytes received for a body without one (chunked)."""
+
+    def __init__(self, app: Callable, max_body_bytes: int):
+        self.app, self.max_body_bytes = app, max_body_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        message = f"request body larger than the server's limit of {self.max_body_bytes} bytes"
+        declared = dict(scope.get("headers", ())).get(b"content-length", b"").strip()
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            return await JSONResponse({"error": message}, status_code=413)(scope, receive, send)
+        received = 0
+
+        async def limited() -> dict:
+            nonlocal received
+            event = await receive()
+            received += len(event.get("body", b"")) if event["type"] == "http.request" else 0
+            if received > self.max_body_bytes:  # raised inside the body read: the route answers it as a JSON 413
+                raise StarletteHTTPException(413, message)
+            return event
+
+        await self.app(scope, limited, send)
 
 
 def validation_message(errors: Sequence[dict]) -> str:

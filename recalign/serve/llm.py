@@ -38,6 +38,7 @@ MAX_HISTORY_ITEMS = 200
 MAX_PROMPT_CHARS = 20000
 MAX_TOKENS = 512
 MAX_CACHED_TRIES = 64
+MIN_TEMPERATURE = 1e-4  # below it sampling is greedy in the limit, and logits / T would overflow to inf
 MASKED_SCORE = -1e4  # a beam below this mean log-prob went through masked tokens (fewer items than beams)
 
 
@@ -59,7 +60,7 @@ class _Sampling(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0: greedy; > 0: sampling")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: Literal[1] = Field(1, description="answers per prompt (only 1)")
-    seed: StrictInt | None = Field(None, description="seed of the sampling draws")
+    seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1, description="seed of the sampling draws")
     stream: Literal[False] = Field(False, description="streaming is not supported")
 
 
@@ -69,11 +70,13 @@ class ChatBody(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=64)]
 
 
+PromptText = Annotated[StrictStr, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]  # an empty prompt has no token
+
+
 class CompletionBody(_Sampling):
     """POST /v1/completions: one prompt or a list of prompts (one choice each)."""
 
-    prompt: Annotated[StrictStr, Field(max_length=MAX_PROMPT_CHARS)] | Annotated[
-        list[Annotated[StrictStr, Field(max_length=MAX_PROMPT_CHARS)]], Field(min_length=1, max_length=64)]
+    prompt: PromptText | Annotated[list[PromptText], Field(min_length=1, max_length=64)]
 
 
 class RecommendBody(BaseModel):
@@ -388,7 +391,8 @@ def llm_app(model, tokenizer, dataset, task=None, *, name: str = "recalign-llm",
     def text_job(body: _Sampling, prompts: list[str]) -> TextJob:
         check_model(body.model)
         engine.check_length(prompts, body.max_tokens or 32)
-        return TextJob(tuple(prompts), body.max_tokens or 32, float(body.temperature), float(body.top_p),
+        temperature = float(body.temperature) if body.temperature >= MIN_TEMPERATURE else 0.0
+        return TextJob(tuple(prompts), body.max_tokens or 32, temperature, float(body.top_p),
                        body.seed or 0)
 
     def usage(prompts: list[str], answers: list[str]) -> dict:

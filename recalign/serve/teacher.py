@@ -22,7 +22,8 @@ from recalign.serve.app import (DEFAULT_MAX_ROWS, DEFAULT_MAX_WAIT_MS, TOKEN_ENV
 from recalign.teachers.service import DEFAULT_MAX_HISTORY, TeacherService
 
 DEFAULT_PORT = 12621  # the original server's port
-ItemList = list[StrictInt]
+ItemId = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]  # int64: a larger number is a 422, not a 500
+ItemList = list[ItemId]
 
 
 class _Rows(BaseModel):
