@@ -149,8 +149,12 @@ def test_vllm_not_importable_is_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` fails, find_spec says None
     with pytest.raises(ConfigError, match="backend vllm, but vllm is not installed"):
         generate_answers(GenerationBackend(backend="vllm"), "some/model", None, ["hi"])
-    with pytest.raises(ConfigError, match="vllm is not installed"):
-        backend_from_options("vllm", where="serve llm")
+    from recalign.serve.llm import serve_llm
+
+    with pytest.raises(ConfigError, match="^serve llm: backend vllm, but vllm is not installed"):
+        serve_llm(tmp_path / "no-stage", backend="vllm")  # refused before any folder or model is read
+    with pytest.raises(ConfigError, match="^serve llm: backend openai needs base_url"):
+        serve_llm(tmp_path / "no-stage", backend="openai")
     data = toy_data(tmp_path / "data")
     path = tmp_path / "recipe.json"
     path.write_text(json.dumps({"name": "toyllm", "seed": 1, "data": {"path": data}, "eval": {"ks": [1]},
