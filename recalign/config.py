@@ -81,6 +81,11 @@ class EvalSpec(_Strict):
                                                       "test users (seed = the recipe seed; null = all users)")
     table: list[str] | None = Field(
         None, description="metric columns of the results table (default: hr/ndcg/recall/mrr at 10)")
+    backend: Literal["local", "ray"] = Field(
+        "local", description="where LLM stages generate their evaluation answers: in-process, or split over Ray "
+                             "workers that each load the stage's saved model (pip install 'recalign[ray]')")
+    workers: int = Field(2, ge=1, description="eval.backend ray: workers; users are cut into this many contiguous "
+                                              "shards")
 
     @field_validator("ks")
     @classmethod

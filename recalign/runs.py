@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from recalign.teachers.base import Recommender
 
 DONE = "DONE"
+# Eval settings that change how, not what, a stage is scored: changing them re-runs nothing.
+EVAL_NOT_HASHED = {"table", "backend", "workers"}
 
 
 # ---- small helpers ------------------------------------------------------------------------------
@@ -254,7 +256,7 @@ def stage_hashes(recipe: Recipe, data_fingerprint: str) -> dict[str, str]:
     (`Stage.reads`: data, split, eval without `table`, seed, other datasets) and the hashes of the earlier stages
     it depends on (`Stage.depends_on`), so retraining a teacher re-runs the stages built on it."""
     sections = {"data": data_fingerprint, "split": recipe.split.model_dump(mode="json"),
-                "eval": recipe.eval.model_dump(mode="json", exclude={"table"}), "seed": recipe.seed,
+                "eval": recipe.eval.model_dump(mode="json", exclude=EVAL_NOT_HASHED), "seed": recipe.seed,
                 "datasets": {role: [_prepare_key(spec) if spec.source is not None else spec.model_dump(mode="json")
                                     for spec in specs] for role, specs in sorted(recipe.datasets.items())}}
     dependencies = stage_dependencies(recipe.stages)
@@ -374,10 +376,25 @@ def _wait_for(condition: Callable[[], bool], poll_s: float = 0.5) -> None:
         time.sleep(poll_s)
 
 
+def _copy_work(source: Path, target: Path, stage: str, attempts: int = 3) -> None:
+    """A private copy of the stage's folders in rank 0's work/ (work/<stage>-<key>: resumable iteration state);
+    retried if rank 0 renames a file meanwhile."""
+    for folder in sorted(source.glob(f"{stage}-*")) if source.is_dir() else []:
+        for attempt in range(attempts):
+            shutil.rmtree(target / folder.name, ignore_errors=True)
+            try:
+                shutil.copytree(folder, target / folder.name, symlinks=True)
+                break
+            except (shutil.Error, OSError):
+                if attempt == attempts - 1:
+                    raise
+
+
 def _follow_recipe(recipe: Recipe, run_dir: Path, get_stage) -> dict:
     """A rank > 0: train the multi-process stages along with rank 0, in a private scratch run folder whose
-    stages/ links to rank 0's finished stages; skip the other stages; return rank 0's summary. Nothing it writes
-    lands in the run folder (only rank 0 writes metrics, checkpoints, work/ and log.txt)."""
+    stages/ links to rank 0's finished stages and whose work/ starts as a copy of rank 0's (so both resume from the
+    same iteration); skip the other stages; return rank 0's summary. Nothing it writes lands in the run folder
+    (only rank 0 writes metrics, checkpoints, work/ and log.txt)."""
     run_dir = run_dir.resolve()
     _wait_for(lambda: (run_dir / RANKS / f"{_launch_id()}.ready").is_file())
     recipe = recipe.model_copy(update={"data": absolute_data_paths(recipe.data), "datasets": {
@@ -390,6 +407,7 @@ def _follow_recipe(recipe: Recipe, run_dir: Path, get_stage) -> dict:
         for spec in recipe.stages:
             final = run_dir / "stages" / spec.name
             if spec.kind in MULTI_PROCESS_KINDS and not stage_is_done(final, hashes[spec.name]):
+                _copy_work(run_dir / "work", scratch / "work", spec.name)  # resume where rank 0 resumes
                 _run_stage(spec, hashes[spec.name], scratch, dataset, split, recipe, False, None, get_stage)
                 shutil.rmtree(scratch / "stages" / spec.name)
             _wait_for(lambda: stage_is_done(final, hashes[spec.name]))
