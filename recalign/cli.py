@@ -436,7 +436,7 @@ def _relaunch(recipe, processes: int, run_args: list[str]) -> None:
     for stage in recipe.stages:
         if stage.kind not in MULTI_PROCESS_KINDS:
             err.print(f"[{stage.name}] a {stage.kind} stage does not train data-parallel: it runs once, in rank 0",
-                      highlight=False, markup=False)
+                      highlight=False, markup=False, soft_wrap=True)
     done = subprocess.run(launch_command(processes, run_args), env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     if done.returncode != 0:
         raise RecalignError(f"the {processes}-process run failed (exit code {done.returncode}); "

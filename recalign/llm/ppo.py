@@ -34,7 +34,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from recalign.errors import ConfigError
-from recalign.llm.trainer import (LoraSettings, known_library_warnings_silenced, lora_config, merged_copy,
+from recalign.llm.trainer import (LoraSettings, all_gather_cat, all_reduce_sum, average_gradients,
+                                  data_parallel_state, known_library_warnings_silenced, lora_config, merged_copy,
                                   model_or_folder, use_cpu)
 
 if TYPE_CHECKING:  # annotations only: the store lives in a higher layer (recalign.methods)
@@ -94,10 +95,14 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(values − mean) / std over the masked entries (population std); 0 outside the mask."""
-    mean = masked_mean(values, mask)
-    var = masked_mean((values - mean) ** 2, mask)
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8,
+                  total: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> torch.Tensor:
+    """(values − mean) / std over the masked entries (population std); 0 outside the mask.
+
+    `total` sums over processes (`all_reduce_sum`), so several processes whiten with the statistics of all tokens."""
+    count = total(mask.sum()).clamp_min(1.0)
+    mean = total((values * mask).sum()) / count
+    var = total((((values - mean) ** 2) * mask).sum()) / count
     return (values - mean) * torch.rsqrt(var + eps) * mask
 
 
@@ -289,13 +294,21 @@ class PPOTrainer:
     """PPO on a causal LM: actor and critic LoRA adapters on one frozen base, a trained value head, resumable.
 
     A model object is wrapped in place (a PEFT model is first merged into a copy); a folder is loaded in float32.
+
+    Under `accelerate launch` (N processes) each process rolls out its 1/N of every iteration's prompts, the reward
+    statistics, advantage whitening and early stop use all processes' numbers, and the gradients are averaged over
+    the processes before every optimizer step (what DDP does; DDP's hooks cannot follow the actor/critic adapter
+    switches within one step), so every process holds the same weights. Each process commits to its own `store`
+    (`recalign run` gives the ranks > 0 a private scratch run folder; only rank 0 writes the run folder).
     """
 
     def __init__(self, model_dir_or_model: Any, tokenizer, settings: PPOSettings | None = None):
         from peft import PeftModel, get_peft_model
 
         self.settings = settings = settings or PPOSettings()
-        self.device = torch.device("cpu" if use_cpu(settings.device) else "cuda")
+        self.state = data_parallel_state(settings.device)  # None in a plain (one-process) run
+        self.device = self.state.device if self.state is not None else \
+            torch.device("cpu" if use_cpu(settings.device) else "cuda")
         base = model_or_folder(model_dir_or_model, "PPO model")
         if isinstance(base, PeftModel):  # e.g. the SFT adapter: PPO starts from the merged SFT model
             base = merged_copy(base)
@@ -354,7 +367,7 @@ class PPOTrainer:
     def step(self, prompts: list[str], reward_fn: RewardFn) -> dict:
         """One PPO iteration: rollout, reward, advantages, clipped updates; returns its statistics."""
         s = self.settings
-        batch_prompts = self._draw(prompts)
+        batch_prompts = self._shard(self._draw(prompts))
         texts, response_ids, row_prompts = self._rollout(batch_prompts)
         scores = _check_rewards(reward_fn(row_prompts, texts, response_ids), response_ids)
         prompt_ids = self.tokenizer(row_prompts, add_special_tokens=False)["input_ids"]
@@ -366,18 +379,19 @@ class PPOTrainer:
         # π_old, π_ref and V_old on the rollouts, then per-token rewards with the KL penalty
         with torch.no_grad():
             old_logp, ref_logp, old_values = self._evaluate(rollouts)
-        sums = task_rewards.sum(1)
+        sums = all_gather_cat(task_rewards.sum(1))  # every process's answers, in rank order
         if s.scale_rewards:
             self.reward_stats.update(sums)
         scale = self.reward_stats.std if s.scale_rewards else 1.0
         rewards, kl = kl_penalized_rewards(task_rewards, old_logp, ref_logp, rollouts.mask, s.kl_coef, scale)
         advantages, returns = gae(rewards, old_values, s.gamma, s.lam, rollouts.mask)
         if s.whiten_advantages:
-            advantages = masked_whiten(advantages, rollouts.mask)
+            advantages = masked_whiten(advantages, rollouts.mask, total=all_reduce_sum)
 
         stats = self._update(rollouts, old_logp, old_values, advantages, returns)
-        return {"mean_reward": float(sums.mean()), "kl": float(kl.sum(1).mean()),
-                "answer_tokens": float(rollouts.mask.sum(1).mean()), "reward_std": self.reward_stats.std, **stats}
+        return {"mean_reward": float(sums.mean()), "kl": float(all_gather_cat(kl.sum(1)).mean()),
+                "answer_tokens": float(all_gather_cat(rollouts.mask.sum(1)).mean()),
+                "reward_std": self.reward_stats.std, **stats}
 
     # ---- pieces of one iteration ----------------------------------------------------------------------------------
 
@@ -389,6 +403,16 @@ class PPOTrainer:
         order = torch.randperm(len(prompts), generator=self.generator)[:n].tolist()
         return [prompts[i] for i in order]
 
+    def _shard(self, prompts: list[str]) -> list[str]:
+        """This process's share of the iteration's prompts (rank r takes every N-th from r); all in a plain run."""
+        if self.state is None:
+            return prompts
+        n, rank = self.state.num_processes, self.state.process_index
+        if len(prompts) % n:
+            raise ConfigError(f"PPO with {n} processes: the prompts per iteration ({len(prompts)}) must be a "
+                              f"multiple of {n}, so every process takes the same number of optimizer steps")
+        return prompts[rank::n]
+
     def _rollout(self, prompts: list[str]) -> tuple[list[str], list[list[int]], list[str]]:
         """Texts, token ids and the prompt of every answer: per prompt the greedy one first, then the samples."""
         from recalign.llm.generate import GenerationSettings, generate
@@ -399,6 +423,7 @@ class PPOTrainer:
         self._activate(ACTOR)
         groups: list[list[Any]] = [[] for _ in prompts]
         seed = int(torch.randint(2 ** 31 - 1, (1,), generator=self.generator))
+        seed += self.state.process_index if self.state is not None else 0  # other prompts, other noise
         if s.greedy:
             greedy = GenerationSettings(max_new_tokens=s.max_new_tokens, do_sample=False)
             for group, answers in zip(groups, generate(self.model, self.tokenizer, prompts, greedy,
@@ -456,6 +481,7 @@ class PPOTrainer:
                 loss = pg_loss - s.ent_coef * mean_entropy + s.vf_coef * v_loss
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                average_gradients(self.actor_params + self.critic_params)
                 torch.nn.utils.clip_grad_norm_(self.actor_params, s.max_grad_norm)
                 torch.nn.utils.clip_grad_norm_(self.critic_params, s.max_grad_norm)
                 self.optimizer.step()
@@ -466,10 +492,18 @@ class PPOTrainer:
                                    ("entropy", mean_entropy.item()), ("approx_kl", kl), ("clipfrac", clipfrac)):
                     totals[key] += value
                 epoch_kl, epoch_steps, updates = epoch_kl + kl, epoch_steps + 1, updates + 1
+            epoch_kl = self._mean_over_processes(epoch_kl)  # every process stops after the same epoch
             if s.target_kl is not None and epoch_kl / epoch_steps > s.target_kl:
                 break  # the policy moved far enough from the one that collected the rollouts
         self.optimizer.zero_grad(set_to_none=True)
-        return {**{k: v / max(updates, 1) for k, v in totals.items()}, "ppo_epochs": epochs, "updates": updates}
+        return {**{k: self._mean_over_processes(v) / max(updates, 1) for k, v in totals.items()},
+                "ppo_epochs": epochs, "updates": updates}
+
+    def _mean_over_processes(self, value: float) -> float:
+        """The mean of a number over the processes (the number itself in a plain run)."""
+        if self.state is None:
+            return value
+        return float(all_reduce_sum(torch.tensor(float(value), device=self.device))) / self.state.num_processes
 
     def _activate(self, adapter: str) -> None:
         """Make `adapter` the one the forward pass uses; both adapters stay trainable (PEFT freezes the other)."""

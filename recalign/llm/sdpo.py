@@ -13,6 +13,10 @@ exactly one rejected answer, and S-DPO needs a variable list of them per prompt.
 (the generator before the update, §2.1 step d): its completion log-probs are computed once, without gradients,
 before the first optimizer step, so no reference copy is kept in memory and nothing is reloaded from
 `config._name_or_path`. Prompts are chat-rendered strings; every completion gets the EOS token appended.
+
+Under `accelerate launch` (N processes) a step's global batch is N·batch_size samples of the shared seeded order,
+rank r taking the r-th slice (wrapping around at the end, as accelerate's even batches do); the gradients and the
+logged numbers are averaged over the processes, so N processes with batch b step like one with batch N·b.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from pydantic import Field
 
 from recalign.errors import ConfigError
 from recalign.llm.dpo import DPOResult
-from recalign.llm.trainer import TrainerSettings, make_adapter_trainable, use_cpu
+from recalign.llm.trainer import (TrainerSettings, all_reduce_sum, average_gradients, data_parallel_state,
+                                  make_adapter_trainable, use_cpu)
 
 __all__ = ["SDPOSettings", "SDPOResult", "sdpo_losses", "sdpo_loss", "dpo_losses", "select_preferences",
            "sequence_logprobs", "train_sdpo"]
@@ -172,10 +177,10 @@ def _batch_logratios(model, batch: list[_Encoded], max_length: int) -> tuple[tor
 
 # ---- the trainer -----------------------------------------------------------------------------------------------
 
-def _total_steps(settings: SDPOSettings, n_samples: int) -> int:
+def _total_steps(settings: SDPOSettings, n_samples: int, processes: int = 1) -> int:
     if settings.max_steps > 0:
         return settings.max_steps
-    batches = math.ceil(n_samples / settings.batch_size)
+    batches = math.ceil(n_samples / (settings.batch_size * processes))
     return max(1, math.ceil(settings.epochs * batches / settings.grad_accum))
 
 
@@ -211,13 +216,15 @@ def train_sdpo(model, tokenizer, samples: Sequence[dict], settings: SDPOSettings
     settings = settings or SDPOSettings()
     if len(samples) == 0:
         raise ConfigError("S-DPO needs at least one sample; got none")
-    device = torch.device("cpu") if use_cpu(settings.device) else torch.device("cuda")
+    state = data_parallel_state(settings.device)  # None in a plain run
+    processes, rank = (state.num_processes, state.process_index) if state is not None else (1, 0)
+    device = state.device if state is not None else torch.device("cpu" if use_cpu(settings.device) else "cuda")
     model.to(device)
     encoded = _encode(tokenizer, samples)
     reference = _reference_logps(model, encoded, settings)
     parameters = _trainable_parameters(model)
     optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    total = _total_steps(settings, len(encoded))
+    total = _total_steps(settings, len(encoded), processes)
     scheduler = get_scheduler(settings.lr_scheduler, optimizer, num_warmup_steps=math.ceil(settings.warmup_ratio
                                                                                            * total),
                               num_training_steps=total)
@@ -231,8 +238,12 @@ def train_sdpo(model, tokenizer, samples: Sequence[dict], settings: SDPOSettings
         torch.manual_seed(settings.seed)  # dropout draws
         while step < total:
             order = torch.randperm(len(encoded), generator=generator).tolist()  # one seeded order per epoch
-            for start in range(0, len(encoded), settings.batch_size):
-                rows = order[start:start + settings.batch_size]
+            per_step = settings.batch_size * processes
+            for start in range(0, len(encoded), per_step):
+                rows = order[start:start + per_step]
+                if processes > 1:  # rank r's slice of the global batch, wrapped around to a full one
+                    rows = [order[(start + rank * settings.batch_size + j) % len(order)]
+                            for j in range(settings.batch_size)]
                 chosen, rejected, mask = _batch_logratios(model, [encoded[i] for i in rows], settings.max_length)
                 ref_chosen = torch.stack([reference[i][0] for i in rows]).to(device)
                 ref_rejected = torch.zeros_like(rejected)
@@ -250,12 +261,17 @@ def train_sdpo(model, tokenizer, samples: Sequence[dict], settings: SDPOSettings
                 micro += 1
                 if micro % settings.grad_accum:
                     continue
+                average_gradients(parameters)
                 torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 if step % settings.logging_steps == 0 or step == total:
+                    if processes > 1:  # the mean over the processes
+                        summed = all_reduce_sum(torch.tensor([stats[k] for k in ("loss", "acc", "margin")],
+                                                             device=device)) / processes
+                        stats.update(zip(("loss", "acc", "margin"), summed.tolist()))
                     n = stats["n"]
                     log.append({"step": step, "loss": stats["loss"] / n, "rewards/accuracies": stats["acc"] / n,
                                 "rewards/margins": stats["margin"] / n, "learning_rate": scheduler.get_last_lr()[0]})

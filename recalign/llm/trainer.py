@@ -33,7 +33,8 @@ __all__ = [
     "LoraSettings", "TrainResult", "use_cpu", "report_to_value", "trainer_args", "lora_config", "attach_lora",
     "load_adapter", "save_adapter", "merged_copy", "reference_adapter_disabled", "make_adapter_trainable",
     "freeze", "TrainerSettings", "quiet_trainer", "LossProgress", "dataset_progress_bars", "known_library_warnings_silenced",
-    "run_trainer", "is_main_process", "world_size",
+    "run_trainer", "is_main_process", "world_size", "data_parallel_state", "all_reduce_sum", "all_gather_cat",
+    "average_gradients",
 ]
 
 
@@ -129,6 +130,7 @@ def trainer_args(*, output_dir: str | Path, device: str = "auto", bf16: bool = F
         eval_strategy="no",
         disable_tqdm=True,  # our own progress bar (`quiet_trainer`) replaces tqdm and the printer callback
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # LoRA/full training uses every trainable weight (and DDP is faster so)
     )
 
 
@@ -142,6 +144,51 @@ def world_size() -> int:
 def is_main_process() -> bool:
     """True in the one process that writes files: rank 0 of `accelerate launch` / `torchrun`, or a plain run."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def data_parallel_state(device: str):
+    """accelerate's `PartialState` of this launch (process group: gloo on the CPU, NCCL on GPUs), or None when
+    this is the only process. Our own loops (PPO) use it; the TRL trainers set it up themselves."""
+    if world_size() == 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState(cpu=use_cpu(device))
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of `tensor` over every process of the launch (the tensor itself in a plain run)."""
+    import torch.distributed as dist
+
+    if world_size() == 1 or not dist.is_initialized():
+        return tensor
+    total = tensor.clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
+def average_gradients(parameters: list[torch.nn.Parameter]) -> None:
+    """Average the gradients of `parameters` over the processes (one all-reduce, flattened); DDP's averaging for
+    loops that DDP cannot wrap. A no-op in a plain run."""
+    import torch.distributed as dist
+
+    if world_size() == 1 or not dist.is_initialized():
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads])) / dist.get_world_size()
+    for parameter, piece in zip(parameters, flat.split([g.numel() for g in grads])):
+        parameter.grad = piece.view_as(parameter).clone()
+
+
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Every process's `tensor` (same shape everywhere) concatenated along dim 0, in rank order."""
+    import torch.distributed as dist
+
+    if world_size() == 1 or not dist.is_initialized():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
 
 
 # ---- results ------------------------------------------------------------------------------------------------
