@@ -1,9 +1,10 @@
 """Schemathesis against both servers' OpenAPI schemas, in process (ASGI), with the bearer token on: no 5xx, only
-documented status codes and content types, and every answer fits its documented schema.
+documented status codes and content types, and every answer fits its documented schema (errors: {"error": ...};
+/inference, /ranking and /v1/recommend: their answer models).
 
 Each operation gets a small derandomized budget of positive cases (bodies that fit the schema) and, where it has a
-body, negative ones (bodies that do not). Random bodies rarely name the served model or a catalog item, so half of
-the positive LLM cases are steered onto them (`steer`): those reach the model and must be answered 200.
+body, negative ones (bodies that do not). Random bodies rarely name the served model, a user or a catalog item, so
+half of the positive cases are steered onto them (`steer`): some of those reach the model and are answered 200.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from conftest import TINY_INTERACTIONS, TINY_ITEMS
 TOKEN = "fuzz-token"
 NAME = "tiny-llm"
 N_ITEMS = len(TINY_ITEMS)
+N_USERS = 3
 EXAMPLES = 15  # per operation and generation mode
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 POSITIVE, NEGATIVE = GenerationMode.POSITIVE, GenerationMode.NEGATIVE
@@ -61,17 +63,38 @@ def llm_schema():
     return schemathesis.openapi.from_asgi("/openapi.json", app)
 
 
+def _known(value, n: int = N_ITEMS):
+    """A whole number folded onto 0..n-1 (lists: each entry); anything else unchanged.
+
+    JSON Schema's "integer" includes 3.0, which the servers' strict ints refuse (422): steered ids are true ints.
+    """
+    if isinstance(value, list):
+        return [_known(v, n) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return value % n if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 def steer(case):
-    """The case with the served model's name, catalog item ids and at most 4 new tokens (a body that can be served)."""
+    """The case with the served model's name, known item and user ids and at most 4 new tokens."""
     body = case.body
     if isinstance(body, dict):
         if "model" in body:
             body["model"] = NAME
         if isinstance(body.get("max_tokens"), int):
             body["max_tokens"] = min(body["max_tokens"], 4)
-        for key in ("history", "candidates"):
+        for key in ("history", "candidates", "item_lists", "candidate_item_lists"):
             if isinstance(body.get(key), list):
-                body[key] = [v % N_ITEMS if isinstance(v, int) else v for v in body[key]]
+                body[key] = _known(body[key])
+        if isinstance(body.get("users"), list):
+            body["users"] = _known(body["users"], N_USERS)
+        rows = body.get("item_lists")
+        if isinstance(rows, list) and rows:  # the teacher's per-row lists must have one entry per history
+            if isinstance(body.get("item_lengths"), list):
+                body["item_lengths"] = [len(row) if isinstance(row, list) else 0 for row in rows]
+            for key, filler in (("users", 0), ("candidate_item_lists", [0]), ("target_category", None)):
+                if isinstance(body.get(key), list):
+                    body[key] = ((body[key] or [filler]) * len(rows))[:len(rows)]
     return case
 
 
@@ -90,6 +113,7 @@ def fuzz(schema, method: str, path: str, mode: GenerationMode, steered: bool = F
         statuses[response.status_code] += 1
 
     run()
+    print(f"{method} {path} {mode.value}: {sum(statuses.values())} cases, statuses {dict(statuses)}")
     return statuses
 
 
@@ -112,14 +136,21 @@ def test_every_operation_documents_json_errors(teacher_schema, llm_schema):
                     content = operation["responses"][status]["content"]["application/json"]["schema"]
                     assert content == {"$ref": "#/components/schemas/ErrorBody"}, (method, path, status)
         assert schema.raw_schema["components"]["schemas"]["ErrorBody"]["required"] == ["error"]
+    for schema, path, answer in ((teacher_schema, "/inference", "InferenceAnswer"),
+                                 (teacher_schema, "/ranking", "RankingAnswer"),
+                                 (llm_schema, "/v1/recommend", "RecommendAnswer")):
+        ok = schema.raw_schema["paths"][path]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+        assert ok == {"$ref": f"#/components/schemas/{answer}"}
 
 
 @pytest.mark.parametrize("method, path, mode", _cases(TEACHER_OPERATIONS))
 def test_teacher_fuzz_finds_no_server_error(teacher_schema, method, path, mode):
-    statuses = fuzz(teacher_schema, method, path, mode)
+    statuses = fuzz(teacher_schema, method, path, mode, steered=mode is POSITIVE)
     assert max(statuses) < 500
     if path in HAS_BODY:
         assert sum(statuses.values()) >= EXAMPLES - 2, statuses  # the budget was spent, not skipped
+    if mode is POSITIVE:
+        assert statuses[200] >= 1, statuses  # the steered half reached the teacher
     if mode is NEGATIVE:
         assert max(statuses) < 300 or min(statuses) >= 400, statuses  # bodies off the schema are refused
 

@@ -94,6 +94,22 @@ class RecommendBody(BaseModel):
                                    "grounded: one greedy answer, then the nearest titles (score: fuzzy similarity)")
 
 
+class RecommendedItem(BaseModel):
+    """One catalog item of a /v1/recommend answer."""
+
+    id: int = Field(description="dense item id")
+    original_id: str
+    title: str
+    score: float = Field(description="mean token log-prob (constrained) or title similarity 0..1 (grounded)")
+
+
+class RecommendAnswer(BaseModel):
+    """The /v1/recommend answer (documented in OpenAPI, not validated per request)."""
+
+    model: str
+    items: list[RecommendedItem] = Field(description="at most k items, best first")
+
+
 # ---- jobs on the model thread ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TextJob:
@@ -432,7 +448,7 @@ def llm_app(model, tokenizer, dataset, task=None, *, name: str = "recalign-llm",
                                        for i, a in enumerate(answers)],
             "usage": usage(prompts, answers)})
 
-    @app.post("/v1/recommend", dependencies=auth, response_model=None)
+    @app.post("/v1/recommend", dependencies=auth, response_model=None, responses={200: {"model": RecommendAnswer}})
     async def recommend(body: RecommendBody) -> JSONResponse:
         """Up to k catalog items for a history (never a history item; "-C": never an item of C)."""
         job = engine.recommend_job(body)

@@ -66,6 +66,18 @@ class RankingBody(_Rows):
     k: StrictInt | None = Field(None, description="accepted for the original client's shape; unused")
 
 
+class InferenceAnswer(BaseModel):
+    """The /inference answer (documented in OpenAPI, not validated per request)."""
+
+    inference: list[list[int]] = Field(description="top-k item ids per row, best first")
+
+
+class RankingAnswer(BaseModel):
+    """The /ranking answer (documented in OpenAPI, not validated per request)."""
+
+    ranking: list[list[int]] = Field(description="0-based rank of each candidate among all items, per row")
+
+
 @dataclass(frozen=True)
 class TeacherJob:
     """One request as the model thread sees it."""
@@ -142,12 +154,12 @@ def create_teacher_app(service: TeacherService, *, token: str | None = None, bat
         return await batcher.run_now(job)
 
     # JSONResponse directly: plain int lists need no response-model validation (a measurable cost per request)
-    @app.post("/inference", dependencies=auth, response_model=None)
+    @app.post("/inference", dependencies=auth, response_model=None, responses={200: {"model": InferenceAnswer}})
     async def inference(body: InferenceBody) -> JSONResponse:
         """Top-k items per row."""
         return JSONResponse({"inference": await answer(body)})
 
-    @app.post("/ranking", dependencies=auth, response_model=None)
+    @app.post("/ranking", dependencies=auth, response_model=None, responses={200: {"model": RankingAnswer}})
     async def ranking(body: RankingBody) -> JSONResponse:
         """Rank of each candidate among all items, per row."""
         return JSONResponse({"ranking": await answer(body)})
