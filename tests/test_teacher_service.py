@@ -135,6 +135,7 @@ def test_user_based_teacher_needs_users(synthetic):
 @pytest.mark.parametrize("call, message", [
     (lambda s: s.topk([[0, 9]], 2), "unknown history item id.* 9"),
     (lambda s: s.topk([[-1]], 2), "unknown history item id.* -1"),
+    (lambda s: s.topk([[2 ** 63]], 2), "unknown history item id.* 9223372036854775808"),  # beyond int64
     (lambda s: s.topk([[0]], 2, candidates=[[7]]), "unknown candidate item id.* 7"),
     (lambda s: s.topk([[0]], 2, categories=["+Horror"]), "unknown category 'Horror'"),
     (lambda s: s.topk([[0]], 2, categories=["Romance"]), "'\\+Name' or '-Name'"),

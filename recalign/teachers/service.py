@@ -135,10 +135,9 @@ class TeacherService:
         if not all(_is_id(i) for i in flat):
             bad = next(i for i in flat if not _is_id(i))
             raise RequestError(f"{what} item ids must be integers, got {shorten(bad)}")
-        values = np.asarray(flat, dtype=np.int64)
-        bad = values[(values < 0) | (values >= self.n_items)]
-        if len(bad):
-            shown = ", ".join(str(int(v)) for v in np.unique(bad)[:5])
+        outside = [i for i in flat if not 0 <= i < self.n_items]  # checked before int64 (2**63 would overflow)
+        if outside:
+            shown = ", ".join(shorten(v) for v in sorted(set(outside))[:5])
             raise RequestError(f"unknown {what} item id(s) {shown} (items are 0..{self.n_items - 1})")
 
     def _parse_category(self, category: str | None) -> tuple[int, bool] | None:
