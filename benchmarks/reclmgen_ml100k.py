@@ -76,8 +76,8 @@ MEASURE = [  # SmolLM2 at the smallest scale that still times every part: one SF
 BUDGET = [  # SmolLM2 scaled to about 90 CPU-minutes: 3 test tasks (the claim's SeqRec, +C and EP_30), short SFT and RL
     "stages.sasrec.params.max_train_seconds=180",
     "stages.sft.params.sft_epochs=2", "stages.sft.params.sft_rows=64", "stages.sft.params.control_re_items=32",
-    "stages.ppo.params.rl_iterations=4", "stages.ppo.params.prompts_per_iteration=4",
-    "stages.grpo.params.rl_iterations=2", "stages.grpo.params.prompts_per_iteration=2",
+    "stages.ppo.params.rl_iterations=2", "stages.ppo.params.prompts_per_iteration=4",
+    "stages.grpo.params.rl_iterations=1", "stages.grpo.params.prompts_per_iteration=2",
     "stages.sft.params.test_tasks=[seqrec,+c,ep_30]", "stages.ppo.params.test_tasks=[seqrec,+c,ep_30]",
     "stages.grpo.params.test_tasks=[seqrec,+c,ep_30]",
 ]
