@@ -201,3 +201,63 @@ def test_serve_llm_backend_openai_forwards_and_grounds(tmp_path):
     # -Mystery leaves Golden Empire 3 (2) and Broken Mirror 5 (4); grounded scores are fuzzy similarities 0..1
     assert sorted(i["id"] for i in items) == [2, 4]
     assert all(0.0 <= i["score"] <= 1.0 for i in items)
+
+
+# ---- vllm with a LoRA model: a merged copy in a temp folder (a stand-in vllm module, vLLM is not installed here) --
+
+class StandInLLM:
+    """`vllm.LLM` stand-in: loads the folder with transformers and answers greedily; records what it was given."""
+
+    built: list[tuple[str, bool, dict]] = []
+
+    def __init__(self, model: str, seed: int = 0, **options):
+        from pathlib import Path
+
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        StandInLLM.built.append((model, (Path(model) / "adapter_config.json").exists(), options))
+        self.model = AutoModelForCausalLM.from_pretrained(model)
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+
+    def generate(self, prompts, params):
+        from types import SimpleNamespace
+
+        from recalign.llm.generate import GenerationSettings, generate
+
+        assert params.temperature == 0.0  # greedy, as the backend asks for it
+        answers = generate(self.model, self.tokenizer, prompts, GenerationSettings(max_new_tokens=params.max_tokens))
+        return [SimpleNamespace(outputs=[SimpleNamespace(text=a[0])]) for a in answers]
+
+
+def test_vllm_backend_gets_a_merged_lora_copy_and_removes_it(tmp_path, monkeypatch):
+    import importlib.machinery
+    import types
+
+    from recalign.llm.generate import GenerationSettings
+    from recalign.llm.models import load_model
+    from recalign.llm.trainer import LoraSettings
+
+    module = types.ModuleType("vllm")
+    module.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
+    module.LLM, module.SamplingParams = StandInLLM, lambda **fields: types.SimpleNamespace(**fields)
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    StandInLLM.built.clear()
+    model, tokenizer = load_model("tiny", device="cpu", lora=LoraSettings(r=2, alpha=4, dropout=0.0), seed=0,
+                                  progress=False)
+    with torch.no_grad():  # a non-zero adapter: merging must matter
+        generator = torch.Generator().manual_seed(0)
+        for name, weight in model.named_parameters():
+            if "lora_B" in name:
+                weight.copy_(torch.randn(weight.shape, generator=generator))
+    prompts = ["Red Ocean", "Golden Empire and more", "x"]
+    settings = GenerationSettings(max_new_tokens=5)
+    local = generate_answers(None, model, tokenizer, prompts, settings)
+    with model.disable_adapter():
+        base = generate_answers(None, model, tokenizer, prompts, settings)
+    served = generate_answers(GenerationBackend(backend="vllm", llm_options={"gpu_memory_utilization": 0.5}),
+                              model, tokenizer, prompts, settings, scratch=tmp_path / "scratch")
+    assert served == local and local != base  # the adapter's answers, not the base model's
+    [(folder, has_adapter, options)] = StandInLLM.built
+    assert folder.startswith(str(tmp_path / "scratch")) and not has_adapter  # full merged weights
+    assert options == {"gpu_memory_utilization": 0.5}
+    assert not (tmp_path / "scratch").exists()  # the merged copy and its scratch folder are gone

@@ -11,7 +11,8 @@
 Every backend returns ``list[list[str]]``: for each prompt, its `num_return_sequences` answers (special tokens
 removed, the prompt not repeated). The transformers backend can also return `Generated` records
 (`return_details=True`): the text, the generated token ids and each token's log-probability, as policy-gradient
-methods (PPO, GRPO) need them.
+methods (PPO, GRPO) need them. Stages take the backend from their recipe's `backend:` block
+(`recalign.llm.backends`: `GenerationBackend`, `generate_answers`).
 """
 
 from __future__ import annotations
