@@ -112,6 +112,32 @@ def test_missing_ray_is_a_config_error_before_training(tmp_path, monkeypatch):
     assert not list((tmp_path / "run" / "stages").glob("*/model"))  # nothing trained, nothing half-written
 
 
+def test_ray_that_does_not_start_is_retried_then_one_error_line(monkeypatch):
+    import types
+
+    from recalign.errors import RecalignError
+    from recalign.eval.ray_backend import connect
+
+    calls: list[dict] = []
+
+    def init(**options):
+        calls.append(options)
+        raise Exception("The current node timed out during startup. This could happen ...\nmore")
+
+    fake = types.SimpleNamespace(is_initialized=lambda: False, init=init, shutdown=lambda: None)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(RecalignError, match=r"local Ray instance \(3 tries\): The current node timed out") as caught:
+        connect(2)
+    assert "\n" not in str(caught.value)
+    assert [c["num_cpus"] for c in calls] == [2, 2, 2] and not calls[0]["include_dashboard"]
+    calls.clear()
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    with pytest.raises(RecalignError, match=r"cluster at RAY_ADDRESS=10.0.0.1:6379"):
+        connect(2)
+    assert calls == [{"address": "10.0.0.1:6379", "ignore_reinit_error": True, "log_to_driver": False}]
+
+
 def test_eval_backend_and_workers_are_validated(tmp_path):
     with pytest.raises(ConfigError, match=r"eval\.backend: .*'local' or 'ray'"):
         _recipe(tmp_path, "spark")

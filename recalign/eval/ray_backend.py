@@ -27,17 +27,30 @@ def import_ray():
     return ray
 
 
-def connect(workers: int):
-    """Join the running Ray instance, the cluster at RAY_ADDRESS, or start a local one with `workers` CPUs."""
+def connect(workers: int, attempts: int = 3):
+    """Join the running Ray instance, the cluster at RAY_ADDRESS, or start a local one with `workers` CPUs.
+
+    A local start is tried `attempts` times: Ray gives its raylet a fixed 30 s to register, which a busy machine
+    can miss. A start that still fails is one RecalignError line.
+    """
     ray = import_ray()
     if ray.is_initialized():
         return ray
     address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-    else:
-        ray.init(num_cpus=workers, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
-    return ray
+    failure = ""
+    for _ in range(1 if address else attempts):
+        try:
+            if address:
+                ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+            else:
+                ray.init(num_cpus=workers, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+            return ray
+        except Exception as exc:  # noqa: BLE001  (Ray raises a bare Exception when its start-up times out)
+            failure = (str(exc).splitlines() or [type(exc).__name__])[0]
+            ray.shutdown()
+    where = f"the Ray cluster at RAY_ADDRESS={address}" if address else f"a local Ray instance ({attempts} tries)"
+    raise RecalignError(f"eval.backend ray: could not start or join {where}: {failure}; "
+                        f"use eval.backend local, or start Ray first (ray start --head) and set RAY_ADDRESS")
 
 
 def shard_bounds(n: int, shards: int, align: int = 1) -> list[tuple[int, int]]:
