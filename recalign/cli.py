@@ -365,6 +365,13 @@ def serve_llm(
                                       "gather concurrent requests into one batched generate"),
     max_rows: int = typer.Option(64, "--max-rows", help="micro-batching: at most this many prompts per batched "
                                  "generate (1: one request at a time)"),
+    backend: str = typer.Option("transformers", "--backend", help="generation engine: transformers | vllm | "
+                                "openai | auto (vllm/openai: /v1/recommend answers grounded, no trie)"),
+    base_url: Optional[str] = typer.Option(None, "--base-url", help="--backend openai: the upstream server"),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="--backend openai: NAME of the "
+                                              "environment variable holding the upstream key"),
+    served_model: Optional[str] = typer.Option(None, "--served-model", help="--backend openai: the upstream "
+                                               "model name (default: its only model)"),
 ) -> None:
     """Serve an llm-sft stage (base model + adapter): OpenAI-compatible /v1/models, /v1/chat/completions,
     /v1/completions, and POST /v1/recommend {"history": [ids or titles], "k": K, "control": "+C"|"-C",
@@ -379,7 +386,8 @@ def serve_llm(
         from recalign.serve.llm import serve_llm as serve
 
         _existing(stage, "llm-sft stage folder")
-        serve(stage, host, port, max_wait_ms=max_wait_ms, max_rows=max_rows)
+        serve(stage, host, port, max_wait_ms=max_wait_ms, max_rows=max_rows, backend=backend, base_url=base_url,
+              api_key_env=api_key_env, served_model=served_model)
 
 
 @app.command("run")
