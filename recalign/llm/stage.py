@@ -278,6 +278,7 @@ def ray_answer_pool(ctx: "RunContext", model, tokenizer, params: LLMSFTParams):
     folder = ctx.stage_dir / "model"
     if params.save == "none" or not folder.is_dir():
         folder = save_model(model, tokenizer, ctx.stage_dir / "scratch" / "ray-model")
+    folder = folder.resolve()  # workers (on other machines too) may start in another directory
     gpus = 1.0 if resolve_device(params.device).type == "cuda" else 0.0
     ctx.log(f"eval.backend ray: {spec.workers} workers load {folder}")
     return WorkerPool(AnswerEngine, (str(folder), params.model_dump(mode="json"), list(ctx.dataset.titles()),
