@@ -21,11 +21,14 @@ files (written every `--chunk` users), the embedding cache and every finished CT
     .venv/bin/python benchmarks/trackrec_ml100k.py --quick     # tiny random Llama, plumbing only (< 3 min)
     .venv/bin/python benchmarks/trackrec_ml100k.py --threads 1 # SmolLM2-135M, the defaults (sized for <= 90 min)
 
-Defaults, sized for <= 90 min on this 2-core CPU shared with other jobs. Measured here under load (SmolLM2-135M,
-float32, 1 thread): a 48-token CoT from a ~210-token CoT prompt (history 10) costs ~3.2 CPU-s at batch 16; one
-~310-token V prompt ~2.75 CPU-s. LLM loop: 2 iterations x (16 train impressions x 4 sampled CoTs scored by V,
-S-DPO, 48 greedy CoTs, V Rec-tuning, 32 test impressions): ~30 CPU-min. CTR side: 96 / 32 / 32 users (train /
-validation / test), <= 40 impressions per user, 320 CoTs of 48 tokens from two Gs (~15 CPU-min), 27 small fits.
+Defaults, sized for <= 90 min on this 2-core CPU shared with other jobs (the process gets ~0.55 of a core there).
+Measured here under load (SmolLM2-135M, float32, 1 thread): a 48-token CoT from a ~210-token CoT prompt (history
+10) costs ~3.2 CPU-s at batch 16; one ~310-token V prompt ~2.75 CPU-s; one LoRA SFT step of 4 x ~280 tokens ~40
+CPU-s (73 s wall): the first try (history 10, 16 train x 4 samples, 32 test, 48 tokens) projected ~40 min wall per
+iteration and was stopped. Hence: prompts with the last 5 rated items, 32-token CoTs, LLM loop 2 iterations x
+(8 train impressions x 4 sampled CoTs scored by V, S-DPO, greedy CoTs, V Rec-tuning, 24 test impressions); CTR side
+80 / 20 / 20 users (train / validation / test), <= 50 impressions per user, 240 CoTs from two Gs, one grid point
+(batch 256, lr 2e-3) with the epoch chosen on validation.
 JSON: benchmarks/results/trackrec_ml100k.json (--quick: trackrec_ml100k_quick.json).
 Data is read in place from ../shared/data/ml-100k (never copied into the repository).
 """
@@ -54,6 +57,7 @@ from recalign.ctr.data import Impressions, build_impressions, split_users  # noq
 from recalign.ctr.knowledge import DEFAULT_MODEL, load_knowledge, write_knowledge  # noqa: E402
 from recalign.ctr.train import BACKBONES, predict  # noqa: E402
 from recalign.data.sources import prepare_source  # noqa: E402
+from recalign.errors import ConfigError, RecalignError  # noqa: E402
 from recalign.io import write_json  # noqa: E402
 from recalign.methods.trackrec import (Catalog, CtrRows, TrackRecConfig, TrackRecParams, generate_cots,  # noqa: E402
                                        iteration_table, run_trackrec, teacher_name)
@@ -71,23 +75,23 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench/trackrec-run"), help="resumable work folder")
     parser.add_argument("--model", default="smollm2", help="G and V base model (--quick: tiny)")
     parser.add_argument("--iterations", type=int, default=2, help="alternating iterations after distillation")
-    parser.add_argument("--train-rows", type=int, default=16, help="LLM loop: train impressions (seeded sample)")
-    parser.add_argument("--test-rows", type=int, default=32, help="LLM loop: test impressions (seeded sample)")
+    parser.add_argument("--train-rows", type=int, default=8, help="LLM loop: train impressions (seeded sample)")
+    parser.add_argument("--test-rows", type=int, default=24, help="LLM loop: test impressions (seeded sample)")
     parser.add_argument("--n-samples", type=int, default=4, help="LLM loop: CoTs sampled per train impression")
-    parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens per CoT (loop and CTR side)")
-    parser.add_argument("--history", type=int, default=10, help="rated items in the LLM prompts (<= 10)")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens per CoT (loop and CTR side)")
+    parser.add_argument("--history", type=int, default=5, help="rated items in the LLM prompts (<= 10)")
     parser.add_argument("--batch", type=int, default=16, help="prompts per generate call in the LLM loop")
     parser.add_argument("--cot-batch", type=int, default=32, help="prompts per generate call for the CTR CoTs")
-    parser.add_argument("--ctr-users", type=int, nargs=3, default=[96, 32, 32], metavar=("TRAIN", "VALID", "TEST"),
+    parser.add_argument("--ctr-users", type=int, nargs=3, default=[80, 40, 40], metavar=("TRAIN", "VALID", "TEST"),
                         help="CTR side: seeded sample of users per part of the user split (one CoT per user per G)")
-    parser.add_argument("--per-user", type=int, default=40, help="CTR side: impressions per user from the anchor on")
+    parser.add_argument("--per-user", type=int, default=150, help="CTR side: impressions per user from the anchor on")
     parser.add_argument("--chunk", type=int, default=32, help="users per saved chunk of CoTs")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="CTR model seeds")
     parser.add_argument("--backbones", nargs="+", default=sorted(BACKBONES), choices=sorted(BACKBONES))
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--patience", type=int, default=3)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256])
-    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3])
+    parser.add_argument("--lrs", type=float, nargs="+", default=[2e-3])
     parser.add_argument("--text-model", default=DEFAULT_MODEL)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--seed", type=int, default=0, help="user split, samples and the LLM loop")
@@ -135,6 +139,8 @@ def run_llm_side(args, params: TrackRecParams, impressions: Impressions, parts: 
                  catalog: Catalog) -> tuple[TrackRecConfig, list[dict]]:
     """Distillation and the alternating loop (resumed from `<work>/llm`); the per-iteration records."""
     config = TrackRecConfig(**params.model_dump(exclude={"history_len", "threshold", "split", "noun"}))
+    check_prompt_settings(args.work / "llm-prompts.json", {"history": args.history, "threshold": params.threshold,
+                                                          "split": params.split, "noun": params.noun})
     rows = llm_rows(impressions, args.history)
     say(f"LLM side: G and V = {config.model}, teacher = {teacher_name(config.teacher)}, {config.iterations} "
         f"iterations, {config.train_rows} train x {config.n_samples} samples, {config.test_rows} test")
@@ -143,6 +149,17 @@ def run_llm_side(args, params: TrackRecParams, impressions: Impressions, parts: 
     records = summary["iterations"]
     print(iteration_table(records), flush=True)
     return config, records
+
+
+def check_prompt_settings(path: Path, settings: dict) -> None:
+    """The loop's store keys on its config only: a work folder made with other prompt/impression settings is refused."""
+    if path.is_file():
+        before = json.loads(path.read_text(encoding="utf-8"))
+        if before != settings:
+            raise ConfigError(f"--work {path.parent}: made with {before}, this run asks for {settings}; "
+                              "give another --work folder")
+    else:
+        write_json(path, settings)
 
 
 # ---- CTR side: impressions, CoTs, knowledge -----------------------------------------------------------------------
@@ -190,7 +207,8 @@ def user_cots(args, config: TrackRecConfig, checkpoint: Path, anchors: Impressio
         texts = generate_cots(config, checkpoint, rows.take(chunk), catalog)
         cots.update(zip(anchors.user[chunk].tolist(), texts))
         _write_parquet(path, cots)
-        say(f"  CoTs {path.stem}: {len(cots)}/{len(anchors.user)} users ({time.perf_counter() - t:.0f} s for "
+        have = int(np.isin(anchors.user, list(cots)).sum())
+        say(f"  CoTs {path.stem}: {have}/{len(anchors.user)} users ({time.perf_counter() - t:.0f} s for "
             f"{len(chunk)})")
     return cots
 
@@ -293,7 +311,7 @@ def verdicts(args, folder: Path, labels: np.ndarray, table: list[dict]) -> list[
 
 
 def _phrase(d: dict, seeds: int) -> str:
-    return (f"{d['verdict'].upper()} (mean test AUC {d['seed_mean_diff']:+.4f} over {seeds} seeds; seed-averaged "
+    return (f"{d['verdict'].upper()} (mean test AUC {d['seed_mean_diff']:+.4f} over {seeds} seed{'s' if seeds != 1 else ''}; seed-averaged "
             f"{d['ensemble_diff']:+.4f}, 95% CI [{d['low']:+.4f}, {d['high']:+.4f}])")
 
 
@@ -314,9 +332,11 @@ def main() -> None:
     config, records = run_llm_side(args, params, impressions, split, catalog)
     seconds["llm_loop"] = time.perf_counter() - t
 
-    ctr_key = stable_hash({"llm": config.model_dump(mode="json"), "users": args.ctr_users,
-                           "per_user": args.per_user, "history": args.history})[:12]
-    folder = args.work / f"ctr-{ctr_key}"
+    # CoTs depend on G and the prompt only (one file per G and part: any user sample reuses them); the knowledge and
+    # the fits on the impression set as well
+    llm_key = stable_hash({"llm": config.model_dump(mode="json"), "history": args.history})[:12]
+    cot_folder = args.work / f"cots-{llm_key}"
+    folder = args.work / f"ctr-{stable_hash([llm_key, args.ctr_users, args.per_user, args.seed])[:12]}"
     parts, anchors = ctr_impressions(impressions, split, args.ctr_users, args.per_user, args.seed)
     say("CTR impressions: " + ", ".join(f"{k} {len(v)} ({len(anchors[k])} users)" for k, v in parts.items()))
     checkpoints = {"first": args.work / "llm" / "distill",
@@ -329,7 +349,7 @@ def main() -> None:
         cots[tag] = {}
         for name in parts:
             cots[tag].update(user_cots(args, cot_config, checkpoint, anchors[name], catalog,
-                                       folder / f"cots_{tag}_{name}.parquet"))
+                                       cot_folder / f"cots_{tag}_{name}.parquet"))
         seconds[f"cots_{tag}"] = time.perf_counter() - t
         say(f"CoTs of {tag} G ready: e.g. {next(iter(cots[tag].values()))[:200]!r}")
 
@@ -355,7 +375,14 @@ def main() -> None:
     print("\nLLM test per iteration (0 = distilled G0 with the un-tuned V0):\n" + iteration_table(records))
     for entry in verdict:
         print(entry["line"])
+    for name in parts:
+        same = np.mean([cots["first"][u] == cots["aligned"][u] for u in anchors[name].user.tolist()])
+        print(f"{name}: the aligned G wrote the same CoT as G0 for {same:.0%} of the users")
     seconds["total_this_invocation"] = time.perf_counter() - started
+    with open(args.work / "invocations.jsonl", "a", encoding="utf-8") as handle:  # every attempt on this folder
+        handle.write(json.dumps({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": seconds,
+                                 "ctr_users": args.ctr_users, "per_user": args.per_user}) + "\n")
+    invocations = [json.loads(line) for line in (args.work / "invocations.jsonl").read_text().splitlines()]
     write_json(args.out, {
         "benchmark": "trackrec_ml100k", "data": "MovieLens-100K (../shared/data/ml-100k)",
         "llm": {"model": f"G {config.model}, V {config.verifier_model or config.model}",
@@ -374,12 +401,19 @@ def main() -> None:
                 "sizes": {name: len(part) for name, part in parts.items()},
                 "test_positive_rate": float(parts["test"].label.mean()),
                 "cot_examples": {tag: dict(list(c.items())[:3]) for tag, c in cots.items()},
+                "cots_identical_share": {name: float(np.mean([cots["first"][u] == cots["aligned"][u]
+                                                              for u in anchors[name].user.tolist()]))
+                                         for name in parts},
                 "table": table, "verdict": verdict, "runs": runs},
-        "seconds": seconds, "work": str(args.work),
+        "seconds": seconds, "invocations": invocations, "work": str(args.work),
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads},
     })
     print(f"wrote {args.out} in {seconds['total_this_invocation']:.0f} s")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except RecalignError as exc:  # a user's mistake (bad folder, bad sizes): one line, exit 2
+        print(f"trackrec_ml100k: error: {exc}", file=sys.stderr)
+        sys.exit(2)
