@@ -479,9 +479,8 @@ def train_llm_sft(
 
 def _run(recipe, run_dir: Path, quiet: bool) -> None:
     from recalign.eval.report import results_table
+    from recalign.processes import process_rank
     from recalign.runs import run_recipe
-
-    from recalign.runs import process_rank
 
     summary = run_recipe(recipe, run_dir, progress=not quiet, echo=lambda line: err.print(line, highlight=False, markup=False))
     if process_rank() > 0:  # one table, from rank 0

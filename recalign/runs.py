@@ -30,6 +30,7 @@ from recalign.config import DataSpec, Recipe, SplitSpec, StageSpec, stable_hash
 from recalign.data.dataset import Dataset
 from recalign.errors import ConfigError, OutputError, RecalignError, writing
 from recalign.io import atomic_folder, unwritable_reason, write_atomic, write_json  # noqa: F401  (re-exported: older imports use runs.write_*)
+from recalign.processes import process_rank, world_size
 from recalign.stages import fill_seeds, get_stage, stage_dependencies
 
 if TYPE_CHECKING:
@@ -348,23 +349,18 @@ MULTI_PROCESS_KINDS = frozenset({"llm-sft", "sprec", "controllable", "trackrec"}
 RANKS = ".ranks"  # rank 0's "run folder ready" marker and the other ranks' private scratch run folders
 
 
-def process_rank() -> int:
-    """This process's rank under `accelerate launch` / `torchrun` (RANK), 0 in a plain run."""
-    return int(os.environ.get("RANK", "0"))
-
-
 def _launch_id() -> str:
     """Shared by the processes of one launch on one machine: their launcher's pid and the rendezvous port."""
     return f"{os.getppid()}-{os.environ.get('MASTER_PORT', '0')}"
 
 
 def _mark_started(run_dir: Path) -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if world_size() > 1:
         write_atomic(run_dir / RANKS / f"{_launch_id()}.ready", "ready\n")
 
 
 def _clear_started(run_dir: Path) -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if world_size() > 1:
         (run_dir / RANKS / f"{_launch_id()}.ready").unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             (run_dir / RANKS).rmdir()  # other ranks may still be removing their scratch folders

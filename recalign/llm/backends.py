@@ -16,7 +16,6 @@ vLLM loads its own copy of the weights: a LoRA model is merged and saved to a fo
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import re
 import shutil
@@ -27,6 +26,7 @@ from typing import Any, Iterator, Literal, Sequence
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from recalign.errors import ConfigError, RecalignError
+from recalign.llm.generate import v1_url, vllm_installed, vllm_usable
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -90,9 +90,7 @@ class GenerationBackend(BaseModel):
         """The engine that runs: 'auto' becomes vllm (importable, GPU, no trie) or transformers."""
         if self.backend != "auto":
             return self.backend
-        import torch
-
-        return "vllm" if vllm_installed() and torch.cuda.is_available() and not constrained else "transformers"
+        return "vllm" if vllm_usable() and not constrained else "transformers"
 
     def api_key(self) -> str | None:
         """The key read from the environment variable `api_key_env` (None without one)."""
@@ -115,11 +113,6 @@ def backend_from_options(backend: str = "transformers", *, base_url: str | None 
                           else f"{where}: {message}") from None
     chosen.check(where=where)
     return chosen
-
-
-def vllm_installed() -> bool:
-    """Whether `import vllm` can work here."""
-    return importlib.util.find_spec("vllm") is not None
 
 
 def generate_answers(backend: GenerationBackend | None, model, tokenizer, prompts: Sequence[str], settings=None,
@@ -191,7 +184,7 @@ def served_model(backend: GenerationBackend) -> str:
     import httpx
 
     base = (backend.base_url or "").rstrip("/")
-    url = f"{base}/models" if base.endswith("/v1") else f"{base}/v1/models"
+    url = v1_url(base, "models")
     key = backend.api_key()
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:

@@ -106,7 +106,7 @@ def generate(model, tokenizer, prompts: Sequence[str], settings: GenerationSetti
         raise ConfigError(f"generation backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "auto":
         # vLLM loads its own copy of the weights: only worth it for a model given by name/folder.
-        backend = "vllm" if _vllm_usable() and logits_processor is None and isinstance(model, str) \
+        backend = "vllm" if vllm_usable() and logits_processor is None and isinstance(model, str) \
             else "transformers"
     prompts = list(prompts)
     if return_details and backend != "transformers":
@@ -129,8 +129,20 @@ def generate(model, tokenizer, prompts: Sequence[str], settings: GenerationSetti
     return _generate_vllm(model, prompts, settings, **backend_options)
 
 
-def _vllm_usable() -> bool:
-    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+def vllm_installed() -> bool:
+    """Whether `import vllm` can work here."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+def vllm_usable() -> bool:
+    """vLLM installed and a GPU present: what backend 'auto' picks vLLM for."""
+    return vllm_installed() and torch.cuda.is_available()
+
+
+def batch_order(lengths: Sequence[int]) -> list[int]:
+    """The order in which the transformers backend batches prompts of these token lengths: longest first, ties in
+    input order (similar lengths share a batch, and a too-long batch fails at once)."""
+    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
 
 
 def _batches(count: int, batch_size: int, progress: bool, description: str):
@@ -184,8 +196,7 @@ def _generate_transformers(model, tokenizer, prompts: list[str], settings: Gener
         tokenizer.pad_token = tokenizer.eos_token
     device = next(model.parameters()).device
     encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    # Longest first: similar lengths share a batch (little padding), and a too-long batch fails at once.
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    order = batch_order([len(ids) for ids in encoded])
     answers: list[list[Any]] = [[] for _ in prompts]
     n_return = settings.num_return_sequences
     options = dict(max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
@@ -229,10 +240,15 @@ def _generate_transformers(model, tokenizer, prompts: list[str], settings: Gener
 
 # ---- OpenAI-compatible HTTP server ------------------------------------------------------------------------------
 
+def v1_url(base_url: str, endpoint: str) -> str:
+    """The /v1/<endpoint> URL of a server given as 'http://host:port' or 'http://host:port/v1'."""
+    base = base_url.rstrip("/")
+    return f"{base}/{endpoint}" if base.endswith("/v1") else f"{base}/v1/{endpoint}"
+
+
 def completions_url(base_url: str) -> str:
     """The /v1/completions URL of a server given as 'http://host:port' or 'http://host:port/v1'."""
-    base = base_url.rstrip("/")
-    return f"{base}/completions" if base.endswith("/v1") else f"{base}/v1/completions"
+    return v1_url(base_url, "completions")
 
 
 def _generate_openai(model, prompts: list[str], settings: GenerationSettings, batch_size: int, progress: bool,

@@ -324,12 +324,13 @@ class PooledAnswerLists(AnswerLists):
     def answers(self, rows: Rows) -> list[str]:
         """The workers' answers, one per row, in row order."""
         from recalign.eval.ray_backend import shard_bounds
+        from recalign.llm.generate import batch_order
         from recalign.llm.tasks import prompts_for
 
         prompts = prompts_for(self.task, rows, self.titles, self.tokenizer)
         lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]] \
             if prompts else []
-        order = sorted(range(len(prompts)), key=lambda i: -lengths[i])  # as generate's batches
+        order = batch_order(lengths)  # generate's own batches
         shards = [order[start:stop] for start, stop in shard_bounds(len(order), len(self.pool), self.batch_size)]
         answered = self.pool.map("answers", [(self.decoding, [int(rows.users[i]) for i in shard],
                                               [[int(item) for item in rows.histories[i]] for i in shard])

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from recalign.errors import ConfigError
 from recalign.io import atomic_folder
+from recalign.processes import world_size
 
 REPORT_TO = ("none", "tensorboard", "wandb", "mlflow", "csv")
 
@@ -33,7 +34,7 @@ __all__ = [
     "LoraSettings", "TrainResult", "use_cpu", "report_to_value", "trainer_args", "lora_config", "attach_lora",
     "load_adapter", "save_adapter", "merged_copy", "reference_adapter_disabled", "make_adapter_trainable",
     "freeze", "TrainerSettings", "quiet_trainer", "LossProgress", "dataset_progress_bars", "known_library_warnings_silenced",
-    "run_trainer", "is_main_process", "world_size", "data_parallel_state", "all_reduce_sum", "all_gather_cat",
+    "run_trainer", "data_parallel_state", "all_reduce_sum", "all_gather_cat",
     "average_gradients",
 ]
 
@@ -135,16 +136,6 @@ def trainer_args(*, output_dir: str | Path, device: str = "auto", bf16: bool = F
 
 
 # ---- processes ------------------------------------------------------------------------------------------------
-
-def world_size() -> int:
-    """How many training processes this run has (`accelerate launch` / `torchrun` set WORLD_SIZE; else 1)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main_process() -> bool:
-    """True in the one process that writes files: rank 0 of `accelerate launch` / `torchrun`, or a plain run."""
-    return int(os.environ.get("RANK", "0")) == 0
-
 
 def data_parallel_state(device: str):
     """accelerate's `PartialState` of this launch (process group: gloo on the CPU, NCCL on GPUs), or None when
