@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from recalign.config import load_recipe  # noqa: E402
+from recalign.recipes import load_recipe  # noqa: E402
 from recalign.runs import run_recipe  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "compare-ml100k.yaml"

@@ -31,9 +31,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from recalign.ctr.data import Impressions, build_impressions, split_users  # noqa: E402
-from recalign.ctr.knowledge import DEFAULT_MODEL, history_summaries, load_knowledge, write_knowledge  # noqa: E402
-from recalign.ctr.train import BACKBONES, CTRResult, CTRSettings, fit_ctr  # noqa: E402
+from recalign.methods.trackrec.ctr.data import Impressions, build_impressions, split_users  # noqa: E402
+from recalign.methods.trackrec.ctr.knowledge import DEFAULT_MODEL, history_summaries, load_knowledge, write_knowledge  # noqa: E402
+from recalign.methods.trackrec.ctr.train import BACKBONES, CTRResult, CTRSettings, fit_ctr  # noqa: E402
 from recalign.data.sources import prepare_source  # noqa: E402
 from recalign.io import write_json  # noqa: E402
 

@@ -124,8 +124,9 @@ def llm_metrics(titles: list[str], train: Rows, test: Rows, args) -> dict:
     """Load SmolLM2 (twice: conversion/cache, then the cached load), SFT with LoRA, evaluate both decodings."""
     from recalign.llm.generate import GenerationSettings
     from recalign.llm.grounding import GroundingConfig, make_grounder
-    from recalign.llm.models import LoraSettings, cache_root, load_model, models_cache, SMOLLM2_DIR
-    from recalign.llm.stage import evaluate_llm
+    from recalign.llm.trainer import LoraSettings
+    from recalign.llm.models import cache_root, load_model, models_cache, SMOLLM2_DIR
+    from recalign.llm.answers import evaluate_llm
     from recalign.llm.tasks import sft_examples
     from recalign.llm.train import SFTSettings, train_sft
 

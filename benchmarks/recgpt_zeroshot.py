@@ -28,13 +28,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from recalign.config import stable_hash  # noqa: E402
+from recalign.checkpoints import stable_hash  # noqa: E402
 from recalign.data.sources import prepare_source  # noqa: E402
 from recalign.data.split import cold_start_split, leave_one_out_split  # noqa: E402
 from recalign.eval.evaluate import eval_users, evaluate, relevant_items  # noqa: E402
 from recalign.io import write_json  # noqa: E402
-from recalign.methods import recgpt  # noqa: E402
-from recalign.methods.iterations import IterationStore  # noqa: E402
+from recalign.methods.recgpt import algorithm as recgpt  # noqa: E402
+from recalign.checkpoints import IterationStore  # noqa: E402
 from recalign.teachers.registry import get_teacher  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -87,8 +87,8 @@ def accuracy(result: dict) -> dict:
 
 def beam_speed(decoder, catalog, histories: list[np.ndarray], beam: recgpt.BeamParams) -> dict:
     """Seconds of the vectorised beam search vs the original-style Python loop on the same log-prob tables."""
-    from recalign.genrec.beam import BeamSettings, compare_with_python_loop
-    from recalign.genrec.decoder import pad_histories
+    from recalign.methods.recgpt.beam import BeamSettings, compare_with_python_loop
+    from recalign.methods.recgpt.decoder import pad_histories
 
     settings = BeamSettings(widths=tuple(beam.widths), extensions=beam.extensions, temperature=beam.temperature)
     rows = [h.tolist() for h in histories]

@@ -85,7 +85,7 @@ BUDGET = [  # SmolLM2 scaled to about 90 CPU-minutes: 3 test tasks (the claim's 
 
 def run(users: int, overrides: list[str], run_dir: Path, progress: bool) -> dict:
     """Run or resume the recipe with `eval.users` = users; returns the run summary."""
-    from recalign.config import load_recipe
+    from recalign.recipes import load_recipe
     from recalign.runs import run_recipe
 
     recipe = load_recipe(RECIPE, [f"eval.users={users}", *overrides])
@@ -94,9 +94,9 @@ def run(users: int, overrides: list[str], run_dir: Path, progress: bool) -> dict
 
 def collect(run_dir: Path, n_resamples: int, seed: int) -> dict:
     """Every §5.6 metric per variant and task, bootstrap vs SFT, and the verdict."""
-    from recalign.eval.control import CategoryTable
-    from recalign.methods.controllable import score_answers
-    from recalign.methods.controllable_stage import compare_tasks, stage_answers, teacher_baseline
+    from recalign.methods.reclmgen.metrics import CategoryTable
+    from recalign.methods.reclmgen.algorithm import score_answers
+    from recalign.methods.reclmgen.stage import compare_tasks, stage_answers, teacher_baseline
     from recalign.runs import open_run
     from recalign.teachers.service import TeacherService
 
@@ -152,7 +152,7 @@ def verdict(comparison: dict) -> dict:
 
 def cost(run_dir: Path, stages: dict) -> dict:
     """Seconds per test answer, per PPO/GRPO iteration and per SFT row, from the stages' saved records."""
-    from recalign.methods.controllable_stage import stage_answers
+    from recalign.methods.reclmgen.stage import stage_answers
 
     out: dict = {}
     for name in VARIANTS.values():
@@ -178,7 +178,7 @@ def cost(run_dir: Path, stages: dict) -> dict:
 
 def print_report(result: dict) -> None:
     """The metric table, the differences to SFT and the verdict lines."""
-    from recalign.methods.controllable_stage import CONTROL_KEYS, control_table
+    from recalign.methods.reclmgen.stage import CONTROL_KEYS, control_table
 
     print(control_table(result["table"], CONTROL_KEYS))
     for label, tasks in result["vs_sft"].items():

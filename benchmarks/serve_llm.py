@@ -69,7 +69,7 @@ def sft_stage(work: Path, overrides: list[str]) -> tuple[Path, float]:
 def request_histories(work: Path, n: int, seed: int) -> tuple[list[list[int]], list[list[dict]]]:
     """n (history ids, chat messages) drawn with replacement from the run's train sequences, in the trained prompt."""
     from recalign.runs import open_run
-    from recalign.stages import get_stage
+    from recalign.methods import get_stage
 
     recipe, dataset, split = open_run(work)
     task = get_stage("llm-sft").params.model_validate(recipe.stage(STAGE).params).task
@@ -84,7 +84,7 @@ def merged_model(stage: Path, out: Path) -> Path:
     """The stage's base model with its LoRA adapter merged, saved as a plain HF folder (for vLLM; cached)."""
     from recalign.llm.models import load_model
     from recalign.runs import open_run
-    from recalign.stages import get_stage
+    from recalign.methods import get_stage
 
     if (out / "config.json").is_file():
         return out

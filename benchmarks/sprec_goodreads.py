@@ -41,8 +41,8 @@ sys.path.insert(0, str(ROOT))
 
 from recalign.data.dataset import build_dataset  # noqa: E402
 from recalign.data.split import Split  # noqa: E402
-from recalign.methods.sprec import SPRecConfig, run_sprec  # noqa: E402
-from recalign.methods.sprec_report import compare_against_sft, iteration_table, plot_iterations  # noqa: E402
+from recalign.methods.sprec.algorithm import SPRecConfig, run_sprec  # noqa: E402
+from recalign.methods.sprec.report import compare_against_sft, iteration_table, plot_iterations  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "goodreads-sprec"
 RESULTS = ROOT / "benchmarks" / "results"

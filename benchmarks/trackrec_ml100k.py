@@ -52,15 +52,15 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from ctr_backbones import ctr_settings, fit_run, print_table, summarise  # noqa: E402
 
-from recalign.config import stable_hash  # noqa: E402
-from recalign.ctr.data import Impressions, build_impressions, split_users  # noqa: E402
-from recalign.ctr.knowledge import DEFAULT_MODEL, load_knowledge, write_knowledge  # noqa: E402
-from recalign.ctr.train import BACKBONES, predict  # noqa: E402
+from recalign.checkpoints import stable_hash  # noqa: E402
+from recalign.methods.trackrec.ctr.data import Impressions, build_impressions, split_users  # noqa: E402
+from recalign.methods.trackrec.ctr.knowledge import DEFAULT_MODEL, load_knowledge, write_knowledge  # noqa: E402
+from recalign.methods.trackrec.ctr.train import BACKBONES, predict  # noqa: E402
 from recalign.data.sources import prepare_source  # noqa: E402
 from recalign.errors import ConfigError, RecalignError  # noqa: E402
 from recalign.io import write_json  # noqa: E402
-from recalign.methods.trackrec import (Catalog, CtrRows, TrackRecConfig, TrackRecParams, generate_cots,  # noqa: E402
-                                       iteration_table, run_trackrec, teacher_name)
+from recalign.methods.trackrec.algorithm import Catalog, CtrRows, TrackRecConfig, generate_cots, run_trackrec, teacher_name
+from recalign.methods.trackrec.stage import TrackRecParams, iteration_table
 
 DATA = ROOT.parent / "shared" / "data" / "ml-100k"
 RECIPE = ROOT / "recipes" / "trackrec-ml100k.yaml"
@@ -242,7 +242,7 @@ def knowledge_of(args, folder: Path, parts: dict[str, Impressions], prompts: dic
 
 def fit_all(args, folder: Path, parts: dict[str, Impressions], knowledge: dict[str, dict | None]) -> list[dict]:
     """Every (backbone, variant, seed) fit; finished fits are read back from `runs.jsonl` (test probabilities .npy)."""
-    from recalign.ctr.data import to_batch
+    from recalign.methods.trackrec.ctr.data import to_batch
 
     log = folder / "runs.jsonl"
     runs = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []

@@ -38,13 +38,13 @@ _LAZY: dict[str, str] = {
     "SASRec": "recalign.teachers.sasrec",
     "TEACHERS": "recalign.teachers.registry",
     "get_teacher": "recalign.teachers.registry",
-    "load_teacher_dir": "recalign.runs",
+    "load_teacher_dir": "recalign.teachers.registry",
     # evaluation
     "evaluate": "recalign.eval.evaluate",
     "ranking_metrics": "recalign.eval.metrics",
     # recipes and runs
     "Recipe": "recalign.config",
-    "load_recipe": "recalign.config",
+    "load_recipe": "recalign.recipes",
     "run_recipe": "recalign.runs",
     # errors (light modules, still loaded lazily for one rule)
     "RecalignError": "recalign.errors",
@@ -55,18 +55,20 @@ _LAZY: dict[str, str] = {
 __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from __getattr__
-    from recalign.config import Recipe, load_recipe
+    from recalign.config import Recipe
+    from recalign.recipes import load_recipe
     from recalign.data.dataset import Dataset, UserSequences
     from recalign.data.sources import SOURCES, prepare_source
     from recalign.data.split import Split, global_temporal_split, kcore_filter, leave_one_out_split, random_split
     from recalign.errors import ConfigError, DataError, RecalignError
     from recalign.eval.evaluate import evaluate
     from recalign.eval.metrics import ranking_metrics
-    from recalign.runs import load_teacher_dir, run_recipe
+    from recalign.teachers.registry import load_teacher_dir
+    from recalign.runs import run_recipe
     from recalign.teachers.base import Recommender
     from recalign.teachers.bprmf import BPRMF
     from recalign.teachers.popularity import Popularity
-    from recalign.teachers.registry import TEACHERS, get_teacher
+    from recalign.teachers.registry import TEACHERS, get_teacher, load_teacher_dir
     from recalign.teachers.sasrec import SASRec
 
 

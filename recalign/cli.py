@@ -279,7 +279,7 @@ def data_download(
     with user_errors():
         if from_file is not None:
             _existing(from_file, "file")
-        from recalign.data import download as downloads
+        from recalign.data.download import download as downloads
 
         result = downloads.download(name, out_dir, from_file=from_file)
         out.print(f"{name} -> {result if result is not None else out_dir}")
@@ -307,7 +307,7 @@ def teacher_train(
         recalign teacher train bprmf --data data/ml-100k --out runs/bprmf --split global_temporal
     """
     with user_errors():
-        from recalign.config import recipe_from_dict
+        from recalign.recipes import recipe_from_dict
 
         _existing(data, "dataset folder")
         params = {"model": model, **_parse_options(overrides or [])}
@@ -412,7 +412,7 @@ def run(
         recalign run recipes/demo.yaml --processes 2
     """
     with user_errors():
-        from recalign.config import load_recipe
+        from recalign.recipes import load_recipe
 
         recipe = load_recipe(recipe_yaml, overrides or [])
         run_dir = run_dir if run_dir is not None else Path("runs") / recipe.name
@@ -437,12 +437,12 @@ def _relaunch(recipe, processes: int, run_args: list[str]) -> None:
     import importlib.util
     import subprocess
 
-    from recalign.runs import MULTI_PROCESS_KINDS
+    from recalign.methods import get_stage
 
     if importlib.util.find_spec("accelerate") is None:
         raise ConfigError("--processes needs the accelerate package (pip install accelerate)")
     for stage in recipe.stages:
-        if stage.kind not in MULTI_PROCESS_KINDS:
+        if not get_stage(stage.kind).multi_process:
             err.print(f"[{stage.name}] a {stage.kind} stage does not train data-parallel: it runs once, in rank 0",
                       highlight=False, markup=False, soft_wrap=True)
     done = subprocess.run(launch_command(processes, run_args), env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -469,7 +469,7 @@ def train_llm_sft(
         recalign train llm-sft recipes/llm-sft-goodreads.yaml stages.llm-sft.params.train_rows=64 --out runs/sft-small
     """
     with user_errors():
-        from recalign.config import load_recipe
+        from recalign.recipes import load_recipe
 
         recipe = load_recipe(recipe_yaml, overrides or [])
         if not any(stage.kind == "llm-sft" for stage in recipe.stages):
@@ -504,7 +504,8 @@ def evaluate_run(
     """
     with user_errors():
         from recalign.eval.report import results_table
-        from recalign.runs import DONE, RunContext, open_run
+        from recalign.stages import DONE, RunContext
+        from recalign.runs import open_run
 
         _existing(run_dir, "run folder")
         recipe, dataset, split = open_run(run_dir)
@@ -525,8 +526,8 @@ def evaluate_run(
                 model = ctx.load_teacher(stage.name)
                 rows[stage.name] = {"model": getattr(model, "name", stage.kind), **ctx.evaluate(model, part=part)}
             elif stage.kind == "llm-sft":
-                from recalign.llm.stage import reevaluate_llm_stage
-                from recalign.stages import get_stage
+                from recalign.methods.llm_sft.stage import reevaluate_llm_stage
+                from recalign.methods import get_stage
 
                 params = get_stage(stage.kind).params.model_validate(stage.params)
                 rows[stage.name] = reevaluate_llm_stage(ctx, params, part=part)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -12,7 +10,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from recalign.errors import ConfigError, RecalignError, quoted, shorten
+from recalign.errors import ConfigError, quoted, shorten
 
 
 class _Strict(BaseModel):
@@ -99,7 +97,7 @@ class StageSpec(_Strict):
     """One step of a recipe: a unique name, a registered kind and that kind's params."""
 
     name: str = Field(description="unique name; also the stage's folder under stages/")
-    kind: str = Field(description="a kind registered in recalign.stages.STAGE_KINDS")
+    kind: str = Field(description="a kind of the table recalign.methods.STAGE_KINDS")
     params: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("name")
@@ -278,37 +276,6 @@ def _list_child(items: list, part: str, walked: list[str], text: str) -> tuple[A
                       f"stages: {shorten(', '.join(names), 200) or '(none)'}")
 
 
-def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
-    """Read a recipe YAML, apply `key=value` overrides and validate everything (stage params included)."""
-    raw = read_yaml(path)
-    return recipe_from_dict(apply_overrides(raw, overrides or []), source=str(path),
-                            override_keys=[parse_override(o)[0] for o in overrides or []])
-
-
-def recipe_from_dict(raw: dict, source: str = "<recipe>", override_keys: list[list[str]] | None = None) -> Recipe:
-    """Validate a recipe mapping; errors name the full dotted key and where it came from."""
-    try:
-        recipe = Recipe.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(_describe(exc, raw, source, override_keys or [])) from None
-    validate_data_source(recipe.data, source=source, override_keys=override_keys or [])
-    for role, specs in recipe.datasets.items():
-        for i, spec in enumerate(specs):
-            validate_data_source(spec, source=source, override_keys=override_keys or [],
-                                 prefix=["datasets", role, str(i)])
-    from recalign.stages import fill_seeds, stage_dependencies
-
-    recipe.split = fill_seeds(recipe.split, recipe.seed)
-    for stage in recipe.stages:
-        stage.params = validate_stage_params(stage, source=source, override_keys=override_keys or [],
-                                             seed=recipe.seed)
-    try:
-        stage_dependencies(recipe.stages)
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
-    return recipe
-
-
 def validate_data_source(data: DataSpec, source: str = "<recipe>", override_keys: list[list[str]] | None = None,
                          prefix: list[str] | None = None) -> None:
     """Check `data.source` is a registered source and `data.options` fit its options model (before any work)."""
@@ -329,49 +296,8 @@ def validate_data_source(data: DataSpec, source: str = "<recipe>", override_keys
         raise ConfigError(f"{source}: {where}.raw: source {data.source!r} needs the raw file or folder")
 
 
-def validate_stage_params(stage: StageSpec, source: str = "<recipe>",
-                          override_keys: list[list[str]] | None = None, seed: int | None = None) -> dict:
-    """Check a stage's params against its kind's params model; returns the params with defaults filled in.
-
-    With `seed` (the recipe's), every seed the params leave unset is filled with it (`recalign.stages.fill_seeds`).
-    """
-    from recalign.stages import STAGE_KINDS, fill_seeds, get_stage
-
-    if stage.kind not in STAGE_KINDS:
-        raise ConfigError(f"{source}: stages.{stage.name}.kind: unknown stage kind {quoted(stage.kind)}; "
-                          f"choose one of: {', '.join(sorted(STAGE_KINDS))}")
-    try:
-        model = get_stage(stage.kind).params
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"{source}: stages.{stage.name}.kind: stage kind {stage.kind!r} is not available "
-                          f"({exc})") from None
-    prefix = ["stages", stage.name, "params"]
-    _check_moved_params(stage, source, override_keys or [])
-    try:
-        validated = model.model_validate(stage.params)
-        params = (validated if seed is None else fill_seeds(validated, seed)).model_dump(mode="json")
-        _check_nested_teacher(stage.kind, params)
-    except RecalignError as exc:  # a lookup inside validation failed, e.g. an unknown teacher name
-        raise ConfigError(f"{source}: stages.{stage.name}.params: {exc}") from None
-    except ValidationError as exc:
-        raise ConfigError(_describe(exc, None, source, override_keys or [], prefix=prefix)) from None
-    return params
-
-
 # Evaluation settings that live at recipe level only, so that every stage is scored on the same users and K.
 MOVED_TO_EVAL = {"ks": "eval.ks", "eval_rows": "eval.users"}
-
-
-def _check_moved_params(stage: StageSpec, source: str, override_keys: list[list[str]]) -> None:
-    """A method stage that still sets `ks` or `eval_rows` is told where the setting lives now."""
-    if stage.kind == "teacher":
-        return
-    for key, target in MOVED_TO_EVAL.items():
-        if key in stage.params:
-            loc = ["stages", stage.name, "params", key]
-            origin = f"{source} (override)" if any(loc[:len(k)] == k for k in override_keys) else source
-            raise ConfigError(f"{origin}: stages.{stage.name}.params.{key}: evaluation settings are recipe-wide "
-                              f"now; set {target} instead (every stage is scored on the same users and cut-offs)")
 
 
 def stage_params_model(config: type[BaseModel], name: str, drop: tuple[str, ...] = tuple(MOVED_TO_EVAL),
@@ -384,27 +310,6 @@ def stage_params_model(config: type[BaseModel], name: str, drop: tuple[str, ...]
     model = create_model(name, __config__=ConfigDict(extra="forbid"), **kept, **fields)
     model.__doc__ = doc or config.__doc__
     return model
-
-
-def _check_nested_teacher(kind: str, params: dict) -> None:
-    """A teacher stage carries the teacher's own settings (flat, or nested under `params`): check them against the
-    teacher's Config now, so a misspelt key fails when the recipe is loaded, not after earlier stages trained."""
-    if kind != "teacher" or not isinstance(params.get("model"), str):
-        return
-    from recalign.teachers.registry import get_teacher
-
-    config = get_teacher(params["model"]).Config
-    nested = params.get("params") or {}
-    flat = {k: v for k, v in params.items() if k not in ("model", "params") and not (k == "seed" and v is None)}
-    try:
-        config.model_validate({**nested, **flat})
-    except ValidationError as exc:
-        def where(loc: tuple) -> tuple:  # report the key where the recipe wrote it
-            return loc if loc and loc[0] in flat else ("params", *loc)
-
-        errors = [{"type": e["type"], "loc": where(tuple(e["loc"])), "input": e.get("input"),
-                   **({"ctx": e["ctx"]} if "ctx" in e else {})} for e in exc.errors()]
-        raise ValidationError.from_exception_data(config.__name__, errors) from None
 
 
 def _describe(exc: ValidationError, raw: dict | None, source: str, override_keys: list[list[str]],
@@ -440,8 +345,3 @@ def _name_stages(loc: list[str], raw: dict | None) -> list[str]:
             and isinstance(stages[index].get("name"), str):
         return [loc[0], stages[index]["name"], *loc[2:]]
     return loc
-
-
-def stable_hash(value: Any) -> str:
-    """A short hash of a JSON-able value (keys sorted), used to notice changed stage configs."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]

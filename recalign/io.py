@@ -11,13 +11,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 __all__ = ["umask", "file_mode", "dir_mode", "atomic_path", "write_atomic", "write_bytes_atomic", "write_json",
-           "json_default", "atomic_folder", "make_dirs"]
+           "json_default", "atomic_folder", "make_dirs", "read_json", "append_log"]
 
 
 def umask() -> int:
@@ -83,6 +84,12 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
 def write_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write UTF-8 text to `path` atomically (temp file in the same folder, then a rename)."""
     return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON value stored in `path` (the reader beside `write_json`; errors are the caller's to word)."""
+    with open(path, encoding="utf-8") as file:
+        return json.load(file)
 
 
 def json_default(value: Any) -> Any:
@@ -158,3 +165,10 @@ def unwritable_reason(path: str | os.PathLike) -> str | None:
     except (OSError, ValueError) as exc:  # a name too long, a link loop, a NUL byte
         return getattr(exc, "strerror", None) or str(exc)
     return None
+
+
+def append_log(run_dir: Path, message: str) -> None:
+    """Append one timestamped line to run_dir/log.txt."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "log.txt", "a", encoding="utf-8") as out:
+        out.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")

@@ -19,26 +19,26 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 
-from recalign.config import DataSpec, Recipe, SplitSpec, StageSpec, stable_hash
+from recalign.checkpoints import stable_hash
+from recalign.config import Recipe, StageSpec
 from recalign.data.dataset import Dataset
-from recalign.errors import ConfigError, OutputError, RecalignError, writing
-from recalign.io import atomic_folder, unwritable_reason, write_atomic, write_json  # noqa: F401  (re-exported: older imports use runs.write_*)
+from recalign.errors import OutputError, RecalignError, writing
+from recalign.io import append_log, atomic_folder, unwritable_reason, write_atomic, write_json
 from recalign.processes import process_rank, world_size
-from recalign.stages import fill_seeds, get_stage, stage_dependencies
+from recalign.preparation import absolute_data_paths, cache_is_fresh, make_split, prepare_data, prepare_key, save_prepared
+from recalign.stages import DONE, RunContext, fill_seeds
+from recalign.methods import get_stage
+from recalign.recipes import stage_dependencies
 
 if TYPE_CHECKING:
     from recalign.data.split import Split
-    from recalign.eval.lists import ListRecommender
-    from recalign.teachers.base import Recommender
 
-DONE = "DONE"
 # Eval settings that change how, not what, a stage is scored: changing them re-runs nothing.
 EVAL_NOT_HASHED = {"table", "backend", "workers"}
 
@@ -52,204 +52,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# ---- the context a stage runs in --------------------------------------------------------------------
-
-@dataclass
-class RunContext:
-    """What a stage sees: its folder, the dataset and split, the seed, the recipe, and earlier stages' outputs."""
-
-    run_dir: Path
-    stage_dir: Path
-    dataset: Dataset
-    split: "Split | None"
-    seed: int
-    progress: bool
-    recipe: Recipe
-    stage: StageSpec | None = None
-    echo: Callable[[str], None] | None = field(default=None, repr=False)
-
-    def stage_output(self, name: str) -> Path:
-        """The folder of an earlier, finished stage."""
-        folder = self.run_dir / "stages" / name
-        if not (folder / DONE).is_file():
-            names = [s.name for s in self.recipe.stages]
-            hint = "" if name in names else f"; stages: {', '.join(names)}"
-            raise ConfigError(f"stage {name!r} has not finished in {self.run_dir}{hint}")
-        return folder
-
-    def datasets(self, role: str) -> list[Dataset]:
-        """The recipe's datasets of one role (`eval` is the split dataset), prepared once into data/<role>-<i>/."""
-        if role == "eval":
-            return [self.dataset]
-        if role not in self.recipe.datasets:
-            roles = ", ".join(["eval", *sorted(self.recipe.datasets)])
-            raise ConfigError(f"datasets.{role}: the recipe names no datasets with this role; roles: {roles}")
-        return [prepare_cached(spec, self.run_dir / "data" / f"{role}-{i}")
-                for i, spec in enumerate(self.recipe.datasets[role])]
-
-    def load_teacher(self, stage_name: str) -> "Recommender":
-        """Load the teacher a finished "teacher" stage saved under its `model/` folder."""
-        return load_teacher_dir(self.stage_output(stage_name) / "model")
-
-    def log(self, message: str) -> None:
-        """Append a timestamped line to the run's log.txt (and echo it when progress is on)."""
-        prefix = f"[{self.stage.name}] " if self.stage is not None else ""
-        append_log(self.run_dir, prefix + message)
-        if self.echo is not None and self.progress:
-            self.echo(prefix + message)
-
-    def eval_users(self, part: str = "test") -> np.ndarray:
-        """The users every stage is scored on: those with a target in `part`, or the recipe's seeded subset of
-        `eval.users` of them (seed = the recipe seed), ascending."""
-        from recalign.eval.evaluate import eval_users, relevant_items
-
-        if self.split is None:
-            raise ConfigError("this recipe has no split to evaluate on")
-        eligible, _, _ = relevant_items(self.split.part(part), self.dataset.n_users)
-        return eval_users(eligible, self.recipe.eval.users, self.seed)
-
-    def evaluate(self, model: "Recommender | ListRecommender", part: str = "test", **overrides: Any) -> dict:
-        """Evaluate a recommender (scores) or a list recommender with the recipe's protocol (ks, full/sampled,
-        history exclusion, seed) on the recipe's users (`eval.users`); records `users_hash` of the users."""
-        from recalign.eval.evaluate import evaluate
-
-        spec = self.recipe.eval
-        options = dict(ks=tuple(spec.ks), protocol=spec.protocol, n_negatives=spec.n_negatives, seed=self.seed,
-                       exclude_history=spec.exclude_history, progress=self.progress)
-        options.update(overrides)
-        if self.split is None:
-            raise ConfigError("this recipe has no split to evaluate on")
-        if "users" not in options and "n_users" not in options:
-            options["users"] = self.eval_users(part)  # = n_users=eval.users with the recipe seed
-        if options["protocol"] == "sampled" and "candidates_path" not in overrides:
-            # One saved candidate file per (data, part, negatives, seed): every stage ranks the same lists, and
-            # they can be inspected or reused by other tools.
-            options["candidates_path"] = (self.run_dir / "candidates" / f"{part}-{self.dataset.fingerprint()[:12]}-"
-                                          f"n{options['n_negatives']}-seed{options['seed']}.pt")
-        result = evaluate(model, self.dataset, self.split, part=part, **options)
-        if options.get("users") is not None:
-            result["users_hash"] = users_hash(options["users"])
-        return result
-
-
-def users_hash(users: "np.ndarray | list[int]") -> str:
-    """A short hash of a set of user ids (sorted), to check that stages were scored on the same users."""
-    return stable_hash(sorted(int(u) for u in np.asarray(users).tolist()))
-
-
-def load_teacher_dir(folder: str | os.PathLike) -> "Recommender":
-    """Load a teacher saved with `Recommender.save` (its teacher.json names the class)."""
-    folder = Path(folder)
-    from recalign.teachers.registry import get_teacher
-
-    meta_file = folder / "teacher.json"
-    if not meta_file.is_file():
-        raise RecalignError(f"{folder}: no saved teacher here (teacher.json missing)")
-    try:
-        name = json.loads(meta_file.read_text())["teacher"]
-    except (json.JSONDecodeError, KeyError):
-        raise RecalignError(f"{meta_file}: not a teacher description") from None
-    return get_teacher(name).load(folder)
-
-
-def append_log(run_dir: Path, message: str) -> None:
-    """Append one timestamped line to run_dir/log.txt."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "log.txt", "a", encoding="utf-8") as out:
-        out.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
-
-
-# ---- data and split ---------------------------------------------------------------------------------
-
-def _raw_signature(raw: str | None) -> list:
-    """Names, sizes and mtimes of the raw files, to notice when a cached preparation is stale."""
-    if raw is None:
-        return []
-    path = Path(raw)
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file())
-    else:
-        raise RecalignError(f"{raw}: no such file or folder")
-    return [[str(p.relative_to(path) if path.is_dir() else p.name), p.stat().st_size, p.stat().st_mtime_ns]
-            for p in files]
-
-
-def prepare_data(spec: DataSpec, cache_dir: Path | None = None) -> Dataset:
-    """The recipe's dataset: load `path`, or prepare `source` from `raw` (reusing `cache_dir` when unchanged).
-
-    Only reads the cache; `save_prepared` writes it once the run folder exists.
-    """
-    if spec.path is not None:
-        folder = Path(spec.path)
-        if not folder.exists():
-            raise RecalignError(f"{folder}: no such dataset folder")
-        return Dataset.load(folder)
-    from recalign.data.sources import missing_raw_hint, prepare_source
-
-    if spec.raw is not None and not Path(spec.raw).exists():  # say how to get the data (a fresh clone has none)
-        raise RecalignError(f"{spec.raw}: no such file or folder; {missing_raw_hint(spec.source)}")
-    key = _prepare_key(spec)
-    if cache_dir is not None and (cache_dir / "dataset.json").is_file() and (cache_dir / "prepare.json").is_file():
-        try:
-            if json.loads((cache_dir / "prepare.json").read_text()) == key:
-                return Dataset.load(cache_dir)
-        except (json.JSONDecodeError, RecalignError):
-            pass  # a damaged cache is simply rebuilt
-    return prepare_source(spec.source, spec.raw, **spec.options)
-
-
-def _prepare_key(spec: DataSpec) -> dict:
-    """What a prepared dataset depends on: source, raw path, options and the raw files' sizes/mtimes."""
-    key = {"source": spec.source, "raw": str(Path(spec.raw).resolve()) if spec.raw else None,
-           "options": spec.options, "files": _raw_signature(spec.raw)}
-    return json.loads(json.dumps(key, default=str))
-
-
-def prepare_cached(spec: DataSpec, cache_dir: Path) -> Dataset:
-    """Prepare (or load) a dataset and keep a source's preparation in `cache_dir` for the next call."""
-    dataset = prepare_data(spec, cache_dir=cache_dir)
-    if spec.source is not None and not _cache_is_fresh(spec, cache_dir):
-        save_prepared(dataset, spec, cache_dir)
-    return dataset
-
-
-def save_prepared(dataset: Dataset, spec: DataSpec, cache_dir: Path) -> None:
-    """Cache a prepared dataset in a run folder so re-runs skip preparation."""
-    dataset.save(cache_dir)
-    write_json(cache_dir / "prepare.json", _prepare_key(spec))
-
-
-def make_split(dataset: Dataset, spec: SplitSpec, seed: int) -> tuple[Dataset, "Split"]:
-    """Apply the optional k-core filter, then split; returns the (possibly filtered) dataset and the split."""
-    from recalign.data import split as splits
-
-    if spec.kcore is not None:
-        k_user, k_item = (spec.kcore, spec.kcore) if isinstance(spec.kcore, int) else spec.kcore
-        dataset = splits.kcore_filter(dataset, k_user, k_item)
-    if spec.kind == "leave_one_out":
-        if spec.fractions is not None:
-            raise ConfigError("split.fractions: leave_one_out takes no fractions")
-        return dataset, splits.leave_one_out_split(dataset)
-    if spec.kind == "global_temporal":
-        fractions = tuple(spec.fractions) if spec.fractions is not None else (0.6, 0.1, 0.1, 0.2)
-        if len(fractions) != 4:
-            raise ConfigError("split.fractions: global_temporal takes 4 fractions (train1, train2, valid, test)")
-        return dataset, splits.global_temporal_split(dataset, fractions=fractions)
-    if spec.kind == "cold_start":
-        if spec.fractions is not None:
-            raise ConfigError("split.fractions: cold_start takes no fractions (it takes window: [min, max])")
-        low, high = spec.window or (2, 4)
-        return dataset, splits.cold_start_split(dataset, low, high, seed=spec.seed if spec.seed is not None else seed)
-    if spec.window is not None:
-        raise ConfigError(f"split.window: only cold_start takes a window, not {spec.kind}")
-    fractions = tuple(spec.fractions) if spec.fractions is not None else (0.8, 0.1, 0.1)
-    if len(fractions) != 3:
-        raise ConfigError("split.fractions: random takes 3 fractions (train, valid, test)")
-    return dataset, splits.random_split(dataset, fractions=fractions, seed=spec.seed if spec.seed is not None else seed)
-
-
 # ---- running a recipe -------------------------------------------------------------------------------
 
 def stage_hashes(recipe: Recipe, data_fingerprint: str) -> dict[str, str]:
@@ -258,7 +60,7 @@ def stage_hashes(recipe: Recipe, data_fingerprint: str) -> dict[str, str]:
     it depends on (`Stage.depends_on`), so retraining a teacher re-runs the stages built on it."""
     sections = {"data": data_fingerprint, "split": recipe.split.model_dump(mode="json"),
                 "eval": recipe.eval.model_dump(mode="json", exclude=EVAL_NOT_HASHED), "seed": recipe.seed,
-                "datasets": {role: [_prepare_key(spec) if spec.source is not None else spec.model_dump(mode="json")
+                "datasets": {role: [prepare_key(spec) if spec.source is not None else spec.model_dump(mode="json")
                                     for spec in specs] for role, specs in sorted(recipe.datasets.items())}}
     dependencies = stage_dependencies(recipe.stages)
     hashes: dict[str, str] = {}
@@ -345,7 +147,6 @@ def run_recipe(recipe: Recipe, run_dir: str | os.PathLike, progress: bool = True
 
 # Stage kinds whose trainers run data-parallel in every process of a launch (TRL trainers, our PPO); every other
 # kind (teachers, TRD, RecGPT) runs once, in rank 0, while the other ranks wait for its DONE marker.
-MULTI_PROCESS_KINDS = frozenset({"llm-sft", "sprec", "controllable", "trackrec"})
 RANKS = ".ranks"  # rank 0's "run folder ready" marker and the other ranks' private scratch run folders
 
 
@@ -402,7 +203,7 @@ def _follow_recipe(recipe: Recipe, run_dir: Path, get_stage) -> dict:
     try:
         for spec in recipe.stages:
             final = run_dir / "stages" / spec.name
-            if spec.kind in MULTI_PROCESS_KINDS and not stage_is_done(final, hashes[spec.name]):
+            if get_stage(spec.kind).multi_process and not stage_is_done(final, hashes[spec.name]):
                 _copy_work(run_dir / "work", scratch / "work", spec.name)  # resume where rank 0 resumes
                 _run_stage(spec, hashes[spec.name], scratch, dataset, split, recipe, False, None, get_stage)
                 shutil.rmtree(scratch / "stages" / spec.name)
@@ -419,7 +220,7 @@ def _follow_recipe(recipe: Recipe, run_dir: Path, get_stage) -> dict:
 def _start_run_folder(run_dir: Path, recipe: Recipe, raw_dataset: Dataset, dataset: Dataset, split: "Split") -> None:
     """Create the run folder with its data cache, resolved config.yaml and dataset.json."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    if recipe.data.source is not None and not _cache_is_fresh(recipe.data, run_dir / "data"):
+    if recipe.data.source is not None and not cache_is_fresh(recipe.data, run_dir / "data"):
         save_prepared(raw_dataset, recipe.data, run_dir / "data")
     write_atomic(run_dir / "config.yaml", recipe.to_yaml())
     write_json(run_dir / "dataset.json", {
@@ -428,21 +229,6 @@ def _start_run_folder(run_dir: Path, recipe: Recipe, raw_dataset: Dataset, datas
         "split": {"kind": recipe.split.kind, "train": len(split.train), "valid": len(split.valid),
                   "test": len(split.test), **{k: len(v) for k, v in split.extra.items()}},
     })
-
-
-def absolute_data_paths(spec: DataSpec) -> DataSpec:
-    """The data spec with `path` and `raw` made absolute, so a run folder does not depend on the working directory."""
-    update = {key: str(Path(value).expanduser().resolve()) for key in ("path", "raw")
-              if (value := getattr(spec, key)) is not None}
-    return spec.model_copy(update=update)
-
-
-def _cache_is_fresh(spec: DataSpec, cache_dir: Path) -> bool:
-    try:
-        return (cache_dir / "dataset.json").is_file() and \
-            json.loads((cache_dir / "prepare.json").read_text()) == _prepare_key(spec)
-    except (OSError, json.JSONDecodeError):
-        return False
 
 
 def _run_stage(spec: StageSpec, config_hash: str, run_dir: Path, dataset: Dataset, split: "Split",
@@ -480,7 +266,7 @@ def _write_summary(run_dir: Path, recipe: Recipe, fingerprint: str, results: dic
 
 def load_run_recipe(run_dir: str | os.PathLike) -> Recipe:
     """The resolved recipe stored in a run folder."""
-    from recalign.config import load_recipe
+    from recalign.recipes import load_recipe
 
     folder = Path(run_dir)
     if not folder.is_dir():

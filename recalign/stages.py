@@ -1,24 +1,34 @@
-"""The explicit registry of recipe stage kinds, the seed rule and the stage dependency rule.
+"""The contract between a run and a method: what a stage kind is (`Stage`), what it sees (`RunContext`), and
+the one seed rule (`fill_seeds`: the recipe seed fills every seed a stage's params leave unset; explicit wins).
 
-- `STAGE_KINDS`: kind -> "module:attribute" of a `Stage`, imported lazily.
-- `fill_seeds`: the one seed rule: the recipe seed fills every seed a stage's params leave unset; explicit wins.
-- `stage_dependencies`: the earlier stages each stage names (declared by its kind, never guessed from strings).
+The table of stage kinds is `recalign.methods.STAGE_KINDS`; a run folder is built by `recalign.runs`.
 """
 
 from __future__ import annotations
 
-import importlib
 import types
 import typing
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+import numpy as np
 from pydantic import BaseModel
 
+from recalign.checkpoints import stable_hash
+from recalign.config import Recipe, StageSpec
+from recalign.data.dataset import Dataset
 from recalign.errors import ConfigError
+from recalign.io import append_log
+from recalign.preparation import prepare_cached
+from recalign.teachers.registry import load_teacher_dir
 
 if TYPE_CHECKING:
-    from recalign.runs import RunContext
+    from recalign.data.split import Split
+    from recalign.eval.lists import ListRecommender
+    from recalign.teachers.base import Recommender
+
+DONE = "DONE"  # written last into a finished stage's folder
 
 # What a stage's result may depend on at recipe level; its hash covers only the sections its kind reads.
 RECIPE_SECTIONS = frozenset({"data", "split", "eval", "seed", "datasets"})
@@ -38,6 +48,7 @@ class Stage:
     metrics dict (floats, plus a few descriptive strings/ints) that ends up in the run's metrics.json.
     `depends_on(params, stage_names)` -> {params field: earlier stage name} for every stage whose output it reads.
     `reads`: the recipe sections (of RECIPE_SECTIONS) its result depends on; only they enter its config hash.
+    `multi_process`: whether every process of `recalign run --processes N` runs it (LLM training), or rank 0 alone.
     """
 
     params: type[BaseModel]
@@ -45,31 +56,12 @@ class Stage:
     description: str = ""
     depends_on: Callable[[BaseModel, Sequence[str]], dict[str, str]] = no_dependencies
     reads: frozenset[str] = DEFAULT_READS
+    multi_process: bool = False  # trains data-parallel under `recalign run --processes N` (else rank 0 runs it)
 
     def __post_init__(self) -> None:
         unknown = set(self.reads) - RECIPE_SECTIONS
         if unknown:
             raise ValueError(f"Stage.reads: unknown recipe sections {sorted(unknown)}; known: {sorted(RECIPE_SECTIONS)}")
-
-
-# kind -> "module:attribute". Heavy modules (transformers, peft) are imported only when a stage of that kind runs.
-STAGE_KINDS: dict[str, str] = {
-    "teacher": "recalign.teachers.stage:TEACHER_STAGE",
-    "trd": "recalign.methods.trd:TRD_STAGE",
-    "llm-sft": "recalign.llm.stage:LLM_SFT_STAGE",
-    "sprec": "recalign.methods.sprec_report:SPREC_STAGE",
-    "controllable": "recalign.methods.controllable_stage:CONTROLLABLE_STAGE",
-    "trackrec": "recalign.methods.trackrec:TRACKREC_STAGE",
-    "recgpt": "recalign.methods.recgpt:RECGPT_STAGE",
-}
-
-
-def get_stage(kind: str) -> Stage:
-    """Resolve a stage kind to its Stage; unknown kinds are config errors naming the choices."""
-    if kind not in STAGE_KINDS:
-        raise ConfigError(f"unknown stage kind '{kind}'; choose one of: {', '.join(sorted(STAGE_KINDS))}")
-    module, attribute = STAGE_KINDS[kind].split(":")
-    return getattr(importlib.import_module(module), attribute)
 
 
 # ---- the seed rule ----------------------------------------------------------------------------------
@@ -119,27 +111,87 @@ def fill_seeds(model: BaseModel, seed: int) -> BaseModel:
     return model.model_copy(update=updates) if updates else model
 
 
-# ---- dependencies -----------------------------------------------------------------------------------
+# ---- the context a stage runs in --------------------------------------------------------------------
 
-class _StageLike(typing.Protocol):
-    name: str
-    kind: str
-    params: dict
+@dataclass
+class RunContext:
+    """What a stage sees: its folder, the dataset and split, the seed, the recipe, and earlier stages' outputs."""
+
+    run_dir: Path
+    stage_dir: Path
+    dataset: Dataset
+    split: "Split | None"
+    seed: int
+    progress: bool
+    recipe: Recipe
+    stage: StageSpec | None = None
+    echo: Callable[[str], None] | None = field(default=None, repr=False)
+
+    def stage_output(self, name: str) -> Path:
+        """The folder of an earlier, finished stage."""
+        folder = self.run_dir / "stages" / name
+        if not (folder / DONE).is_file():
+            names = [s.name for s in self.recipe.stages]
+            hint = "" if name in names else f"; stages: {', '.join(names)}"
+            raise ConfigError(f"stage {name!r} has not finished in {self.run_dir}{hint}")
+        return folder
+
+    def datasets(self, role: str) -> list[Dataset]:
+        """The recipe's datasets of one role (`eval` is the split dataset), prepared once into data/<role>-<i>/."""
+        if role == "eval":
+            return [self.dataset]
+        if role not in self.recipe.datasets:
+            roles = ", ".join(["eval", *sorted(self.recipe.datasets)])
+            raise ConfigError(f"datasets.{role}: the recipe names no datasets with this role; roles: {roles}")
+        return [prepare_cached(spec, self.run_dir / "data" / f"{role}-{i}")
+                for i, spec in enumerate(self.recipe.datasets[role])]
+
+    def load_teacher(self, stage_name: str) -> "Recommender":
+        """Load the teacher a finished "teacher" stage saved under its `model/` folder."""
+        return load_teacher_dir(self.stage_output(stage_name) / "model")
+
+    def log(self, message: str) -> None:
+        """Append a timestamped line to the run's log.txt (and echo it when progress is on)."""
+        prefix = f"[{self.stage.name}] " if self.stage is not None else ""
+        append_log(self.run_dir, prefix + message)
+        if self.echo is not None and self.progress:
+            self.echo(prefix + message)
+
+    def eval_users(self, part: str = "test") -> np.ndarray:
+        """The users every stage is scored on: those with a target in `part`, or the recipe's seeded subset of
+        `eval.users` of them (seed = the recipe seed), ascending."""
+        from recalign.eval.evaluate import eval_users, relevant_items
+
+        if self.split is None:
+            raise ConfigError("this recipe has no split to evaluate on")
+        eligible, _, _ = relevant_items(self.split.part(part), self.dataset.n_users)
+        return eval_users(eligible, self.recipe.eval.users, self.seed)
+
+    def evaluate(self, model: "Recommender | ListRecommender", part: str = "test", **overrides: Any) -> dict:
+        """Evaluate a recommender (scores) or a list recommender with the recipe's protocol (ks, full/sampled,
+        history exclusion, seed) on the recipe's users (`eval.users`); records `users_hash` of the users."""
+        from recalign.eval.evaluate import evaluate
+
+        spec = self.recipe.eval
+        options = dict(ks=tuple(spec.ks), protocol=spec.protocol, n_negatives=spec.n_negatives, seed=self.seed,
+                       exclude_history=spec.exclude_history, progress=self.progress)
+        options.update(overrides)
+        if self.split is None:
+            raise ConfigError("this recipe has no split to evaluate on")
+        if "users" not in options and "n_users" not in options:
+            options["users"] = self.eval_users(part)  # = n_users=eval.users with the recipe seed
+        if options["protocol"] == "sampled" and "candidates_path" not in overrides:
+            # One saved candidate file per (data, part, negatives, seed): every stage ranks the same lists, and
+            # they can be inspected or reused by other tools.
+            options["candidates_path"] = (self.run_dir / "candidates" / f"{part}-{self.dataset.fingerprint()[:12]}-"
+                                          f"n{options['n_negatives']}-seed{options['seed']}.pt")
+        result = evaluate(model, self.dataset, self.split, part=part, **options)
+        if options.get("users") is not None:
+            result["users_hash"] = users_hash(options["users"])
+        return result
 
 
-def stage_dependencies(stages: Sequence[_StageLike]) -> dict[str, dict[str, str]]:
-    """Per stage, {params field: earlier stage} as its kind declares; a later or unknown name is a ConfigError."""
-    names = [stage.name for stage in stages]
-    result: dict[str, dict[str, str]] = {}
-    for position, spec in enumerate(stages):
-        kind = get_stage(spec.kind)
-        declared = kind.depends_on(kind.params.model_validate(spec.params), names)
-        for field_name, target in declared.items():
-            where = f"stages.{spec.name}.params.{field_name}"
-            if target not in names:
-                raise ConfigError(f"{where}: no stage named '{target}'; stages: {', '.join(names)}")
-            if names.index(target) >= position:
-                raise ConfigError(f"{where}: stage '{target}' does not run before '{spec.name}' "
-                                  "(a stage can only use the output of an earlier stage)")
-        result[spec.name] = dict(declared)
-    return result
+
+def users_hash(users: "np.ndarray | list[int]") -> str:
+    """A short hash of a set of user ids (sorted), to check that stages were scored on the same users."""
+    return stable_hash(sorted(int(u) for u in np.asarray(users).tolist()))

@@ -16,7 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from recalign.cli import app
-from recalign.config import recipe_from_dict
+from recalign.recipes import recipe_from_dict
 from recalign.data.dataset import build_dataset
 from recalign.runs import run_recipe
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from recalign.config import recipe_from_dict
+from recalign.recipes import recipe_from_dict
 from recalign.errors import ConfigError
 from recalign.eval.evaluate import eval_users, relevant_items
 
@@ -49,7 +49,8 @@ def comparable_run(tmp_path_factory):
 
 
 def test_every_stage_is_scored_on_the_same_seeded_users(comparable_run):
-    from recalign.runs import open_run, users_hash
+    from recalign.runs import open_run
+    from recalign.stages import users_hash
 
     folder, summary = comparable_run
     stages = summary["stages"]
@@ -129,8 +130,8 @@ def test_trd_lists_reorder_the_teachers_top_list_without_history():
 
     from recalign.data.dataset import build_dataset
     from recalign.data.split import leave_one_out_split
-    from recalign.methods.trd import RerankedLists
-    from recalign.rl.dqn import DQNConfig, DQNReranker
+    from recalign.methods.trd.stage import RerankedLists
+    from recalign.methods.trd.dqn import DQNConfig, DQNReranker
     from recalign.teachers.popularity import Popularity
 
     # 3 users x 4 interactions over 8 items; item i0 is the most popular, then i1, i2, ...

@@ -9,7 +9,8 @@ import pytest
 from pydantic import BaseModel, ConfigDict
 
 from recalign import stages
-from recalign.config import apply_overrides, load_recipe, parse_override, recipe_from_dict
+from recalign.config import apply_overrides, parse_override
+from recalign.recipes import load_recipe, recipe_from_dict
 from recalign.errors import ConfigError
 
 
@@ -186,7 +187,7 @@ def test_teacher_settings_are_checked_when_the_recipe_loads(tmp_path):
 
 
 def test_flat_teacher_settings_are_checked_and_win_over_nested_ones(tmp_path):
-    from recalign.teachers.stage import TeacherStageParams
+    from recalign.methods.teacher.stage import TeacherStageParams
 
     text = ("name: t\ndata: {source: synthetic}\nstages:\n"
             "  - {name: sasrec, kind: teacher, params: {model: sasrec, epochs: 2, params: {epochs: 9, dim: 8}}}\n")

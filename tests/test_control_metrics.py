@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from recalign.errors import ConfigError
-from recalign.eval.control import CategoryTable, control_inputs, score_control
+from recalign.methods.reclmgen.metrics import CategoryTable, control_inputs, score_control
 from recalign.eval.lists import NO_ENTRY as E
 from recalign.eval.lists import NOT_GROUNDED as X
 from recalign.eval.lists import score_lists

@@ -10,8 +10,8 @@ import torch
 
 from recalign.data.split import leave_one_out_split
 from recalign.errors import ConfigError
-from recalign.eval.control import CategoryTable
-from recalign.llm.control_tasks import (ControlSource, ControlSpec, build_test_rows, minus_categories, rl_rows,
+from recalign.methods.reclmgen.metrics import CategoryTable
+from recalign.methods.reclmgen.tasks import (ControlSource, ControlSpec, build_test_rows, minus_categories, rl_rows,
                                         sft_category_rate, sft_control, sft_control_re, sft_rows, sft_seqrec,
                                         epoch_generator, metric_inputs, parse_test_task, rl_validation_rows)
 from recalign.llm.tasks import Rows, get_task, parse_titles, sft_examples
@@ -260,7 +260,7 @@ def test_rl_validation_mix():
 
 
 def test_metric_inputs_from_test_rows():
-    from recalign.eval.control import score_control
+    from recalign.methods.reclmgen.metrics import score_control
 
     base = Rows(np.array([0, 1, 2]), [[5], [1, 2], [7]], np.array([3, 0, 4]))
     rows = build_test_rows(base, "ep_30", CATS)   # C = c0, c1, c1; k = 10, m = 3

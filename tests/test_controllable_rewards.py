@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from recalign.errors import ConfigError
-from recalign.eval.control import CategoryTable
-from recalign.llm.control_tasks import ControlSpec
+from recalign.methods.reclmgen.metrics import CategoryTable
+from recalign.methods.reclmgen.tasks import ControlSpec
 from recalign.llm.tasks import Rows
-from recalign.methods.controllable_rewards import (answer_reward, list_token_rewards, make_reward_fn, normaliser,
+from recalign.methods.reclmgen.rewards import (answer_reward, list_token_rewards, make_reward_fn, normaliser,
                                                     token_rewards)
 
 # Items 0..7; category A = {0, 1, 2, 7} (item 2 is also B), B = {2, 3, 4}, C = {5, 6}.

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from recalign.config import recipe_from_dict
+from recalign.recipes import recipe_from_dict
 from recalign.errors import ConfigError
-from recalign.eval.control import CategoryTable
-from recalign.llm.control_tasks import ControlSpec
+from recalign.methods.reclmgen.metrics import CategoryTable
+from recalign.methods.reclmgen.tasks import ControlSpec
 from recalign.llm.tasks import Rows
-from recalign.methods.controllable import TaskAnswers, score_answers
-from recalign.methods.controllable_stage import AnsweredLists, compare_tasks, teacher_answers
+from recalign.methods.reclmgen.algorithm import TaskAnswers, score_answers
+from recalign.methods.reclmgen.stage import AnsweredLists, compare_tasks, teacher_answers
 
 # ---- small pieces on hand-made numbers -------------------------------------------------------------------------
 
@@ -143,7 +143,7 @@ def test_stage_runs_sft_then_ppo_and_grpo_with_the_teachers_users_and_keys(tmp_p
 
 @pytest.mark.slow
 def test_a_killed_run_resumes_after_the_first_rl_iteration(tmp_path, monkeypatch):
-    import recalign.methods.controllable as method
+    import recalign.methods.reclmgen.algorithm as method
     from recalign.runs import run_recipe
 
     stage = {"name": "ppo", "kind": "controllable", "params": {**TINY, "teacher": "pop", "algorithm": "ppo"}}
@@ -203,7 +203,7 @@ def test_an_unknown_teacher_or_init_stage_is_a_config_error():
 def test_ppo_minibatch_rows_keep_padding_positions_inside_their_trimmed_width():
     """Regression (found by the SmolLM2 run): a long prompt with a short answer beside a short prompt with a long
     answer; a mini-batch of the two is trimmed to width 5, so padding steps must not point past it."""
-    from recalign.llm.ppo import pack_rollouts
+    from recalign.methods.reclmgen.ppo import pack_rollouts
 
     rollouts = pack_rollouts([[1, 2, 3], [4], [1] * 10], [[5], [6, 7, 8, 9], [5]], pad_id=0)
     part = rollouts.rows(torch.tensor([0, 1]))

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from recalign.ctr.data import Impressions, to_batch
-from recalign.ctr.hea import HEA
-from recalign.ctr.train import BACKBONES, CTRSettings, ctr_metrics, fit_ctr, make_backbone, predict
+from recalign.methods.trackrec.ctr.data import Impressions, to_batch
+from recalign.methods.trackrec.ctr.hea import HEA
+from recalign.methods.trackrec.ctr.train import BACKBONES, CTRSettings, ctr_metrics, fit_ctr, make_backbone, predict
 from recalign.errors import ConfigError, DataError
 
 N_ITEMS = 40

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from recalign.ctr.data import build_impressions, split_users, to_batch
-from recalign.ctr.knowledge import embed_texts, history_summaries, load_knowledge, write_knowledge
+from recalign.methods.trackrec.ctr.data import build_impressions, split_users, to_batch
+from recalign.methods.trackrec.ctr.knowledge import embed_texts, history_summaries, load_knowledge, write_knowledge
 from recalign.data.dataset import build_dataset
 from recalign.errors import ConfigError, DataError
 

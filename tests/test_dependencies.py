@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from recalign.config import recipe_from_dict
+from recalign.recipes import recipe_from_dict
 from recalign.errors import ConfigError
 from recalign.runs import stage_hashes
-from recalign.stages import stage_dependencies
+from recalign.recipes import stage_dependencies
 
 
 def recipe(trd: dict | None = None, teacher_name: str = "bprmf", **extra):

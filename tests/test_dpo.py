@@ -14,7 +14,8 @@ pytest.importorskip("peft")
 from transformers import TrainerCallback  # noqa: E402
 
 from recalign.errors import ConfigError  # noqa: E402
-from recalign.llm.dpo import DPOSettings, LoraSettings, train_dpo  # noqa: E402
+from recalign.llm.dpo import DPOSettings, train_dpo
+from recalign.llm.trainer import LoraSettings  # noqa: E402
 
 
 def tiny_model_and_tokenizer(seed: int = 0):

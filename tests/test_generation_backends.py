@@ -39,7 +39,7 @@ def toy_data(folder) -> str:
 
 
 def recipe(data: str, **params):
-    from recalign.config import recipe_from_dict
+    from recalign.recipes import recipe_from_dict
 
     return recipe_from_dict({"name": "toyllm", "seed": 1, "data": {"path": data}, "eval": {"ks": [1, 3], "users": 4},
                              "stages": [{"name": "sft", "kind": "llm-sft", "params": {**PARAMS, **params}}]})
@@ -111,7 +111,7 @@ def test_bad_backend_blocks_are_one_line_config_errors(tmp_path, backend, messag
 @pytest.mark.parametrize("kind, params", [("sprec", {}), ("trackrec", {}),
                                           ("controllable", {"teacher": "http://127.0.0.1:12621"})])
 def test_every_llm_stage_kind_takes_the_backend_block(tmp_path, kind, params):
-    from recalign.config import recipe_from_dict
+    from recalign.recipes import recipe_from_dict
 
     def load(backend):
         return recipe_from_dict({"name": "r", "seed": 1, "data": {"path": str(tmp_path)},

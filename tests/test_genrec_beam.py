@@ -13,10 +13,10 @@ from hypothesis import given, settings as hyp_settings, strategies as st
 from recalign.data.dataset import UserSequences
 from recalign.errors import ConfigError, DataError
 from recalign.eval.lists import ListRecommender
-from recalign.genrec.beam import (BeamLists, BeamSettings, CodeTrie, beam_search, compare_with_python_loop,
+from recalign.methods.recgpt.beam import (BeamLists, BeamSettings, CodeTrie, beam_search, compare_with_python_loop,
                                   history_mask, python_loop_beam)
-from recalign.genrec.codes import ItemCodes
-from recalign.genrec.decoder import DecoderConfig, RecGPTDecoder
+from recalign.methods.recgpt.codes import ItemCodes
+from recalign.methods.recgpt.decoder import DecoderConfig, RecGPTDecoder
 
 LOG = math.log
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from recalign.errors import ConfigError, DataError
-from recalign.genrec.beam import BeamSettings, CodeTrie, beam_search
-from recalign.genrec.codes import ItemCodes
-from recalign.genrec.decoder import DecoderConfig, RecGPTDecoder, hybrid_mask, pad_histories, position_ids
-from recalign.genrec.training import DecoderTraining, train_decoder
+from recalign.methods.recgpt.beam import BeamSettings, CodeTrie, beam_search
+from recalign.methods.recgpt.codes import ItemCodes
+from recalign.methods.recgpt.decoder import DecoderConfig, RecGPTDecoder, hybrid_mask, pad_histories, position_ids
+from recalign.methods.recgpt.training import DecoderTraining, train_decoder
 
 MIN = torch.finfo(torch.float32).min
 

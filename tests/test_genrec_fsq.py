@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from recalign.errors import DataError
-from recalign.genrec.codes import ItemCodes, collision_rate, disambiguate
+from recalign.methods.recgpt.codes import ItemCodes, collision_rate, disambiguate
 
 
 # ---- ItemCodes -------------------------------------------------------------------------------------------
@@ -62,16 +62,16 @@ def test_item_codes_load_rejects_a_bad_file(tmp_path):
 def _fsq():
     from vector_quantize_pytorch import FSQ
 
-    from recalign.genrec.fsq import FSQ_LEVELS
+    from recalign.methods.recgpt.fsq import FSQ_LEVELS
 
     return FSQ(levels=list(FSQ_LEVELS))  # dim 5: no projection, so the latent is the input
 
 
 def test_fsq_basis_and_codebook_size_by_hand():
-    from recalign.genrec.fsq import FSQ_LEVELS, fsq_basis
+    from recalign.methods.recgpt.fsq import FSQ_LEVELS, fsq_basis
 
     assert fsq_basis(FSQ_LEVELS).tolist() == [1, 8, 64, 512, 3072]
-    from recalign.genrec.fsq import ItemTokenizer
+    from recalign.methods.recgpt.fsq import ItemTokenizer
 
     assert ItemTokenizer().codebook_size == 8 * 8 * 8 * 6 * 5 == 15360
 
@@ -109,13 +109,13 @@ def _embeddings(n: int = 300, d: int = 32, seed: int = 0) -> torch.Tensor:
 
 
 def _small(**kw):
-    from recalign.genrec.fsq import FsqSettings
+    from recalign.methods.recgpt.fsq import FsqSettings
 
     return FsqSettings(**{"hidden": 32, "epochs": 3, "batch_size": 64, **kw})
 
 
 def test_every_item_gets_a_unique_code_with_duplicated_and_empty_rows():
-    from recalign.genrec.fsq import ItemTokenizer
+    from recalign.methods.recgpt.fsq import ItemTokenizer
 
     x = _embeddings()
     x[10] = x[20] = x[30] = x[5]  # four items with the same text
@@ -130,7 +130,7 @@ def test_every_item_gets_a_unique_code_with_duplicated_and_empty_rows():
 
 
 def test_tokenizer_is_deterministic_for_a_seed_and_differs_across_seeds():
-    from recalign.genrec.fsq import ItemTokenizer
+    from recalign.methods.recgpt.fsq import ItemTokenizer
 
     x = _embeddings()
     a = ItemTokenizer(_small(seed=3)).fit(x)
@@ -141,7 +141,7 @@ def test_tokenizer_is_deterministic_for_a_seed_and_differs_across_seeds():
 
 
 def test_training_lowers_the_reconstruction_loss():
-    from recalign.genrec.fsq import ItemTokenizer
+    from recalign.methods.recgpt.fsq import ItemTokenizer
 
     tok = ItemTokenizer(_small(epochs=8)).fit(_embeddings())
     assert tok.history[-1] < tok.history[0]
@@ -149,14 +149,14 @@ def test_training_lowers_the_reconstruction_loss():
 
 @pytest.mark.parametrize("dim", [8, 20, 96])
 def test_tokenizer_works_for_any_dim_divisible_by_four(dim):
-    from recalign.genrec.fsq import ItemTokenizer
+    from recalign.methods.recgpt.fsq import ItemTokenizer
 
     x = _embeddings(50, dim)
     assert ItemTokenizer(_small(epochs=1)).fit(x).encode(x).is_unique()
 
 
 def test_tokenizer_rejects_bad_embeddings():
-    from recalign.genrec.fsq import ItemTokenizer
+    from recalign.methods.recgpt.fsq import ItemTokenizer
 
     with pytest.raises(DataError, match="divisible by 4"):
         ItemTokenizer(_small()).fit(_embeddings(10, 30))
@@ -170,7 +170,7 @@ def test_tokenizer_rejects_bad_embeddings():
 
 
 def test_tokenizer_save_load_gives_the_same_codes(tmp_path):
-    from recalign.genrec.fsq import ItemTokenizer
+    from recalign.methods.recgpt.fsq import ItemTokenizer
 
     x = _embeddings()
     tok = ItemTokenizer(_small()).fit(x)
@@ -184,7 +184,7 @@ def test_tokenizer_save_load_gives_the_same_codes(tmp_path):
 def test_item_texts_join_fields_and_give_empty_items_a_placeholder():
     import pandas as pd
 
-    from recalign.genrec.text import item_texts
+    from recalign.methods.recgpt.text import item_texts
 
     items = pd.DataFrame({"item_id": [0, 1, 2], "original_id": ["a", "b", "c"],
                           "title": ["Red Pen", "", "Blue  Ink"], "categories": [["Office", "Pens"], [], None],
@@ -195,7 +195,7 @@ def test_item_texts_join_fields_and_give_empty_items_a_placeholder():
 def test_embed_texts_caches_float32_by_model_and_text(tmp_path):
     import numpy as np
 
-    from recalign.genrec.text import embed_texts
+    from recalign.methods.recgpt.text import embed_texts
 
     calls = []
 

@@ -1,4 +1,4 @@
-"""GRPO through TRL (recalign.llm.grpo): the sequence reward adapter sums per-token rewards, the config is CPU-safe,
+"""GRPO through TRL (recalign.methods.reclmgen.grpo): the sequence reward adapter sums per-token rewards, the config is CPU-safe,
 the KL reference is the adapter-disabled model (no reload from disk), and GRPO raises the toy reward."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ pytest.importorskip("trl")
 pytest.importorskip("peft")
 
 from recalign.errors import ConfigError  # noqa: E402
-from recalign.llm.grpo import GRPOSettings, grpo_config, sequence_reward, train_grpo  # noqa: E402
+from recalign.methods.reclmgen.grpo import GRPOSettings, grpo_config, sequence_reward, train_grpo  # noqa: E402
 
 PROMPTS = [f"p{i} :" for i in range(8)]
 from conftest import toy_policy  # noqa: E402

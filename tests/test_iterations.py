@@ -1,4 +1,4 @@
-"""The reusable iteration store (recalign.methods.iterations): atomic checkpoints, state, resume after a kill."""
+"""The reusable iteration store (recalign.checkpoints): atomic checkpoints, state, resume after a kill."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 
 from recalign.errors import ConfigError
-from recalign.methods.iterations import IterationStore
+from recalign.checkpoints import IterationStore
 
 
 class Killed(Exception):

@@ -148,7 +148,7 @@ def _embedding_grounder():
 
 def test_sprec_rows_parity_metrics_on_fixed_answers():
     from recalign.llm.grounding import extract_title
-    from recalign.methods.sprec import list_metrics
+    from recalign.methods.sprec.algorithm import list_metrics
 
     # SPRec: the first quoted title, its K nearest catalog titles. Distances from 1.0: A 1, B 0, G 2, D 5 ->
     # [Beta, Alpha]; from 2.9: G .1, B 1.9, A 2.9 -> [Gamma, Beta]; "" -> nothing; from 6: [Delta, Gamma].
@@ -179,7 +179,7 @@ def test_sprec_rows_parity_metrics_on_fixed_answers():
 
 
 def test_llm_sft_one_title_parity_metrics_on_fixed_answers():
-    from recalign.llm.stage import evaluate_answers
+    from recalign.llm.answers import evaluate_answers
     from recalign.llm.tasks import Rows, SeqRecTask
 
     rows = Rows(np.arange(4), HISTORIES, np.array(TARGETS))
@@ -194,7 +194,7 @@ def test_llm_sft_one_title_parity_metrics_on_fixed_answers():
 
 def test_llm_sft_list_answers_parity_metrics_on_fixed_answers():
     from recalign.llm.grounding import ExactGrounder
-    from recalign.llm.stage import evaluate_answers
+    from recalign.llm.answers import evaluate_answers
     from recalign.llm.tasks import Rows, SeqRecTask
 
     rows = Rows(np.arange(4), HISTORIES, np.array(TARGETS))
@@ -238,7 +238,7 @@ def test_a_registered_metric_runs_only_when_its_inputs_are_given():
 
 def test_an_llm_is_a_list_model_for_evaluate(synthetic):
     from recalign.llm.grounding import ExactGrounder
-    from recalign.llm.stage import AnswerLists
+    from recalign.llm.answers import AnswerLists
     from recalign.llm.tasks import SeqRecTask
 
     dataset, split = synthetic

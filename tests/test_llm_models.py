@@ -13,7 +13,8 @@ pytest.importorskip("peft")
 
 from recalign.errors import ConfigError, RecalignError  # noqa: E402
 from recalign.llm import models  # noqa: E402
-from recalign.llm.models import LoraSettings, add_lora, load_model, save_model, tiny_model  # noqa: E402
+from recalign.llm.trainer import LoraSettings
+from recalign.llm.models import add_lora, load_model, save_model, tiny_model  # noqa: E402
 
 
 def _logits(model, tokenizer, text: str = "hello world") -> torch.Tensor:

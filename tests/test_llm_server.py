@@ -186,7 +186,7 @@ def test_cli_serve_llm_refuses_bad_folders_and_public_binds(tmp_path, monkeypatc
 def test_llm_app_from_stage_serves_the_saved_adapter(tmp_path):
     import pandas as pd
 
-    from recalign.config import recipe_from_dict
+    from recalign.recipes import recipe_from_dict
     from recalign.runs import run_recipe
     from recalign.serve.llm import llm_app_from_stage
 

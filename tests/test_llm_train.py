@@ -10,7 +10,8 @@ pytest.importorskip("peft")
 
 from recalign.errors import ConfigError  # noqa: E402
 from recalign.llm.generate import GenerationSettings, generate  # noqa: E402
-from recalign.llm.models import LoraSettings, load_model, save_model, tiny_model  # noqa: E402
+from recalign.llm.trainer import LoraSettings
+from recalign.llm.models import load_model, save_model, tiny_model  # noqa: E402
 from recalign.llm.tasks import SeqRecTask, parse_title, rows_from_sequences, sft_examples  # noqa: E402
 from recalign.llm.train import SFTSettings, make_sft_trainer, train_sft  # noqa: E402
 
@@ -112,7 +113,7 @@ def test_llm_sft_stage_runs_end_to_end_and_constrained_answers_are_titles(tmp_pa
     import numpy as np
     import pandas as pd
 
-    from recalign.config import recipe_from_dict
+    from recalign.recipes import recipe_from_dict
     from recalign.data.dataset import build_dataset
     from recalign.runs import run_recipe
 
@@ -144,8 +145,10 @@ def test_llm_sft_stage_runs_end_to_end_and_constrained_answers_are_titles(tmp_pa
     assert len(lines) == 3
     assert all(parse_title(line["answer_constrained"]) in TITLES for line in lines)
     # `recalign eval` path: the saved adapter, evaluated again, gives the same numbers.
-    from recalign.llm.stage import LLMSFTParams, reevaluate_llm_stage
-    from recalign.runs import RunContext, open_run
+    from recalign.methods.llm_sft.config import LLMSFTConfig
+    from recalign.methods.llm_sft.stage import reevaluate_llm_stage
+    from recalign.stages import RunContext
+    from recalign.runs import open_run
 
     recipe, dataset, split = open_run(tmp_path / "run")
     ctx = RunContext(run_dir=tmp_path / "run", stage_dir=stage_dir, dataset=dataset, split=split, seed=recipe.seed,
@@ -159,7 +162,7 @@ def test_evaluate_answers_one_title_and_list_answers_by_hand():
     import math
 
     from recalign.llm.grounding import ExactGrounder
-    from recalign.llm.stage import evaluate_answers
+    from recalign.llm.answers import evaluate_answers
 
     rows = rows_from_sequences([[0, 1, 2], [1, 2, 3], [2, 3, 4]])  # targets 2, 3, 4
     grounder = ExactGrounder(TITLES)

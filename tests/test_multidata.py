@@ -11,11 +11,13 @@ import pytest
 from pydantic import BaseModel, ConfigDict
 
 from recalign import stages
-from recalign.config import recipe_from_dict
+from recalign.recipes import recipe_from_dict
 from recalign.data.dataset import build_dataset
 from recalign.data.split import cold_start_split
 from recalign.errors import ConfigError
-from recalign.runs import RunContext, make_split, run_recipe
+from recalign.stages import RunContext
+from recalign.preparation import make_split
+from recalign.runs import run_recipe
 
 SEEN: dict[str, list] = {}
 

@@ -51,7 +51,7 @@ def ppo_weights() -> dict:
     import torch
     from conftest import toy_policy
 
-    from recalign.llm.ppo import ACTOR, PPOSettings, PPOTrainer, rewards_on_last_token
+    from recalign.methods.reclmgen.ppo import ACTOR, PPOSettings, PPOTrainer, rewards_on_last_token
 
     model, tokenizer = toy_policy()
     target = tokenizer.convert_tokens_to_ids("w3")
@@ -83,7 +83,7 @@ def worker(out: Path, batch_size: int) -> None:
 
     from recalign.llm.dpo import DPOSettings, train_dpo
     from recalign.llm.models import tiny_model
-    from recalign.llm.sdpo import SDPOSettings, train_sdpo
+    from recalign.methods.trackrec.sdpo import SDPOSettings, train_sdpo
     from recalign.llm.train import SFTSettings, train_sft
     from recalign.llm.trainer import LoraSettings, attach_lora
 

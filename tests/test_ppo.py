@@ -1,4 +1,4 @@
-"""Our PPO (recalign.llm.ppo): GAE, losses and statistics on hand-computed numbers; the value head is trained,
+"""Our PPO (recalign.methods.reclmgen.ppo): GAE, losses and statistics on hand-computed numbers; the value head is trained,
 saved and reloaded; PPO raises a toy reward on a tiny random Llama; a run killed mid-way resumes to the same numbers."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import torch
 pytest.importorskip("peft")
 
 from recalign.errors import ConfigError  # noqa: E402
-from recalign.llm.ppo import (ACTOR, CRITIC, LOOP, STATE_FILE, VALUE_HEAD_FILE, PPOSettings, PPOTrainer,  # noqa: E402
+from recalign.methods.reclmgen.ppo import (ACTOR, CRITIC, LOOP, STATE_FILE, VALUE_HEAD_FILE, PPOSettings, PPOTrainer,  # noqa: E402
                               RunningMoments, approx_kl, clipped_policy_loss, clipped_value_loss,
                               entropy_from_logits, gae, kl_penalized_rewards, masked_whiten,
                               rewards_on_last_token)
-from recalign.methods.iterations import IterationStore  # noqa: E402
+from recalign.checkpoints import IterationStore  # noqa: E402
 
 PROMPTS = [f"p{i} :" for i in range(8)]
 from conftest import toy_policy  # noqa: E402

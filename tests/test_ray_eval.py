@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from recalign.config import recipe_from_dict
+from recalign.recipes import recipe_from_dict
 from recalign.errors import ConfigError
 from recalign.eval.ray_backend import import_ray, shard_bounds
 
@@ -81,7 +81,7 @@ class EchoPool:
 
 def test_pooled_answers_cut_generation_batches_and_come_back_in_row_order():
     from recalign.llm.models import smollm2_tokenizer
-    from recalign.llm.stage import PooledAnswerLists
+    from recalign.methods.llm_sft.stage import PooledAnswerLists
     from recalign.llm.tasks import Rows, SeqRecTask
 
     # One title repeated: a longer history is a longer prompt. Generation batches longest first, ties in row
@@ -171,8 +171,10 @@ def test_worker_pool_runs_one_shard_per_worker_in_order_on_one_thread(ray_sessio
 def test_ray_workers_give_the_in_process_metrics_and_answers(tmp_path, ray_session):
     pytest.importorskip("peft")
     from recalign.llm.models import load_model
-    from recalign.llm.stage import LLMSFTParams, evaluate_decodings
-    from recalign.runs import RunContext, open_run, run_recipe
+    from recalign.methods.llm_sft.config import LLMSFTConfig
+    from recalign.methods.llm_sft.stage import evaluate_decodings
+    from recalign.stages import RunContext
+    from recalign.runs import open_run, run_recipe
 
     _toy_data(tmp_path / "data")
     ray = run_recipe(_recipe(tmp_path / "data", "ray", workers=2), tmp_path / "run", progress=False)["stages"]["sft"]

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import recalign.methods.recgpt as recgpt
-from recalign.config import recipe_from_dict
-from recalign.genrec.codes import ItemCodes
+import recalign.methods.recgpt.algorithm as recgpt
+from recalign.recipes import recipe_from_dict
+from recalign.methods.recgpt.codes import ItemCodes
 from recalign.runs import run_recipe
 
 
@@ -64,7 +64,7 @@ def test_recgpt_stage_scores_zero_shot_and_finetuned_on_the_recipe_users(tmp_pat
 
 
 def test_recgpt_stage_resumes_after_a_kill_without_retraining(tmp_path, monkeypatch):
-    import recalign.genrec.training as training
+    import recalign.methods.recgpt.training as training
 
     calls = []
     real_train = training.train_decoder

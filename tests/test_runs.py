@@ -14,10 +14,11 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from recalign import stages
-from recalign.config import recipe_from_dict
+from recalign.recipes import recipe_from_dict
 from recalign.data.dataset import build_dataset
 from recalign.errors import RecalignError
-from recalign.runs import RunContext, run_recipe
+from recalign.stages import RunContext
+from recalign.runs import run_recipe
 
 CALLS: list[str] = []
 
@@ -305,7 +306,7 @@ def test_run_records_absolute_data_paths(tmp_path, dataset_dir, monkeypatch):
     spec = recipe_from_dict({"name": "rel", "data": {"path": dataset_dir.name},
                              "stages": [{"name": "first", "kind": "toy"}]})
     run_recipe(spec, tmp_path / "run", progress=False)
-    from recalign.config import load_recipe
+    from recalign.recipes import load_recipe
 
     assert load_recipe(tmp_path / "run" / "config.yaml").data.path == str(dataset_dir.resolve())
     assert spec.data.path == dataset_dir.name  # the caller's recipe is not modified

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from recalign.errors import ConfigError
-from recalign.llm.sdpo import (SDPOSettings, dpo_losses, sdpo_loss, sdpo_losses, select_preferences,
+from recalign.methods.trackrec.sdpo import (SDPOSettings, dpo_losses, sdpo_loss, sdpo_losses, select_preferences,
                                sequence_logprobs, train_sdpo)
 
 

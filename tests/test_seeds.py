@@ -6,8 +6,9 @@ import copy
 
 import pytest
 
-from recalign.config import recipe_from_dict
-from recalign.stages import STAGE_KINDS, fill_seeds, get_stage, seed_fields
+from recalign.recipes import recipe_from_dict
+from recalign.methods import STAGE_KINDS, get_stage
+from recalign.stages import fill_seeds, seed_fields
 
 # The smallest valid params of each kind (a kind missing here must validate with {}).
 MINIMAL = {"teacher": {"model": "popularity"}, "controllable": {"teacher": "http://127.0.0.1:12621"}}
@@ -63,7 +64,7 @@ def test_an_explicit_seed_wins_for_every_seed_of_every_stage_kind(kind):
 
 def test_filled_seeds_survive_the_resolved_recipe(tmp_path):
     """config.yaml holds the seeds a run used, so re-loading it gives the same params."""
-    from recalign.config import load_recipe
+    from recalign.recipes import load_recipe
 
     recipe = load("trd", 4, {"dqn": {"seed": 9}})
     file = tmp_path / "resolved.yaml"
@@ -74,7 +75,7 @@ def test_filled_seeds_survive_the_resolved_recipe(tmp_path):
 
 
 def test_teacher_seed_reaches_the_teacher_settings():
-    from recalign.teachers.stage import TeacherStageParams
+    from recalign.methods.teacher.stage import TeacherStageParams
 
     filled = load("teacher", 6, {"model": "bprmf", "epochs": 1}).stages[0].params
     assert TeacherStageParams.model_validate(filled).teacher_settings() == {"epochs": 1, "seed": 6}
@@ -88,7 +89,7 @@ def test_split_seed_follows_the_same_rule():
 
 
 def test_null_counts_as_unset_and_models_are_not_changed_in_place():
-    from recalign.methods.trd import TRDConfig
+    from recalign.methods.trd.algorithm import TRDConfig
 
     config = TRDConfig.model_validate({"candidate_seed": None, "dqn": {"seed": 3}})
     filled = fill_seeds(config, 11)

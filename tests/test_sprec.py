@@ -1,4 +1,4 @@
-"""SPRec (recalign.methods.sprec): preference pairs, beyond-accuracy metrics by hand, and the resumable loop."""
+"""SPRec (recalign.methods.sprec.algorithm): preference pairs, beyond-accuracy metrics by hand, and the resumable loop."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from recalign.data.dataset import build_dataset
 from recalign.data.split import leave_one_out_split
 from recalign.llm.grounding import ExactGrounder
 from recalign.llm.tasks import Rows, eval_rows, sample_rows
-from recalign.methods.sprec import list_metrics, random_pairs, self_play_pairs, train_rows
+from recalign.methods.sprec.algorithm import list_metrics, random_pairs, self_play_pairs, train_rows
 
 TITLES = ["Alpha", "Beta", "Gamma", "Delta", "Epsilon", "Zeta"]
 
@@ -105,7 +105,7 @@ def test_rows_follow_the_split():
 
 # ---- the loop on a tiny random model ----------------------------------------------------------------------
 
-from recalign.methods.sprec import SPRecConfig, run_sprec  # noqa: E402
+from recalign.methods.sprec.algorithm import SPRecConfig, run_sprec  # noqa: E402
 
 
 def _config(**overrides) -> SPRecConfig:
@@ -173,7 +173,7 @@ def test_loop_pairs_are_own_grounded_answers_and_resume_after_a_kill(tmp_path):
         hits = np.mean([a["target"] in a["top_k"][:5] for a in answers])  # the per-row file gives back HR@5
         assert hits == pytest.approx(summary["iterations"][iteration]["hr@5"])
     # paired bootstrap against SFT; a checkpoint without per-row answers is re-evaluated and must reproduce itself
-    from recalign.methods.sprec_report import compare_against_sft
+    from recalign.methods.sprec.report import compare_against_sft
 
     (tmp_path / "sprec" / "iter_1" / "eval_answers.jsonl").unlink()
     intervals = compare_against_sft(config, dataset, split, tmp_path, keys=("hr@5", "or_ratio@5"), n_resamples=50)
@@ -189,7 +189,7 @@ def test_loop_pairs_are_own_grounded_answers_and_resume_after_a_kill(tmp_path):
     saved = (tmp_path / "sprec" / "iter_2" / "eval_answers_8rows.jsonl").read_text().splitlines()
     assert len(saved) == 8 and len(fewer) == 2  # other rows: evaluated again into their own file, own answers kept
     assert len((tmp_path / "sprec" / "iter_2" / "eval_answers.jsonl").read_text().splitlines()) == 16
-    from recalign.methods.sprec_report import iteration_table, plot_iterations
+    from recalign.methods.sprec.report import iteration_table, plot_iterations
 
     table = iteration_table(summary)
     assert table.count("\n| sprec |") == 2 and "| sft | 0 |" in table
@@ -201,7 +201,7 @@ def test_recipe_stage_writes_report_and_resumes_with_more_iterations(tmp_path):
     """`recalign run` path: the sprec stage's folder, its comparison with SFT, and a longer re-run that resumes."""
     import json
 
-    from recalign.config import recipe_from_dict
+    from recalign.recipes import recipe_from_dict
     from recalign.runs import run_recipe
 
     stage = _config(variants=["sft", "sprec"], iterations=1, compare_resamples=20).model_dump(

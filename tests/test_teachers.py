@@ -238,7 +238,7 @@ def test_registry_and_config_errors():
 def _stage_context(tmp_path, dataset):
     from recalign.config import DataSpec, EvalSpec, Recipe, StageSpec
     from recalign.data.split import leave_one_out_split
-    from recalign.runs import RunContext
+    from recalign.stages import RunContext
 
     recipe = Recipe(name="t", data=DataSpec(path=str(tmp_path / "data")), eval=EvalSpec(ks=[10]),
                     stages=[StageSpec(name="sas", kind="teacher", params={})])
@@ -250,8 +250,8 @@ def _stage_context(tmp_path, dataset):
 
 
 def test_teacher_stage_fits_saves_and_evaluates(sequential, tmp_path):
-    from recalign.runs import load_teacher_dir
-    from recalign.stages import get_stage
+    from recalign.teachers.registry import load_teacher_dir
+    from recalign.methods import get_stage
 
     data = sequential[0]
     stage = get_stage("teacher")
@@ -273,7 +273,7 @@ def test_teacher_stage_fits_saves_and_evaluates(sequential, tmp_path):
 def test_teacher_stage_rejects_bad_params(sequential, tmp_path):
     from pydantic import ValidationError
 
-    from recalign.teachers.stage import TEACHER_STAGE
+    from recalign.methods.teacher.stage import TEACHER_STAGE
 
     ctx = _stage_context(tmp_path, sequential[0])
     with pytest.raises(ConfigError, match="field 'hidden'"):

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from recalign.llm.trackrec_prompts import (CtrSample, cot_messages, ctr_messages, parse_answer, render,
+from recalign.methods.trackrec.prompts import (CtrSample, cot_messages, ctr_messages, parse_answer, render,
                                            validator_answer, validator_messages)
-from recalign.methods.trackrec import (Catalog, CtrRows, TrackRecConfig, build_preferences, llm_test_metrics,
+from recalign.methods.trackrec.algorithm import (Catalog, CtrRows, TrackRecConfig, build_preferences, llm_test_metrics,
                                        run_trackrec, stand_in_cots)
 
 TITLES = ["Heat", "Casino", "Fargo", "Toy Story", "Alien", "Babe", "Clue", "Jaws"]
@@ -139,7 +139,7 @@ def test_two_iterations_on_tiny_model_resume_after_a_kill(tmp_path):
 def test_stage_kind_is_registered_and_params_are_checked():
     from pydantic import ValidationError
 
-    from recalign.stages import get_stage
+    from recalign.methods import get_stage
 
     stage = get_stage("trackrec")
     params = stage.params.model_validate({"model": "tiny", "teacher": {"kind": "stand-in"}, "iterations": 2})

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from recalign.errors import ConfigError
-from recalign.llm.verifier import answer_token_ids, score_from_logits, verifier_scores
+from recalign.methods.trackrec.verifier import answer_token_ids, score_from_logits, verifier_scores
 
 
 def test_score_against_hand_computed_logits():

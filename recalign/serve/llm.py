@@ -473,8 +473,9 @@ def llm_app_from_stage(folder: str | os.PathLike, *, token: str | None = None,
                        progress: bool = False, backend=None) -> FastAPI:
     """The LLM app of a finished llm-sft stage RUN/stages/NAME: its base model + saved adapter, task and catalog."""
     from recalign.llm.models import load_model
-    from recalign.runs import DONE, open_run
-    from recalign.stages import get_stage
+    from recalign.stages import DONE
+    from recalign.runs import open_run
+    from recalign.methods import get_stage
 
     stage_dir = Path(folder)
     run_dir = stage_dir.parent.parent

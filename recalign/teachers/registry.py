@@ -1,8 +1,12 @@
-"""The explicit registry of teachers: name -> Recommender class."""
+"""The explicit registry of teachers: name -> Recommender class, and loading a saved teacher folder."""
 
 from __future__ import annotations
 
-from recalign.errors import ConfigError
+import json
+import os
+from pathlib import Path
+
+from recalign.errors import ConfigError, RecalignError
 from recalign.teachers.base import Recommender
 from recalign.teachers.bprmf import BPRMF
 from recalign.teachers.popularity import Popularity
@@ -16,3 +20,16 @@ def get_teacher(name: str) -> type[Recommender]:
     if name not in TEACHERS:
         raise ConfigError(f"unknown teacher '{name}'; choose one of: {', '.join(sorted(TEACHERS))}")
     return TEACHERS[name]
+
+
+def load_teacher_dir(folder: str | os.PathLike) -> Recommender:
+    """Load a teacher saved with `Recommender.save` (its teacher.json names the class)."""
+    folder = Path(folder)
+    meta_file = folder / "teacher.json"
+    if not meta_file.is_file():
+        raise RecalignError(f"{folder}: no saved teacher here (teacher.json missing)")
+    try:
+        name = json.loads(meta_file.read_text())["teacher"]
+    except (json.JSONDecodeError, KeyError):
+        raise RecalignError(f"{meta_file}: not a teacher description") from None
+    return get_teacher(name).load(folder)
