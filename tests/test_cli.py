@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict
 from typer.testing import CliRunner
 
 from recalign import stages
+import recalign.methods as methods
 from recalign.cli import app
 from recalign.data.dataset import build_dataset
 
@@ -171,7 +172,7 @@ def echo_stage(monkeypatch):
     module = types.ModuleType("recalign_test_cli_stages")
     module.ECHO = stages.Stage(params=EchoParams, run=lambda ctx, p: {"hr@10": p.score, "ndcg@10": p.score / 2})
     monkeypatch.setitem(sys.modules, module.__name__, module)
-    monkeypatch.setitem(stages.STAGE_KINDS, "echo", f"{module.__name__}:ECHO")
+    monkeypatch.setitem(methods.STAGE_KINDS, "echo", module.ECHO)
 
 
 @pytest.fixture

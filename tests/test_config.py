@@ -9,6 +9,7 @@ import pytest
 from pydantic import BaseModel, ConfigDict
 
 from recalign import stages
+import recalign.methods as methods
 from recalign.config import apply_overrides, parse_override
 from recalign.recipes import load_recipe, recipe_from_dict
 from recalign.errors import ConfigError
@@ -27,7 +28,7 @@ def toy_stage_kind(monkeypatch):
     module = types.ModuleType("recalign_test_config_stages")
     module.TOY = stages.Stage(params=ToyParams, run=lambda ctx, params: {})
     monkeypatch.setitem(sys.modules, module.__name__, module)
-    monkeypatch.setitem(stages.STAGE_KINDS, "toy", f"{module.__name__}:TOY")
+    monkeypatch.setitem(methods.STAGE_KINDS, "toy", module.TOY)
 
 
 RECIPE = """\

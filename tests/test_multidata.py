@@ -11,6 +11,7 @@ import pytest
 from pydantic import BaseModel, ConfigDict
 
 from recalign import stages
+import recalign.methods as methods
 from recalign.recipes import recipe_from_dict
 from recalign.data.dataset import build_dataset
 from recalign.data.split import cold_start_split
@@ -46,8 +47,8 @@ def roles_stage_kind(monkeypatch):
     module.ROLES = stages.Stage(params=RolesParams, run=roles_run, reads=stages.DEFAULT_READS | {"datasets"})
     module.PLAIN = stages.Stage(params=RolesParams, run=lambda ctx, params: {"n": 0})
     monkeypatch.setitem(sys.modules, module.__name__, module)
-    monkeypatch.setitem(stages.STAGE_KINDS, "roles", f"{module.__name__}:ROLES")
-    monkeypatch.setitem(stages.STAGE_KINDS, "plain", f"{module.__name__}:PLAIN")
+    monkeypatch.setitem(methods.STAGE_KINDS, "roles", module.ROLES)
+    monkeypatch.setitem(methods.STAGE_KINDS, "plain", module.PLAIN)
     SEEN.clear()
 
 

@@ -14,6 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from recalign import stages
+import recalign.methods as methods
 from recalign.recipes import recipe_from_dict
 from recalign.data.dataset import build_dataset
 from recalign.errors import RecalignError
@@ -51,7 +52,7 @@ def toy_stage_kind(monkeypatch):
     module.TOY = stages.Stage(params=ToyParams, run=toy_run,  # `teacher` names the stage it reads
                               depends_on=lambda p, names: {"teacher": p.teacher} if p.teacher else {})
     monkeypatch.setitem(sys.modules, module.__name__, module)
-    monkeypatch.setitem(stages.STAGE_KINDS, "toy", f"{module.__name__}:TOY")
+    monkeypatch.setitem(methods.STAGE_KINDS, "toy", module.TOY)
     CALLS.clear()
 
 
