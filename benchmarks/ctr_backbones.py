@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from recalign.methods.trackrec.ctr.data import Impressions, build_impressions, split_users  # noqa: E402
 from recalign.methods.trackrec.ctr.knowledge import DEFAULT_MODEL, history_summaries, load_knowledge, write_knowledge  # noqa: E402
-from recalign.methods.trackrec.ctr.train import BACKBONES, CTRResult, CTRSettings, fit_ctr  # noqa: E402
+from recalign.methods.trackrec.ctr.train import BACKBONES, CTRResult, CTRConfig, fit_ctr  # noqa: E402
 from recalign.data.sources import prepare_source  # noqa: E402
 from recalign.io import write_json  # noqa: E402
 
@@ -111,14 +111,14 @@ def sample_users(impressions: Impressions, users: int, seed: int = 0) -> Impress
     return impressions.take(np.flatnonzero(np.isin(impressions.user, keep)))
 
 
-def ctr_settings(args: argparse.Namespace, seed: int) -> CTRSettings:
+def ctr_settings(args: argparse.Namespace, seed: int) -> CTRConfig:
     """CTR training settings from the command line (epochs, patience, grid) for one model seed, one thread."""
-    return CTRSettings(epochs=args.epochs, patience=args.patience, batch_sizes=tuple(args.batch_sizes),
+    return CTRConfig(epochs=args.epochs, patience=args.patience, batch_sizes=tuple(args.batch_sizes),
                        lrs=tuple(args.lrs), seed=seed, threads=1)
 
 
 def fit_run(backbone: str, variant: str, seed: int, parts: dict[str, Impressions],
-            knowledge: dict[str, np.ndarray] | None, settings: CTRSettings) -> tuple[dict, CTRResult]:
+            knowledge: dict[str, np.ndarray] | None, settings: CTRConfig) -> tuple[dict, CTRResult]:
     """One backbone fit (validation-chosen epoch and grid point, test scored once), printed: (JSON row, result)."""
     started = time.perf_counter()
     result = fit_ctr(backbone, parts, settings, knowledge=knowledge)

@@ -122,25 +122,25 @@ def teacher_metrics(titles: list[str], train: Rows, valid: Rows, test: Rows, qui
 
 def llm_metrics(titles: list[str], train: Rows, test: Rows, args) -> dict:
     """Load SmolLM2 (twice: conversion/cache, then the cached load), SFT with LoRA, evaluate both decodings."""
-    from recalign.llm.generate import GenerationSettings
+    from recalign.llm.generate import GenerationConfig
     from recalign.llm.grounding import GroundingConfig, make_grounder
-    from recalign.llm.trainer import LoraSettings
+    from recalign.llm.trainer import LoraConfig
     from recalign.llm.models import cache_root, load_model, models_cache, SMOLLM2_DIR
     from recalign.llm.answers import evaluate_llm
     from recalign.llm.tasks import sft_examples
-    from recalign.llm.train import SFTSettings, train_sft
+    from recalign.llm.train import SFTConfig, train_sft
 
     timings = {"smollm2_was_cached": (models_cache() / SMOLLM2_DIR / "config.json").is_file()}
     started = time.perf_counter()
     load_model("smollm2", progress=True)  # converts the GGUF on the first run (progress shown), else cached
     timings["first_load_seconds"] = round(time.perf_counter() - started, 2)
     started = time.perf_counter()
-    model, tokenizer = load_model("smollm2", progress=True, lora=LoraSettings(r=8, alpha=16, dropout=0.05),
+    model, tokenizer = load_model("smollm2", progress=True, lora=LoraConfig(r=8, alpha=16, dropout=0.05),
                                   seed=0)
     timings["second_load_seconds"] = round(time.perf_counter() - started, 2)
 
     task = SeqRecTask(max_history=10)
-    settings = SFTSettings(learning_rate=2e-4, epochs=args.epochs, max_steps=args.max_steps,
+    settings = SFTConfig(learning_rate=2e-4, epochs=args.epochs, max_steps=args.max_steps,
                            batch_size=args.batch_size, max_length=256, seed=0)
     started = time.perf_counter()
     result = train_sft(model, tokenizer, sft_examples(task, train, titles, tokenizer), settings,
@@ -150,7 +150,7 @@ def llm_metrics(titles: list[str], train: Rows, test: Rows, args) -> dict:
     grounder = make_grounder(GroundingConfig(kind="embedding", cache_dir=str(cache_root() / "embeddings")),
                              titles)
     metrics, answers = evaluate_llm(result.model, tokenizer, task, test, titles, grounder, KS,
-                                    ("greedy", "constrained"), GenerationSettings(max_new_tokens=32),
+                                    ("greedy", "constrained"), GenerationConfig(max_new_tokens=32),
                                     batch_size=8, progress=True)
     greedy = {k: v for k, v in metrics.items() if "." not in k}
     constrained = {k.split(".", 1)[1]: v for k, v in metrics.items() if k.startswith("constrained.")}

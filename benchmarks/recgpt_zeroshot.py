@@ -16,7 +16,6 @@ Resumable: the tokenizer, every decoder epoch and every fine-tuning epoch are ch
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -68,9 +67,9 @@ def load(spec: tuple) -> "recgpt.Dataset":
     return prepare_source(source, DATA / folder, **options)
 
 
-def params_for(size: dict) -> recgpt.RecGPTParams:
+def params_for(size: dict) -> recgpt.RecGPTConfig:
     """The RecGPT settings of this run size."""
-    return recgpt.RecGPTParams(
+    return recgpt.RecGPTConfig(
         text_max_tokens=64, tokenizer={"epochs": size["fsq_epochs"]},
         decoder={"n_layers": 2, "dim": 64, "n_heads": 4, "max_items": 20},
         pretrain={"epochs": size["epochs"], "users": size["pretrain_users"], "batch_size": 32},
@@ -85,12 +84,12 @@ def accuracy(result: dict) -> dict:
     return out
 
 
-def beam_speed(decoder, catalog, histories: list[np.ndarray], beam: recgpt.BeamParams) -> dict:
+def beam_speed(decoder, catalog, histories: list[np.ndarray], beam: recgpt.RecGPTBeamConfig) -> dict:
     """Seconds of the vectorised beam search vs the original-style Python loop on the same log-prob tables."""
-    from recalign.methods.recgpt.beam import BeamSettings, compare_with_python_loop
+    from recalign.methods.recgpt.beam import CodeBeamConfig, compare_with_python_loop
     from recalign.methods.recgpt.decoder import pad_histories
 
-    settings = BeamSettings(widths=tuple(beam.widths), extensions=beam.extensions, temperature=beam.temperature)
+    settings = CodeBeamConfig(widths=tuple(beam.widths), extensions=beam.extensions, temperature=beam.temperature)
     rows = [h.tolist() for h in histories]
     with torch.no_grad():
         padded = pad_histories(rows, decoder.config.max_items, side="left")

@@ -59,8 +59,8 @@ from recalign.methods.trackrec.ctr.train import BACKBONES, predict  # noqa: E402
 from recalign.data.sources import prepare_source  # noqa: E402
 from recalign.errors import ConfigError, RecalignError  # noqa: E402
 from recalign.io import write_json  # noqa: E402
-from recalign.methods.trackrec.algorithm import Catalog, CtrRows, TrackRecConfig, generate_cots, run_trackrec, teacher_name
-from recalign.methods.trackrec.stage import TrackRecParams, iteration_table
+from recalign.methods.trackrec.algorithm import TitleCatalog, CtrRows, TrackRecConfig, generate_cots, run_trackrec, teacher_name
+from recalign.methods.trackrec.stage import TrackRecStageConfig, iteration_table
 
 DATA = ROOT.parent / "shared" / "data" / "ml-100k"
 RECIPE = ROOT / "recipes" / "trackrec-ml100k.yaml"
@@ -115,7 +115,7 @@ def say(message: str) -> None:
 
 # ---- LLM side -----------------------------------------------------------------------------------------------------
 
-def recipe_params(args: argparse.Namespace) -> TrackRecParams:
+def recipe_params(args: argparse.Namespace) -> TrackRecStageConfig:
     """The recipe's trackrec stage params with this run's sizes (model, iterations, rows, samples, tokens)."""
     stage = yaml.safe_load(RECIPE.read_text(encoding="utf-8"))["stages"][0]["params"]
     stage.update(model=args.model, iterations=args.iterations, train_rows=args.train_rows, test_rows=args.test_rows,
@@ -126,7 +126,7 @@ def recipe_params(args: argparse.Namespace) -> TrackRecParams:
         for part in ("distill", "rec_tuning"):
             stage[part] = {**stage[part], "epochs": 1, "batch_size": 8, "max_length": 512}
         stage["sdpo"] = {**stage["sdpo"], "batch_size": 4, "max_length": 512}
-    return TrackRecParams(**stage)
+    return TrackRecStageConfig(**stage)
 
 
 def llm_rows(impressions: Impressions, history: int) -> CtrRows:
@@ -135,8 +135,8 @@ def llm_rows(impressions: Impressions, history: int) -> CtrRows:
     return CtrRows(rows.user, rows.item, rows.label, rows.history[:, -history:], rows.history_rating[:, -history:])
 
 
-def run_llm_side(args, params: TrackRecParams, impressions: Impressions, parts: dict[str, np.ndarray],
-                 catalog: Catalog) -> tuple[TrackRecConfig, list[dict]]:
+def run_llm_side(args, params: TrackRecStageConfig, impressions: Impressions, parts: dict[str, np.ndarray],
+                 catalog: TitleCatalog) -> tuple[TrackRecConfig, list[dict]]:
     """Distillation and the alternating loop (resumed from `<work>/llm`); the per-iteration records."""
     config = TrackRecConfig(**params.model_dump(exclude={"history_len", "threshold", "split", "noun"}))
     check_prompt_settings(args.work / "llm-prompts.json", {"history": args.history, "threshold": params.threshold,
@@ -192,7 +192,7 @@ def ctr_impressions(impressions: Impressions, parts: dict[str, np.ndarray], user
     return out, anchors
 
 
-def user_cots(args, config: TrackRecConfig, checkpoint: Path, anchors: Impressions, catalog: Catalog,
+def user_cots(args, config: TrackRecConfig, checkpoint: Path, anchors: Impressions, catalog: TitleCatalog,
               path: Path) -> dict[int, str]:
     """{user: CoT} of the G in `checkpoint` for every anchor, generated in chunks saved to `path` (resumable)."""
     import pandas as pd
@@ -326,7 +326,7 @@ def main() -> None:
     params = recipe_params(args)
     impressions = build_impressions(dataset, CTR_HISTORY, params.threshold)
     split = split_users(impressions, params.split, params.seed)  # the stage's split: one for both sides
-    catalog = Catalog.of(dataset, params.noun)
+    catalog = TitleCatalog.of(dataset, params.noun)
 
     t = time.perf_counter()
     config, records = run_llm_side(args, params, impressions, split, catalog)

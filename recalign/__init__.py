@@ -68,7 +68,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
     from recalign.teachers.base import Recommender
     from recalign.teachers.bprmf import BPRMF
     from recalign.teachers.popularity import Popularity
-    from recalign.teachers.registry import TEACHERS, get_teacher, load_teacher_dir
+    from recalign.teachers.registry import TEACHERS, get_teacher
     from recalign.teachers.sasrec import SASRec
 
 

@@ -13,11 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from recalign.errors import ConfigError, quoted, shorten
 
 
-class _Strict(BaseModel):
+class StrictConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class DataSpec(_Strict):
+class DataConfig(StrictConfig):
     """Where the interactions come from: a source + raw files (prepared on the fly), or a prepared folder."""
 
     source: str | None = Field(None, description="dataset source name (see `recalign data prepare --help`)")
@@ -26,7 +26,7 @@ class DataSpec(_Strict):
     path: str | None = Field(None, description="a folder written by `recalign data prepare` (instead of source)")
 
     @model_validator(mode="after")
-    def _one_origin(self) -> "DataSpec":
+    def _one_origin(self) -> "DataConfig":
         if (self.source is None) == (self.path is None):
             raise ValueError("give exactly one of 'source' (with 'raw' and 'options') or 'path'")
         if self.path is not None and (self.raw is not None or self.options):
@@ -34,7 +34,7 @@ class DataSpec(_Strict):
         return self
 
 
-class SplitSpec(_Strict):
+class SplitConfig(StrictConfig):
     """How interactions are split into train / (train2) / valid / test."""
 
     kind: Literal["leave_one_out", "global_temporal", "random", "cold_start"] = "leave_one_out"
@@ -68,7 +68,7 @@ class SplitSpec(_Strict):
         return value
 
 
-class EvalSpec(_Strict):
+class EvalConfig(StrictConfig):
     """How every stage is evaluated (one evaluator for all, so numbers are comparable)."""
 
     ks: list[int] = Field(default_factory=lambda: [1, 5, 10, 20], description="cut-offs K of the @K metrics")
@@ -93,7 +93,7 @@ class EvalSpec(_Strict):
         return sorted(set(value))
 
 
-class StageSpec(_Strict):
+class StageConfig(StrictConfig):
     """One step of a recipe: a unique name, a registered kind and that kind's params."""
 
     name: str = Field(description="unique name; also the stage's folder under stages/")
@@ -126,19 +126,19 @@ def check_folder_name(value: str) -> str:
     return value
 
 
-class Recipe(_Strict):
+class Recipe(StrictConfig):
     """A whole experiment: data, split, evaluation protocol and the stages to run in order."""
 
     name: str = Field(description="run name; the default run folder is runs/<name>")
     description: str = ""
     seed: int = Field(0, description="seed of every stage (python, numpy, torch)")
-    data: DataSpec | None = Field(None, description="the dataset that is split and evaluated (role `eval`)")
-    datasets: dict[str, list[DataSpec]] = Field(
+    data: DataConfig | None = Field(None, description="the dataset that is split and evaluated (role `eval`)")
+    datasets: dict[str, list[DataConfig]] = Field(
         default_factory=dict, description="more datasets by role, e.g. {pretrain: [{source: ..}, ..]}; "
                                           "`eval` (one dataset) may stand here instead of `data`")
-    split: SplitSpec = Field(default_factory=SplitSpec)
-    eval: EvalSpec = Field(default_factory=EvalSpec)
-    stages: list[StageSpec] = Field(description="the stages to run in order (at least one)")
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    stages: list[StageConfig] = Field(description="the stages to run in order (at least one)")
 
     @field_validator("datasets", mode="before")
     @classmethod
@@ -150,7 +150,7 @@ class Recipe(_Strict):
 
     @field_validator("datasets")
     @classmethod
-    def _plain_roles(cls, value: dict[str, list[DataSpec]]) -> dict[str, list[DataSpec]]:
+    def _plain_roles(cls, value: dict[str, list[DataConfig]]) -> dict[str, list[DataConfig]]:
         for role, specs in value.items():
             check_folder_name(role)
             if not specs:
@@ -177,7 +177,7 @@ class Recipe(_Strict):
 
     @field_validator("stages")
     @classmethod
-    def _some_unique_stages(cls, stages: list[StageSpec]) -> list[StageSpec]:
+    def _some_unique_stages(cls, stages: list[StageConfig]) -> list[StageConfig]:
         if not stages:
             raise ValueError("a recipe needs at least one stage")
         seen: set[str] = set()
@@ -187,7 +187,7 @@ class Recipe(_Strict):
             seen.add(stage.name)
         return stages
 
-    def stage(self, name: str) -> StageSpec:
+    def stage(self, name: str) -> StageConfig:
         """The stage called `name`."""
         for stage in self.stages:
             if stage.name == name:
@@ -276,7 +276,7 @@ def _list_child(items: list, part: str, walked: list[str], text: str) -> tuple[A
                       f"stages: {shorten(', '.join(names), 200) or '(none)'}")
 
 
-def validate_data_source(data: DataSpec, source: str = "<recipe>", override_keys: list[list[str]] | None = None,
+def validate_data_source(data: DataConfig, source: str = "<recipe>", override_keys: list[list[str]] | None = None,
                          prefix: list[str] | None = None) -> None:
     """Check `data.source` is a registered source and `data.options` fit its options model (before any work)."""
     if data.source is None:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from recalign.config import DataSpec, SplitSpec
+from recalign.config import DataConfig, SplitConfig
 from recalign.data.dataset import Dataset
 from recalign.errors import ConfigError, RecalignError
 from recalign.io import write_json
@@ -29,7 +29,7 @@ def _raw_signature(raw: str | None) -> list:
             for p in files]
 
 
-def prepare_data(spec: DataSpec, cache_dir: Path | None = None) -> Dataset:
+def prepare_data(spec: DataConfig, cache_dir: Path | None = None) -> Dataset:
     """The recipe's dataset: load `path`, or prepare `source` from `raw` (reusing `cache_dir` when unchanged).
 
     Only reads the cache; `save_prepared` writes it once the run folder exists.
@@ -53,14 +53,14 @@ def prepare_data(spec: DataSpec, cache_dir: Path | None = None) -> Dataset:
     return prepare_source(spec.source, spec.raw, **spec.options)
 
 
-def prepare_key(spec: DataSpec) -> dict:
+def prepare_key(spec: DataConfig) -> dict:
     """What a prepared dataset depends on: source, raw path, options and the raw files' sizes/mtimes."""
     key = {"source": spec.source, "raw": str(Path(spec.raw).resolve()) if spec.raw else None,
            "options": spec.options, "files": _raw_signature(spec.raw)}
     return json.loads(json.dumps(key, default=str))
 
 
-def prepare_cached(spec: DataSpec, cache_dir: Path) -> Dataset:
+def prepare_cached(spec: DataConfig, cache_dir: Path) -> Dataset:
     """Prepare (or load) a dataset and keep a source's preparation in `cache_dir` for the next call."""
     dataset = prepare_data(spec, cache_dir=cache_dir)
     if spec.source is not None and not cache_is_fresh(spec, cache_dir):
@@ -68,13 +68,13 @@ def prepare_cached(spec: DataSpec, cache_dir: Path) -> Dataset:
     return dataset
 
 
-def save_prepared(dataset: Dataset, spec: DataSpec, cache_dir: Path) -> None:
+def save_prepared(dataset: Dataset, spec: DataConfig, cache_dir: Path) -> None:
     """Cache a prepared dataset in a run folder so re-runs skip preparation."""
     dataset.save(cache_dir)
     write_json(cache_dir / "prepare.json", prepare_key(spec))
 
 
-def make_split(dataset: Dataset, spec: SplitSpec, seed: int) -> tuple[Dataset, "Split"]:
+def make_split(dataset: Dataset, spec: SplitConfig, seed: int) -> tuple[Dataset, "Split"]:
     """Apply the optional k-core filter, then split; returns the (possibly filtered) dataset and the split."""
     from recalign.data import split as splits
 
@@ -103,14 +103,14 @@ def make_split(dataset: Dataset, spec: SplitSpec, seed: int) -> tuple[Dataset, "
     return dataset, splits.random_split(dataset, fractions=fractions, seed=spec.seed if spec.seed is not None else seed)
 
 
-def absolute_data_paths(spec: DataSpec) -> DataSpec:
+def absolute_data_paths(spec: DataConfig) -> DataConfig:
     """The data spec with `path` and `raw` made absolute, so a run folder does not depend on the working directory."""
     update = {key: str(Path(value).expanduser().resolve()) for key in ("path", "raw")
               if (value := getattr(spec, key)) is not None}
     return spec.model_copy(update=update)
 
 
-def cache_is_fresh(spec: DataSpec, cache_dir: Path) -> bool:
+def cache_is_fresh(spec: DataConfig, cache_dir: Path) -> bool:
     try:
         return (cache_dir / "dataset.json").is_file() and \
             json.loads((cache_dir / "prepare.json").read_text()) == prepare_key(spec)

@@ -12,7 +12,7 @@ from typing import Sequence
 
 from pydantic import ValidationError
 
-from recalign.config import (MOVED_TO_EVAL, Recipe, StageSpec, _describe, apply_overrides, parse_override, read_yaml,
+from recalign.config import (MOVED_TO_EVAL, Recipe, StageConfig, _describe, apply_overrides, parse_override, read_yaml,
                              validate_data_source)
 from recalign.errors import ConfigError, RecalignError, quoted
 from recalign.methods import KIND_ALIASES, STAGE_KINDS, get_stage
@@ -50,7 +50,7 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>", override_keys: list[li
     return recipe
 
 
-def validate_stage_params(stage: StageSpec, source: str = "<recipe>",
+def validate_stage_params(stage: StageConfig, source: str = "<recipe>",
                           override_keys: list[list[str]] | None = None, seed: int | None = None) -> dict:
     """Check a stage's params against its kind's params model; returns the params with defaults filled in.
 
@@ -73,7 +73,7 @@ def validate_stage_params(stage: StageSpec, source: str = "<recipe>",
     return params
 
 
-def _check_moved_params(stage: StageSpec, source: str, override_keys: list[list[str]]) -> None:
+def _check_moved_params(stage: StageConfig, source: str, override_keys: list[list[str]]) -> None:
     """A method stage that still sets `ks` or `eval_rows` is told where the setting lives now."""
     if stage.kind == "teacher":
         return

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from recalign.checkpoints import stable_hash
-from recalign.config import Recipe, StageSpec
+from recalign.config import Recipe, StageConfig
 from recalign.data.dataset import Dataset
 from recalign.errors import OutputError, RecalignError, writing
 from recalign.io import append_log, atomic_folder, unwritable_reason, write_atomic, write_json
@@ -231,7 +231,7 @@ def _start_run_folder(run_dir: Path, recipe: Recipe, raw_dataset: Dataset, datas
     })
 
 
-def _run_stage(spec: StageSpec, config_hash: str, run_dir: Path, dataset: Dataset, split: "Split",
+def _run_stage(spec: StageConfig, config_hash: str, run_dir: Path, dataset: Dataset, split: "Split",
                recipe: Recipe, progress: bool, echo: Callable[[str], None] | None, get_stage) -> dict:
     """Run one stage in a temp folder and rename it into place when it succeeded."""
     stage = get_stage(spec.kind)

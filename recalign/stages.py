@@ -16,7 +16,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from recalign.checkpoints import stable_hash
-from recalign.config import Recipe, StageSpec
+from recalign.config import Recipe, StageConfig
 from recalign.data.dataset import Dataset
 from recalign.errors import ConfigError
 from recalign.io import append_log
@@ -124,7 +124,7 @@ class RunContext:
     seed: int
     progress: bool
     recipe: Recipe
-    stage: StageSpec | None = None
+    stage: StageConfig | None = None
     echo: Callable[[str], None] | None = field(default=None, repr=False)
 
     def stage_output(self, name: str) -> Path:

@@ -42,9 +42,9 @@ def tiny_dataset() -> Dataset:
 @pytest.fixture()
 def synthetic_dataset() -> Dataset:
     """A small seeded synthetic dataset (200 users, 60 items, sequences of 10-20) with learnable structure."""
-    from recalign.data.sources.synthetic import SyntheticOptions, generate_synthetic
+    from recalign.data.sources.synthetic import SyntheticSourceConfig, generate_synthetic
 
-    return generate_synthetic(SyntheticOptions(n_users=200, n_items=60, n_categories=4, min_length=10,
+    return generate_synthetic(SyntheticSourceConfig(n_users=200, n_items=60, n_categories=4, min_length=10,
                                                max_length=20, seed=0))
 
 

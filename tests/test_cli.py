@@ -162,7 +162,7 @@ def test_bad_override_key(tmp_path):
 
 # ---- working commands ----------------------------------------------------------------------------------
 
-class EchoParams(BaseModel):
+class EchoConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     score: float = 0.5
 
@@ -170,7 +170,7 @@ class EchoParams(BaseModel):
 @pytest.fixture
 def echo_stage(monkeypatch):
     module = types.ModuleType("recalign_test_cli_stages")
-    module.ECHO = stages.Stage(params=EchoParams, run=lambda ctx, p: {"hr@10": p.score, "ndcg@10": p.score / 2})
+    module.ECHO = stages.Stage(params=EchoConfig, run=lambda ctx, p: {"hr@10": p.score, "ndcg@10": p.score / 2})
     monkeypatch.setitem(sys.modules, module.__name__, module)
     monkeypatch.setitem(methods.STAGE_KINDS, "echo", module.ECHO)
 

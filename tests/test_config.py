@@ -15,7 +15,7 @@ from recalign.recipes import load_recipe, recipe_from_dict
 from recalign.errors import ConfigError
 
 
-class ToyParams(BaseModel):
+class ToyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     epochs: int = 3
     lr: float = 0.01
@@ -24,9 +24,9 @@ class ToyParams(BaseModel):
 
 @pytest.fixture(autouse=True)
 def toy_stage_kind(monkeypatch):
-    """Register a stage kind `toy` whose params model is ToyParams."""
+    """Register a stage kind `toy` whose params model is ToyConfig."""
     module = types.ModuleType("recalign_test_config_stages")
-    module.TOY = stages.Stage(params=ToyParams, run=lambda ctx, params: {})
+    module.TOY = stages.Stage(params=ToyConfig, run=lambda ctx, params: {})
     monkeypatch.setitem(sys.modules, module.__name__, module)
     monkeypatch.setitem(methods.STAGE_KINDS, "toy", module.TOY)
 
@@ -188,12 +188,12 @@ def test_teacher_settings_are_checked_when_the_recipe_loads(tmp_path):
 
 
 def test_flat_teacher_settings_are_checked_and_win_over_nested_ones(tmp_path):
-    from recalign.methods.teacher.stage import TeacherStageParams
+    from recalign.methods.teacher.stage import TeacherStageConfig
 
     text = ("name: t\ndata: {source: synthetic}\nstages:\n"
             "  - {name: sasrec, kind: teacher, params: {model: sasrec, epochs: 2, params: {epochs: 9, dim: 8}}}\n")
     recipe = load_recipe(write(tmp_path, text), ["stages.sasrec.params.blocks=1"])
-    params = TeacherStageParams.model_validate(recipe.stage("sasrec").params)
+    params = TeacherStageConfig.model_validate(recipe.stage("sasrec").params)
     assert params.teacher_settings() == {"epochs": 2, "dim": 8, "blocks": 1, "seed": 0}  # the recipe seed filled
     with pytest.raises(ConfigError, match=r"recipe\.yaml \(override\): stages\.sasrec\.params\.epocs: unknown key"):
         load_recipe(write(tmp_path, text), ["stages.sasrec.params.epocs=5"])

@@ -11,7 +11,7 @@ import torch
 from recalign.data.split import leave_one_out_split
 from recalign.errors import ConfigError
 from recalign.methods.reclmgen.metrics import CategoryTable
-from recalign.methods.reclmgen.tasks import (ControlSource, ControlSpec, build_test_rows, minus_categories, rl_rows,
+from recalign.methods.reclmgen.tasks import (ControlSource, ControlRequest, build_test_rows, minus_categories, rl_rows,
                                         sft_category_rate, sft_control, sft_control_re, sft_rows, sft_seqrec,
                                         epoch_generator, metric_inputs, parse_test_task, rl_validation_rows)
 from recalign.llm.tasks import Rows, get_task, parse_titles, sft_examples
@@ -194,10 +194,10 @@ def test_test_rows_every_task():
 
 def test_prompts_and_answers_round_trip():
     task = get_task("reclm_sft")
-    specs = [ControlSpec("seqrec", 2), ControlSpec("seqrec", 2, select=True), ControlSpec("+c", 2, "c0"),
-             ControlSpec("-c", 2, "c1", variant=1), ControlSpec("lp", 10, "c2", p=20, m=2),
-             ControlSpec("mp", 10, "c2", p=30, m=3, count_wording=True), ControlSpec("ep", 10, "c0", p=40, m=4),
-             ControlSpec("control_re", 1, "c1", sign="-"), ControlSpec("category_re", 1, answer_categories=("c0",))]
+    specs = [ControlRequest("seqrec", 2), ControlRequest("seqrec", 2, select=True), ControlRequest("+c", 2, "c0"),
+             ControlRequest("-c", 2, "c1", variant=1), ControlRequest("lp", 10, "c2", p=20, m=2),
+             ControlRequest("mp", 10, "c2", p=30, m=3, count_wording=True), ControlRequest("ep", 10, "c0", p=40, m=4),
+             ControlRequest("control_re", 1, "c1", sign="-"), ControlRequest("category_re", 1, answer_categories=("c0",))]
     rows = Rows(np.zeros(9, dtype=np.int64), [[5, 7]] * 9, np.full(9, 3), [[3, 0]] * 9,
                 [[0, 3, 9]] * 9, [None] * 9, specs)
     users = [task.row_messages(rows, i, TITLES)[-1]["content"] for i in range(9)]

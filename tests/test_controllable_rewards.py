@@ -11,7 +11,7 @@ import torch
 
 from recalign.errors import ConfigError
 from recalign.methods.reclmgen.metrics import CategoryTable
-from recalign.methods.reclmgen.tasks import ControlSpec
+from recalign.methods.reclmgen.tasks import ControlRequest
 from recalign.llm.tasks import Rows
 from recalign.methods.reclmgen.rewards import (answer_reward, list_token_rewards, make_reward_fn, normaliser,
                                                     token_rewards)
@@ -31,7 +31,7 @@ def in_a(items):
 def reward(task, items, k, m=None, ranks=None, target=99, history=(), candidates=None):
     items = torch.tensor(items)
     ranks = torch.zeros(len(items), dtype=torch.long) if ranks is None else torch.tensor(ranks)
-    spec = ControlSpec(task, k, "A", m=m)
+    spec = ControlRequest(task, k, "A", m=m)
     return answer_reward(spec, items, ranks, target, list(history), in_a(items.tolist()), 4, candidates)
 
 
@@ -126,14 +126,14 @@ def _rank_sum(n, k=5):
 
 
 def test_ranking_item_outside_candidates_is_invalid():
-    r = answer_reward(ControlSpec("ranking", 2), torch.tensor([1, 4]), torch.tensor([0, 0]), 1, [],
+    r = answer_reward(ControlRequest("ranking", 2), torch.tensor([1, 4]), torch.tensor([0, 0]), 1, [],
                       candidates=[0, 1, 2])
     assert r.item.tolist() == [1.0, -1.0]
 
 
 def test_unknown_task_has_no_reward():
     with pytest.raises(ConfigError, match="no reward"):
-        answer_reward(ControlSpec("category_re", 1), torch.tensor([0]), torch.tensor([0]), 0, [])
+        answer_reward(ControlRequest("category_re", 1), torch.tensor([0]), torch.tensor([0]), 0, [])
 
 
 # ---- placement ----------------------------------------------------------------------------------------------------
@@ -222,7 +222,7 @@ class FakeTeacher:
 def test_reward_fn_batches_rows_and_places_rewards():
     tok = WordTokenizer()
     rows = Rows(np.array([0, 1]), [[5], []], np.array([1, 3]),
-                labels=[ControlSpec("seqrec", 2), ControlSpec("+c", 2, "A")])
+                labels=[ControlRequest("seqrec", 2), ControlRequest("+c", 2, "A")])
     fn = make_reward_fn(rows, ["p0", "p1"], FakeTeacher(), TITLES, CATS, tok)
     fine = fn(["p1", "p0"], ["", ""], [tok('1. "Alpha"\n2. "Echo"')["input_ids"] + [0],
                                         tok('1. "Bravo"')["input_ids"]])
@@ -246,7 +246,7 @@ def test_reward_fn_batches_rows_and_places_rewards():
 
 def test_reward_fn_uses_each_rows_own_category_rule_and_scores_empty_answers():
     tok = WordTokenizer()
-    specs = [ControlSpec(t, 3, "A", p=34, m=1) for t in ("lp", "mp", "ep")]
+    specs = [ControlRequest(t, 3, "A", p=34, m=1) for t in ("lp", "mp", "ep")]
     rows = Rows(np.array([0, 0, 0]), [[], [], []], np.array([6, 6, 6]), labels=specs)
     fn = make_reward_fn(rows, ["lp", "mp", "ep"], FakeTeacher(), TITLES, CATS, tok, fine_grained=False)
     answer = tok('1. "Alpha"\n2. "Bravo"\n3. "Echo"')["input_ids"]   # in A, in A, not in A
@@ -264,7 +264,7 @@ def test_reward_fn_uses_each_rows_own_category_rule_and_scores_empty_answers():
 def test_reward_fn_renders_the_prompts_itself():
     tok = WordTokenizer()
     tok.chat_template = None  # plain "role: content" prompts
-    rows = Rows(np.array([0]), [[5]], np.array([1]), labels=[ControlSpec("seqrec", 1)])
+    rows = Rows(np.array([0]), [[5]], np.array([1]), labels=[ControlRequest("seqrec", 1)])
     fn = make_reward_fn(rows, None, FakeTeacher(), TITLES, CATS, tok)
     prompt = 'user: The user has enjoyed these items, oldest first: "Golf"\n'
     out = fn([prompt + "Recommend 1 different items the user may like next. Answer with a numbered list of 1 titles "

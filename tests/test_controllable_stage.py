@@ -11,7 +11,7 @@ import torch
 from recalign.recipes import recipe_from_dict
 from recalign.errors import ConfigError
 from recalign.methods.reclmgen.metrics import CategoryTable
-from recalign.methods.reclmgen.tasks import ControlSpec
+from recalign.methods.reclmgen.tasks import ControlRequest
 from recalign.llm.tasks import Rows
 from recalign.methods.reclmgen.algorithm import TaskAnswers, score_answers
 from recalign.methods.reclmgen.stage import AnsweredLists, compare_tasks, teacher_answers
@@ -48,7 +48,7 @@ class ScoreTeacher:
 
 def _rows(kind: str, k: int = 4, category: str | None = None, m: int | None = None, p: int | None = None):
     return Rows(np.array([7]), [[1]], np.array([3]), None, None, None,
-                [ControlSpec(kind, k, category, p=p, m=m)])
+                [ControlRequest(kind, k, category, p=p, m=m)])
 
 
 def test_teacher_filter_answers_fulfil_each_request():

@@ -8,7 +8,7 @@ import torch
 
 from recalign.methods.trackrec.ctr.data import Impressions, to_batch
 from recalign.methods.trackrec.ctr.hea import HEA
-from recalign.methods.trackrec.ctr.train import BACKBONES, CTRSettings, ctr_metrics, fit_ctr, make_backbone, predict
+from recalign.methods.trackrec.ctr.train import BACKBONES, CTRConfig, ctr_metrics, fit_ctr, make_backbone, predict
 from recalign.errors import ConfigError, DataError
 
 N_ITEMS = 40
@@ -38,7 +38,7 @@ def _parts(flip_test: bool = False) -> dict[str, Impressions]:
     return {"train": _impressions(1500, 0), "valid": _impressions(400, 1), "test": _impressions(400, 2, flip_test)}
 
 
-QUICK = CTRSettings(embed_dim=8, epochs=8, patience=3, batch_sizes=(64,), lrs=(1e-2,), seed=0)
+QUICK = CTRConfig(embed_dim=8, epochs=8, patience=3, batch_sizes=(64,), lrs=(1e-2,), seed=0)
 
 
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))
@@ -69,7 +69,7 @@ def test_each_backbone_reads_the_knowledge_vector_through_hea(backbone):
         parts[name] = Impressions(**{**base.__dict__, "label": hidden, "rating": hidden})
     knowledge = _knowledge(parts, 5)
     with_kar = fit_ctr(backbone, parts, QUICK, knowledge=knowledge)
-    plain = fit_ctr(backbone, parts, CTRSettings(embed_dim=8, epochs=3, batch_sizes=(64,), lrs=(1e-2,)))
+    plain = fit_ctr(backbone, parts, CTRConfig(embed_dim=8, epochs=3, batch_sizes=(64,), lrs=(1e-2,)))
     assert with_kar.test["auc"] > 0.9 and with_kar.chosen["knowledge"] is True
     assert plain.test["auc"] < 0.65
 
@@ -106,7 +106,7 @@ def test_hea_mixes_shared_and_own_experts_of_each_tower():
 
 def test_grid_point_is_chosen_on_validation_when_test_disagrees():
     """Test labels are the planted rule flipped: test prefers the untrained lr=0 point, validation the trained one."""
-    settings = CTRSettings(embed_dim=8, epochs=4, patience=4, batch_sizes=(64,), lrs=(0.0, 1e-2), seed=0)
+    settings = CTRConfig(embed_dim=8, epochs=4, patience=4, batch_sizes=(64,), lrs=(0.0, 1e-2), seed=0)
     result = fit_ctr("deepfm", _parts(flip_test=True), settings)
     by_lr = {point["lr"]: point for point in result.grid}
     assert by_lr[1e-2]["valid_auc"] > 0.9 and by_lr[0.0]["valid_auc"] < 0.75
@@ -121,7 +121,7 @@ def test_grid_point_is_chosen_on_validation_when_test_disagrees():
 
 
 def test_epoch_is_chosen_on_validation_and_early_stopping_restores_it():
-    settings = CTRSettings(embed_dim=8, epochs=30, patience=2, batch_sizes=(64,), lrs=(3e-2,), seed=0)
+    settings = CTRConfig(embed_dim=8, epochs=30, patience=2, batch_sizes=(64,), lrs=(3e-2,), seed=0)
     result = fit_ctr("din", _parts(flip_test=True), settings)
     curve = result.grid[0]["curve"]
     aucs = [row["valid_auc"] for row in curve]
@@ -142,9 +142,9 @@ def test_bad_settings_and_inputs_are_project_errors():
     with pytest.raises(ConfigError, match="unknown backbone 'dien'"):
         make_backbone("dien", _impressions(10, 0))
     with pytest.raises(ConfigError, match="ctr.lrs"):
-        CTRSettings(lrs=(-1.0,))
+        CTRConfig(lrs=(-1.0,))
     with pytest.raises(ConfigError, match="ctr.batch_sizes"):
-        CTRSettings(batch_sizes=())
+        CTRConfig(batch_sizes=())
     parts = _parts()
     one_class = _impressions(50, 3)
     parts["valid"] = one_class.take(np.flatnonzero(one_class.label == 1))

@@ -14,8 +14,8 @@ pytest.importorskip("peft")
 from transformers import TrainerCallback  # noqa: E402
 
 from recalign.errors import ConfigError  # noqa: E402
-from recalign.llm.dpo import DPOSettings, train_dpo
-from recalign.llm.trainer import LoraSettings  # noqa: E402
+from recalign.llm.dpo import DPOConfig, train_dpo
+from recalign.llm.trainer import LoraConfig  # noqa: E402
 
 
 def tiny_model_and_tokenizer(seed: int = 0):
@@ -48,13 +48,13 @@ def _pairs(tokenizer, n: int = 8) -> list[dict]:
     return [{"prompt": p, "chosen": "\"Alpha\"\n", "rejected": "\"Omega\"\n"} for p in prompts]
 
 
-FAST = DPOSettings(learning_rate=5e-3, max_steps=6, batch_size=4, grad_accum=1, seed=0)
+FAST = DPOConfig(learning_rate=5e-3, max_steps=6, batch_size=4, grad_accum=1, seed=0)
 
 
 def test_loss_starts_at_ln2_and_falls(tmp_path):
     model, tokenizer = tiny_model_and_tokenizer(seed=0)
     result = train_dpo(model, tokenizer, _pairs(tokenizer), FAST, output_dir=tmp_path,
-                       lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+                       lora=LoraConfig(r=4, alpha=8, dropout=0.0))
     losses = result.losses
     assert len(losses) == FAST.max_steps
     # policy == reference at step 0 (fresh LoRA B = 0), so every margin is 0 and the loss is -log σ(0) = ln 2
@@ -80,7 +80,7 @@ def test_base_weights_unchanged_under_fresh_adapter(tmp_path):
     model, tokenizer = tiny_model_and_tokenizer(seed=2)
     base_before = {k: v.clone() for k, v in model.state_dict().items()}
     result = train_dpo(model, tokenizer, _pairs(tokenizer), FAST, output_dir=tmp_path,
-                       lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+                       lora=LoraConfig(r=4, alpha=8, dropout=0.0))
     base_after = result.model.get_base_model().state_dict()
     # with adapters disabled the policy is π_ref: the base weights must be bit-identical
     for name, value in base_before.items():

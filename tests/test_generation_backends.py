@@ -75,7 +75,7 @@ def test_llm_sft_stage_over_openai_server_equals_transformers(tmp_path):
 
 
 def test_generate_answers_openai_equals_transformers_greedy():
-    from recalign.llm.generate import GenerationSettings
+    from recalign.llm.generate import GenerationConfig
     from recalign.llm.models import tiny_model
     from recalign.llm.tasks import SeqRecTask
     from recalign.serve.llm import llm_app
@@ -83,7 +83,7 @@ def test_generate_answers_openai_equals_transformers_greedy():
     model, tokenizer = tiny_model(seed=3)
     dataset = build_dataset(TINY_INTERACTIONS, items=TINY_ITEMS, name="tiny", source="test")
     prompts = ["Hello there", "A much longer prompt about red oceans and gardens", "x"]
-    settings = GenerationSettings(max_new_tokens=5)
+    settings = GenerationConfig(max_new_tokens=5)
     local = generate_answers(None, model, tokenizer, prompts, settings, batch_size=2)
     with serving_in_thread(llm_app(model, tokenizer, dataset, SeqRecTask(), name="m")) as url:
         remote = generate_answers(GenerationBackend(backend="openai", base_url=url + "/v1"), None, tokenizer,
@@ -222,10 +222,10 @@ class StandInLLM:
     def generate(self, prompts, params):
         from types import SimpleNamespace
 
-        from recalign.llm.generate import GenerationSettings, generate
+        from recalign.llm.generate import GenerationConfig, generate
 
         assert params.temperature == 0.0  # greedy, as the backend asks for it
-        answers = generate(self.model, self.tokenizer, prompts, GenerationSettings(max_new_tokens=params.max_tokens))
+        answers = generate(self.model, self.tokenizer, prompts, GenerationConfig(max_new_tokens=params.max_tokens))
         return [SimpleNamespace(outputs=[SimpleNamespace(text=a[0])]) for a in answers]
 
 
@@ -233,16 +233,16 @@ def test_vllm_backend_gets_a_merged_lora_copy_and_removes_it(tmp_path, monkeypat
     import importlib.machinery
     import types
 
-    from recalign.llm.generate import GenerationSettings
+    from recalign.llm.generate import GenerationConfig
     from recalign.llm.models import load_model
-    from recalign.llm.trainer import LoraSettings
+    from recalign.llm.trainer import LoraConfig
 
     module = types.ModuleType("vllm")
     module.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
     module.LLM, module.SamplingParams = StandInLLM, lambda **fields: types.SimpleNamespace(**fields)
     monkeypatch.setitem(sys.modules, "vllm", module)
     StandInLLM.built.clear()
-    model, tokenizer = load_model("tiny", device="cpu", lora=LoraSettings(r=2, alpha=4, dropout=0.0), seed=0,
+    model, tokenizer = load_model("tiny", device="cpu", lora=LoraConfig(r=2, alpha=4, dropout=0.0), seed=0,
                                   progress=False)
     with torch.no_grad():  # a non-zero adapter: merging must matter
         generator = torch.Generator().manual_seed(0)
@@ -250,7 +250,7 @@ def test_vllm_backend_gets_a_merged_lora_copy_and_removes_it(tmp_path, monkeypat
             if "lora_B" in name:
                 weight.copy_(torch.randn(weight.shape, generator=generator))
     prompts = ["Red Ocean", "Golden Empire and more", "x"]
-    settings = GenerationSettings(max_new_tokens=5)
+    settings = GenerationConfig(max_new_tokens=5)
     local = generate_answers(None, model, tokenizer, prompts, settings)
     with model.disable_adapter():
         base = generate_answers(None, model, tokenizer, prompts, settings)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from recalign.errors import ConfigError, DataError
-from recalign.methods.recgpt.beam import BeamSettings, CodeTrie, beam_search
+from recalign.methods.recgpt.beam import CodeBeamConfig, CodeTrie, beam_search
 from recalign.methods.recgpt.codes import ItemCodes
 from recalign.methods.recgpt.decoder import DecoderConfig, RecGPTDecoder, hybrid_mask, pad_histories, position_ids
 from recalign.methods.recgpt.training import DecoderTraining, train_decoder
@@ -170,7 +170,7 @@ def test_training_learns_item_i_is_followed_by_item_i_plus_one():
     histories = pad_histories([[(i - 1) % 12, i] for i in range(12)], 6)
     with torch.no_grad():
         table = decoder.next_item_log_probs(histories, codes, text)
-    top = beam_search(table, CodeTrie.build(codes), BeamSettings(widths=(4, 4), temperature=1.0)).items[:, 0]
+    top = beam_search(table, CodeTrie.build(codes), CodeBeamConfig(widths=(4, 4), temperature=1.0)).items[:, 0]
     assert (top == (torch.arange(12) + 1) % 12).float().mean() >= 0.9
 
 

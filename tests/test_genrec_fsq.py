@@ -109,9 +109,9 @@ def _embeddings(n: int = 300, d: int = 32, seed: int = 0) -> torch.Tensor:
 
 
 def _small(**kw):
-    from recalign.methods.recgpt.fsq import FsqSettings
+    from recalign.methods.recgpt.fsq import FSQConfig
 
-    return FsqSettings(**{"hidden": 32, "epochs": 3, "batch_size": 64, **kw})
+    return FSQConfig(**{"hidden": 32, "epochs": 3, "batch_size": 64, **kw})
 
 
 def test_every_item_gets_a_unique_code_with_duplicated_and_empty_rows():

@@ -10,7 +10,7 @@ pytest.importorskip("trl")
 pytest.importorskip("peft")
 
 from recalign.errors import ConfigError  # noqa: E402
-from recalign.methods.reclmgen.grpo import GRPOSettings, grpo_config, sequence_reward, train_grpo  # noqa: E402
+from recalign.methods.reclmgen.grpo import GRPOConfig, grpo_config, sequence_reward, train_grpo  # noqa: E402
 
 PROMPTS = [f"p{i} :" for i in range(8)]
 from conftest import toy_policy  # noqa: E402
@@ -60,7 +60,7 @@ def test_sequence_reward_sums_the_per_token_rewards():
 
 
 def test_grpo_config_is_cpu_safe(tmp_path):
-    settings = GRPOSettings(device="cpu", max_new_tokens=7, num_generations=4, beta=0.04, temperature=0.9)
+    settings = GRPOConfig(device="cpu", max_new_tokens=7, num_generations=4, beta=0.04, temperature=0.9)
     config = grpo_config(settings, tmp_path)
     assert config.use_cpu and not config.bf16 and not config.fp16 and not config.gradient_checkpointing
     assert (config.max_completion_length, config.num_generations, config.beta, config.temperature) == (7, 4, 0.04, 0.9)
@@ -70,7 +70,7 @@ def test_grpo_config_is_cpu_safe(tmp_path):
 def test_kl_reference_is_the_disabled_adapter_not_a_reload(tmp_path):
     model, tokenizer = toy_policy()
     assert not model.config._name_or_path  # an in-memory model: TRL could not rebuild a reference from disk
-    settings = GRPOSettings(learning_rate=1e-2, max_steps=2, batch_size=8, num_generations=8, max_new_tokens=3,
+    settings = GRPOConfig(learning_rate=1e-2, max_steps=2, batch_size=8, num_generations=8, max_new_tokens=3,
                             beta=0.04, device="cpu")
     result = train_grpo(model, tokenizer, PROMPTS, toy_reward(tokenizer), settings, output_dir=tmp_path)
     kls = [e["kl"] for e in result.log_history if "kl" in e]
@@ -81,7 +81,7 @@ def test_kl_reference_is_the_disabled_adapter_not_a_reload(tmp_path):
 def test_model_folder_is_loaded_in_float32(tmp_path):
     model, tokenizer = toy_policy()
     model.save_pretrained(tmp_path / "model")
-    settings = GRPOSettings(max_steps=1, batch_size=8, num_generations=8, max_new_tokens=2, device="cpu")
+    settings = GRPOConfig(max_steps=1, batch_size=8, num_generations=8, max_new_tokens=2, device="cpu")
     result = train_grpo(tmp_path / "model", tokenizer, PROMPTS, toy_reward(tokenizer), settings,
                         output_dir=tmp_path / "out")
     assert len(result.losses) == 1
@@ -92,7 +92,7 @@ def test_model_folder_is_loaded_in_float32(tmp_path):
 def test_grpo_raises_the_toy_reward(tmp_path):
     model, tokenizer = toy_policy()
     before = target_probability(model, tokenizer)
-    settings = GRPOSettings(learning_rate=1e-2, max_steps=30, batch_size=8, num_generations=8, max_new_tokens=3,
+    settings = GRPOConfig(learning_rate=1e-2, max_steps=30, batch_size=8, num_generations=8, max_new_tokens=3,
                             device="cpu", seed=0)
     result = train_grpo(model, tokenizer, PROMPTS, toy_reward(tokenizer), settings, output_dir=tmp_path)
     rewards = result.rewards

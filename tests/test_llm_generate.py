@@ -14,7 +14,7 @@ from pydantic import ValidationError
 pytest.importorskip("transformers")
 
 from recalign.errors import ConfigError, RecalignError  # noqa: E402
-from recalign.llm.generate import GenerationSettings, TrieConstraint, completions_url, generate  # noqa: E402
+from recalign.llm.generate import GenerationConfig, TrieConstraint, completions_url, generate  # noqa: E402
 from recalign.llm.models import tiny_model  # noqa: E402
 from recalign.llm.tasks import parse_title  # noqa: E402
 
@@ -36,7 +36,7 @@ def _direct_greedy(model, tokenizer, prompt: str, n: int) -> str:
 
 def test_greedy_answers_do_not_depend_on_batching_or_padding(tiny):
     model, tokenizer = tiny
-    settings = GenerationSettings(max_new_tokens=6)
+    settings = GenerationConfig(max_new_tokens=6)
     one = generate(model, tokenizer, PROMPTS, settings, batch_size=1)
     all_at_once = generate(model, tokenizer, PROMPTS, settings, batch_size=4)
     pairs = generate(model, tokenizer, PROMPTS, settings, batch_size=3)
@@ -50,12 +50,12 @@ def test_sampling_is_seeded_and_leaves_the_global_generator_alone(tiny):
     torch.manual_seed(5)
     expected_next = torch.rand(2)
     torch.manual_seed(5)
-    a = generate(model, tokenizer, PROMPTS, GenerationSettings(max_new_tokens=5, do_sample=True, seed=1,
+    a = generate(model, tokenizer, PROMPTS, GenerationConfig(max_new_tokens=5, do_sample=True, seed=1,
                                                                num_return_sequences=2), batch_size=2)
     assert torch.equal(torch.rand(2), expected_next)
-    b = generate(model, tokenizer, PROMPTS, GenerationSettings(max_new_tokens=5, do_sample=True, seed=1,
+    b = generate(model, tokenizer, PROMPTS, GenerationConfig(max_new_tokens=5, do_sample=True, seed=1,
                                                                num_return_sequences=2), batch_size=2)
-    c = generate(model, tokenizer, PROMPTS, GenerationSettings(max_new_tokens=5, do_sample=True, seed=2,
+    c = generate(model, tokenizer, PROMPTS, GenerationConfig(max_new_tokens=5, do_sample=True, seed=2,
                                                                num_return_sequences=2), batch_size=2)
     assert a == b and a != c
     assert all(len(answers) == 2 for answers in a)
@@ -63,12 +63,12 @@ def test_sampling_is_seeded_and_leaves_the_global_generator_alone(tiny):
 
 def test_beam_search_returns_distinct_answers_per_prompt(tiny):
     model, tokenizer = tiny
-    out = generate(model, tokenizer, PROMPTS[:2], GenerationSettings(max_new_tokens=4, num_beams=3,
+    out = generate(model, tokenizer, PROMPTS[:2], GenerationConfig(max_new_tokens=4, num_beams=3,
                                                                      num_return_sequences=3), batch_size=2)
     assert [len(a) for a in out] == [3, 3]
     assert all(len(set(a)) == 3 for a in out)
     with pytest.raises(ValidationError, match="num_return_sequences"):
-        GenerationSettings(num_return_sequences=2)
+        GenerationConfig(num_return_sequences=2)
 
 
 def test_trie_constraint_makes_every_answer_a_catalog_title(tiny):
@@ -77,9 +77,9 @@ def test_trie_constraint_makes_every_answer_a_catalog_title(tiny):
     model, tokenizer = tiny
     catalog = ["Dune", "Emma", "Ulysses", "The Left Hand of Darkness", "Walden"]
     trie = CatalogTrie.from_titles(catalog, tokenizer, prefix='"', suffix='"')
-    free = generate(model, tokenizer, PROMPTS, GenerationSettings(max_new_tokens=16), batch_size=3)
+    free = generate(model, tokenizer, PROMPTS, GenerationConfig(max_new_tokens=16), batch_size=3)
     assert not any(parse_title(a[0]) in catalog for a in free)  # a random model never names one by itself
-    constrained = generate(model, tokenizer, PROMPTS, GenerationSettings(max_new_tokens=16), batch_size=3,
+    constrained = generate(model, tokenizer, PROMPTS, GenerationConfig(max_new_tokens=16), batch_size=3,
                            logits_processor=TrieConstraint(trie))
     for (answer,) in constrained:
         assert answer.startswith('"') and answer.endswith('"') and parse_title(answer) in catalog
@@ -94,13 +94,13 @@ def test_plain_logits_processor_is_applied(tiny):
         masked[:, only] = 0.0
         return masked
 
-    out = generate(model, tokenizer, PROMPTS[:2], GenerationSettings(max_new_tokens=3), logits_processor=force)
+    out = generate(model, tokenizer, PROMPTS[:2], GenerationConfig(max_new_tokens=3), logits_processor=force)
     assert out == [["!!!"], ["!!!"]]
 
 
 def test_empty_prompt_list_and_bad_backend(tiny):
     model, tokenizer = tiny
-    assert generate(model, tokenizer, [], GenerationSettings()) == []
+    assert generate(model, tokenizer, [], GenerationConfig()) == []
     with pytest.raises(ConfigError, match="backend"):
         generate(model, tokenizer, PROMPTS, backend="nope")
 
@@ -148,7 +148,7 @@ def server():
 
 def test_openai_backend_batches_prompts_and_groups_choices(server):
     prompts = [f"p{i}" for i in range(5)]
-    settings = GenerationSettings(max_new_tokens=7, do_sample=True, temperature=0.7, num_return_sequences=2)
+    settings = GenerationConfig(max_new_tokens=7, do_sample=True, temperature=0.7, num_return_sequences=2)
     out = generate("served-model", None, prompts, settings, batch_size=2, backend="openai", base_url=server,
                    api_key="k")
     assert out == [[f"p{i}|0", f"p{i}|1"] for i in range(5)]
@@ -157,7 +157,7 @@ def test_openai_backend_batches_prompts_and_groups_choices(server):
     first = requests[0]["body"]
     assert first["max_tokens"] == 7 and first["n"] == 2 and first["temperature"] == 0.7
     assert requests[0]["auth"] == "Bearer k"
-    greedy = generate("served-model", None, ["a"], GenerationSettings(), backend="openai", base_url=server + "/v1")
+    greedy = generate("served-model", None, ["a"], GenerationConfig(), backend="openai", base_url=server + "/v1")
     assert greedy == [["a|0"]] and _FakeCompletions.requests[-1]["body"]["temperature"] == 0.0
 
 
@@ -167,7 +167,7 @@ def test_openai_backend_errors_are_one_line_recalign_errors(server):
     with pytest.raises(ConfigError, match="base_url"):
         generate("served-model", None, ["a"], backend="openai")
     with pytest.raises(ConfigError, match="beam"):
-        generate("served-model", None, ["a"], GenerationSettings(num_beams=2), backend="openai", base_url=server)
+        generate("served-model", None, ["a"], GenerationConfig(num_beams=2), backend="openai", base_url=server)
     with pytest.raises(ConfigError, match="logits processor"):
         generate("served-model", None, ["a"], backend="openai", base_url=server, logits_processor=lambda i, s: s)
 
@@ -194,7 +194,7 @@ def _teacher_forced_logprobs(model, tokenizer, prompt: str, tokens: torch.Tensor
 @pytest.mark.parametrize("sampled", [False, True])
 def test_token_logprobs_equal_a_teacher_forced_forward_pass(tiny, sampled):
     model, tokenizer = tiny
-    settings = GenerationSettings(max_new_tokens=5, do_sample=sampled, temperature=0.7 if sampled else 1.0,
+    settings = GenerationConfig(max_new_tokens=5, do_sample=sampled, temperature=0.7 if sampled else 1.0,
                                   num_return_sequences=2 if sampled else 1, seed=3)
     details = generate(model, tokenizer, PROMPTS, settings, batch_size=3, return_details=True)  # left-padded batches
     texts = generate(model, tokenizer, PROMPTS, settings, batch_size=3)
@@ -228,4 +228,4 @@ def test_token_details_stop_after_eos_and_refuse_beams(tiny):
     assert torch.allclose(out[0].logprobs, torch.full((2,), -torch.log(torch.tensor(10.0))))
     model, tokenizer = tiny
     with pytest.raises(ConfigError, match="beam"):
-        generate(model, tokenizer, PROMPTS, GenerationSettings(num_beams=2), return_details=True)
+        generate(model, tokenizer, PROMPTS, GenerationConfig(num_beams=2), return_details=True)

@@ -13,7 +13,7 @@ pytest.importorskip("peft")
 
 from recalign.errors import ConfigError, RecalignError  # noqa: E402
 from recalign.llm import models  # noqa: E402
-from recalign.llm.trainer import LoraSettings
+from recalign.llm.trainer import LoraConfig
 from recalign.llm.models import add_lora, load_model, save_model, tiny_model  # noqa: E402
 
 
@@ -55,7 +55,7 @@ def test_bf16_on_cpu_is_a_config_error():
 def test_saved_folder_adapter_and_merged_model_reload_identically(tmp_path):
     base, tokenizer = tiny_model(seed=0)
     save_model(base, tokenizer, tmp_path / "base")
-    model = add_lora(base, LoraSettings(r=4, alpha=8, dropout=0.0), seed=0)
+    model = add_lora(base, LoraConfig(r=4, alpha=8, dropout=0.0), seed=0)
     with torch.no_grad():  # a non-zero adapter (B starts at 0), so adapter and base logits differ
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
@@ -79,7 +79,7 @@ def test_saved_folder_adapter_and_merged_model_reload_identically(tmp_path):
 
 
 def test_fresh_lora_only_trains_the_adapter():
-    model, _ = load_model("tiny", lora=LoraSettings(r=2, alpha=4), progress=False)
+    model, _ = load_model("tiny", lora=LoraConfig(r=2, alpha=4), progress=False)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n for n in names)
     assert model.training

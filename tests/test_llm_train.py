@@ -9,11 +9,11 @@ pytest.importorskip("trl")
 pytest.importorskip("peft")
 
 from recalign.errors import ConfigError  # noqa: E402
-from recalign.llm.generate import GenerationSettings, generate  # noqa: E402
-from recalign.llm.trainer import LoraSettings
+from recalign.llm.generate import GenerationConfig, generate  # noqa: E402
+from recalign.llm.trainer import LoraConfig
 from recalign.llm.models import load_model, save_model, tiny_model  # noqa: E402
 from recalign.llm.tasks import SeqRecTask, parse_title, rows_from_sequences, sft_examples  # noqa: E402
-from recalign.llm.train import SFTSettings, make_sft_trainer, train_sft  # noqa: E402
+from recalign.llm.train import SFTConfig, make_sft_trainer, train_sft  # noqa: E402
 
 TITLES = ["Dune", "Emma", "Ulysses", "Beloved", "Hamlet", "Walden"]
 
@@ -27,7 +27,7 @@ def test_labels_mask_exactly_the_prompt_tokens(tiny, tmp_path):
     model, tokenizer = tiny
     rows = rows_from_sequences([[0, 1, 2], [3, 4, 5, 0]], max_history=3)
     examples = sft_examples(SeqRecTask(), rows, TITLES, tokenizer)  # real chat template, real tokenizer
-    trainer = make_sft_trainer(model, tokenizer, examples, SFTSettings(max_steps=1), output_dir=tmp_path)
+    trainer = make_sft_trainer(model, tokenizer, examples, SFTConfig(max_steps=1), output_dir=tmp_path)
     data = trainer.train_dataset
     assert len(data) == 2
     for example, row in zip(examples, data):
@@ -52,7 +52,7 @@ def test_labels_mask_exactly_the_prompt_tokens(tiny, tmp_path):
 def test_without_completion_only_every_token_is_a_label(tiny, tmp_path):
     model, tokenizer = tiny
     examples = [{"prompt": "Dune Emma ->", "completion": ' "Ulysses"'}]
-    trainer = make_sft_trainer(model, tokenizer, examples, SFTSettings(max_steps=1, completion_only=False),
+    trainer = make_sft_trainer(model, tokenizer, examples, SFTConfig(max_steps=1, completion_only=False),
                                output_dir=tmp_path)
     row = trainer.train_dataset[0]
     assert row["labels"] == row["input_ids"]
@@ -72,17 +72,17 @@ def test_lora_sft_loss_falls_and_the_model_learns_the_titles(tmp_path):
     with torch.no_grad():
         base_logits = model(input_ids=tokenizer(prompts[0], return_tensors="pt", add_special_tokens=False)
                             ["input_ids"]).logits
-    before = [parse_title(a[0]) for a in generate(model, tokenizer, prompts, GenerationSettings(max_new_tokens=6))]
-    settings = SFTSettings(learning_rate=1e-2, max_steps=15, batch_size=6, seed=0)
+    before = [parse_title(a[0]) for a in generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=6))]
+    settings = SFTConfig(learning_rate=1e-2, max_steps=15, batch_size=6, seed=0)
     result = train_sft(model, tokenizer, examples, settings, output_dir=tmp_path / "scratch",
-                       lora=LoraSettings(r=8, alpha=16, dropout=0.0))
+                       lora=LoraConfig(r=8, alpha=16, dropout=0.0))
     losses = result.losses
     assert len(losses) == 15
     assert losses[-1] < losses[0] - 0.5
     assert result.summary()["sft_steps"] == 15
     assert result.model.config.use_cache  # the Trainer turns the KV cache off; generation needs it back
     after = [parse_title(a[0]) for a in generate(result.model, tokenizer, prompts,
-                                                 GenerationSettings(max_new_tokens=6))]
+                                                 GenerationConfig(max_new_tokens=6))]
     hits_before = sum(a == t for a, t in zip(before, targets))
     hits_after = sum(a == t for a, t in zip(after, targets))
     assert hits_before == 0 and hits_after >= 3
@@ -93,7 +93,7 @@ def test_lora_sft_loss_falls_and_the_model_learns_the_titles(tmp_path):
     # The saved adapter on the same (seeded) tiny base reproduces the answers.
     save_model(result.model, tokenizer, tmp_path / "adapter")
     reloaded, _ = load_model("tiny", seed=0, adapter=tmp_path / "adapter", progress=False)
-    again = [parse_title(a[0]) for a in generate(reloaded, tokenizer, prompts, GenerationSettings(max_new_tokens=6))]
+    again = [parse_title(a[0]) for a in generate(reloaded, tokenizer, prompts, GenerationConfig(max_new_tokens=6))]
     assert again == after
 
 
@@ -145,15 +145,15 @@ def test_llm_sft_stage_runs_end_to_end_and_constrained_answers_are_titles(tmp_pa
     assert len(lines) == 3
     assert all(parse_title(line["answer_constrained"]) in TITLES for line in lines)
     # `recalign eval` path: the saved adapter, evaluated again, gives the same numbers.
-    from recalign.methods.llm_sft.config import LLMSFTConfig
     from recalign.methods.llm_sft.stage import reevaluate_llm_stage
+    from recalign.methods.llm_sft.config import LLMSFTConfig
     from recalign.stages import RunContext
     from recalign.runs import open_run
 
     recipe, dataset, split = open_run(tmp_path / "run")
     ctx = RunContext(run_dir=tmp_path / "run", stage_dir=stage_dir, dataset=dataset, split=split, seed=recipe.seed,
                      progress=False, recipe=recipe, stage=recipe.stages[0])
-    again = reevaluate_llm_stage(ctx, LLMSFTParams(**recipe.stages[0].params))
+    again = reevaluate_llm_stage(ctx, LLMSFTConfig(**recipe.stages[0].params))
     for key in ("hr@1", "hr@5", "ndcg@5", "valid_title_rate", "constrained.hr@5", "constrained.valid_title_rate"):
         assert again[key] == metrics[key], key
 

@@ -13,7 +13,7 @@ pytest.importorskip("peft")
 from recalign.errors import ConfigError  # noqa: E402
 from recalign.llm import trainer as plumbing  # noqa: E402
 from recalign.llm.models import tiny_model  # noqa: E402
-from recalign.llm.train import SFTSettings, sft_config, train_sft  # noqa: E402
+from recalign.llm.train import SFTConfig, sft_config, train_sft  # noqa: E402
 
 
 EXAMPLES = [{"prompt": "<|im_start|>user\nnext?<|im_end|>\n<|im_start|>assistant\n", "completion": '"Dune"'}] * 4
@@ -28,7 +28,7 @@ def test_cpu_arguments_are_fp32_without_checkpointing(tmp_path):
         plumbing.trainer_args(output_dir=tmp_path, device="cpu", bf16=True)
     with pytest.raises(ConfigError, match="device"):
         plumbing.trainer_args(output_dir=tmp_path, device="tpu")
-    config = sft_config(SFTSettings(device="cpu"), tmp_path)
+    config = sft_config(SFTConfig(device="cpu"), tmp_path)
     assert config.use_cpu and not config.bf16 and not config.fp16 and not config.gradient_checkpointing
 
 
@@ -44,11 +44,11 @@ def test_report_to_is_checked():
 
 def test_sft_progress_shows_no_raw_log_dicts(tmp_path, capsys):
     """Issue 9 defect 9: one progress display with the loss, never `{'loss': ...}` lines from the printer."""
-    settings = SFTSettings(max_steps=3, batch_size=2, learning_rate=1e-3)
+    settings = SFTConfig(max_steps=3, batch_size=2, learning_rate=1e-3)
     for progress in (True, False):
         model, tokenizer = tiny_model(seed=0)
         result = train_sft(model, tokenizer, EXAMPLES, settings, output_dir=tmp_path / str(progress),
-                           lora=plumbing.LoraSettings(r=2, alpha=4, dropout=0.0), progress=progress)
+                           lora=plumbing.LoraConfig(r=2, alpha=4, dropout=0.0), progress=progress)
         out = capsys.readouterr().out
         assert "{'loss'" not in out and "'train_runtime'" not in out
         if progress:
@@ -72,7 +72,7 @@ def test_adapter_helpers_attach_disable_merge_save_load(tmp_path):
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         plain = base(ids).logits.clone()
-    model = plumbing.attach_lora(base, plumbing.LoraSettings(r=2, alpha=4, dropout=0.0), seed=0)
+    model = plumbing.attach_lora(base, plumbing.LoraConfig(r=2, alpha=4, dropout=0.0), seed=0)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:

@@ -28,12 +28,12 @@ def synthetic(seed: int, n_users: int = 20) -> dict:
                                                "max_length": 8, "seed": seed}}
 
 
-class RolesParams(BaseModel):
+class RolesConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: str = "pretrain"
 
 
-def roles_run(ctx: RunContext, params: RolesParams) -> dict:
+def roles_run(ctx: RunContext, params: RolesConfig) -> dict:
     """Record the datasets of a role and the eval dataset."""
     found = ctx.datasets(params.role)
     SEEN["role"] = found
@@ -44,8 +44,8 @@ def roles_run(ctx: RunContext, params: RolesParams) -> dict:
 @pytest.fixture(autouse=True)
 def roles_stage_kind(monkeypatch):
     module = types.ModuleType("recalign_test_multidata_stages")
-    module.ROLES = stages.Stage(params=RolesParams, run=roles_run, reads=stages.DEFAULT_READS | {"datasets"})
-    module.PLAIN = stages.Stage(params=RolesParams, run=lambda ctx, params: {"n": 0})
+    module.ROLES = stages.Stage(params=RolesConfig, run=roles_run, reads=stages.DEFAULT_READS | {"datasets"})
+    module.PLAIN = stages.Stage(params=RolesConfig, run=lambda ctx, params: {"n": 0})
     monkeypatch.setitem(sys.modules, module.__name__, module)
     monkeypatch.setitem(methods.STAGE_KINDS, "roles", module.ROLES)
     monkeypatch.setitem(methods.STAGE_KINDS, "plain", module.PLAIN)

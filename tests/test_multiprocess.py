@@ -51,7 +51,7 @@ def ppo_weights() -> dict:
     import torch
     from conftest import toy_policy
 
-    from recalign.methods.reclmgen.ppo import ACTOR, PPOSettings, PPOTrainer, rewards_on_last_token
+    from recalign.methods.reclmgen.ppo import ACTOR, PPOConfig, PPOTrainer, rewards_on_last_token
 
     model, tokenizer = toy_policy()
     target = tokenizer.convert_tokens_to_ids("w3")
@@ -60,7 +60,7 @@ def ppo_weights() -> dict:
         return rewards_on_last_token([1.0 if ids and ids[0] % 2 == target % 2 else 0.0 for ids in response_ids],
                                      response_ids)
 
-    settings = PPOSettings(samples=2, max_new_tokens=3, learning_rate=1e-2, kl_coef=0.05, mini_batch_size=4,
+    settings = PPOConfig(samples=2, max_new_tokens=3, learning_rate=1e-2, kl_coef=0.05, mini_batch_size=4,
                            ppo_epochs=2, target_kl=None, device="cpu", seed=0)
     trainer = PPOTrainer(model, tokenizer, settings)
 
@@ -81,24 +81,24 @@ def worker(out: Path, batch_size: int) -> None:
     """Train SFT, DPO, S-DPO with per-process `batch_size`, then PPO; rank r writes its numbers to OUT.rank<r>."""
     import torch
 
-    from recalign.llm.dpo import DPOSettings, train_dpo
+    from recalign.llm.dpo import DPOConfig, train_dpo
     from recalign.llm.models import tiny_model
-    from recalign.methods.trackrec.sdpo import SDPOSettings, train_sdpo
-    from recalign.llm.train import SFTSettings, train_sft
-    from recalign.llm.trainer import LoraSettings, attach_lora
+    from recalign.methods.trackrec.sdpo import SDPOConfig, train_sdpo
+    from recalign.llm.train import SFTConfig, train_sft
+    from recalign.llm.trainer import LoraConfig, attach_lora
 
     torch.set_num_threads(1)
-    lora = LoraSettings(r=4, alpha=8, dropout=0.0)
+    lora = LoraConfig(r=4, alpha=8, dropout=0.0)
     common = dict(max_steps=STEPS, batch_size=batch_size, grad_accum=1, shuffle=False, seed=0, device="cpu")
     model, tokenizer = tiny_model(seed=0)
     sft = train_sft(attach_lora(model, lora, seed=0), tokenizer, sft_examples(),
-                    SFTSettings(learning_rate=3e-2, max_length=64, **common), output_dir=out.parent / "sft")
+                    SFTConfig(learning_rate=3e-2, max_length=64, **common), output_dir=out.parent / "sft")
     model, tokenizer = tiny_model(seed=1)
     dpo = train_dpo(attach_lora(model, lora, seed=1), tokenizer, dpo_pairs(),
-                    DPOSettings(learning_rate=3e-2, beta=0.5, max_length=64, **common), output_dir=out.parent / "dpo")
+                    DPOConfig(learning_rate=3e-2, beta=0.5, max_length=64, **common), output_dir=out.parent / "dpo")
     model, tokenizer = tiny_model(seed=2)
     sdpo = train_sdpo(attach_lora(model, lora, seed=2), tokenizer, sdpo_samples(),
-                      SDPOSettings(learning_rate=3e-2, beta=0.5, max_length=64, warmup_ratio=0.0, **common),
+                      SDPOConfig(learning_rate=3e-2, beta=0.5, max_length=64, warmup_ratio=0.0, **common),
                       output_dir=out.parent / "sdpo")
     numbers = {"sft": sft.losses, "dpo": dpo.losses, "sdpo": sdpo.losses, "ppo": ppo_weights()}
     Path(f"{out}.rank{os.environ.get('RANK', '0')}").write_text(json.dumps(numbers))

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("peft")
 
 from recalign.errors import ConfigError  # noqa: E402
-from recalign.methods.reclmgen.ppo import (ACTOR, CRITIC, LOOP, STATE_FILE, VALUE_HEAD_FILE, PPOSettings, PPOTrainer,  # noqa: E402
+from recalign.methods.reclmgen.ppo import (ACTOR, CRITIC, LOOP, STATE_FILE, VALUE_HEAD_FILE, PPOConfig, PPOTrainer,  # noqa: E402
                               RunningMoments, approx_kl, clipped_policy_loss, clipped_value_loss,
                               entropy_from_logits, gae, kl_penalized_rewards, masked_whiten,
                               rewards_on_last_token)
@@ -124,7 +124,7 @@ def target_probability(trainer: PPOTrainer) -> float:
     return float(torch.softmax(logits, -1)[:, tokenizer.convert_tokens_to_ids(TARGET)].mean())
 
 
-TOY = PPOSettings(samples=3, max_new_tokens=3, learning_rate=1e-2, kl_coef=0.05, mini_batch_size=32,
+TOY = PPOConfig(samples=3, max_new_tokens=3, learning_rate=1e-2, kl_coef=0.05, mini_batch_size=32,
                   target_kl=None, device="cpu", seed=0)
 
 

@@ -171,8 +171,8 @@ def test_worker_pool_runs_one_shard_per_worker_in_order_on_one_thread(ray_sessio
 def test_ray_workers_give_the_in_process_metrics_and_answers(tmp_path, ray_session):
     pytest.importorskip("peft")
     from recalign.llm.models import load_model
-    from recalign.methods.llm_sft.config import LLMSFTConfig
     from recalign.methods.llm_sft.stage import evaluate_decodings
+    from recalign.methods.llm_sft.config import LLMSFTConfig
     from recalign.stages import RunContext
     from recalign.runs import open_run, run_recipe
 
@@ -183,7 +183,7 @@ def test_ray_workers_give_the_in_process_metrics_and_answers(tmp_path, ray_sessi
     # In-process: the same saved adapter, the same users, the recipe's evaluator, eval.backend local.
     recipe, dataset, split = open_run(tmp_path / "run")
     recipe.eval.backend = "local"
-    params = LLMSFTParams(**recipe.stages[0].params)
+    params = LLMSFTConfig(**recipe.stages[0].params)
     model, tokenizer = load_model("tiny", seed=recipe.seed, adapter=stage_dir / "model", progress=False)
     ctx = RunContext(run_dir=tmp_path / "run", stage_dir=stage_dir, dataset=dataset, split=split, seed=recipe.seed,
                      progress=False, recipe=recipe, stage=recipe.stages[0])

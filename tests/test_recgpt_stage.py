@@ -88,9 +88,9 @@ def test_recgpt_stage_resumes_after_a_kill_without_retraining(tmp_path, monkeypa
 
 def test_joined_shifts_item_ids_by_the_earlier_catalogs():
     sizes = (4, 4, 2)
-    a = recgpt.Catalog("a", torch.zeros(3, 4), ItemCodes(torch.tensor([[0, 0, 0], [1, 0, 0], [1, 0, 1]]), sizes),
+    a = recgpt.CodeCatalog("a", torch.zeros(3, 4), ItemCodes(torch.tensor([[0, 0, 0], [1, 0, 0], [1, 0, 1]]), sizes),
                        np.arange(3))
-    b = recgpt.Catalog("b", torch.ones(2, 4), ItemCodes(torch.tensor([[2, 3, 0], [3, 3, 0]]), sizes), np.arange(2))
+    b = recgpt.CodeCatalog("b", torch.ones(2, 4), ItemCodes(torch.tensor([[2, 3, 0], [3, 3, 0]]), sizes), np.arange(2))
     union, seqs = recgpt.joined([a, b], [[np.array([0, 2])], [np.array([1, 0]), np.array([0, 1])]])
     assert [s.tolist() for s in seqs] == [[0, 2], [4, 3], [3, 4]]
     assert union.codes.codes[3].tolist() == [2, 3, 0] and union.vectors.shape == (5, 4)
@@ -108,4 +108,4 @@ def test_recgpt_params_reject_unknown_keys():
     from pydantic import ValidationError
 
     with pytest.raises(ValidationError):
-        recgpt.RecGPTParams(decoder={"layers": 2})
+        recgpt.RecGPTConfig(decoder={"layers": 2})

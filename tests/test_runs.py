@@ -24,14 +24,14 @@ from recalign.runs import run_recipe
 CALLS: list[str] = []
 
 
-class ToyParams(BaseModel):
+class ToyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     value: int = 1
     fail: bool = False
     teacher: str | None = None
 
 
-def toy_run(ctx: RunContext, params: ToyParams) -> dict:
+def toy_run(ctx: RunContext, params: ToyConfig) -> dict:
     """Record the call, write an artifact, draw from the seeded global generators, maybe fail."""
     CALLS.append(ctx.stage.name)
     (ctx.stage_dir / "artifact.txt").write_text(str(params.value))
@@ -49,7 +49,7 @@ def toy_run(ctx: RunContext, params: ToyParams) -> dict:
 @pytest.fixture(autouse=True)
 def toy_stage_kind(monkeypatch):
     module = types.ModuleType("recalign_test_runs_stages")
-    module.TOY = stages.Stage(params=ToyParams, run=toy_run,  # `teacher` names the stage it reads
+    module.TOY = stages.Stage(params=ToyConfig, run=toy_run,  # `teacher` names the stage it reads
                               depends_on=lambda p, names: {"teacher": p.teacher} if p.teacher else {})
     monkeypatch.setitem(sys.modules, module.__name__, module)
     monkeypatch.setitem(methods.STAGE_KINDS, "toy", module.TOY)

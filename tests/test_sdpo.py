@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from recalign.errors import ConfigError
-from recalign.methods.trackrec.sdpo import (SDPOSettings, dpo_losses, sdpo_loss, sdpo_losses, select_preferences,
+from recalign.methods.trackrec.sdpo import (SDPOConfig, dpo_losses, sdpo_loss, sdpo_losses, select_preferences,
                                sequence_logprobs, train_sdpo)
 
 
@@ -75,10 +75,10 @@ def test_sequence_logprobs_batched_equals_one_at_a_time():
 
 def test_train_sdpo_raises_the_chosen_answer_against_its_negatives(tmp_path):
     from recalign.llm.models import tiny_model
-    from recalign.llm.trainer import LoraSettings, attach_lora
+    from recalign.llm.trainer import LoraConfig, attach_lora
 
     model, tokenizer = tiny_model(seed=0)
-    model = attach_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0), seed=0)
+    model = attach_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0), seed=0)
     samples = [{"prompt": "user: summarize\nassistant: ", "chosen": "likes dark thrillers",
                 "rejected": ["likes cartoons", "hates films"]},
                {"prompt": "user: describe\nassistant: ", "chosen": "enjoys old westerns",
@@ -93,7 +93,7 @@ def test_train_sdpo_raises_the_chosen_answer_against_its_negatives(tmp_path):
         return float(lp[0] - lp[1:].max())
 
     before = margin()
-    result = train_sdpo(model, tokenizer, samples, SDPOSettings(learning_rate=5e-3, max_steps=6, batch_size=2,
+    result = train_sdpo(model, tokenizer, samples, SDPOConfig(learning_rate=5e-3, max_steps=6, batch_size=2,
                                                                 warmup_ratio=0.0), output_dir=tmp_path)
     assert margin() > before + 0.1
     assert len(result.losses) == 6 and result.losses[-1] < result.losses[0]

@@ -75,12 +75,12 @@ def test_filled_seeds_survive_the_resolved_recipe(tmp_path):
 
 
 def test_teacher_seed_reaches_the_teacher_settings():
-    from recalign.methods.teacher.stage import TeacherStageParams
+    from recalign.methods.teacher.stage import TeacherStageConfig
 
     filled = load("teacher", 6, {"model": "bprmf", "epochs": 1}).stages[0].params
-    assert TeacherStageParams.model_validate(filled).teacher_settings() == {"epochs": 1, "seed": 6}
+    assert TeacherStageConfig.model_validate(filled).teacher_settings() == {"epochs": 1, "seed": 6}
     nested = load("teacher", 6, {"model": "bprmf", "params": {"seed": 2}}).stages[0].params  # older nested form
-    assert TeacherStageParams.model_validate(nested).teacher_settings() == {"seed": 2}
+    assert TeacherStageConfig.model_validate(nested).teacher_settings() == {"seed": 2}
 
 
 def test_split_seed_follows_the_same_rule():

@@ -13,7 +13,7 @@ from recalign.data.dataset import build_dataset
 from recalign.data.split import leave_one_out_split
 from recalign.llm.grounding import ExactGrounder
 from recalign.llm.tasks import Rows, eval_rows, sample_rows
-from recalign.methods.sprec.algorithm import list_metrics, random_pairs, self_play_pairs, train_rows
+from recalign.methods.sprec.algorithm import sprec_list_metrics, random_pairs, self_play_pairs, train_rows
 
 TITLES = ["Alpha", "Beta", "Gamma", "Delta", "Epsilon", "Zeta"]
 
@@ -56,7 +56,7 @@ def test_beyond_accuracy_metrics_match_hand_computed_values():
     histories = [[1], [1, 2], [0]]
     popularity = torch.tensor([10, 4, 2, 0])
     item_genres = [["a"], ["b"], ["a", "b"], []]
-    m = list_metrics(lists, targets, histories, [1, 2], popularity, item_genres, ["a", "b"])
+    m = sprec_list_metrics(lists, targets, histories, [1, 2], popularity, item_genres, ["a", "b"])
     # K = 2: distinct {0,1,2,3} over 3·2 slots; item 0 in 3 lists, the next two in 1 each
     assert m["div_ratio@2"] == pytest.approx(4 / 6)
     assert m["or_ratio@2"] == pytest.approx(5 / 6)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from recalign.data.sources import prepare_source
-from recalign.data.sources.synthetic import SyntheticOptions, generate_synthetic
+from recalign.data.sources.synthetic import SyntheticSourceConfig, generate_synthetic
 from recalign.errors import ConfigError
 
 
@@ -85,8 +85,8 @@ def test_successor_dynamics_make_next_item_predictable():
 
 def test_bad_sizes_are_config_errors():
     with pytest.raises(ConfigError, match="min_length"):
-        generate_synthetic(SyntheticOptions(min_length=20, max_length=10))
+        generate_synthetic(SyntheticSourceConfig(min_length=20, max_length=10))
     with pytest.raises(ConfigError, match="max_length"):
-        generate_synthetic(SyntheticOptions(n_items=20, max_length=30))
+        generate_synthetic(SyntheticSourceConfig(n_items=20, max_length=30))
     with pytest.raises(ConfigError, match="option 'n_users'"):
         prepare_source("synthetic", None, n_users="many")

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from recalign.cli import app as cli_app
 from recalign.data.dataset import build_dataset
-from recalign.data.sources.synthetic import SyntheticOptions, generate_synthetic
+from recalign.data.sources.synthetic import SyntheticSourceConfig, generate_synthetic
 from recalign.errors import ConfigError, RecalignError, RequestError
 from recalign.serve.app import TOKEN_ENV, MicroBatcher, is_loopback, serving_in_thread, server_token
 from recalign.serve.teacher import create_teacher_app
@@ -35,7 +35,7 @@ def popularity() -> TeacherService:
 
 @pytest.fixture(scope="module")
 def sasrec() -> TeacherService:
-    data = generate_synthetic(SyntheticOptions(n_users=80, n_items=30, n_categories=3, min_length=5, max_length=12,
+    data = generate_synthetic(SyntheticSourceConfig(n_users=80, n_items=30, n_categories=3, min_length=5, max_length=12,
                                                seed=4))
     return TeacherService(SASRec(epochs=1, dim=16, max_len=20, seed=0).fit(data, data.interactions, progress=False))
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from recalign.data.dataset import UserSequences, build_dataset
-from recalign.data.sources.synthetic import SyntheticOptions, generate_synthetic
+from recalign.data.sources.synthetic import SyntheticSourceConfig, generate_synthetic
 from recalign.errors import RecalignError, RequestError
 from recalign.teachers.bprmf import BPRMF
 from recalign.teachers.popularity import Popularity
@@ -27,7 +27,7 @@ def popularity() -> TeacherService:
 
 @pytest.fixture(scope="module")
 def synthetic():
-    return generate_synthetic(SyntheticOptions(n_users=120, n_items=40, n_categories=4, min_length=5,
+    return generate_synthetic(SyntheticSourceConfig(n_users=120, n_items=40, n_categories=4, min_length=5,
                                                max_length=15, seed=3))
 
 

@@ -236,12 +236,12 @@ def test_registry_and_config_errors():
 # ---- the "teacher" recipe stage --------------------------------------------------------------------------------
 
 def _stage_context(tmp_path, dataset):
-    from recalign.config import DataSpec, EvalSpec, Recipe, StageSpec
+    from recalign.config import DataConfig, EvalConfig, Recipe, StageConfig
     from recalign.data.split import leave_one_out_split
     from recalign.stages import RunContext
 
-    recipe = Recipe(name="t", data=DataSpec(path=str(tmp_path / "data")), eval=EvalSpec(ks=[10]),
-                    stages=[StageSpec(name="sas", kind="teacher", params={})])
+    recipe = Recipe(name="t", data=DataConfig(path=str(tmp_path / "data")), eval=EvalConfig(ks=[10]),
+                    stages=[StageConfig(name="sas", kind="teacher", params={})])
     stage_dir = tmp_path / "run" / "stages" / "sas"
     stage_dir.mkdir(parents=True)
     return RunContext(run_dir=tmp_path / "run", stage_dir=stage_dir, dataset=dataset,

@@ -10,13 +10,13 @@ import torch
 
 from recalign.methods.trackrec.prompts import (CtrSample, cot_messages, ctr_messages, parse_answer, render,
                                            validator_answer, validator_messages)
-from recalign.methods.trackrec.algorithm import (Catalog, CtrRows, TrackRecConfig, build_preferences, llm_test_metrics,
+from recalign.methods.trackrec.algorithm import (TitleCatalog, CtrRows, TrackRecConfig, build_preferences, llm_test_metrics,
                                        run_trackrec, stand_in_cots)
 
 TITLES = ["Heat", "Casino", "Fargo", "Toy Story", "Alien", "Babe", "Clue", "Jaws"]
 CATEGORIES = [["Crime"], ["Crime", "Drama"], ["Crime"], ["Animation"], ["Horror", "Sci-Fi"], ["Comedy"],
               ["Comedy", "Crime"], ["Horror"]]
-CATALOG = Catalog(TITLES, CATEGORIES, {0: {"gender": "M", "age": 25, "occupation": "writer"}, 1: {}})
+CATALOG = TitleCatalog(TITLES, CATEGORIES, {0: {"gender": "M", "age": 25, "occupation": "writer"}, 1: {}})
 
 
 def _rows(n: int, seed: int) -> CtrRows:

@@ -17,7 +17,7 @@ import torch
 
 from recalign.errors import ConfigError
 from recalign.llm.backends import GenerationBackend
-from recalign.llm.generate import GenerationSettings
+from recalign.llm.generate import GenerationConfig
 from recalign.llm.tasks import Rows, SeqRecTask
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ class AnswerLists:
     """
 
     def __init__(self, model, tokenizer, task: SeqRecTask, titles: Sequence[str], grounder,
-                 generation: GenerationSettings | None = None, batch_size: int = 8, decoding: Decoding = "greedy",
+                 generation: GenerationConfig | None = None, batch_size: int = 8, decoding: Decoding = "greedy",
                  progress: bool = False, backend: GenerationBackend | None = None, scratch: Path | None = None):
         self.model, self.tokenizer, self.task, self.titles, self.grounder = model, tokenizer, task, titles, grounder
         self.generation, self.batch_size, self.progress = generation, batch_size, progress
@@ -137,7 +137,7 @@ def catalog_constraint(titles: Sequence[str], tokenizer, task: SeqRecTask):
 
 def evaluate_llm(model, tokenizer, task: SeqRecTask, rows: Rows, titles: Sequence[str], grounder,
                  ks: Sequence[int], decodings: Sequence[str] = ("greedy",),
-                 generation: GenerationSettings | None = None, batch_size: int = 8, progress: bool = False,
+                 generation: GenerationConfig | None = None, batch_size: int = 8, progress: bool = False,
                  popularity: torch.Tensor | None = None, genre_table: torch.Tensor | None = None,
                  ) -> tuple[dict, dict[str, list[str]]]:
     """Generate for `rows` with every decoding and score the answers; returns (metrics, answers per decoding)."""
@@ -164,7 +164,7 @@ class RecipeAnswers:
     re-scores top-K lists on rows `index` (repeats allowed) for paired comparisons.
     """
 
-    def __init__(self, ctx: EvaluationContext, task: SeqRecTask, grounder, generation: GenerationSettings | None = None,
+    def __init__(self, ctx: EvaluationContext, task: SeqRecTask, grounder, generation: GenerationConfig | None = None,
                  batch_size: int = 8, part: str = "test", progress: bool = False,
                  backend: GenerationBackend | None = None):
         from recalign.eval.evaluate import relevant_items

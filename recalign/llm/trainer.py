@@ -2,7 +2,7 @@
 
 - CPU-safe trainer arguments (`trainer_args`): fp32 on CPU, `use_cpu` when there is no CUDA, no gradient
   checkpointing on CPU, never fp16, no checkpoints written, optional `report_to`;
-- LoRA settings (`LoraSettings`) and the adapter helpers (`attach_lora`, `load_adapter`, `save_adapter`,
+- LoRA settings (`LoraConfig`) and the adapter helpers (`attach_lora`, `load_adapter`, `save_adapter`,
   `merged_copy`, `reference_adapter_disabled`, `make_adapter_trainable`);
 - one result type (`TrainResult`: the trained model, losses per logged step, seconds, output folder, log);
 - one clean progress display (`quiet_trainer`): the transformers printer/tqdm callbacks are removed and, when
@@ -31,9 +31,9 @@ from recalign.processes import world_size
 REPORT_TO = ("none", "tensorboard", "wandb", "mlflow", "csv")
 
 __all__ = [
-    "LoraSettings", "TrainResult", "use_cpu", "report_to_value", "trainer_args", "lora_config", "attach_lora",
+    "LoraConfig", "TrainResult", "use_cpu", "report_to_value", "trainer_args", "lora_config", "attach_lora",
     "load_adapter", "save_adapter", "merged_copy", "reference_adapter_disabled", "make_adapter_trainable",
-    "freeze", "TrainerSettings", "quiet_trainer", "LossProgress", "dataset_progress_bars", "known_library_warnings_silenced",
+    "freeze", "TrainerConfig", "quiet_trainer", "LossProgress", "dataset_progress_bars", "known_library_warnings_silenced",
     "run_trainer", "data_parallel_state", "all_reduce_sum", "all_gather_cat",
     "average_gradients",
 ]
@@ -41,7 +41,7 @@ __all__ = [
 
 # ---- settings ---------------------------------------------------------------------------------------------
 
-class LoraSettings(BaseModel):
+class LoraConfig(BaseModel):
     """LoRA adapter shape for a fresh adapter (only used when the model is not already a PEFT model)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -51,7 +51,7 @@ class LoraSettings(BaseModel):
     target_modules: list[str] | str = Field("all-linear", description="module names, or 'all-linear'")
 
 
-class TrainerSettings(BaseModel):
+class TrainerConfig(BaseModel):
     """Settings every LLM trainer shares (SFT, DPO and the coming PPO/GRPO/S-DPO subclass it)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -214,15 +214,15 @@ class TrainResult:
 
 # ---- adapters ----------------------------------------------------------------------------------------------
 
-def lora_config(lora: LoraSettings):
+def lora_config(lora: LoraConfig):
     """The PEFT `LoraConfig` of `lora` for a causal LM."""
-    from peft import LoraConfig
+    from peft import LoraConfig as PeftLoraConfig
 
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+    return PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                       target_modules=lora.target_modules, task_type="CAUSAL_LM")
 
 
-def attach_lora(model, lora: LoraSettings, seed: int = 0):
+def attach_lora(model, lora: LoraConfig, seed: int = 0):
     """Wrap `model` with a fresh, trainable LoRA adapter (PEFT); the A matrices are initialised from `seed`."""
     from peft import get_peft_model
 

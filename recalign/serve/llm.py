@@ -135,7 +135,7 @@ class RecommendJob:
 
 
 @dataclass
-class Catalog:
+class ServedCatalog:
     """Titles, categories and the tokenised trie paths of every item (built once at start-up)."""
 
     titles: list[str]
@@ -178,7 +178,7 @@ class Catalog:
 class LLMRecommender:
     """A causal LM + tokenizer + catalog answering batches of text and recommendation jobs (one thread)."""
 
-    def __init__(self, model, tokenizer, catalog: Catalog, task, name: str, backend=None):
+    def __init__(self, model, tokenizer, catalog: ServedCatalog, task, name: str, backend=None):
         from recalign.llm.backends import GenerationBackend, vllm_engine
 
         self.model, self.tokenizer, self.catalog, self.task, self.name = model, tokenizer, catalog, task, name
@@ -240,10 +240,10 @@ class LLMRecommender:
 
     def _texts(self, jobs: list[TextJob]) -> list[list[str]]:
         from recalign.llm.backends import generate_answers
-        from recalign.llm.generate import GenerationSettings
+        from recalign.llm.generate import GenerationConfig
 
         first = jobs[0]
-        settings = GenerationSettings(max_new_tokens=first.max_tokens, do_sample=first.temperature > 0,
+        settings = GenerationConfig(max_new_tokens=first.max_tokens, do_sample=first.temperature > 0,
                                       temperature=first.temperature if first.temperature > 0 else 1.0,
                                       top_p=first.top_p, seed=first.seed)
         prompts = [p for job in jobs for p in job.prompts]
@@ -330,12 +330,12 @@ class LLMRecommender:
         from rapidfuzz import fuzz, process
 
         from recalign.llm.backends import generate_answers
-        from recalign.llm.generate import GenerationSettings
+        from recalign.llm.generate import GenerationConfig
         from recalign.llm.grounding import normalise_title
         from recalign.llm.tasks import parse_title
 
         allowed = np.asarray(jobs[0].allowed, dtype=np.int64)
-        settings = GenerationSettings(max_new_tokens=self.trie(jobs[0].allowed)[0].max_depth + 1)
+        settings = GenerationConfig(max_new_tokens=self.trie(jobs[0].allowed)[0].max_depth + 1)
         outputs = generate_answers(self.backend, self.runner, self.tokenizer, [job.prompt for job in jobs], settings,
                                    batch_size=len(jobs))
         queries = [normalise_title(parse_title(o[0])) for o in outputs]
@@ -372,13 +372,13 @@ class LLMRecommender:
                             body.decoding)
 
 
-def build_catalog(dataset, tokenizer, task) -> Catalog:
+def build_catalog(dataset, tokenizer, task) -> ServedCatalog:
     """The dataset's catalog with every title tokenised as the answer writes it (the template's quotes)."""
     prefix, suffix = task.template().title_affixes()
     titles = dataset.titles()
     encoded = tokenizer([f"{prefix}{t}{suffix}" for t in titles], add_special_tokens=False)["input_ids"]
     categories = {name: frozenset(int(i) for i in items) for name, items in dataset.category_index().items()}
-    return Catalog(titles, [str(x) for x in dataset.items["original_id"]], categories, [tuple(e) for e in encoded])
+    return ServedCatalog(titles, [str(x) for x in dataset.items["original_id"]], categories, [tuple(e) for e in encoded])
 
 
 # ---- the app -----------------------------------------------------------------------------------------------------

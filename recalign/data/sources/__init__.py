@@ -18,7 +18,7 @@ from recalign.data.dataset import Dataset
 from recalign.errors import ConfigError, DataError
 
 
-class SourceOptions(BaseModel):
+class SourceConfig(BaseModel):
     """Base of every source's options: unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid")
@@ -29,8 +29,8 @@ class Source:
     """A raw format: its options schema and the function that reads it."""
 
     name: str
-    options: type[SourceOptions]
-    load: Callable[[Path | None, SourceOptions], Dataset]
+    options: type[SourceConfig]
+    load: Callable[[Path | None, SourceConfig], Dataset]
     description: str
     needs_raw: bool = True
 

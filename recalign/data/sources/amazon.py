@@ -23,14 +23,14 @@ from pydantic import Field
 
 from recalign.data.dataset import Dataset, build_dataset
 from recalign.data.rawfile import check_raw_file, open_raw_lines
-from recalign.data.sources import Source, SourceOptions
+from recalign.data.sources import Source, SourceConfig
 from recalign.errors import ConfigError, DataError
 
 REVIEW_FIELDS = {"reviewerID": "user", "asin": "item", "overall": "rating", "unixReviewTime": "timestamp"}
 _ASIN = re.compile(r"""['"]asin['"]\s*:\s*['"]([^'"]+)['"]""")
 
 
-class AmazonOptions(SourceOptions):
+class AmazonSourceConfig(SourceConfig):
     """Where the files are (when --raw is a folder) and what to keep."""
 
     reviews: str | None = Field(None, description="review file inside the --raw folder (default: the one "
@@ -50,7 +50,7 @@ def open_text(path: Path):
     return open(path, encoding="utf-8")
 
 
-def _resolve(raw: Path, options: AmazonOptions) -> tuple[Path, Path | None]:
+def _resolve(raw: Path, options: AmazonSourceConfig) -> tuple[Path, Path | None]:
     folder = raw.parent if raw.is_file() else raw
     if raw.is_file():
         reviews = raw
@@ -172,7 +172,7 @@ def categories_from_paths(paths) -> list[str]:
     return categories
 
 
-def _load(raw: Path, options: AmazonOptions, year: int) -> Dataset:
+def _load(raw: Path, options: AmazonSourceConfig, year: int) -> Dataset:
     reviews_path, meta_path = _resolve(raw, options)
     reviews = read_reviews(reviews_path)
     if options.min_rating is not None:
@@ -203,17 +203,17 @@ def _load(raw: Path, options: AmazonOptions, year: int) -> Dataset:
     return dataset
 
 
-def load_amazon2014(raw: Path, options: AmazonOptions) -> Dataset:
+def load_amazon2014(raw: Path, options: AmazonSourceConfig) -> Dataset:
     """Amazon 2014 5-core reviews (+ Python-literal metadata)."""
     return _load(raw, options, 2014)
 
 
-def load_amazon2018(raw: Path, options: AmazonOptions) -> Dataset:
+def load_amazon2018(raw: Path, options: AmazonSourceConfig) -> Dataset:
     """Amazon 2018 5-core reviews (+ JSON-lines metadata)."""
     return _load(raw, options, 2018)
 
 
-AMAZON_2014 = Source("amazon2014", AmazonOptions, load_amazon2014,
+AMAZON_2014 = Source("amazon2014", AmazonSourceConfig, load_amazon2014,
                      "Amazon 2014 5-core reviews JSON lines (.gz ok) + optional meta_*.json (Python literals)")
-AMAZON_2018 = Source("amazon2018", AmazonOptions, load_amazon2018,
+AMAZON_2018 = Source("amazon2018", AmazonSourceConfig, load_amazon2018,
                      "Amazon 2018 5-core reviews JSON lines (.gz ok) + optional meta_*.json (JSON lines)")

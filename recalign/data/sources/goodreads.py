@@ -18,13 +18,13 @@ from pydantic import Field
 
 from recalign.data.dataset import Dataset, build_dataset
 from recalign.data.rawfile import read_raw_json
-from recalign.data.sources import Source, SourceOptions
+from recalign.data.sources import Source, SourceConfig
 from recalign.errors import DataError
 
 _FIELDS = ("instruction", "input", "output")
 
 
-class GoodreadsOptions(SourceOptions):
+class GoodreadsSourceConfig(SourceConfig):
     """Which prompt files to read and where the catalog is, relative to the folder given as --raw."""
 
     files: list[str] = Field(["data/Goodreads/train.json"],
@@ -65,7 +65,7 @@ def parse_output_title(outputs: pd.Series) -> pd.Series:
     return stripped.where(~quoted, stripped.str.slice(1, -1))
 
 
-def load_goodreads(raw: Path, options: GoodreadsOptions) -> Dataset:
+def load_goodreads(raw: Path, options: GoodreadsSourceConfig) -> Dataset:
     """Catalog (id order) with genres as categories; one user per prompt record: history titles then target."""
     if not raw.is_dir():
         raise DataError("expected the dataset folder (with eval/Goodreads/ and data/Goodreads/)", path=raw)
@@ -130,5 +130,5 @@ def load_goodreads(raw: Path, options: GoodreadsOptions) -> Dataset:
     return dataset
 
 
-GOODREADS_SPREC = Source("goodreads-sprec", GoodreadsOptions, load_goodreads,
+GOODREADS_SPREC = Source("goodreads-sprec", GoodreadsSourceConfig, load_goodreads,
                          "SPRec Goodreads folder: eval/Goodreads/{id2name,name2genre}.json + Alpaca prompt files")

@@ -8,7 +8,7 @@ import pandas as pd
 from pydantic import Field
 
 from recalign.data.dataset import Dataset, build_dataset
-from recalign.data.sources import Source, SourceOptions, require_file
+from recalign.data.sources import Source, SourceConfig, require_file
 from recalign.data.sources.tabular import read_delimited
 
 ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
@@ -16,19 +16,19 @@ ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "C
                  "War", "Western"]
 
 
-class MovieLensOptions(SourceOptions):
+class MovieLensSourceConfig(SourceConfig):
     """Options shared by both MovieLens sizes."""
 
     min_rating: float | None = Field(None, description="keep only ratings >= this value (e.g. 4); default keeps all")
 
 
-def _filter_ratings(frame: pd.DataFrame, options: MovieLensOptions) -> pd.DataFrame:
+def _filter_ratings(frame: pd.DataFrame, options: MovieLensSourceConfig) -> pd.DataFrame:
     if options.min_rating is not None:
         frame = frame[frame["rating"] >= options.min_rating]
     return frame
 
 
-def load_ml100k(raw: Path, options: MovieLensOptions) -> Dataset:
+def load_ml100k(raw: Path, options: MovieLensSourceConfig) -> Dataset:
     """Read the ml-100k folder: ratings from u.data, titles + genre flags from u.item (latin-1), u.user features."""
     data_path = require_file(raw, "u.data")
     folder = data_path.parent
@@ -67,7 +67,7 @@ def load_ml100k(raw: Path, options: MovieLensOptions) -> Dataset:
                          options=options.model_dump(), users=users)
 
 
-def load_ml1m(raw: Path, options: MovieLensOptions) -> Dataset:
+def load_ml1m(raw: Path, options: MovieLensSourceConfig) -> Dataset:
     """Read the ml-1m folder: ratings.dat, movies.dat (Latin-1 or UTF-8), users.dat (gender, age, occupation, zip)."""
     data_path = require_file(raw, "ratings.dat")
     folder = data_path.parent
@@ -105,7 +105,7 @@ def load_ml1m(raw: Path, options: MovieLensOptions) -> Dataset:
     return dataset
 
 
-MOVIELENS_100K = Source("movielens-100k", MovieLensOptions, load_ml100k,
+MOVIELENS_100K = Source("movielens-100k", MovieLensSourceConfig, load_ml100k,
                         "MovieLens 100K folder (u.data, u.item, u.genre)")
-MOVIELENS_1M = Source("movielens-1m", MovieLensOptions, load_ml1m, "MovieLens 1M folder (ratings.dat, movies.dat, users.dat; "
+MOVIELENS_1M = Source("movielens-1m", MovieLensSourceConfig, load_ml1m, "MovieLens 1M folder (ratings.dat, movies.dat, users.dat; "
                        "Latin-1 or UTF-8)")

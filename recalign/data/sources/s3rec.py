@@ -10,18 +10,18 @@ from pydantic import Field
 
 from recalign.data.dataset import Dataset, build_dataset
 from recalign.data.rawfile import read_raw_json, read_raw_text
-from recalign.data.sources import Source, SourceOptions
+from recalign.data.sources import Source, SourceConfig
 from recalign.errors import ConfigError, DataError
 
 
-class S3RecOptions(SourceOptions):
+class S3RecSourceConfig(SourceConfig):
     """Which file of a folder to read."""
 
     name: str | None = Field(None, description="dataset name inside a folder, e.g. Beauty (reads Beauty.txt); "
                                                "not needed when --raw is the .txt file")
 
 
-def _resolve(raw: Path, options: S3RecOptions) -> Path:
+def _resolve(raw: Path, options: S3RecSourceConfig) -> Path:
     if raw.is_file():
         return raw
     if options.name is None:
@@ -80,7 +80,7 @@ def _line_of(text: str, row: int) -> int:
     return [i + 1 for i, line in enumerate(text.splitlines()) if line.strip()][row]
 
 
-def load_s3rec(raw: Path, options: S3RecOptions) -> Dataset:
+def load_s3rec(raw: Path, options: S3RecSourceConfig) -> Dataset:
     """One line per user, items in time order; timestamps are sequence positions."""
     path = _resolve(raw, options)
     interactions = read_sequences(path)
@@ -117,5 +117,5 @@ def _locate_bad_line(path: Path, text: str) -> None:
     raise DataError("no sequences (expected lines 'user item [item ...]')", path=path)
 
 
-S3REC = Source("s3rec", S3RecOptions, load_s3rec,
+S3REC = Source("s3rec", S3RecSourceConfig, load_s3rec,
                "S3-Rec sequences: Name.txt (user item item ...) + optional Name_item2attributes.json")

@@ -20,7 +20,7 @@ from pydantic import Field
 from recalign.data.dataset import Dataset, build_dataset
 from recalign.data.rawfile import read_raw_json
 from recalign.data.safe_pickle import safe_load
-from recalign.data.sources import Source, SourceOptions
+from recalign.data.sources import Source, SourceConfig
 from recalign.errors import DataError
 
 
@@ -65,13 +65,13 @@ def flatten_sequences(sequences: dict, path: Path, what: str = "user") -> pd.Dat
 
 # ---- RecLM-gen ----------------------------------------------------------------------------------------------
 
-class RecLMGenOptions(SourceOptions):
+class RecLMGenSourceConfig(SourceConfig):
     """The folder holds everything; no options yet (kept so unknown keys are errors)."""
 
     name: str = Field("reclmgen", description="dataset name recorded in dataset.json")
 
 
-def load_reclmgen(raw: Path, options: RecLMGenOptions) -> Dataset:
+def load_reclmgen(raw: Path, options: RecLMGenSourceConfig) -> Dataset:
     """Items in meta order (titles, categories inverted from category.pickle); users in sequential order."""
     folder = raw if raw.is_dir() else raw.parent
     sequential, seq_path = _read_mapping(folder, "sequential")
@@ -112,20 +112,20 @@ def read_ranking_candidates(raw: str | Path) -> dict[str, list[str]]:
     return {u: g.tolist() for u, g in frame.groupby("user", sort=False)["item"]}
 
 
-RECLMGEN = Source("reclmgen-pickle", RecLMGenOptions, load_reclmgen,
+RECLMGEN = Source("reclmgen-pickle", RecLMGenSourceConfig, load_reclmgen,
                   "RecLM-gen raw folder: sequential/meta/category(.pickle|.json), optional ranking_candidate")
 
 
 # ---- RecGPT -------------------------------------------------------------------------------------------------
 
-class RecGPTOptions(SourceOptions):
+class RecGPTSourceConfig(SourceConfig):
     """Which pickle of the folder to read."""
 
     file: Literal["test", "cold_test"] = Field("test", description="test.pkl (full sequences) or cold_test.pkl "
                                                                    "(2-4 item windows); ignored when --raw is a file")
 
 
-def load_recgpt(raw: Path, options: RecGPTOptions) -> Dataset:
+def load_recgpt(raw: Path, options: RecGPTSourceConfig) -> Dataset:
     """Users in file order; items sorted by their integer id (original ids kept); timestamps = positions."""
     path = raw if raw.is_file() else raw / f"{options.file}.pkl"
     if not path.is_file():
@@ -142,5 +142,5 @@ def load_recgpt(raw: Path, options: RecGPTOptions) -> Dataset:
                          raw_files=[path], options=options.model_dump())
 
 
-RECGPT = Source("recgpt-pickle", RecGPTOptions, load_recgpt,
+RECGPT = Source("recgpt-pickle", RecGPTSourceConfig, load_recgpt,
                 "RecGPT test.pkl / cold_test.pkl (dict user -> item ids), read with the restricted unpickler")

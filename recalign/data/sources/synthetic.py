@@ -18,7 +18,7 @@ import torch
 from pydantic import Field
 
 from recalign.data.dataset import Dataset, build_dataset
-from recalign.data.sources import Source, SourceOptions
+from recalign.data.sources import Source, SourceConfig
 from recalign.errors import ConfigError
 
 _ADJECTIVES = ["Red", "Silent", "Golden", "Hidden", "Broken", "Lucky", "Frozen", "Wild", "Quiet", "Electric",
@@ -29,7 +29,7 @@ _CATEGORIES = ["Mystery", "Romance", "Science Fiction", "Fantasy", "History", "C
                "Cooking", "Poetry", "Biography", "Music"]
 
 
-class SyntheticOptions(SourceOptions):
+class SyntheticSourceConfig(SourceConfig):
     """Size and structure of the generated data."""
 
     n_users: int = Field(1000, ge=2, description="number of users")
@@ -44,7 +44,7 @@ class SyntheticOptions(SourceOptions):
     seed: int = Field(0, description="random seed; same seed -> identical dataset")
 
 
-def generate_synthetic(options: SyntheticOptions) -> Dataset:
+def generate_synthetic(options: SyntheticSourceConfig) -> Dataset:
     """Generate the dataset described by `options` (vectorised over users, one step per sequence position)."""
     o = options
     if o.min_length > o.max_length:
@@ -117,13 +117,13 @@ def generate_synthetic(options: SyntheticOptions) -> Dataset:
                          options=o.model_dump())
 
 
-def _load(raw: Path | None, options: SyntheticOptions) -> Dataset:
+def _load(raw: Path | None, options: SyntheticSourceConfig) -> Dataset:
     return generate_synthetic(options)
 
 
 SYNTHETIC = Source(
     name="synthetic",
-    options=SyntheticOptions,
+    options=SyntheticSourceConfig,
     load=_load,
     description="seeded synthetic catalog + users with popularity skew, category preferences, successor dynamics",
     needs_raw=False,

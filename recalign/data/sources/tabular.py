@@ -17,7 +17,7 @@ from pydantic import Field, field_validator
 
 from recalign.data.dataset import Dataset, build_dataset
 from recalign.data.rawfile import check_raw_file, read_raw_text
-from recalign.data.sources import Source, SourceOptions
+from recalign.data.sources import Source, SourceConfig
 from recalign.errors import DataError
 
 ID_BOUND = 2 ** 63  # numeric ids must fit a signed 64-bit integer
@@ -93,7 +93,7 @@ def _line_numbers(text: str, skip: int = 0) -> np.ndarray:
 _SEPARATORS = {".csv": ",", ".tsv": "\t", ".inter": "\t", ".item": "\t", ".txt": "\t", ".dat": "\t"}
 
 
-class TabularOptions(SourceOptions):
+class TabularSourceConfig(SourceConfig):
     """Column mapping of the interaction table and of the optional item table."""
 
     user: str = Field("user_id", description="user column name (or 0-based column number with header=false)")
@@ -188,7 +188,7 @@ def _numeric(values: pd.Series, path: Path, lines: np.ndarray | None, field: str
     return numbers
 
 
-def load_tabular(raw: Path, options: TabularOptions) -> Dataset:
+def load_tabular(raw: Path, options: TabularSourceConfig) -> Dataset:
     """Interactions from the mapped columns; items in first-appearance order, then metadata from `items=`."""
     frame, lines = read_table(raw, options.sep, options.header, options.encoding)
     if not options.header:
@@ -226,7 +226,7 @@ def load_tabular(raw: Path, options: TabularOptions) -> Dataset:
     return dataset
 
 
-def _read_item_table(path: Path, options: TabularOptions) -> pd.DataFrame:
+def _read_item_table(path: Path, options: TabularSourceConfig) -> pd.DataFrame:
     """item, title, categories, text from the item table's mapped columns."""
     table, _ = read_table(path, options.items_sep, options.header, options.encoding)
     if not options.header:
@@ -246,6 +246,6 @@ def _read_item_table(path: Path, options: TabularOptions) -> pd.DataFrame:
     return items
 
 
-TABULAR = Source("tabular", TabularOptions, load_tabular,
+TABULAR = Source("tabular", TabularSourceConfig, load_tabular,
                  "any interaction table: CSV/TSV/Parquet/RecBole .inter with user=, item=, rating=, timestamp= "
                  "columns, + optional items=FILE (item_title=, item_categories=, item_text=)")

@@ -20,7 +20,7 @@ from pydantic import Field
 from recalign.data.dataset import Dataset, build_dataset
 from recalign.data.rawfile import read_raw_json
 from recalign.data.safe_pickle import load_npy_object
-from recalign.data.sources import Source, SourceOptions
+from recalign.data.sources import Source, SourceConfig
 from recalign.data.sources.amazon import categories_from_paths
 from recalign.data.sources.s3rec import read_sequences
 from recalign.data.sources.seedformat import flatten_sequences
@@ -46,13 +46,13 @@ def _map(value, key: str, path: Path) -> dict:
 
 # ---- P5 / TransRec text maps ----------------------------------------------------------------------------------
 
-class P5TextOptions(SourceOptions):
+class P5TextSourceConfig(SourceConfig):
     """The folder holds everything (sequential_data.txt, title_maps.npy, category_map.npy)."""
 
     name: str | None = Field(None, description="dataset name recorded in dataset.json; default: the folder name")
 
 
-def load_p5_text(raw: Path, options: P5TextOptions) -> Dataset:
+def load_p5_text(raw: Path, options: P5TextSourceConfig) -> Dataset:
     """Catalog in item-id order with titles and category-path categories; one user per sequence line."""
     folder = raw if raw.is_dir() else raw.parent
     seq_path = raw if raw.is_file() else folder / "sequential_data.txt"
@@ -80,20 +80,20 @@ def load_p5_text(raw: Path, options: P5TextOptions) -> Dataset:
     return dataset
 
 
-P5_TEXT = Source("p5-text", P5TextOptions, load_p5_text,
+P5_TEXT = Source("p5-text", P5TextSourceConfig, load_p5_text,
                  "P5/TransRec folder: sequential_data.txt + title_maps.npy + category_map.npy (restricted unpickler)")
 
 
 # ---- LC-Rec JSON ---------------------------------------------------------------------------------------------
 
-class LCRecOptions(SourceOptions):
+class LCRecSourceConfig(SourceConfig):
     """Which dataset of a folder to read."""
 
     name: str | None = Field(None, description="dataset name, e.g. Office (reads Office.item.json and "
                                                "Office.inter.json); found automatically when the folder has one")
 
 
-def load_lcrec(raw: Path, options: LCRecOptions) -> Dataset:
+def load_lcrec(raw: Path, options: LCRecSourceConfig) -> Dataset:
     """Items in id order (title, brand, description; categories split on commas); users in file order."""
     folder = raw if raw.is_dir() else raw.parent
     name = options.name
@@ -131,13 +131,13 @@ def load_lcrec(raw: Path, options: LCRecOptions) -> Dataset:
                          options=options.model_dump())
 
 
-LCREC = Source("lcrec", LCRecOptions, load_lcrec, "LC-Rec JSON: NAME.item.json (title, description, brand, "
+LCREC = Source("lcrec", LCRecSourceConfig, load_lcrec, "LC-Rec JSON: NAME.item.json (title, description, brand, "
                                                    "categories) + NAME.inter.json (user -> items)")
 
 
 # ---- RecBole history/target .inter + .item ---------------------------------------------------------------------
 
-class RecBoleOptions(SourceOptions):
+class RecBoleSourceConfig(SourceConfig):
     """Which files of a folder to read."""
 
     name: str | None = Field(None, description="dataset name, e.g. Games-6k; found when the folder has one "
@@ -147,7 +147,7 @@ class RecBoleOptions(SourceOptions):
                                                 "folder's only *.item file")
 
 
-def _resolve_recbole(raw: Path, options: RecBoleOptions) -> tuple[Path, Path | None]:
+def _resolve_recbole(raw: Path, options: RecBoleSourceConfig) -> tuple[Path, Path | None]:
     folder = raw if raw.is_dir() else raw.parent
     if raw.is_file():
         inter = raw
@@ -170,7 +170,7 @@ def _resolve_recbole(raw: Path, options: RecBoleOptions) -> tuple[Path, Path | N
     return inter, (found[0] if len(found) == 1 else None)
 
 
-def load_recbole(raw: Path, options: RecBoleOptions) -> Dataset:
+def load_recbole(raw: Path, options: RecBoleSourceConfig) -> Dataset:
     """One user per row: the history list then the target, positions as timestamps; catalog from the .item file."""
     inter_path, item_path = _resolve_recbole(raw, options)
     table, lines = read_table(inter_path, "\t", True)
@@ -207,6 +207,6 @@ def load_recbole(raw: Path, options: RecBoleOptions) -> Dataset:
                          options=options.model_dump())
 
 
-RECBOLE = Source("recbole", RecBoleOptions, load_recbole,
+RECBOLE = Source("recbole", RecBoleSourceConfig, load_recbole,
                  "RecBole atomic files: NAME.test.inter rows (user_id, item_id_list, item_id) = whole history + "
                  "target, + optional .item (item_id, title)")

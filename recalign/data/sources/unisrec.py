@@ -20,21 +20,21 @@ import pandas as pd
 from pydantic import Field
 
 from recalign.data.dataset import Dataset, build_dataset
-from recalign.data.sources import Source, SourceOptions
+from recalign.data.sources import Source, SourceConfig
 from recalign.data.sources.tabular import read_delimited
 from recalign.errors import ConfigError, DataError
 
 _SUFFIXES = (".text", ".train.inter", ".valid.inter", ".test.inter", ".item2index", ".user2index")
 
 
-class UniSRecOptions(SourceOptions):
+class UniSRecSourceConfig(SourceConfig):
     """Which dataset of a folder to read."""
 
     name: str | None = Field(None, description="dataset name inside the folder, e.g. Scientific (reads "
                                                "Scientific.text, ...); found automatically when the folder has one")
 
 
-def _resolve(raw: Path, options: UniSRecOptions) -> tuple[Path, str]:
+def _resolve(raw: Path, options: UniSRecSourceConfig) -> tuple[Path, str]:
     """(folder, dataset name) from a folder or any one of the dataset's files."""
     if raw.is_file():
         for suffix in _SUFFIXES:
@@ -81,7 +81,7 @@ def _read_inter(path: Path) -> pd.DataFrame:
     return frame.astype({"user": np.int64, "target": np.int64})
 
 
-def load_unisrec(raw: Path, options: UniSRecOptions) -> Dataset:
+def load_unisrec(raw: Path, options: UniSRecSourceConfig) -> Dataset:
     """Items in item2index order (dense id = index), users in user2index order, full per-user sequences."""
     folder, name = _resolve(raw, options)
     item_path, user_path = _require(folder, f"{name}.item2index"), _require(folder, f"{name}.user2index")
@@ -162,6 +162,6 @@ def _check_against_test(seq: pd.DataFrame, test: pd.DataFrame, test_path: Path) 
                         "sequence", path=test_path, line=row + 2, field="item_id_list")
 
 
-UNISREC = Source("unisrec", UniSRecOptions, load_unisrec,
+UNISREC = Source("unisrec", UniSRecSourceConfig, load_unisrec,
                  "UniSRec/VQ-Rec processed Amazon folder: NAME.text, NAME.{train,valid,test}.inter, "
                  "NAME.item2index, NAME.user2index")

@@ -8,11 +8,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from recalign.llm.answers import Decoding
 from recalign.llm.backends import GenerationBackend
-from recalign.llm.trainer import LoraSettings
-from recalign.llm.generate import GenerationSettings
+from recalign.llm.trainer import LoraConfig
+from recalign.llm.generate import GenerationConfig
 from recalign.llm.grounding import GroundingConfig
 from recalign.llm.tasks import SeqRecTask
-from recalign.llm.train import SFTSettings
+from recalign.llm.train import SFTConfig
 
 
 class LLMSFTConfig(BaseModel):
@@ -22,10 +22,10 @@ class LLMSFTConfig(BaseModel):
     model: str = Field("smollm2", description="base model: HF id, local folder, .gguf file, 'smollm2' or 'tiny'")
     task: SeqRecTask = Field(default_factory=SeqRecTask, description="prompt task (history length, k titles)")
     train_rows: int | None = Field(512, ge=1, description="seeded subsample of SFT rows (null = all)")
-    lora: LoraSettings | None = Field(default_factory=lambda: LoraSettings(r=8, alpha=16, dropout=0.05),
+    lora: LoraConfig | None = Field(default_factory=lambda: LoraConfig(r=8, alpha=16, dropout=0.05),
                                       description="LoRA adapter; null = full fine-tuning")
-    sft: SFTSettings = Field(default_factory=SFTSettings, description="SFT hyper-parameters")
-    generation: GenerationSettings = Field(default_factory=GenerationSettings, description="decoding settings")
+    sft: SFTConfig = Field(default_factory=SFTConfig, description="SFT hyper-parameters")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="decoding settings")
     backend: GenerationBackend = Field(default_factory=GenerationBackend,
                                        description="engine of the evaluation answers: transformers | vllm | openai "
                                                    "| auto (recalign.llm.backends); SFT always uses transformers")

@@ -20,25 +20,24 @@ from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from recalign.checkpoints import IterationStore
+from recalign.config import StrictConfig
 from recalign.data.dataset import Dataset
 from recalign.methods.recgpt.codes import ItemCodes
-from recalign.methods.recgpt.fsq import FsqSettings, ItemTokenizer
+from recalign.methods.recgpt.fsq import FSQConfig, ItemTokenizer
 from recalign.methods.recgpt.text import DEFAULT_TEXT_MODEL, embed_texts, item_texts
 
-__all__ = ["RecGPTParams", "Catalog", "RECGPT_STAGE", "build_catalogs", "pretrain_decoder", "finetune_decoder",
+__all__ = ["RecGPTConfig", "CodeCatalog", "RECGPT_STAGE", "build_catalogs", "pretrain_decoder", "finetune_decoder",
            "beam_recommender", "sample_sequences", "run_stage"]
 
 
 # ---- settings --------------------------------------------------------------------------------------------
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
-class TokenizerParams(_Strict):
+class RecGPTTokenizerConfig(StrictConfig):
     """FSQ item tokenizer (levels [8, 8, 8, 6, 5] over 4 chunks, as the original)."""
 
     levels: list[int] = Field([8, 8, 8, 6, 5], description="FSQ levels per latent digit (product = codes per chunk)")
@@ -49,7 +48,7 @@ class TokenizerParams(_Strict):
     lr: float = Field(1e-3, gt=0)
 
 
-class DecoderParams(_Strict):
+class RecGPTDecoderConfig(StrictConfig):
     """GPT-2 decoder over codes (the original: 3 layers, 768 wide; CPU default much smaller)."""
 
     n_layers: int = Field(2, ge=1)
@@ -61,7 +60,7 @@ class DecoderParams(_Strict):
                                                                       "token j (the original; needs 5 | width)")
 
 
-class TrainingParams(_Strict):
+class RecGPTTrainingConfig(StrictConfig):
     """Decoder training: AdamW over shuffled user sequences; one checkpoint per epoch."""
 
     epochs: int = Field(2, ge=0, description="passes over the sequences (0 = skip this step)")
@@ -72,7 +71,7 @@ class TrainingParams(_Strict):
                                                       "pre-training catalogs keep only these users' items")
 
 
-class BeamParams(_Strict):
+class RecGPTBeamConfig(StrictConfig):
     """Trie-constrained beam search (the original: 10 first codes, 5 extensions, 20 beams, temperature 0.1)."""
 
     widths: list[int] = Field([10, 20], description="beams kept after each code position (the last repeats)")
@@ -81,18 +80,18 @@ class BeamParams(_Strict):
     batch_size: int = Field(64, ge=1, description="users per decoder call")
 
 
-class RecGPTParams(_Strict):
+class RecGPTConfig(StrictConfig):
     """Stage `recgpt`: pre-train on the recipe's `pretrain` datasets, zero-shot (and fine-tuned) on its data."""
 
     text_model: str = Field(DEFAULT_TEXT_MODEL, description="sentence-transformers model (all-mpnet-base-v2: "
                                                             "the original's)")
     text_max_tokens: int | None = Field(128, ge=1, description="tokens of an item text the encoder reads "
                                                                "(null: the model's limit)")
-    tokenizer: TokenizerParams = Field(default_factory=TokenizerParams)
-    decoder: DecoderParams = Field(default_factory=DecoderParams)
-    pretrain: TrainingParams = Field(default_factory=TrainingParams)
-    finetune: TrainingParams = Field(default_factory=lambda: TrainingParams(epochs=0))
-    beam: BeamParams = Field(default_factory=BeamParams)
+    tokenizer: RecGPTTokenizerConfig = Field(default_factory=RecGPTTokenizerConfig)
+    decoder: RecGPTDecoderConfig = Field(default_factory=RecGPTDecoderConfig)
+    pretrain: RecGPTTrainingConfig = Field(default_factory=RecGPTTrainingConfig)
+    finetune: RecGPTTrainingConfig = Field(default_factory=lambda: RecGPTTrainingConfig(epochs=0))
+    beam: RecGPTBeamConfig = Field(default_factory=RecGPTBeamConfig)
     history: list[Literal["excluded", "allowed"]] = Field(
         ["excluded", "allowed"], description="beam history filtering modes to score; the first is the headline")
     seed: int | None = Field(None, description="tokenizer, decoder and subset seed (default: the recipe seed)")
@@ -101,7 +100,7 @@ class RecGPTParams(_Strict):
 # ---- step 1-2: item text -> embeddings -> codes ----------------------------------------------------------
 
 @dataclass
-class Catalog:
+class CodeCatalog:
     """One domain as the decoder sees it: item text vectors [n, d] and unique item codes."""
 
     name: str
@@ -120,7 +119,7 @@ def sample_sequences(dataset: Dataset, interactions=None, users: int | None = No
     return [sequences[int(u)] for u in eligible]
 
 
-def embed_items(dataset: Dataset, items: np.ndarray, params: "RecGPTParams", progress: bool = False,
+def embed_items(dataset: Dataset, items: np.ndarray, params: "RecGPTConfig", progress: bool = False,
                 encoder: Callable | None = None) -> torch.Tensor:
     """float32 text vectors [len(items), d] of the given item ids (cached by model and text)."""
     texts = item_texts(dataset.items.iloc[items])
@@ -128,9 +127,9 @@ def embed_items(dataset: Dataset, items: np.ndarray, params: "RecGPTParams", pro
                                         max_tokens=params.text_max_tokens))
 
 
-def build_catalogs(domains: dict[str, tuple[Dataset, np.ndarray]], fit_on: Sequence[str], params: RecGPTParams,
+def build_catalogs(domains: dict[str, tuple[Dataset, np.ndarray]], fit_on: Sequence[str], params: RecGPTConfig,
                    seed: int, *, progress: bool = False, encoder: Callable | None = None
-                   ) -> tuple[ItemTokenizer, dict[str, Catalog]]:
+                   ) -> tuple[ItemTokenizer, dict[str, CodeCatalog]]:
     """Embed every domain's items, fit the tokenizer on the `fit_on` domains, tokenise them all.
 
     Every catalog's codes share one set of sizes (the disambiguating position as wide as the widest group), so
@@ -139,19 +138,19 @@ def build_catalogs(domains: dict[str, tuple[Dataset, np.ndarray]], fit_on: Seque
     vectors = {name: embed_items(ds, items, params, progress, encoder)
                for name, (ds, items) in domains.items()}
     t = params.tokenizer
-    settings = FsqSettings(levels=tuple(t.levels), n_chunks=t.n_chunks, hidden=t.hidden, epochs=t.epochs,
+    settings = FSQConfig(levels=tuple(t.levels), n_chunks=t.n_chunks, hidden=t.hidden, epochs=t.epochs,
                            batch_size=t.batch_size, lr=t.lr, seed=seed)
     tokenizer = ItemTokenizer(settings).fit(torch.cat([vectors[name] for name in fit_on]))
     codes = {name: tokenizer.encode(v) for name, v in vectors.items()}
     sizes = tuple(max(c.sizes[p] for c in codes.values()) for p in range(t.n_chunks + 1))
-    catalogs = {name: Catalog(name, vectors[name], ItemCodes(c.codes, sizes, c.collision_rate), domains[name][1])
+    catalogs = {name: CodeCatalog(name, vectors[name], ItemCodes(c.codes, sizes, c.collision_rate), domains[name][1])
                 for name, c in codes.items()}
     return tokenizer, catalogs
 
 
 # ---- step 3-5: the decoder ---------------------------------------------------------------------------------
 
-def new_decoder(catalog: Catalog, params: DecoderParams, seed: int):
+def new_decoder(catalog: CodeCatalog, params: RecGPTDecoderConfig, seed: int):
     """A freshly initialised decoder sized for the catalog's codes and text width (seeded)."""
     from recalign.methods.recgpt.decoder import DecoderConfig, RecGPTDecoder
 
@@ -160,17 +159,17 @@ def new_decoder(catalog: Catalog, params: DecoderParams, seed: int):
         return RecGPTDecoder(catalog.codes.sizes, catalog.vectors.shape[1], DecoderConfig(**params.model_dump()))
 
 
-def joined(catalogs: Sequence[Catalog], sequences: Sequence[Sequence[np.ndarray]]
-           ) -> tuple[Catalog, list[np.ndarray]]:
+def joined(catalogs: Sequence[CodeCatalog], sequences: Sequence[Sequence[np.ndarray]]
+           ) -> tuple[CodeCatalog, list[np.ndarray]]:
     """Several domains as one catalog (rows stacked) and their sequences with item ids shifted to match."""
     offsets = np.cumsum([0] + [len(c.items) for c in catalogs[:-1]])
     codes = ItemCodes(torch.cat([c.codes.codes for c in catalogs]), catalogs[0].codes.sizes)
-    union = Catalog("+".join(c.name for c in catalogs), torch.cat([c.vectors for c in catalogs]), codes,
+    union = CodeCatalog("+".join(c.name for c in catalogs), torch.cat([c.vectors for c in catalogs]), codes,
                     np.concatenate([c.items for c in catalogs]))
     return union, [s + off for seqs, off in zip(sequences, offsets) for s in seqs]
 
 
-def _train_epochs(decoder, catalog: Catalog, sequences: list[np.ndarray], training: TrainingParams, seed: int,
+def _train_epochs(decoder, catalog: CodeCatalog, sequences: list[np.ndarray], training: RecGPTTrainingConfig, seed: int,
                   store: IterationStore, loop: str, progress: bool, log: Callable[[str], None]):
     """Train epoch by epoch, each a checkpoint; finished epochs are loaded instead of retrained."""
     from safetensors.torch import load_file, save_file
@@ -194,7 +193,7 @@ def _train_epochs(decoder, catalog: Catalog, sequences: list[np.ndarray], traini
     return decoder
 
 
-def pretrain_decoder(catalogs: Sequence[Catalog], sequences: Sequence[Sequence[np.ndarray]], params: RecGPTParams,
+def pretrain_decoder(catalogs: Sequence[CodeCatalog], sequences: Sequence[Sequence[np.ndarray]], params: RecGPTConfig,
                      seed: int, store: IterationStore, *, progress: bool = False,
                      log: Callable[[str], None] = lambda m: None):
     """One decoder trained on the sequences of every pre-training domain, shuffled together."""
@@ -203,7 +202,7 @@ def pretrain_decoder(catalogs: Sequence[Catalog], sequences: Sequence[Sequence[n
     return _train_epochs(decoder, union, flat, params.pretrain, seed, store, "pretrain", progress, log)
 
 
-def finetune_decoder(pretrained, catalog: Catalog, sequences: Sequence[np.ndarray], params: RecGPTParams,
+def finetune_decoder(pretrained, catalog: CodeCatalog, sequences: Sequence[np.ndarray], params: RecGPTConfig,
                      seed: int, store: IterationStore, loop: str = "finetune", *, progress: bool = False,
                      log: Callable[[str], None] = lambda m: None):
     """A copy of the pre-trained decoder trained further on the target domain's training sequences."""
@@ -212,10 +211,10 @@ def finetune_decoder(pretrained, catalog: Catalog, sequences: Sequence[np.ndarra
     return _train_epochs(decoder, catalog, list(sequences), params.finetune, seed, store, loop, progress, log)
 
 
-def beam_recommender(decoder, catalog: Catalog, beam: BeamParams, exclude_history: bool):
+def beam_recommender(decoder, catalog: CodeCatalog, beam: RecGPTBeamConfig, exclude_history: bool):
     """The decoder as a `ListRecommender` over the catalog: trie-constrained beam search."""
-    from recalign.methods.recgpt.beam import BeamLists, BeamSettings
+    from recalign.methods.recgpt.beam import BeamLists, CodeBeamConfig
 
-    settings = BeamSettings(widths=tuple(beam.widths), extensions=beam.extensions, temperature=beam.temperature,
+    settings = CodeBeamConfig(widths=tuple(beam.widths), extensions=beam.extensions, temperature=beam.temperature,
                             exclude_history=exclude_history)
     return BeamLists(decoder, catalog.codes, catalog.vectors, settings, batch_size=beam.batch_size)

@@ -28,7 +28,7 @@ NEG = float("-inf")
 
 
 @dataclass(frozen=True)
-class BeamSettings:
+class CodeBeamConfig:
     """Beam widths kept after each code position (the last repeats), extensions per beam, temperature, history."""
 
     widths: tuple[int, ...] = (10, 20)
@@ -52,7 +52,7 @@ class BeamSettings:
 
 @dataclass(frozen=True)
 class CodeTrie:
-    """Catalog code rows as per-depth edge tables; `item_of_leaf` maps a full code's prefix id to its item."""
+    """CodeCatalog code rows as per-depth edge tables; `item_of_leaf` maps a full code's prefix id to its item."""
 
     codes: torch.Tensor                 # [N, P] the catalog
     edge_code: tuple[torch.Tensor, ...]   # per depth: code of each edge, edges sorted by (parent, code)
@@ -112,7 +112,7 @@ class BeamResult:
     codes: torch.Tensor
 
 
-def beam_search(log_probs: torch.Tensor, trie: CodeTrie, settings: BeamSettings,
+def beam_search(log_probs: torch.Tensor, trie: CodeTrie, settings: CodeBeamConfig,
                 history: torch.Tensor | None = None) -> BeamResult:
     """Beam search every row of `log_probs` [B, P, V] at once; `history` [B, N] bool marks items to exclude."""
     settings.check()
@@ -172,7 +172,7 @@ def beam_search(log_probs: torch.Tensor, trie: CodeTrie, settings: BeamSettings,
     return BeamResult(items, score, torch.where(alive[..., None], path, -1))
 
 
-def python_loop_beam(log_probs: torch.Tensor, codes, settings: BeamSettings,
+def python_loop_beam(log_probs: torch.Tensor, codes, settings: CodeBeamConfig,
                      histories: Sequence[Sequence[int]] | None = None) -> list[list[tuple[int, float]]]:
     """The original's per-sample loop (dict trie, sorted lists), kept only to compare speed and results."""
     settings.check()
@@ -205,7 +205,7 @@ def python_loop_beam(log_probs: torch.Tensor, codes, settings: BeamSettings,
     return results
 
 
-def compare_with_python_loop(log_probs: torch.Tensor, codes, settings: BeamSettings,
+def compare_with_python_loop(log_probs: torch.Tensor, codes, settings: CodeBeamConfig,
                              histories: Sequence[Sequence[int]]) -> dict:
     """Time `beam_search` (trie build included) against `python_loop_beam` on the same tables; check same items."""
     started = time.perf_counter()
@@ -222,7 +222,7 @@ def compare_with_python_loop(log_probs: torch.Tensor, codes, settings: BeamSetti
 class BeamLists:
     """RecGPT as a `ListRecommender`: decoder log-prob tables -> beam search -> top-k items per user."""
 
-    def __init__(self, decoder, codes, text_vectors: torch.Tensor, settings: BeamSettings = BeamSettings(),
+    def __init__(self, decoder, codes, text_vectors: torch.Tensor, settings: CodeBeamConfig = CodeBeamConfig(),
                  batch_size: int = 128):
         self.decoder, self.codes, self.text_vectors = decoder, code_table(codes), text_vectors
         self.settings, self.batch_size = settings, batch_size
@@ -266,6 +266,6 @@ def history_mask(sequences: Sequence[Sequence[int]], n_items: int) -> torch.Tens
     return mask
 
 
-__all__ = ["BeamSettings", "CodeTrie", "BeamResult", "beam_search", "python_loop_beam", "compare_with_python_loop",
+__all__ = ["CodeBeamConfig", "CodeTrie", "BeamResult", "beam_search", "python_loop_beam", "compare_with_python_loop",
            "BeamLists",
            "history_mask"]

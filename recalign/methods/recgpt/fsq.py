@@ -21,7 +21,7 @@ from recalign.errors import ConfigError, DataError, writing
 from recalign.io import atomic_path
 from recalign.methods.recgpt.codes import ItemCodes, disambiguate
 
-__all__ = ["FSQ_LEVELS", "FsqSettings", "ItemTokenizer", "fsq_basis"]
+__all__ = ["FSQ_LEVELS", "FSQConfig", "ItemTokenizer", "fsq_basis"]
 
 FSQ_LEVELS = (8, 8, 8, 6, 5)
 FORMAT = "recalign.methods.recgpt.ItemTokenizer/1"
@@ -33,7 +33,7 @@ def fsq_basis(levels: tuple[int, ...]) -> torch.Tensor:
 
 
 @dataclass
-class FsqSettings:
+class FSQConfig:
     """Tokenizer shape and training settings."""
 
     levels: tuple[int, ...] = FSQ_LEVELS
@@ -58,7 +58,7 @@ class FsqSettings:
 class _Autoencoder(nn.Module):
     """Shared FSQ over the chunks and an MLP decoder from the quantised chunks back to the embedding."""
 
-    def __init__(self, dim: int, settings: FsqSettings):
+    def __init__(self, dim: int, settings: FSQConfig):
         super().__init__()
         from vector_quantize_pytorch import FSQ
 
@@ -75,8 +75,8 @@ class _Autoencoder(nn.Module):
 class ItemTokenizer:
     """Text embeddings -> unique item codes (`ItemCodes`): fit on a catalog, encode any catalog."""
 
-    def __init__(self, settings: FsqSettings | None = None):
-        self.settings = settings or FsqSettings()
+    def __init__(self, settings: FSQConfig | None = None):
+        self.settings = settings or FSQConfig()
         self.model: _Autoencoder | None = None
         self.mean: torch.Tensor | None = None
         self.std: torch.Tensor | None = None
@@ -171,7 +171,7 @@ class ItemTokenizer:
             raise DataError(f"not an item-tokenizer safetensors file ({type(exc).__name__})", path=path) from None
         if meta.get("format") != FORMAT:
             raise DataError(f"expected format {FORMAT!r}, got {meta.get('format')!r}", path=path)
-        tokenizer = cls(FsqSettings(**json.loads(meta["settings"])))
+        tokenizer = cls(FSQConfig(**json.loads(meta["settings"])))
         tokenizer.mean, tokenizer.std = tensors.pop("mean"), tensors.pop("std")
         tokenizer.model = _Autoencoder(tokenizer.mean.shape[0], tokenizer.settings)
         tokenizer.model.load_state_dict({k[len("model."):]: v for k, v in tensors.items()})

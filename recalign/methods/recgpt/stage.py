@@ -13,8 +13,8 @@ from recalign.checkpoints import IterationStore, stable_hash
 from recalign.errors import ConfigError, DataError
 from recalign.io import write_json
 from recalign.methods.recgpt.algorithm import (
-    Catalog,
-    RecGPTParams,
+    CodeCatalog,
+    RecGPTConfig,
     beam_recommender,
     build_catalogs,
     embed_items,
@@ -43,7 +43,7 @@ def _evaluated(store: IterationStore, name: str, evaluate: Callable[[], dict]) -
     return result
 
 
-def run_stage(ctx, params: RecGPTParams) -> dict:
+def run_stage(ctx, params: RecGPTConfig) -> dict:
     """Stage "recgpt": tokenise, pre-train on `datasets.pretrain`, zero-shot (+ fine-tuned) on the recipe's data."""
     if ctx.split is None:
         raise ConfigError("the recgpt stage needs a split")
@@ -71,7 +71,7 @@ def run_stage(ctx, params: RecGPTParams) -> dict:
     domains["target"] = (target, np.arange(target.n_items))
     tokenizer_dir = store.folder("tokenizer")
     if store.done(tokenizer_dir):
-        catalogs = {name: Catalog(name, embed_items(ds, items, params, ctx.progress),
+        catalogs = {name: CodeCatalog(name, embed_items(ds, items, params, ctx.progress),
                                   ItemCodes.load(tokenizer_dir / f"codes-{name}.safetensors"), items)
                     for name, (ds, items) in domains.items()}
         ctx.log("tokenizer: resumed")
@@ -132,7 +132,7 @@ def run_stage(ctx, params: RecGPTParams) -> dict:
     return metrics
 
 
-RECGPT_STAGE = Stage(params=RecGPTParams, run=run_stage,
+RECGPT_STAGE = Stage(params=RecGPTConfig, run=run_stage,
                      reads=frozenset({"data", "split", "eval", "seed", "datasets"}),
                      description="RecGPT: FSQ item codes from text + a GPT decoder pre-trained on `datasets.pretrain`, "
                                  "zero-shot (and optionally fine-tuned) on the recipe's data")

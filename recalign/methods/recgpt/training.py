@@ -64,7 +64,7 @@ def _fit(decoder: RecGPTDecoder, usable: list[list[int]], table: torch.Tensor, t
     result = DecoderTrainingResult()
     started = time.perf_counter()
     decoder.train()
-    with _progress(settings.epochs * n_batches, settings.progress) as advance:
+    with _DecoderProgress(settings.epochs * n_batches, settings.progress) as advance:
         for epoch in range(settings.epochs):
             order = torch.randperm(len(usable), generator=generator).tolist()
             total = 0.0
@@ -86,7 +86,7 @@ def _fit(decoder: RecGPTDecoder, usable: list[list[int]], table: torch.Tensor, t
     return result
 
 
-class _progress:
+class _DecoderProgress:
     """A rich progress bar over optimiser steps (a no-op when disabled); yields `advance(info)`."""
 
     def __init__(self, total: int, enabled: bool):

@@ -47,11 +47,11 @@ from recalign.io import write_atomic
 from recalign.llm.backends import GenerationBackend
 from recalign.llm.grounding import GroundingConfig
 from recalign.llm.tasks import Rows, eval_rows, prompts_for, sample_rows
-from recalign.llm.train import SFTSettings
-from recalign.llm.trainer import LoraSettings
-from recalign.methods.reclmgen.grpo import GRPOSettings
+from recalign.llm.train import SFTConfig
+from recalign.llm.trainer import LoraConfig
+from recalign.methods.reclmgen.grpo import GRPOConfig
 from recalign.methods.reclmgen.metrics import CategoryTable, score_control
-from recalign.methods.reclmgen.ppo import PPOSettings
+from recalign.methods.reclmgen.ppo import PPOConfig
 from recalign.methods.reclmgen.rewards import ALPHA, make_reward_fn
 from recalign.methods.reclmgen.tasks import (
     SFT_TASKS,
@@ -67,7 +67,7 @@ from recalign.methods.reclmgen.tasks import (
 )
 from recalign.stages import fill_seeds
 
-__all__ = ["ControllableConfig", "TaskAnswers", "run_controllable", "score_answers", "test_rows_of",
+__all__ = ["RecLMGenConfig", "TaskAnswers", "run_controllable", "score_answers", "test_rows_of",
            "answer_records", "ANSWERS_DIR"]
 
 ANSWERS_DIR = "test"
@@ -77,7 +77,7 @@ RESUMABLE_FIELDS = {"rl_iterations", "test_tasks", "batch_size", "backend"}
 
 # ---- configuration ------------------------------------------------------------------------------------
 
-class ControllableConfig(BaseModel):
+class RecLMGenConfig(BaseModel):
     """Everything one RecLM-gen run depends on; defaults are CPU-sized (the paper's values in the descriptions)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -94,10 +94,10 @@ class ControllableConfig(BaseModel):
     sft_tasks: list[str] = Field(default_factory=lambda: list(SFT_TASKS),
                                  description=f"SFT task families, some of {list(SFT_TASKS)}")
     control_re_items: int | None = Field(200, ge=1, description="items drawn for ControlRec per epoch (null = all)")
-    sft: SFTSettings = Field(default_factory=lambda: SFTSettings(epochs=1.0, learning_rate=1e-3, batch_size=4,
+    sft: SFTConfig = Field(default_factory=lambda: SFTConfig(epochs=1.0, learning_rate=1e-3, batch_size=4,
                                                                  grad_accum=1, max_length=512),
                              description="one SFT pass per epoch (paper: lr 1e-3, batch 16 x 4 GPUs)")
-    lora: LoraSettings = Field(default_factory=lambda: LoraSettings(r=16, alpha=8, dropout=0.05),
+    lora: LoraConfig = Field(default_factory=lambda: LoraConfig(r=16, alpha=8, dropout=0.05),
                                description="the SFT adapter (paper: r 16, α 8 on every linear layer)")
     # RL (§5.4, §5.5)
     algorithm: Literal["ppo", "grpo", "none"] = Field("ppo", description="RL after SFT: ppo | grpo | none")
@@ -109,10 +109,10 @@ class ControllableConfig(BaseModel):
     rl_episodes: int = Field(1, ge=1, description="episodes of RL rows (each task once per user per episode)")
     rl_rows: int | None = Field(256, ge=1, description="RL rows sampled from the episodes (null = all)")
     prompts_per_iteration: int = Field(8, ge=1, description="prompts drawn per RL iteration (PPO and GRPO)")
-    ppo: PPOSettings = Field(default_factory=lambda: PPOSettings(max_new_tokens=128, mini_batch_size=4,
+    ppo: PPOConfig = Field(default_factory=lambda: PPOConfig(max_new_tokens=128, mini_batch_size=4,
                                                                  learning_rate=1e-5, generation_batch_size=8),
                              description="PPO settings (§5.4: kl 0.3, γ 0.99, λ 1, clip 0.2, 4 epochs, KL stop 0.05)")
-    grpo: GRPOSettings = Field(default_factory=lambda: GRPOSettings(max_new_tokens=128, batch_size=4,
+    grpo: GRPOConfig = Field(default_factory=lambda: GRPOConfig(max_new_tokens=128, batch_size=4,
                                                                     num_generations=4, learning_rate=1e-5),
                                description="GRPO settings (TRL), same reward summed over tokens")
     # test (§5.6)
@@ -182,11 +182,11 @@ class TaskAnswers(BaseModel):
 
 
 def test_rows_of(answers: TaskAnswers) -> Rows:
-    """The rows a `TaskAnswers` was made from (requests as `ControlSpec` labels), for `metric_inputs`."""
-    from recalign.methods.reclmgen.tasks import ControlSpec
+    """The rows a `TaskAnswers` was made from (requests as `ControlRequest` labels), for `metric_inputs`."""
+    from recalign.methods.reclmgen.tasks import ControlRequest
 
     kind, p = parse_test_task(answers.task)
-    specs = [ControlSpec(kind, k, c, p=p, m=m if r else None) for k, c, m, r in
+    specs = [ControlRequest(kind, k, c, p=p, m=m if r else None) for k, c, m, r in
              zip(answers.k, answers.category, answers.m, answers.rule)]
     return Rows(np.asarray(answers.users, dtype=np.int64), answers.histories,
                 np.asarray(answers.targets, dtype=np.int64), None, answers.candidates, None, specs)
@@ -194,7 +194,7 @@ def test_rows_of(answers: TaskAnswers) -> Rows:
 
 def answer_records(task: str, rows: Rows, grounded: torch.Tensor, n_outputs: torch.Tensor,
                    answers: list[str] | None = None) -> TaskAnswers:
-    """A `TaskAnswers` of test rows (labels = ControlSpec) with grounded entries [rows, W] and title counts."""
+    """A `TaskAnswers` of test rows (labels = ControlRequest) with grounded entries [rows, W] and title counts."""
     specs = rows.labels
     return TaskAnswers(task=task, users=rows.users.tolist(), targets=rows.targets.tolist(),
                        histories=[[int(i) for i in h] for h in rows.histories], k=[s.k for s in specs],
@@ -222,7 +222,7 @@ def score_answers(answers: TaskAnswers, categories: CategoryTable, seqrec: TaskA
 
 # ---- the run ---------------------------------------------------------------------------------------------------
 
-def run_controllable(config: ControllableConfig, dataset, split, teacher, work_dir: str | Path, *,
+def run_controllable(config: RecLMGenConfig, dataset, split, teacher, work_dir: str | Path, *,
                      users: np.ndarray | None = None, sft_adapter: str | Path | None = None,
                      log: Callable[[str], None] | None = None, progress: bool = False) -> dict:
     """SFT -> RL -> §5.6 test tasks on `users` (default: every test user), resuming from `work_dir`.
@@ -285,7 +285,7 @@ def run_controllable(config: ControllableConfig, dataset, split, teacher, work_d
 
 # ---- SFT: the task mix, regenerated each epoch ---------------------------------------------------------------
 
-def supervised_fine_tuning(config: ControllableConfig, source: ControlSource, titles, store: IterationStore,
+def supervised_fine_tuning(config: RecLMGenConfig, source: ControlSource, titles, store: IterationStore,
                            say: Callable[[str], None], progress: bool) -> Path:
     """θ ← SFT(θ, D_e) for e = 1..E, one checkpoint per epoch; returns the last epoch's adapter folder."""
     from recalign.llm.models import load_model, save_model
@@ -315,14 +315,14 @@ def supervised_fine_tuning(config: ControllableConfig, source: ControlSource, ti
 
 # ---- RL: PPO (ours) or GRPO (TRL) with the §5.5 rewards from the teacher --------------------------------------
 
-def rl_prompts(config: ControllableConfig, source: ControlSource, titles, tokenizer) -> tuple[Rows, list[str]]:
+def rl_prompts(config: RecLMGenConfig, source: ControlSource, titles, tokenizer) -> tuple[Rows, list[str]]:
     """The §5.4 RL rows of every episode (a seeded sample of `rl_rows`) and their rendered prompts."""
     rows = concat_rows([rl_rows(source, episode, config.seed) for episode in range(config.rl_episodes)])
     rows = sample_rows(rows, config.rl_rows, config.seed)
     return rows, prompts_for(ControlTask(max_history=config.max_history), rows, titles, tokenizer)
 
 
-def reinforce(config: ControllableConfig, source: ControlSource, titles, sft_dir: Path, store: IterationStore,
+def reinforce(config: RecLMGenConfig, source: ControlSource, titles, sft_dir: Path, store: IterationStore,
               say: Callable[[str], None], progress: bool):
     """(policy, tokenizer) after `rl_iterations` RL iterations from the SFT model (resuming finished ones)."""
     from recalign.llm.models import load_model
@@ -347,7 +347,7 @@ def reinforce(config: ControllableConfig, source: ControlSource, titles, sft_dir
     return _grpo_iterations(config, model, tokenizer, prompts, reward_fn, sft_dir, store, progress)
 
 
-def _grpo_iterations(config: ControllableConfig, model, tokenizer, prompts: list[str], reward_fn, sft_dir: Path,
+def _grpo_iterations(config: RecLMGenConfig, model, tokenizer, prompts: list[str], reward_fn, sft_dir: Path,
                      store: IterationStore, progress: bool):
     """GRPO iterations 1..N, each over a seeded draw of prompts; iteration i continues iteration i-1's adapter."""
     from recalign.llm.models import save_model
@@ -384,12 +384,12 @@ def _copy(model):
 
 # ---- test: greedy answers, parsed, grounded ---------------------------------------------------------------------
 
-def generate_answers(config: ControllableConfig, model, tokenizer, task: str, rows: Rows, titles,
+def generate_answers(config: RecLMGenConfig, model, tokenizer, task: str, rows: Rows, titles,
                      progress: bool) -> TaskAnswers:
     """Greedy answers of `rows`, parsed into titles and grounded (exact, then Levenshtein <= 3 by default)."""
     from recalign.llm.backends import generate_answers as generate_on
     from recalign.llm.evaluate import ground_lists
-    from recalign.llm.generate import GenerationSettings
+    from recalign.llm.generate import GenerationConfig
     from recalign.llm.grounding import make_grounder
     from recalign.llm.tasks import parse_titles
 
@@ -398,7 +398,7 @@ def generate_answers(config: ControllableConfig, model, tokenizer, task: str, ro
         return answer_records(task, rows, empty, torch.zeros(0, dtype=torch.long), [])
     prompts = prompts_for(ControlTask(max_history=config.max_history), rows, titles, tokenizer)
     widest = max(s.k for s in rows.labels)
-    settings = GenerationSettings(max_new_tokens=math.ceil(config.max_new_tokens * widest / 10), do_sample=False)
+    settings = GenerationConfig(max_new_tokens=math.ceil(config.max_new_tokens * widest / 10), do_sample=False)
     started, cpu = time.perf_counter(), time.process_time()
     answers = [a[0] for a in generate_on(config.backend, model, tokenizer, prompts, settings,
                                          batch_size=config.batch_size, progress=progress)]
@@ -423,7 +423,7 @@ def _ordered(tasks: list[str]) -> list[str]:
     return ["seqrec"] + [t for t in tasks if t != "seqrec"]
 
 
-def fingerprint(config: ControllableConfig, sft_adapter: str | Path | None = None) -> str:
+def fingerprint(config: RecLMGenConfig, sft_adapter: str | Path | None = None) -> str:
     """What the stored checkpoints depend on: the config without the fields that may change between attempts."""
     kept = config.model_dump(mode="json", exclude=RESUMABLE_FIELDS)
     return stable_hash({"config": kept, "sft_adapter": None if sft_adapter is None else str(sft_adapter)})

@@ -18,8 +18,8 @@ from pydantic import Field
 
 from recalign.errors import ConfigError
 from recalign.llm.trainer import (
-    LoraSettings,
-    TrainerSettings,
+    LoraConfig,
+    TrainerConfig,
     TrainResult,
     dataset_progress_bars,
     known_library_warnings_silenced,
@@ -31,13 +31,13 @@ from recalign.llm.trainer import (
     run_trainer,
 )
 
-__all__ = ["GRPOSettings", "GRPOResult", "sequence_reward", "grpo_config", "train_grpo"]
+__all__ = ["GRPOConfig", "GRPOResult", "sequence_reward", "grpo_config", "train_grpo"]
 
 RewardFn = Callable[[list[str], list[str], list[list[int]]], Sequence[torch.Tensor]]
 
 
-class GRPOSettings(TrainerSettings):
-    """GRPO hyper-parameters (shared fields: TrainerSettings; the rest map onto TRL's `GRPOConfig`)."""
+class GRPOConfig(TrainerConfig):
+    """GRPO hyper-parameters (shared fields: TrainerConfig; the rest map onto TRL's `GRPOConfig`)."""
 
     learning_rate: float = Field(1e-5, gt=0.0, description="AdamW learning rate")
     batch_size: int = Field(4, ge=1, description="answers per device per micro-batch (a multiple of "
@@ -52,7 +52,7 @@ class GRPOSettings(TrainerSettings):
     loss_type: str = Field("dapo", description="TRL loss aggregation: 'grpo', 'dapo', 'dr_grpo', 'bnpo', ...")
     scale_rewards: str = Field("group", description="divide advantages by the group's std ('group'), the "
                                                     "batch's ('batch') or not at all ('none')")
-    lora: LoraSettings = Field(default_factory=lambda: LoraSettings(r=4, alpha=2, dropout=0.0),
+    lora: LoraConfig = Field(default_factory=lambda: LoraConfig(r=4, alpha=2, dropout=0.0),
                                description="shape of a fresh policy adapter")
 
 
@@ -87,13 +87,13 @@ def sequence_reward(reward_fn: RewardFn) -> Callable[..., list[float]]:
     return recalign_reward
 
 
-def grpo_config(settings: GRPOSettings, output_dir: str | Path):
+def grpo_config(settings: GRPOConfig, output_dir: str | Path):
     """The TRL `GRPOConfig` for `settings` with CPU-safe defaults (`recalign.llm.trainer.trainer_args`)."""
-    from trl import GRPOConfig
+    from trl import GRPOConfig as TRLGRPOConfig
 
     shared = settings.trl_kwargs(output_dir)
     shared.pop("max_length")  # GRPO bounds the answer (max_completion_length), not prompt + answer
-    return GRPOConfig(num_generations=settings.num_generations, max_completion_length=settings.max_new_tokens,
+    return TRLGRPOConfig(num_generations=settings.num_generations, max_completion_length=settings.max_new_tokens,
                       temperature=settings.temperature, top_k=settings.top_k, beta=settings.beta,
                       epsilon=settings.epsilon, num_iterations=settings.num_iterations,
                       loss_type=settings.loss_type, scale_rewards=settings.scale_rewards,
@@ -101,7 +101,7 @@ def grpo_config(settings: GRPOSettings, output_dir: str | Path):
 
 
 def train_grpo(model_dir_or_model: Any, tokenizer, prompts: Sequence[str], reward_fn: RewardFn,
-               settings: GRPOSettings | None = None, *, output_dir: str | Path, callbacks: list | None = None,
+               settings: GRPOConfig | None = None, *, output_dir: str | Path, callbacks: list | None = None,
                progress: bool = False) -> GRPOResult:
     """Run GRPO over `prompts` (rendered prompt strings) with `reward_fn`'s summed per-token rewards.
 
@@ -112,7 +112,7 @@ def train_grpo(model_dir_or_model: Any, tokenizer, prompts: Sequence[str], rewar
     from peft import PeftModel
     from trl import GRPOTrainer
 
-    settings = settings or GRPOSettings()
+    settings = settings or GRPOConfig()
     prompts = [str(p) for p in prompts]
     if not prompts:
         raise ConfigError("GRPO needs at least one prompt; got none")

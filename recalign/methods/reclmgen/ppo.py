@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from recalign.errors import ConfigError
 from recalign.llm.trainer import (
-    LoraSettings,
+    LoraConfig,
     all_gather_cat,
     all_reduce_sum,
     average_gradients,
@@ -50,7 +50,7 @@ from recalign.llm.trainer import (
 if TYPE_CHECKING:  # annotations only: the store lives in a higher layer (recalign.methods)
     from recalign.checkpoints import IterationStore
 
-__all__ = ["PPOSettings", "PPOTrainer", "PPOResult", "RewardFn", "gae", "masked_mean", "masked_whiten",
+__all__ = ["PPOConfig", "PPOTrainer", "PPOResult", "RewardFn", "gae", "masked_mean", "masked_whiten",
            "kl_penalized_rewards", "clipped_policy_loss", "clipped_value_loss", "approx_kl", "entropy_from_logits", "RunningMoments",
            "rewards_on_last_token", "ACTOR", "CRITIC", "LOOP"]
 
@@ -61,7 +61,7 @@ VALUE_HEAD_FILE, STATE_FILE = "value_head.safetensors", "trainer_state.pt"
 RewardFn = Callable[[list[str], list[str], list[list[int]]], Sequence[torch.Tensor]]
 
 
-class PPOSettings(BaseModel):
+class PPOConfig(BaseModel):
     """PPO hyper-parameters (defaults: RecLM-gen's §5.4 where it has one, CPU-sized otherwise)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -91,7 +91,7 @@ class PPOSettings(BaseModel):
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
     max_grad_norm: float = Field(0.5, gt=0.0, description="gradient norm clip, per network")
     generation_batch_size: int = Field(16, ge=1, description="prompts per generation batch")
-    lora: LoraSettings = Field(default_factory=lambda: LoraSettings(r=4, alpha=2, dropout=0.0),
+    lora: LoraConfig = Field(default_factory=lambda: LoraConfig(r=4, alpha=2, dropout=0.0),
                                description="shape of the actor and critic adapters (§5.4: r 4, α 2, dropout 0)")
     seed: int = Field(0, description="adapter/value-head init, prompt draws, sampling and mini-batch order")
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu' or 'cuda'")
@@ -311,10 +311,10 @@ class PPOTrainer:
     (`recalign run` gives the ranks > 0 a private scratch run folder; only rank 0 writes the run folder).
     """
 
-    def __init__(self, model_dir_or_model: Any, tokenizer, settings: PPOSettings | None = None):
+    def __init__(self, model_dir_or_model: Any, tokenizer, settings: PPOConfig | None = None):
         from peft import PeftModel, get_peft_model
 
-        self.settings = settings = settings or PPOSettings()
+        self.settings = settings = settings or PPOConfig()
         self.state = data_parallel_state(settings.device)  # None in a plain (one-process) run
         self.device = self.state.device if self.state is not None else \
             torch.device("cpu" if use_cpu(settings.device) else "cuda")
@@ -424,7 +424,7 @@ class PPOTrainer:
 
     def _rollout(self, prompts: list[str]) -> tuple[list[str], list[list[int]], list[str]]:
         """Texts, token ids and the prompt of every answer: per prompt the greedy one first, then the samples."""
-        from recalign.llm.generate import GenerationSettings, generate
+        from recalign.llm.generate import GenerationConfig, generate
 
         s = self.settings
         if not s.greedy and not s.samples:
@@ -434,12 +434,12 @@ class PPOTrainer:
         seed = int(torch.randint(2 ** 31 - 1, (1,), generator=self.generator))
         seed += self.state.process_index if self.state is not None else 0  # other prompts, other noise
         if s.greedy:
-            greedy = GenerationSettings(max_new_tokens=s.max_new_tokens, do_sample=False)
+            greedy = GenerationConfig(max_new_tokens=s.max_new_tokens, do_sample=False)
             for group, answers in zip(groups, generate(self.model, self.tokenizer, prompts, greedy,
                                                        s.generation_batch_size, return_details=True)):
                 group.extend(answers)
         if s.samples:
-            sampled = GenerationSettings(max_new_tokens=s.max_new_tokens, do_sample=True, temperature=s.temperature,
+            sampled = GenerationConfig(max_new_tokens=s.max_new_tokens, do_sample=True, temperature=s.temperature,
                                          top_p=s.top_p, num_return_sequences=s.samples, seed=seed)
             for group, answers in zip(groups, generate(self.model, self.tokenizer, prompts, sampled,
                                                        s.generation_batch_size, return_details=True)):

@@ -37,7 +37,7 @@ from recalign.methods.reclmgen.metrics import CategoryTable
 from recalign.methods.reclmgen.tasks import (
     CONTROL_TASKS,
     RANK_TASKS,
-    ControlSpec,
+    ControlRequest,
     ControlTask,
 )
 
@@ -104,7 +104,7 @@ def task_scores(task: str, in_c: torch.Tensor, valid: torch.Tensor, k: int, m: i
     return torch.where(valid, score, torch.full_like(score, INVALID))
 
 
-def list_task_score(spec: ControlSpec, items: torch.Tensor, target: int, in_c: torch.Tensor, valid: torch.Tensor,
+def list_task_score(spec: ControlRequest, items: torch.Tensor, target: int, in_c: torch.Tensor, valid: torch.Tensor,
                     category_size: int) -> float:
     """L_task of §5.5 for the whole answer."""
     if spec.task in RANK_TASKS:
@@ -121,7 +121,7 @@ def list_task_score(spec: ControlSpec, items: torch.Tensor, target: int, in_c: t
     return 1.0 if ok else 1.0 / (abs(n_in - m) + 1)
 
 
-def answer_reward(spec: ControlSpec, items: torch.Tensor, ranks: torch.Tensor, target: int, history: Sequence[int],
+def answer_reward(spec: ControlRequest, items: torch.Tensor, ranks: torch.Tensor, target: int, history: Sequence[int],
                   in_c: torch.Tensor | None = None, category_size: int = 0, candidates: Sequence[int] | None = None,
                   alpha: float = ALPHA) -> ListReward:
     """Item and list rewards of one answer: `items` [n] grounded ids (-1 = not in the catalog), `ranks` [n]."""
@@ -218,13 +218,13 @@ def make_reward_fn(rows: Rows, prompts: Sequence[str] | None, teacher, catalog_t
                    categories: CategoryTable, tokenizer, *, alpha: float = ALPHA, fine_grained: bool = True
                    ) -> RewardFn:
     """reward_fn(prompts, responses, response_ids) -> per-token rewards, for the rows whose rendered prompts are
-    `prompts` (None: rendered here with the control task's templates; rows.labels[i] is the row's `ControlSpec`);
+    `prompts` (None: rendered here with the control task's templates; rows.labels[i] is the row's `ControlRequest`);
     the teacher gives `ranks(histories, candidates, users)` (in process, or the HTTP client).
     """
     if prompts is None and rows.labels is not None:
         prompts = prompts_for(ControlTask(), rows, catalog_titles, tokenizer)
     if rows.labels is None or len(prompts) != len(rows):
-        raise ConfigError("reward: rows need their ControlSpec labels and one rendered prompt per row")
+        raise ConfigError("reward: rows need their ControlRequest labels and one rendered prompt per row")
     row_of = {}
     for index, prompt in enumerate(prompts):
         row_of.setdefault(prompt, index)
@@ -249,7 +249,7 @@ def make_reward_fn(rows: Rows, prompts: Sequence[str] | None, teacher, catalog_t
                                               items.clamp(min=0).tolist(), users=[int(rows.users[i]) for i in index]))
         out = []
         for b, i in enumerate(index):  # one answer at a time: a handful of titles each
-            spec: ControlSpec = rows.labels[i]
+            spec: ControlRequest = rows.labels[i]
             n = int(lengths[b])
             its = items[b, :n]
             in_c, size = None, 0

@@ -25,7 +25,7 @@ from recalign.errors import ConfigError, RecalignError
 from recalign.eval.lists import NO_ENTRY, GeneratedLists
 from recalign.io import write_atomic, write_json
 from recalign.methods.reclmgen.algorithm import (
-    ControllableConfig,
+    RecLMGenConfig,
     TaskAnswers,
     _ordered,
     _test_base,
@@ -42,7 +42,7 @@ from recalign.stages import Stage
 if TYPE_CHECKING:
     from recalign.stages import RunContext
 
-__all__ = ["ControllableStageParams", "RECLMGEN_STAGE", "AnsweredLists", "teacher_answers", "compare_tasks",
+__all__ = ["RecLMGenStageConfig", "RECLMGEN_STAGE", "AnsweredLists", "teacher_answers", "compare_tasks",
            "stage_answers", "CONTROL_KEYS", "control_table"]
 
 ANSWERS = "answers"
@@ -50,7 +50,7 @@ SFT_ADAPTER = "sft_adapter"
 CONTROL_KEYS = ("recall", "mrr", "ndcg", "non_exist", "repeat", "in_history", "correct_count", "target_category_rate",
                 "sr_target_category_rate", "category_rate_correct", "not_in_candidate")
 
-class ControllableStageParams(ControllableConfig):
+class RecLMGenStageConfig(RecLMGenConfig):
     """Params of a `controllable` stage: the method's config (users and cut-offs: the recipe's eval section)."""
 
 
@@ -199,7 +199,7 @@ def run_stage(ctx: "RunContext", params) -> dict:
 
     if ctx.split is None:
         raise ConfigError("a controllable stage needs a split (add `split:` to the recipe)")
-    config = ControllableConfig(**params.model_dump())
+    config = RecLMGenConfig(**params.model_dump())
     sft_adapter, init_hash = None, None
     if config.init_from is not None:
         folder = ctx.stage_output(config.init_from)
@@ -254,6 +254,6 @@ def _write_outputs(stage_dir: Path, out: dict, sft_adapter: Path | None) -> None
         shutil.copytree(out["sft_adapter"], stage_dir / SFT_ADAPTER)
 
 
-RECLMGEN_STAGE = Stage(multi_process=True, params=ControllableStageParams, run=run_stage, depends_on=controllable_dependencies,
+RECLMGEN_STAGE = Stage(multi_process=True, params=RecLMGenStageConfig, run=run_stage, depends_on=controllable_dependencies,
                            description="RecLM-gen: SFT on recommendation + control tasks from a teacher, then PPO or "
                                        "GRPO with per-item rewards; §5.6 control metrics and the SeqRec row")

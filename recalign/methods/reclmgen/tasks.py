@@ -1,6 +1,6 @@
 """RecLM-gen's controllable-recommendation tasks (reference/systems.md §5.3, §5.4, §5.6): rows, prompts and labels.
 
-Every row is a plain `Rows` whose `labels[i]` is the row's `ControlSpec` (task, requested count k, control category
+Every row is a plain `Rows` whose `labels[i]` is the row's `ControlRequest` (task, requested count k, control category
 C, percentage p and target count m); `categories[i]` is the signed request ("+Drama", "-Drama") and `candidates[i]`
 the choice list of a "select from" or ranking row. An item is "in C" when C is among its categories.
 
@@ -52,7 +52,7 @@ RL_VALID_TASKS = ("seqrec", "+c", "-c", "lp_20", "mp_30", "ep_50", "itemcount")
 
 
 @dataclass(frozen=True)
-class ControlSpec:
+class ControlRequest:
     """One row's request: task, k, control category C, percent p (or None), target count m, wording."""
 
     task: str
@@ -103,7 +103,7 @@ for _template in TEMPLATES.values():
     register_template(_template)
 
 
-def spec_messages(spec: ControlSpec, history: Sequence[str], candidates: Sequence[str] | None,
+def spec_messages(spec: ControlRequest, history: Sequence[str], candidates: Sequence[str] | None,
                   answer: Sequence[str]) -> list[dict[str, str]]:
     """Chat messages of a row with request `spec` (history / candidate / answer titles)."""
     hist = quoted(history, sep=" → ")
@@ -127,7 +127,7 @@ def spec_messages(spec: ControlSpec, history: Sequence[str], candidates: Sequenc
     return get_template("reclm_seqrec").messages(history=hist, k=spec.k)
 
 
-def spec_completion(spec: ControlSpec, answer: Sequence[str]) -> str:
+def spec_completion(spec: ControlRequest, answer: Sequence[str]) -> str:
     """The answer text of a row: a numbered list of quoted titles, or the reverse question's sentence."""
     if spec.task == "category_re":
         return f'The category of "{answer[0]}" is {quoted(spec.answer_categories)}.'
@@ -249,7 +249,7 @@ def sft_seqrec(source: ControlSource, rng: np.random.Generator) -> Rows:
     labels = [_front(int(t), top[i], int(ks[i])) for i, t in enumerate(rows.targets)]
     cands = [_candidates(rng, lab, h, source.n_items) if s else None
              for lab, h, s in zip(labels, rows.histories, select)]
-    specs = [ControlSpec("seqrec", len(lab), select=bool(s)) for lab, s in zip(labels, select)]
+    specs = [ControlRequest("seqrec", len(lab), select=bool(s)) for lab, s in zip(labels, select)]
     return dataclasses.replace(rows, next_items=labels, candidates=cands, categories=[None] * len(rows),
                                labels=specs)
 
@@ -280,7 +280,7 @@ def sft_control(source: ControlSource, rng: np.random.Generator) -> Rows:
         if label:
             kept.append(i)
             labels.append(label)
-            specs.append(ControlSpec("+c" if plus[i] else "-c", len(label), names[i], variant=int(variants[i])))
+            specs.append(ControlRequest("+c" if plus[i] else "-c", len(label), names[i], variant=int(variants[i])))
     out = rows.take(kept)
     return dataclasses.replace(out, next_items=labels, candidates=[None] * len(kept),
                                categories=[signed[i] for i in kept], labels=specs)
@@ -318,7 +318,7 @@ def sft_category_rate(source: ControlSource, rng: np.random.Generator) -> Rows:
             continue  # the teacher ran out of items (tiny catalogs): the request cannot be labelled truthfully
         kept.append(i)
         labels.append([label[j] for j in rng.permutation(10)])
-        specs.append(ControlSpec(task, 10, names[i], p=10 * t, m=t, count_wording=bool(wording[i])))
+        specs.append(ControlRequest(task, 10, names[i], p=10 * t, m=t, count_wording=bool(wording[i])))
     out = rows.take(kept)
     return dataclasses.replace(out, next_items=labels, candidates=[None] * len(kept),
                                categories=["+" + specs[j].category for j in range(len(kept))], labels=specs)
@@ -340,12 +340,12 @@ def sft_control_re(source: ControlSource, rng: np.random.Generator, max_items: i
         other = torch.nonzero(~table[item]).flatten().numpy()
         if rev:
             names = tuple(source.categories.names[int(c)] for c in own)
-            specs.append(ControlSpec("category_re", 1, answer_categories=names))
+            specs.append(ControlRequest("category_re", 1, answer_categories=names))
             signed.append(None)
             continue
         p = bool(p) or other.size == 0
         c = source.categories.names[int(rng.choice(own if p else other))]
-        specs.append(ControlSpec("control_re", 1, c, variant=int(rng.integers(3)), sign="+" if p else "-"))
+        specs.append(ControlRequest("control_re", 1, c, variant=int(rng.integers(3)), sign="+" if p else "-"))
         signed.append(("+" if p else "-") + c)
     n = len(items)
     return Rows(np.full(n, -1, dtype=np.int64), [[] for _ in range(n)], items.astype(np.int64),
@@ -414,7 +414,7 @@ def rl_rows(source: ControlSource, episode: int, seed: int = 0, tasks: Sequence[
             name = None if int(column[i]) < 0 else source.categories.names[int(column[i])]
             k = int(ks[i])
             rate = task in RULE_OF
-            specs.append(ControlSpec(task, k, name, p=int(p[i]) if rate else None,
+            specs.append(ControlRequest(task, k, name, p=int(p[i]) if rate else None,
                                      m=int(p[i]) * k // 100 if rate else None, variant=int(rng.integers(3))))
             signed.append(None if name is None else ("-" if task == "-c" else "+") + name)
         out = rows.take(keep)
@@ -465,7 +465,7 @@ def build_test_rows(base: Rows, task: str, categories: CategoryTable, seed: int 
     elif kind == "ranking":
         rows = add_candidates(base, categories.n_items, n_negatives, seed)
     names = [None if int(c) < 0 else categories.names[int(c)] for c in column]
-    specs = [ControlSpec(kind, int(k), name, p=p, m=None if p is None else p * int(k) // 100)
+    specs = [ControlRequest(kind, int(k), name, p=p, m=None if p is None else p * int(k) // 100)
              for k, name in zip(ks, names)]
     signed = [None if c is None else ("-" if kind == "-c" else "+") + c for c in names]
     out = dataclasses.replace(rows, categories=signed, labels=specs,
@@ -523,7 +523,7 @@ def _fill_minus(categories: CategoryTable, base: Rows, targets: torch.Tensor, co
 # ---- registered tasks ---------------------------------------------------------------------------------------------
 
 class ControlTask(BaseModel):
-    """Renders any controllable row (its `ControlSpec` in `rows.labels`) as chat messages and an answer."""
+    """Renders any controllable row (its `ControlRequest` in `rows.labels`) as chat messages and an answer."""
 
     model_config = ConfigDict(extra="forbid")
     kind: str = "reclm_sft"
@@ -544,10 +544,10 @@ class ControlTask(BaseModel):
         return spec_completion(self._spec(rows, index), [titles[i] for i in answer_ids])
 
     @staticmethod
-    def _spec(rows: Rows, index: int) -> ControlSpec:
+    def _spec(rows: Rows, index: int) -> ControlRequest:
         spec = rows.labels[index] if rows.labels is not None else None
-        if not isinstance(spec, ControlSpec):
-            raise ConfigError("controllable task: rows need a ControlSpec label per row")
+        if not isinstance(spec, ControlRequest):
+            raise ConfigError("controllable task: rows need a ControlRequest label per row")
         return spec
 
     def train_rows(self, dataset, split, teacher: Any = None, epoch: int = 0) -> Rows:

@@ -39,12 +39,12 @@ from recalign.checkpoints import IterationStore
 from recalign.errors import ConfigError
 from recalign.eval import beyond
 from recalign.llm.backends import GenerationBackend
-from recalign.llm.dpo import DPOSettings
+from recalign.llm.dpo import DPOConfig
 from recalign.llm.grounding import GroundingConfig
 from recalign.llm.tasks import Rows, SeqRecTask, eval_rows, prompts_for, sample_rows
 from recalign.llm.tasks import train_rows as task_train_rows
-from recalign.llm.train import SFTSettings
-from recalign.llm.trainer import LoraSettings
+from recalign.llm.train import SFTConfig
+from recalign.llm.trainer import LoraConfig
 from recalign.stages import fill_seeds
 
 VARIANTS = ("sft", "dpo_random", "sprec")
@@ -56,7 +56,7 @@ RESUMABLE_FIELDS = {"variants", "iterations", "compare_resamples", "backend"}
 
 # ---- configuration ------------------------------------------------------------------------------------
 
-class GenerationSettings(BaseModel):
+class SPRecGenerationConfig(BaseModel):
     """Greedy decoding of one title per prompt."""
 
     model_config = ConfigDict(extra="forbid")
@@ -78,20 +78,20 @@ class SPRecConfig(BaseModel):
         "all", description="rows from every user's train sequence, or only users without valid/test items "
                            "(SPRec's separate Alpaca train file)")
     sft_rows: int = Field(4096, ge=1, description="train rows sampled for the stage-0 SFT (SPRec: 4096)")
-    sft: SFTSettings = Field(default_factory=lambda: SFTSettings(epochs=4.0, learning_rate=3e-4, batch_size=4,
+    sft: SFTConfig = Field(default_factory=lambda: SFTConfig(epochs=4.0, learning_rate=3e-4, batch_size=4,
                                                                  grad_accum=4, max_length=512),
                              description="stage-0 SFT (SPRec: 4 epochs, lr 3e-4, 4x4)")
-    sft_step: SFTSettings | None = Field(
-        default_factory=lambda: SFTSettings(epochs=1.0, learning_rate=2e-5, batch_size=4, grad_accum=4,
+    sft_step: SFTConfig | None = Field(
+        default_factory=lambda: SFTConfig(epochs=1.0, learning_rate=2e-5, batch_size=4, grad_accum=4,
                                             max_length=512),
         description="per-iteration SFT on the positives before DPO (null = skip; SPRec: 1 epoch, lr 2e-5)")
-    dpo: DPOSettings = Field(default_factory=DPOSettings, description="the DPO step (β = 0.1, lr 2e-5, 2×4)")
-    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapter (r 16, α 32, dropout 0.05)")
+    dpo: DPOConfig = Field(default_factory=DPOConfig, description="the DPO step (β = 0.1, lr 2e-5, 2×4)")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter (r 16, α 32, dropout 0.05)")
     grounding: GroundingConfig = Field(default_factory=lambda: GroundingConfig(kind="embedding"),
                                        description="generated title -> catalog items (SPRec: embedding k-NN)")
-    pair_generation: GenerationSettings = Field(default_factory=lambda: GenerationSettings(max_new_tokens=64),
+    pair_generation: SPRecGenerationConfig = Field(default_factory=lambda: SPRecGenerationConfig(max_new_tokens=64),
                                                 description="decoding of the self-play negatives")
-    eval_generation: GenerationSettings = Field(default_factory=GenerationSettings,
+    eval_generation: SPRecGenerationConfig = Field(default_factory=SPRecGenerationConfig,
                                                 description="decoding at evaluation")
     backend: GenerationBackend = Field(default_factory=GenerationBackend,
                                        description="engine of the evaluation answers: transformers | vllm | openai | "
@@ -283,15 +283,15 @@ class _Evaluator:
     def score(self, lists: torch.Tensor, index: np.ndarray | None = None) -> dict:
         """Metrics of top-K lists on the evaluation rows (all of them, or rows `index`, repeats allowed)."""
         if index is None:
-            return list_metrics(lists, torch.as_tensor(self.rows.targets), self.rows.histories, self.config.ks,
+            return sprec_list_metrics(lists, torch.as_tensor(self.rows.targets), self.rows.histories, self.config.ks,
                                 self.popularity, self.genre_weights, self.genres)
         chosen = torch.from_numpy(index)
-        return list_metrics(lists[chosen], torch.as_tensor(self.rows.targets)[chosen],
+        return sprec_list_metrics(lists[chosen], torch.as_tensor(self.rows.targets)[chosen],
                             [self.rows.histories[i] for i in index], self.config.ks, self.popularity,
                             self.genre_weights, self.genres)
 
 
-def list_metrics(lists: torch.Tensor, targets: torch.Tensor, histories: list[list[int]], ks: list[int],
+def sprec_list_metrics(lists: torch.Tensor, targets: torch.Tensor, histories: list[list[int]], ks: list[int],
                  popularity: torch.Tensor, item_genres: "list[list[str]] | torch.Tensor", genres: list[str]) -> dict:
     """The one list evaluator (`recalign.eval.lists`): §2.1 accuracy and §2.3 DivRatio/ORRatio/AvgPop/MGU/DGU@K.
 
@@ -405,7 +405,7 @@ def _load_checkpoint(folder: Path, config: SPRecConfig):
                       progress=False)
 
 
-def _sft(model, tokenizer, rows: Rows, titles: list[str], settings: SFTSettings, config: SPRecConfig, scratch: Path,
+def _sft(model, tokenizer, rows: Rows, titles: list[str], settings: SFTConfig, config: SPRecConfig, scratch: Path,
          progress: bool):
     """Continue the LoRA adapter on prompt -> ground-truth answer (loss on the answer tokens only)."""
     from recalign.llm.train import train_sft
@@ -416,11 +416,11 @@ def _sft(model, tokenizer, rows: Rows, titles: list[str], settings: SFTSettings,
                      output_dir=scratch, progress=progress).model
 
 
-def _generate(model, tokenizer, rows: Rows, titles: list[str], settings: GenerationSettings, config: SPRecConfig,
+def _generate(model, tokenizer, rows: Rows, titles: list[str], settings: SPRecGenerationConfig, config: SPRecConfig,
               progress: bool, backend: GenerationBackend | None = None) -> list[str]:
     """Greedy answers for every row (`recalign.llm.backends`; transformers unless `backend` says otherwise)."""
     from recalign.llm.backends import generate_answers
-    from recalign.llm.generate import GenerationSettings as Decoding
+    from recalign.llm.generate import SPRecGenerationConfig as Decoding
 
     answers = generate_answers(backend, model, tokenizer, _prompts(tokenizer, rows, titles, config),
                                Decoding(max_new_tokens=settings.max_new_tokens), batch_size=settings.batch_size,

@@ -26,8 +26,8 @@ from recalign.stages import Stage
 
 # ---- the recipe stage ---------------------------------------------------------------------------------------
 
-SPRecStageParams = stage_params_model(
-    SPRecConfig, "SPRecStageParams", doc="Params of a `sprec` recipe stage (cut-offs and users: the recipe's eval).",
+SPRecStageConfig = stage_params_model(
+    SPRecConfig, "SPRecStageConfig", doc="Params of a `sprec` recipe stage (cut-offs and users: the recipe's eval).",
     protocol=(Literal["recipe", "sprec_rows"], Field(
         "recipe", description="'recipe': every variant and iteration scored by the recipe's evaluator on its users "
                               "(comparable); 'sprec_rows': the paper's own rows and list metrics (a parity protocol)")))
@@ -37,7 +37,7 @@ def run_stage(ctx, params) -> dict:
     """Recipe stage "sprec": run the loop in a persistent work folder (resumable), then report into the stage."""
     from recalign.checkpoints import stable_hash
     from recalign.llm.answers import RecipeAnswers
-    from recalign.llm.generate import GenerationSettings
+    from recalign.llm.generate import SPRecGenerationConfig
     from recalign.llm.grounding import make_grounder
     from recalign.llm.tasks import SeqRecTask
 
@@ -50,7 +50,7 @@ def run_stage(ctx, params) -> dict:
     if protocol == "recipe":
         evaluator = RecipeAnswers(ctx, SeqRecTask(max_history=config.max_history),
                                   make_grounder(config.grounding, ctx.dataset.titles()),
-                                  GenerationSettings(max_new_tokens=config.eval_generation.max_new_tokens),
+                                  SPRecGenerationConfig(max_new_tokens=config.eval_generation.max_new_tokens),
                                   config.eval_generation.batch_size, part=config.eval_part, progress=ctx.progress,
                                   backend=config.backend)
     # The stage folder is rebuilt from scratch on every attempt; iterations live outside it so a kill resumes.
@@ -92,6 +92,6 @@ def run_stage(ctx, params) -> dict:
 HEADLINE_KEYS = ("valid_ratio", "valid_title_rate", "n_users", "users_hash", "n_rows")
 
 
-SPREC_STAGE = Stage(multi_process=True, params=SPRecStageParams, run=run_stage,
+SPREC_STAGE = Stage(multi_process=True, params=SPRecStageConfig, run=run_stage,
                     description="SPRec: SFT, then self-play DPO with the model's own grounded answers as negatives; "
                                 "baselines SFT and DPO with random negatives")

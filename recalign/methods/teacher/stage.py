@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from recalign.stages import RunContext
 
 
-class TeacherStageParams(BaseModel):
+class TeacherStageConfig(BaseModel):
     """Params of a teacher stage: `model` plus the teacher's own settings, e.g. {model: sasrec, epochs: 30}.
 
     The settings may also be nested under `params` (the older form); keys given both ways take the flat value.
@@ -46,7 +46,7 @@ class TeacherStageParams(BaseModel):
         return {**self.params, **(self.model_extra or {}), **seed}
 
 
-def run_teacher_stage(ctx: "RunContext", params: TeacherStageParams) -> dict:
+def run_teacher_stage(ctx: "RunContext", params: TeacherStageConfig) -> dict:
     """Fit on split.train (early stopping on split.valid), save to <stage>/model, evaluate on split.test."""
     if ctx.split is None:
         raise ConfigError("a teacher stage needs a split (add `split:` to the recipe)")
@@ -83,5 +83,5 @@ def write_stage_curves(stage_dir: "Path", rows: list[dict] | None, title: str = 
     plot_curves(rows, stage_dir / CURVES_PNG, title)
 
 
-TEACHER_STAGE = Stage(params=TeacherStageParams, run=run_teacher_stage,
+TEACHER_STAGE = Stage(params=TeacherStageConfig, run=run_teacher_stage,
                       description="fit a classical teacher (popularity, bprmf, sasrec), save it, evaluate on test")

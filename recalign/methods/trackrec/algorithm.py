@@ -40,15 +40,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from recalign.checkpoints import IterationStore
 from recalign.errors import ConfigError
 from recalign.llm.backends import GenerationBackend
-from recalign.llm.train import SFTSettings
-from recalign.llm.trainer import LoraSettings
+from recalign.llm.train import SFTConfig
+from recalign.llm.trainer import LoraConfig
 from recalign.methods.trackrec.prompts import CtrSample
-from recalign.methods.trackrec.sdpo import SDPOSettings
+from recalign.methods.trackrec.sdpo import SDPOConfig
 from recalign.stages import fill_seeds
 
-__all__ = ["TeacherSettings", "CoTDecoding", "TrackRecConfig", "CtrRows", "Catalog", "STAND_IN", "stand_in_cots",
+__all__ = ["CoTTeacherConfig", "CoTDecodingConfig", "TrackRecConfig", "CtrRows", "TitleCatalog", "STAND_IN", "stand_in_cots",
            "Preferences", "build_preferences", "llm_test_metrics", "run_trackrec", "generate_cots",
-           "TrackRecParams", "TRACKREC_STAGE"]
+           "TrackRecStageConfig", "TRACKREC_STAGE"]
 
 STAND_IN = "stand-in"
 STAND_IN_NAME = "stand-in summariser (deterministic, not an LLM)"
@@ -58,7 +58,7 @@ RESUMABLE_FIELDS = {"iterations"}  # may grow between attempts on one work folde
 
 # ---- configuration --------------------------------------------------------------------------------------------
 
-class TeacherSettings(BaseModel):
+class CoTTeacherConfig(BaseModel):
     """Who writes the distilled CoTs: the STAND-IN summariser (default on a CPU), an HF causal LM, or a server."""
 
     model_config = ConfigDict(extra="forbid")
@@ -72,7 +72,7 @@ class TeacherSettings(BaseModel):
     batch_size: int = Field(8, ge=1, description="prompts per generate call")
 
 
-class CoTDecoding(BaseModel):
+class CoTDecodingConfig(BaseModel):
     """How G writes CoTs: sampled for preference data (temperature 1.0), greedy for the rest."""
 
     model_config = ConfigDict(extra="forbid")
@@ -87,22 +87,22 @@ class TrackRecConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field("tiny", description="G's base model: HF id, folder, .gguf, 'smollm2' or 'tiny'")
     verifier_model: str | None = Field(None, description="V's base model (null = the same as `model`)")
-    teacher: TeacherSettings = Field(default_factory=TeacherSettings, description="who writes the distilled CoTs")
+    teacher: CoTTeacherConfig = Field(default_factory=CoTTeacherConfig, description="who writes the distilled CoTs")
     iterations: int = Field(3, ge=1, description="alternating iterations N (TrackRec: 3)")
     n_samples: int = Field(10, ge=2, description="CoTs sampled per train impression in step (a) (TrackRec: 10)")
     train_rows: int | None = Field(256, ge=1, description="seeded subsample of train impressions (null = all)")
     test_rows: int | None = Field(256, ge=1, description="seeded subsample of test impressions (null = all)")
-    lora: LoraSettings = Field(default_factory=lambda: LoraSettings(r=8, alpha=16, dropout=0.05),
+    lora: LoraConfig = Field(default_factory=lambda: LoraConfig(r=8, alpha=16, dropout=0.05),
                                description="LoRA adapter of G and (fresh every iteration) of V")
-    distill: SFTSettings = Field(default_factory=lambda: SFTSettings(epochs=1.0, learning_rate=2e-4, batch_size=4,
+    distill: SFTConfig = Field(default_factory=lambda: SFTConfig(epochs=1.0, learning_rate=2e-4, batch_size=4,
                                                                      max_length=1024),
                                  description="G's SFT on the teacher's CoTs (TrackRec: 1 epoch)")
-    sdpo: SDPOSettings = Field(default_factory=lambda: SDPOSettings(learning_rate=5e-5),
+    sdpo: SDPOConfig = Field(default_factory=lambda: SDPOConfig(learning_rate=5e-5),
                                description="G's S-DPO update (β 0.1, 2 negatives; TrackRec lr 1e-6 is full FT)")
-    rec_tuning: SFTSettings = Field(default_factory=lambda: SFTSettings(epochs=3.0, learning_rate=2e-4,
+    rec_tuning: SFTConfig = Field(default_factory=lambda: SFTConfig(epochs=3.0, learning_rate=2e-4,
                                                                         batch_size=8, max_length=1024),
                                     description="V's Rec-tuning SFT on Yes/No (TrackRec: 3 epochs)")
-    decoding: CoTDecoding = Field(default_factory=CoTDecoding, description="G's CoT decoding")
+    decoding: CoTDecodingConfig = Field(default_factory=CoTDecodingConfig, description="G's CoT decoding")
     backend: GenerationBackend = Field(default_factory=GenerationBackend,
                                        description="engine of G's greedy CoTs (step e, train and test impressions): "
                                                    "transformers | vllm | openai | auto (recalign.llm.backends); the "
@@ -148,7 +148,7 @@ class CtrRows:
 
 
 @dataclass(frozen=True)
-class Catalog:
+class TitleCatalog:
     """What the prompts name: item titles and categories by item id, user profiles by user id, the item noun."""
 
     titles: list[str]
@@ -158,7 +158,7 @@ class Catalog:
 
     @classmethod
     def of(cls, dataset, noun: str = "movie", features: tuple[str, ...] = ("gender", "age", "occupation")
-           ) -> "Catalog":
+           ) -> "TitleCatalog":
         """Titles and categories of `dataset`, and its user table's profile features where present."""
         users = dataset.users
         present = [f for f in features if f in users.columns]
@@ -177,7 +177,7 @@ class Catalog:
 
 # ---- step 1: the teacher ---------------------------------------------------------------------------------------
 
-def stand_in_cots(rows: CtrRows, catalog: Catalog, top: int = 3) -> list[str]:
+def stand_in_cots(rows: CtrRows, catalog: TitleCatalog, top: int = 3) -> list[str]:
     """The STAND-IN teacher (not an LLM): liked (>= 4 stars) and disliked (<= 2) titles and favourite categories."""
     out = []
     for history, ratings in zip(rows.history, rows.history_rating):
@@ -198,18 +198,18 @@ def _listing(titles: list[str], most: int = 5) -> str:
     return ", ".join(f"'{t}'" for t in titles[:most])
 
 
-def teacher_cots(settings: TeacherSettings, rows: CtrRows, catalog: Catalog, tokenizer, progress: bool) -> list[str]:
+def teacher_cots(settings: CoTTeacherConfig, rows: CtrRows, catalog: TitleCatalog, tokenizer, progress: bool) -> list[str]:
     """The distilled CoTs: the stand-in summariser, an HF causal LM (its own chat template) or a server."""
     import os
 
-    from recalign.llm.generate import GenerationSettings, generate
+    from recalign.llm.generate import GenerationConfig, generate
     from recalign.methods.trackrec.prompts import cot_messages, render
 
     if settings.kind == STAND_IN:
         return stand_in_cots(rows, catalog)
     if not settings.model:
         raise ConfigError(f"teacher.model: the '{settings.kind}' teacher needs a model")
-    decoding = GenerationSettings(max_new_tokens=settings.max_new_tokens)
+    decoding = GenerationConfig(max_new_tokens=settings.max_new_tokens)
     samples = catalog.samples(rows)
     if settings.kind == "hf":
         from recalign.llm.models import load_model
@@ -225,7 +225,7 @@ def teacher_cots(settings: TeacherSettings, rows: CtrRows, catalog: Catalog, tok
                                    progress=progress)]
 
 
-def teacher_name(settings: TeacherSettings) -> str:
+def teacher_name(settings: CoTTeacherConfig) -> str:
     """How the teacher is named in records and reports (the stand-in always says so)."""
     return STAND_IN_NAME if settings.kind == STAND_IN else f"{settings.kind}:{settings.model}"
 
@@ -278,7 +278,7 @@ def llm_test_metrics(labels: np.ndarray, scores: torch.Tensor | np.ndarray, answ
 IterationHook = Callable[[int], None]
 
 
-def run_trackrec(config: TrackRecConfig, train: CtrRows, test: CtrRows, catalog: Catalog, work_dir: str | Path, *,
+def run_trackrec(config: TrackRecConfig, train: CtrRows, test: CtrRows, catalog: TitleCatalog, work_dir: str | Path, *,
                  progress: bool = False, log: Callable[[str], None] | None = None,
                  on_iteration_start: IterationHook | None = None) -> dict:
     """Distil G, then `config.iterations` alternating iterations, resuming from `work_dir`; returns the records."""
@@ -353,7 +353,7 @@ def _verifier_base(config: TrackRecConfig) -> str:
     return config.verifier_model or config.model
 
 
-def _load(name: str, config: TrackRecConfig, *, lora: LoraSettings | None = None, adapter: Path | None = None,
+def _load(name: str, config: TrackRecConfig, *, lora: LoraConfig | None = None, adapter: Path | None = None,
           trainable: bool = False, seed: int | None = None):
     """A base model (float32), with a fresh LoRA adapter (initialised from `seed`), a saved one, or none.
 
@@ -389,7 +389,7 @@ def _yes_no(label: float) -> str:
     return validator_answer(int(label))
 
 
-def _sft(model, tokenizer, prompts: list[str], completions: list[str], settings: SFTSettings, scratch: Path,
+def _sft(model, tokenizer, prompts: list[str], completions: list[str], settings: SFTConfig, scratch: Path,
          progress: bool):
     from recalign.llm.train import train_sft
 
@@ -399,19 +399,19 @@ def _sft(model, tokenizer, prompts: list[str], completions: list[str], settings:
 
 def _greedy(model, tokenizer, samples: list[CtrSample], config: TrackRecConfig, progress: bool) -> list[str]:
     from recalign.llm.backends import generate_answers
-    from recalign.llm.generate import GenerationSettings
+    from recalign.llm.generate import GenerationConfig
 
     prompts = [_cot_prompt(tokenizer, s) for s in samples]
     return [a[0].strip() for a in generate_answers(config.backend, model, tokenizer, prompts,
-                                                   GenerationSettings(max_new_tokens=config.decoding.max_new_tokens),
+                                                   GenerationConfig(max_new_tokens=config.decoding.max_new_tokens),
                                                    batch_size=config.decoding.batch_size, progress=progress)]
 
 
 def _sample(model, tokenizer, samples: list[CtrSample], config: TrackRecConfig, seed: int,
             progress: bool) -> list[list[str]]:
-    from recalign.llm.generate import GenerationSettings, generate
+    from recalign.llm.generate import GenerationConfig, generate
 
-    settings = GenerationSettings(max_new_tokens=config.decoding.max_new_tokens, do_sample=True,
+    settings = GenerationConfig(max_new_tokens=config.decoding.max_new_tokens, do_sample=True,
                                   temperature=config.decoding.temperature, num_return_sequences=config.n_samples,
                                   seed=seed)
     answers = generate(model, tokenizer, [_cot_prompt(tokenizer, s) for s in samples], settings,
@@ -487,7 +487,7 @@ def _writer(g, v, tokenizer, parts, samples, greedy, *, teacher: dict | None = N
     return write
 
 
-def generate_cots(config: TrackRecConfig, checkpoint: str | Path, rows: CtrRows, catalog: Catalog,
+def generate_cots(config: TrackRecConfig, checkpoint: str | Path, rows: CtrRows, catalog: TitleCatalog,
                   progress: bool = False) -> list[str]:
     """Greedy CoTs of the G saved in a checkpoint folder (`<work>/distill` or `<work>/align/iter_<i>`) for `rows`."""
     g, tokenizer = _load(config.model, config, adapter=Path(checkpoint) / "generator")

@@ -34,7 +34,7 @@ from pydantic import Field
 from recalign.errors import ConfigError
 from recalign.llm.dpo import DPOResult
 from recalign.llm.trainer import (
-    TrainerSettings,
+    TrainerConfig,
     all_reduce_sum,
     average_gradients,
     data_parallel_state,
@@ -42,11 +42,11 @@ from recalign.llm.trainer import (
     use_cpu,
 )
 
-__all__ = ["SDPOSettings", "SDPOResult", "sdpo_losses", "sdpo_loss", "dpo_losses", "select_preferences",
+__all__ = ["SDPOConfig", "SDPOResult", "sdpo_losses", "sdpo_loss", "dpo_losses", "select_preferences",
            "sequence_logprobs", "train_sdpo"]
 
 
-class SDPOSettings(TrainerSettings):
+class SDPOConfig(TrainerConfig):
     """Hyper-parameters of one S-DPO pass (TrackRec §2.1 d: β 0.1, 2 negatives, cosine, 3% warm-up, wd 0.05)."""
 
     beta: float = Field(0.1, gt=0.0, description="β of the softmax-DPO loss")
@@ -183,7 +183,7 @@ def _batch_logratios(model, batch: list[_Encoded], max_length: int) -> tuple[tor
 
 # ---- the trainer -----------------------------------------------------------------------------------------------
 
-def _total_steps(settings: SDPOSettings, n_samples: int, processes: int = 1) -> int:
+def _total_steps(settings: SDPOConfig, n_samples: int, processes: int = 1) -> int:
     if settings.max_steps > 0:
         return settings.max_steps
     batches = math.ceil(n_samples / (settings.batch_size * processes))
@@ -202,7 +202,7 @@ def _trainable_parameters(model) -> list[torch.nn.Parameter]:
     return parameters
 
 
-def _reference_logps(model, encoded: list[_Encoded], settings: SDPOSettings) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _reference_logps(model, encoded: list[_Encoded], settings: SDPOConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """π_ref's completion log-probs per micro-batch position: the incoming model, once, without gradients."""
     model.eval()
     out = []
@@ -214,12 +214,12 @@ def _reference_logps(model, encoded: list[_Encoded], settings: SDPOSettings) -> 
     return out
 
 
-def train_sdpo(model, tokenizer, samples: Sequence[dict], settings: SDPOSettings | None = None, *,
+def train_sdpo(model, tokenizer, samples: Sequence[dict], settings: SDPOConfig | None = None, *,
                output_dir: str | Path, progress: bool = False) -> SDPOResult:
     """One S-DPO pass over {prompt, chosen, rejected: [answers]} samples; π_ref = the model as it comes in."""
     from transformers import get_scheduler
 
-    settings = settings or SDPOSettings()
+    settings = settings or SDPOConfig()
     if len(samples) == 0:
         raise ConfigError("S-DPO needs at least one sample; got none")
     state = data_parallel_state(settings.device)  # None in a plain run

@@ -7,7 +7,7 @@ from pydantic import Field
 
 from recalign.methods.trackrec.algorithm import (
     RESUMABLE_FIELDS,
-    Catalog,
+    TitleCatalog,
     CtrRows,
     TrackRecConfig,
     _verifier_base,
@@ -18,7 +18,7 @@ from recalign.stages import Stage, fill_seeds
 
 # ---- the recipe stage ----------------------------------------------------------------------------------------------
 
-class TrackRecParams(TrackRecConfig):
+class TrackRecStageConfig(TrackRecConfig):
     """Params of a "trackrec" stage: the loop's settings plus how impressions are built from the dataset."""
 
     history_len: int = Field(10, ge=1, description="items rated before the impression in its history")
@@ -28,7 +28,7 @@ class TrackRecParams(TrackRecConfig):
     noun: str = Field("movie", description="what the items are called in the prompts")
 
 
-def run_stage(ctx, params: TrackRecParams) -> dict:
+def run_stage(ctx, params: TrackRecStageConfig) -> dict:
     """Recipe stage "trackrec": impressions, the loop in a persistent work folder (resumable), report files."""
     import shutil
 
@@ -47,10 +47,10 @@ def run_stage(ctx, params: TrackRecParams) -> dict:
     work = ctx.run_dir / "work" / f"{ctx.stage.name if ctx.stage else 'trackrec'}-{key}"
     ctx.log(f"teacher: {teacher_name(config.teacher)}")
     summary = run_trackrec(config, rows.take(parts["train"]), rows.take(parts["test"]),
-                           Catalog.of(ctx.dataset, params.noun), work, progress=ctx.progress, log=ctx.log)
+                           TitleCatalog.of(ctx.dataset, params.noun), work, progress=ctx.progress, log=ctx.log)
     records = summary["iterations"]
     write_json(ctx.stage_dir / "iterations.json", records)
-    write_atomic(ctx.stage_dir / "iterations.md", iteration_table(records))
+    write_atomic(ctx.stage_dir / "iterations.md", alternation_table(records))
     last = records[-1]
     for name, folder in (("first", work / "distill"), ("aligned", work / "align" / f"iter_{last['iteration']}")):
         shutil.copytree(folder / "generator", ctx.stage_dir / "final" / f"generator_{name}")
@@ -63,7 +63,7 @@ def run_stage(ctx, params: TrackRecParams) -> dict:
     return metrics
 
 
-def iteration_table(records: list[dict]) -> str:
+def alternation_table(records: list[dict]) -> str:
     """Markdown: one row per iteration (0 = distilled G with the base V) of the LLM test and the preference data."""
     columns = ("acc", "auc", "logloss", "valid_ratio", "preferences", "dropped_all_wrong", "sdpo_loss_last")
     lines = ["| iteration | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
@@ -74,6 +74,6 @@ def iteration_table(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-TRACKREC_STAGE = Stage(multi_process=True, params=TrackRecParams, run=run_stage, reads=frozenset({"data", "seed"}),
+TRACKREC_STAGE = Stage(multi_process=True, params=TrackRecStageConfig, run=run_stage, reads=frozenset({"data", "seed"}),
                        description="TrackRec (LLM side): CoT distillation from a teacher (default: a STAND-IN "
                                    "summariser), then generator/validator alternating S-DPO; LLM test per iteration")

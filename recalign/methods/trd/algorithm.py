@@ -179,7 +179,7 @@ def without_labels(episodes: RerankEpisodes) -> RerankEpisodes:
 
 # ---- metrics ----------------------------------------------------------------------------------------
 
-def list_metrics(lists: torch.Tensor, relevant: list[set[int]], ks: list[int], parity: str = "standard") -> dict:
+def rerank_metrics(lists: torch.Tensor, relevant: list[set[int]], ks: list[int], parity: str = "standard") -> dict:
     """HR/NDCG/... @K of ranked lists with multiple positives per user, via the shared evaluator."""
     from recalign.eval.metrics import ranking_metrics
 
@@ -247,7 +247,7 @@ def _run_trd(dataset: Dataset, split: "Split", teacher: "Recommender", config: T
 
     def validation_score(model: DQNReranker) -> float:
         picked = model.rerank(inference_view(valid), length=depth)
-        return list_metrics(picked, valid.relevant, config.ks, config.parity)[config.select_metric]
+        return rerank_metrics(picked, valid.relevant, config.ks, config.parity)[config.select_metric]
 
     user_emb, item_emb = student_embeddings(teacher, dataset, config.embedding_dim, seed)
     student = DQNReranker(user_emb, item_emb, dqn_config)
@@ -262,10 +262,10 @@ def _run_trd(dataset: Dataset, split: "Split", teacher: "Recommender", config: T
     seconds["student_rerank"] = time.perf_counter() - started
     teacher_test_lists = test.episodes.candidates[:, :depth]
     return TRDResult(
-        teacher_valid=list_metrics(valid.episodes.candidates[:, :depth], valid.relevant, config.ks, config.parity),
-        teacher_test=list_metrics(teacher_test_lists, test.relevant, config.ks, config.parity),
-        student_valid=list_metrics(student_valid_lists, valid.relevant, config.ks, config.parity),
-        student_test=list_metrics(student_test_lists, test.relevant, config.ks, config.parity),
+        teacher_valid=rerank_metrics(valid.episodes.candidates[:, :depth], valid.relevant, config.ks, config.parity),
+        teacher_test=rerank_metrics(teacher_test_lists, test.relevant, config.ks, config.parity),
+        student_valid=rerank_metrics(student_valid_lists, valid.relevant, config.ks, config.parity),
+        student_test=rerank_metrics(student_test_lists, test.relevant, config.ks, config.parity),
         student=student, test_users=test.episodes.users, test_relevant=test.relevant,
         test_pools=test.episodes.candidates, teacher_test_lists=teacher_test_lists,
         student_test_lists=student_test_lists, seconds=seconds,

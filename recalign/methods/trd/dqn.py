@@ -312,7 +312,7 @@ class DQNReranker:
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed + 2)  # dropout draws from the global generator; keep it seeded and local
-            with _progress(progress, cfg.epochs, "DQN epochs") as advance:
+            with _EpochBar(progress, cfg.epochs, "DQN epochs") as advance:
                 for epoch in range(1, cfg.epochs + 1):
                     returns, losses = [], []
                     order = torch.randperm(len(episodes), generator=generator)
@@ -430,7 +430,7 @@ def _random_valid_slot(valid: torch.Tensor, generator: torch.Generator) -> torch
     return noise.argmax(dim=1)
 
 
-class _progress:
+class _EpochBar:
     """A rich progress bar when enabled; `advance()` moves it by one."""
 
     def __init__(self, enabled: bool, total: int, description: str):

@@ -19,7 +19,7 @@ from recalign.methods.trd.algorithm import (
     TRDConfig,
     dqn_settings,
     item_matrix,
-    list_metrics,
+    rerank_metrics,
     run_trd,
     student_embeddings,
     train_teacher,
@@ -125,8 +125,8 @@ def _relative_gain(new: float | None, old: float | None) -> float | None:
 
 # ---- protocol "recipe" (the default): re-rank the teacher's list for the recipe's split ------------------------
 
-TRDStageParams = stage_params_model(
-    TRDConfig, "TRDStageParams", doc="Params of a `trd` recipe stage (cut-offs and users: the recipe's eval).",
+TRDStageConfig = stage_params_model(
+    TRDConfig, "TRDStageConfig", doc="Params of a `trd` recipe stage (cut-offs and users: the recipe's eval).",
     protocol=(Literal["recipe", "trd_temporal"], Field(
         "recipe", description="'recipe': re-rank the teacher's top-cand_num list for the recipe's split, scored "
                               "by the recipe's evaluator on its users (comparable); 'trd_temporal': the paper's own "
@@ -224,7 +224,7 @@ def fit_on_validation(dataset: Dataset, split: "Split", teacher: "Recommender", 
 
     def selection_score(model: DQNReranker) -> float:
         picked = model.rerank(select, length=depth)
-        return list_metrics(picked, select_relevant, config.ks)[config.select_metric]
+        return rerank_metrics(picked, select_relevant, config.ks)[config.select_metric]
 
     started = time.perf_counter()
     student.fit(episodes.subset(train_rows), validate=selection_score, progress=progress, log=log,
@@ -248,6 +248,6 @@ def _save_student(ctx: "RunContext", student: DQNReranker, teacher: "Recommender
         plot_curves(teacher_curve, ctx.stage_dir / "teacher" / CURVES_PNG, f"TRD teacher ({config.teacher})")
 
 
-TRD_STAGE = Stage(params=TRDStageParams, run=run_stage, depends_on=teacher_dependency,
+TRD_STAGE = Stage(params=TRDStageConfig, run=run_stage, depends_on=teacher_dependency,
                   description="TRD: a DQN student re-ranks the top of a teacher's list (the recipe's split by default; "
                               "protocol trd_temporal: the paper's global temporal split)")

@@ -19,13 +19,13 @@ from recalign.methods.trackrec.ctr.deepfm import DeepFM
 from recalign.methods.trackrec.ctr.din import DIN
 from recalign.threads import torch_threads
 
-__all__ = ["BACKBONES", "CTRSettings", "CTRResult", "make_backbone", "ctr_metrics", "predict", "train_one", "fit_ctr"]
+__all__ = ["BACKBONES", "CTRConfig", "CTRResult", "make_backbone", "ctr_metrics", "predict", "train_one", "fit_ctr"]
 
 BACKBONES: dict[str, type[nn.Module]] = {"din": DIN, "deepfm": DeepFM, "dcnv2": DCNv2}
 
 
 @dataclass(frozen=True)
-class CTRSettings:
+class CTRConfig:
     """Training settings (KAR's defaults: embedding 32, MLP 200-80, <= 20 epochs, patience 3, no weight decay)."""
 
     embed_dim: int = 32
@@ -100,7 +100,7 @@ def _rows(batch: dict[str, torch.Tensor], rows: slice | torch.Tensor) -> dict[st
 
 
 def train_one(model: nn.Module, train: dict[str, torch.Tensor], valid: dict[str, torch.Tensor], batch_size: int,
-              lr: float, settings: CTRSettings, generator: torch.Generator) -> dict:
+              lr: float, settings: CTRConfig, generator: torch.Generator) -> dict:
     """Train with early stopping on validation AUC; the model ends at its best epoch. Returns that epoch and the curve."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=settings.weight_decay)
     loss_fn = nn.BCEWithLogitsLoss()
@@ -135,7 +135,7 @@ def train_one(model: nn.Module, train: dict[str, torch.Tensor], valid: dict[str,
     return {"best_epoch": best["epoch"], "valid_auc": best["auc"], "curve": curve}
 
 
-def fit_ctr(backbone: str, parts: dict[str, Impressions], settings: CTRSettings = CTRSettings(),
+def fit_ctr(backbone: str, parts: dict[str, Impressions], settings: CTRConfig = CTRConfig(),
             knowledge: dict[str, np.ndarray] | None = None,
             progress: Callable[[str], None] | None = None) -> CTRResult:
     """Train `backbone` on every (batch size, lr) grid point; keep the best on validation AUC; score test once.
