@@ -1,50 +1,20 @@
-"""Shared training plumbing for the learned teachers: epoch progress bar, cheap validation recall, early stopping."""
+"""Training plumbing of the learned teachers: a cheap validation recall and the per-epoch monitor (the progress bar
+and early stopping are `recalign.training`'s)."""
 
 from __future__ import annotations
 
-import copy
 import time
 import logging
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 import torch
 
 from recalign.data.dataset import UserSequences
+from recalign.training import EarlyStopping
 
 logger = logging.getLogger("recalign.teachers")
-
-
-@contextmanager
-def epoch_progress(total: int, description: str, enabled: bool) -> Iterator[Callable[..., None]]:
-    """A rich progress bar over epochs; yields `advance(**fields)` which steps it and shows the fields.
-
-    Each epoch is also logged at INFO level on the "recalign.teachers" logger (for runs without a terminal).
-    """
-    done = [0]
-
-    def log(**fields) -> str:
-        done[0] += 1
-        info = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
-        logger.info("%s epoch %d/%d %s", description, done[0], total, info)
-        return info
-
-    if not enabled:
-        yield log
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.fields[info]}")]
-    with Progress(*columns, transient=False) as bar:
-        task = bar.add_task(description, total=total, info="")
-
-        def advance(**fields) -> None:
-            bar.update(task, advance=1, info=log(**fields))
-
-        yield advance
 
 
 class ValidationRecall:
@@ -85,27 +55,6 @@ class ValidationRecall:
             relevant[self.rows[in_chunk] - start, self.cols[in_chunk]] = True
             hits[start:start + len(batch)] = relevant.gather(1, top).sum(1).float()
         return float((hits / self.n_relevant).mean())
-
-
-class EarlyStopping:
-    """Keeps the best state seen so far (higher metric is better) and says when `patience` checks brought nothing."""
-
-    def __init__(self, patience: int):
-        self.patience = patience
-        self.best = -float("inf")
-        self.best_epoch = -1
-        self.best_state: dict | None = None
-        self.bad_checks = 0
-
-    def update(self, metric: float, epoch: int, state: dict) -> bool:
-        """Record a check; returns True when training should stop."""
-        if metric > self.best:
-            self.best, self.best_epoch, self.bad_checks = metric, epoch, 0
-            self.best_state = copy.deepcopy(state)
-        else:
-            self.bad_checks += 1
-        return self.bad_checks >= self.patience
-
 
 
 class EpochMonitor:
