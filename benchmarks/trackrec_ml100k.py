@@ -60,7 +60,8 @@ from recalign.data.sources import prepare_source  # noqa: E402
 from recalign.errors import ConfigError, RecalignError  # noqa: E402
 from recalign.io import write_json  # noqa: E402
 from recalign.methods.trackrec.algorithm import TitleCatalog, CtrRows, TrackRecConfig, generate_cots, run_trackrec, teacher_name
-from recalign.methods.trackrec.stage import TrackRecStageConfig, iteration_table
+from recalign.methods.trackrec.stage import TrackRecStageConfig, alternation_table
+
 
 DATA = ROOT.parent / "shared" / "data" / "ml-100k"
 RECIPE = ROOT / "recipes" / "trackrec-ml100k.yaml"
@@ -147,7 +148,7 @@ def run_llm_side(args, params: TrackRecStageConfig, impressions: Impressions, pa
     summary = run_trackrec(config, rows.take(parts["train"]), rows.take(parts["test"]), catalog, args.work / "llm",
                            progress=True, log=say)
     records = summary["iterations"]
-    print(iteration_table(records), flush=True)
+    print(alternation_table(records), flush=True)
     return config, records
 
 
@@ -372,7 +373,7 @@ def main() -> None:
     table = summarise(runs)
     print_table(table)
     verdict = verdicts(args, fits, parts["test"].label, table)
-    print("\nLLM test per iteration (0 = distilled G0 with the un-tuned V0):\n" + iteration_table(records))
+    print("\nLLM test per iteration (0 = distilled G0 with the un-tuned V0):\n" + alternation_table(records))
     for entry in verdict:
         print(entry["line"])
     for name in parts:

@@ -335,7 +335,7 @@ def serve_teacher(
     max_rows: int = typer.Option(20480, "--max-rows", help="micro-batching: at most this many rows per batch"),
     no_batching: bool = typer.Option(False, "--no-batching", help="answer each request on its own"),
 ) -> None:
-    """Serve a teacher stage over HTTP: POST /inference, POST /ranking, GET /health (systems.md section 1.3).
+    """Serve a teacher stage over HTTP: POST /inference, POST /ranking, GET /health.
 
     /inference: {"item_lists": [[...]], "k": K} plus optional "users", "candidate_item_lists",
     "target_category" (["+C" | "-C" | null per row]), "exclude_history" (default true), "immediately" (1: no

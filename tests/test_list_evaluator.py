@@ -148,13 +148,13 @@ def _embedding_grounder():
 
 def test_sprec_rows_parity_metrics_on_fixed_answers():
     from recalign.llm.grounding import extract_title
-    from recalign.methods.sprec.algorithm import list_metrics
+    from recalign.methods.sprec.algorithm import sprec_list_metrics
 
     # SPRec: the first quoted title, its K nearest catalog titles. Distances from 1.0: A 1, B 0, G 2, D 5 ->
     # [Beta, Alpha]; from 2.9: G .1, B 1.9, A 2.9 -> [Gamma, Beta]; "" -> nothing; from 6: [Delta, Gamma].
     lists = _embedding_grounder().topk([extract_title(a) for a in ANSWERS], 2)
     assert lists.tolist() == [[1, 0], [2, 1], [-1, -1], [3, 2]]
-    m = list_metrics(lists, torch.tensor(TARGETS), HISTORIES, [1, 2], POPULARITY, GENRES, ["x", "y"])
+    m = sprec_list_metrics(lists, torch.tensor(TARGETS), HISTORIES, [1, 2], POPULARITY, GENRES, ["x", "y"])
     # targets 0, 2, 3, 1: rank 2, rank 1, empty answer (a miss that counts), miss
     assert m["n_rows"] == 4 and m["valid_ratio"] == pytest.approx(3 / 4)
     assert m["hr@1"] == pytest.approx(1 / 4) and m["hr@2"] == pytest.approx(2 / 4)
@@ -171,7 +171,7 @@ def test_sprec_rows_parity_metrics_on_fixed_answers():
     assert m["mgu@2"] == pytest.approx(0.225) and m["dgu@2"] == pytest.approx(0.45)
     # GP@1 over 1, 2, 3: x = .5, y = 1.5 -> (.25, .75); d = (-.375, .375)
     assert m["mgu@1"] == pytest.approx(0.375) and m["dgu@1"] == pytest.approx(0.75)
-    # the same numbers straight from the list evaluator (SPRec's list_metrics is only a call to it)
+    # the same numbers straight from the list evaluator (SPRec's sprec_list_metrics is only a call to it)
     table = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [0.0, 0.0]], dtype=torch.float64)
     direct = score_lists(ListInputs(lists, TARGETS, 4, popularity=POPULARITY, history=HISTORIES, genre_table=table),
                          [1, 2])

@@ -1,4 +1,4 @@
-"""Seeded negative sampling and sampled candidate lists (metrics.md §3, `loo_sampled100`)."""
+"""Seeded negative sampling and sampled candidate lists (docs/metrics.md §3, `loo_sampled100`)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Train/valid/test splits (leave-one-out, global temporal, random, cold-start windows) and k-core filtering
-(metrics.md §3)."""
+(docs/metrics.md §3)."""
 
 from __future__ import annotations
 

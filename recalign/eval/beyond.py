@@ -1,4 +1,4 @@
-"""List-set (beyond-accuracy) metrics, reference/metrics.md §2.3: coverage, DivRatio, ORRatio, AvgPop, MGU/DGU.
+"""List-set (beyond-accuracy) metrics, docs/metrics.md §2.3: coverage, DivRatio, ORRatio, AvgPop, MGU/DGU.
 
 `lists: LongTensor [U, W]` are ranked item ids (-1 = empty slot); each function looks at the first K entries
 L_u^K, counting an item at most once per list. Empty slots recommend nothing but still count in |U|·K.

@@ -1,4 +1,4 @@
-"""The one list evaluator: ranked item lists per row -> every list metric of reference/metrics.md.
+"""The one list evaluator: ranked item lists per row -> every list metric of docs/metrics.md.
 
 Teachers' top-K, re-ranked lists, grounded LLM answers and generative beams all end as `lists` LongTensor [U, W]
 (item ids, best first, -1 = empty slot) scored against the same relevant items by `score_lists`:
@@ -301,7 +301,7 @@ def validity_metrics(
     history: "UserSequences | torch.Tensor | Iterable[Iterable[int]] | None" = None,
     candidates: "torch.Tensor | Sequence[Iterable[int]] | None" = None,
 ) -> dict[str, float]:
-    """NonExist, Repeat, InHistory, CorrectCount, NotInCandidateRate and ValidRatio (metrics.md §2.4).
+    """NonExist, Repeat, InHistory, CorrectCount, NotInCandidateRate and ValidRatio (docs/metrics.md §2.4).
 
     k is ``grounded.shape[1]``. Repeat counts grounded entries equal to an earlier grounded entry; ungrounded
     titles count only as NonExist. CorrectCount needs ``n_outputs``; InHistory needs ``history``; with

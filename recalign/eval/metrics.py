@@ -1,4 +1,4 @@
-"""Top-K accuracy metrics over ranked lists, exactly as reference/metrics.md §2.1 (parity options §4).
+"""Top-K accuracy metrics over ranked lists, exactly as docs/metrics.md §2.1 (parity options §4).
 
 Every function takes `lists: LongTensor [U, W]` (ranked item ids, -1 = empty slot) and the relevant items as
 one of: targets LongTensor [U] (single target), padded LongTensor [U, R] (-1 = none), a list of sets, or a

@@ -28,7 +28,7 @@ def _order_ties_by_id(indices: torch.Tensor, values: torch.Tensor) -> tuple[torc
 
 
 def topk_items(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k columns of each row, scores descending, ties broken by ascending column id (metrics.md §1).
+    """Top-k columns of each row, scores descending, ties broken by ascending column id (docs/metrics.md §1).
 
     Returns (indices LongTensor [B, k], values [B, k]); k is clipped to the number of columns.
     torch.topk alone does not fix the order of equal scores, so: take top-(k+1); rows whose k-th and

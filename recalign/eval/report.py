@@ -109,10 +109,10 @@ def table_rows(stages: dict[str, dict], columns: list[str]) -> list[list[str]]:
 
 
 RECIPE_PROTOCOLS = ("full", "sampled")  # the recipe evaluator's own (`eval.protocol`): every stage by default
-PROTOCOLS = {"trd_temporal": "re-ranks candidate pools from its own temporal split (metrics.md section 3)",
-             "llm_generated": "generated titles grounded to catalog items, on sampled rows (metrics.md section 2.4)",
+PROTOCOLS = {"trd_temporal": "re-ranks candidate pools from its own temporal split (docs/metrics.md section 3)",
+             "llm_generated": "generated titles grounded to catalog items, on sampled rows (docs/metrics.md section 2.4)",
              "sprec_rows": "one generated title, grounded to its K nearest catalog items, on its own rows "
-                           "(metrics.md section 2.3)"}
+                           "(docs/metrics.md section 2.3)"}
 
 
 def protocol_note(stages: dict[str, dict]) -> str | None:

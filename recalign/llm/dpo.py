@@ -1,4 +1,4 @@
-"""A thin DPO step over TRL's `DPOTrainer` with LoRA and CPU-safe defaults (systems.md §1.1, sigmoid loss).
+"""A thin DPO step over TRL's `DPOTrainer` with LoRA and CPU-safe defaults (sigmoid loss; docs/systems/sprec.md).
 
 The reference model π_ref is frozen and is, in order of preference:
 - an explicit `ref_model` (its parameters are frozen here);

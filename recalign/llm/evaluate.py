@@ -1,4 +1,4 @@
-"""Generated answers -> grounded lists (metrics.md §2.4) for the one list evaluator in `recalign.eval.lists`.
+"""Generated answers -> grounded lists (docs/metrics.md §2.4) for the one list evaluator in `recalign.eval.lists`.
 
 A generated answer of row u is parsed into titles o_u and grounded; ``GeneratedLists.grounded`` [U, k] holds the
 first k entries: an item id, ``NOT_GROUNDED`` (-1) for a title that names no catalog item, ``NO_ENTRY`` (-2) past

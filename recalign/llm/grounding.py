@@ -1,4 +1,4 @@
-"""Generated text -> catalog items (systems.md §1.2): exact, nearest edit distance, embedding k-NN.
+"""Generated text -> catalog items: exact, nearest edit distance, embedding k-NN.
 
 Every grounder has the same two operations:
 - ``ground(titles) -> LongTensor[N]``: one item id per generated title, -1 when it names no catalog item;

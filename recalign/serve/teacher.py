@@ -1,4 +1,4 @@
-"""The RecLM-gen teacher over HTTP (systems.md §1.3): POST /inference, POST /ranking, GET /health.
+"""The RecLM-gen teacher over HTTP: POST /inference, POST /ranking, GET /health.
 
 The JSON shapes are the original's, but every row is served, unknown ids are 4xx answers, history exclusion is an
 explicit flag, `/ranking` works batched and immediate, and answers equal `TeacherService` in process.

@@ -19,7 +19,8 @@ from torch import nn
 
 from recalign.data.dataset import Dataset, UserSequences
 from recalign.teachers.base import Recommender, TeacherConfig
-from recalign.teachers.training import EpochMonitor, epoch_progress
+from recalign.teachers.training import EpochMonitor
+from recalign.training import epoch_progress
 from recalign.threads import uses_config_threads
 
 

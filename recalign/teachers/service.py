@@ -1,4 +1,4 @@
-"""The teacher operations of RecLM-gen (systems.md §1.3) in process, batched over every row.
+"""The teacher operations of RecLM-gen in process, batched over every row.
 
 `TeacherService.topk` is the teacher's top-K over given candidates, over `+C` (C minus history), over `-C` (all
 minus C minus history) or over all minus history; `TeacherService.ranks` is the 0-based rank of each candidate among

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
-
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from typing import TYPE_CHECKING
 
 from recalign.errors import ConfigError
+from recalign.methods.teacher.config import TeacherStageConfig
 from recalign.stages import Stage, fill_seeds
 from recalign.teachers.registry import get_teacher
 
@@ -15,35 +14,6 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from recalign.stages import RunContext
-
-
-class TeacherStageConfig(BaseModel):
-    """Params of a teacher stage: `model` plus the teacher's own settings, e.g. {model: sasrec, epochs: 30}.
-
-    The settings may also be nested under `params` (the older form); keys given both ways take the flat value.
-    Every key is checked against the teacher's Config when the recipe is loaded (`recalign.config`).
-    """
-
-    model_config = ConfigDict(extra="allow")
-    model: str = Field(description="teacher name: popularity | bprmf | sasrec")
-    params: dict[str, Any] = Field(default_factory=dict,
-                                   description="the teacher's settings, nested (same as giving them flat)")
-    seed: int | None = Field(None, description="the teacher's seed (default: the recipe seed)")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _lift_nested_seed(cls, value: Any) -> Any:
-        """A seed given under `params` is the stage's seed (so the recipe seed does not replace it)."""
-        if isinstance(value, dict) and value.get("seed") is None and isinstance(value.get("params"), dict) \
-                and "seed" in value["params"]:
-            nested = dict(value["params"])
-            return {**value, "seed": nested.pop("seed"), "params": nested}
-        return value
-
-    def teacher_settings(self) -> dict[str, Any]:
-        """The teacher's config overrides: nested `params` updated by the flat keys (and the seed when set)."""
-        seed = {} if self.seed is None else {"seed": self.seed}
-        return {**self.params, **(self.model_extra or {}), **seed}
 
 
 def run_teacher_stage(ctx: "RunContext", params: TeacherStageConfig) -> dict:
