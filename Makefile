@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test setup bench clean
+.PHONY: demo test test-fast setup bench clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,11 @@ demo: setup
 test: setup
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
+
+# The contributors' quick loop: tests marked `fast` (tiny models, synthetic data; about a minute here).
+test-fast: setup
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest -m fast
 
 clean:
 	rm -rf runs .pytest_cache

@@ -96,7 +96,8 @@ def collect(run_dir: Path, n_resamples: int, seed: int) -> dict:
     """Every §5.6 metric per variant and task, bootstrap vs SFT, and the verdict."""
     from recalign.methods.reclmgen.metrics import CategoryTable
     from recalign.methods.reclmgen.algorithm import score_answers
-    from recalign.methods.reclmgen.stage import compare_tasks, stage_answers, teacher_baseline
+    from recalign.methods.reclmgen.baselines import compare_tasks, teacher_baseline
+    from recalign.methods.reclmgen.stage import stage_answers
     from recalign.runs import open_run
     from recalign.teachers.service import TeacherService
 
@@ -178,7 +179,8 @@ def cost(run_dir: Path, stages: dict) -> dict:
 
 def print_report(result: dict) -> None:
     """The metric table, the differences to SFT and the verdict lines."""
-    from recalign.methods.reclmgen.stage import CONTROL_KEYS, control_table
+    from recalign.methods.reclmgen.baselines import control_table
+    from recalign.methods.reclmgen.metrics import CONTROL_KEYS
 
     print(control_table(result["table"], CONTROL_KEYS))
     for label, tasks in result["vs_sft"].items():

@@ -59,8 +59,9 @@ from recalign.methods.trackrec.ctr.train import BACKBONES, predict  # noqa: E402
 from recalign.data.sources import prepare_source  # noqa: E402
 from recalign.errors import ConfigError, RecalignError  # noqa: E402
 from recalign.io import write_json  # noqa: E402
-from recalign.methods.trackrec.algorithm import TitleCatalog, CtrRows, TrackRecConfig, generate_cots, run_trackrec, teacher_name
-from recalign.methods.trackrec.stage import TrackRecStageConfig, alternation_table
+from recalign.methods.trackrec.algorithm import TitleCatalog, CtrRows, generate_cots, run_trackrec, teacher_name  # noqa: E402
+from recalign.methods.trackrec.config import TrackRecConfig, TrackRecStageConfig  # noqa: E402
+from recalign.methods.trackrec.stage import alternation_table  # noqa: E402
 
 
 DATA = ROOT.parent / "shared" / "data" / "ml-100k"

@@ -34,7 +34,8 @@ sys.path.insert(0, str(ROOT))
 from recalign.data.dataset import build_dataset  # noqa: E402
 from recalign.data.split import global_temporal_split  # noqa: E402
 from recalign.eval.metrics import ranking_metrics  # noqa: E402
-from recalign.methods.trd.algorithm import TRDConfig, run_trd, train_teacher  # noqa: E402
+from recalign.methods.trd.algorithm import run_trd, train_teacher  # noqa: E402
+from recalign.methods.trd.config import TRDConfig  # noqa: E402
 from recalign.teachers.bprmf import BPRMF  # noqa: E402
 from recalign.teachers.popularity import Popularity  # noqa: E402
 from recalign.threads import set_default_threads  # noqa: E402

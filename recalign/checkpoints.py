@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from recalign.errors import ConfigError
-from recalign.io import atomic_folder, make_dirs, write_json
+from recalign.io import atomic_folder, make_dirs, read_json, write_json
 
 __all__ = ["IterationStore", "ITER_PREFIX", "stable_hash"]
 
@@ -97,7 +97,7 @@ class IterationStore:
 
     def record(self, folder: Path) -> dict:
         """The record (marker JSON) of a finished checkpoint."""
-        return json.loads((folder / self.marker).read_text(encoding="utf-8"))
+        return read_json(folder / self.marker)
 
     @property
     def records(self) -> list[dict]:
@@ -130,7 +130,7 @@ class IterationStore:
         if not self.state_path.is_file():
             return {"config": fingerprint, "iterations": []}
         try:
-            state = json.loads(self.state_path.read_text(encoding="utf-8"))
+            state = read_json(self.state_path)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{self.state_path}: unreadable state file ({exc}); use a fresh work folder") from None
         if not isinstance(state, dict) or state.get("config") != fingerprint:

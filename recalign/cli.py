@@ -279,7 +279,7 @@ def data_download(
     with user_errors():
         if from_file is not None:
             _existing(from_file, "file")
-        from recalign.data.download import download as downloads
+        from recalign.data import download as downloads
 
         result = downloads.download(name, out_dir, from_file=from_file)
         out.print(f"{name} -> {result if result is not None else out_dir}")

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from recalign.config import DataConfig, SplitConfig
 from recalign.data.dataset import Dataset
 from recalign.errors import ConfigError, RecalignError
-from recalign.io import write_json
+from recalign.io import read_json, write_json
 
 if TYPE_CHECKING:
     from recalign.data.split import Split
@@ -46,7 +46,7 @@ def prepare_data(spec: DataConfig, cache_dir: Path | None = None) -> Dataset:
     key = prepare_key(spec)
     if cache_dir is not None and (cache_dir / "dataset.json").is_file() and (cache_dir / "prepare.json").is_file():
         try:
-            if json.loads((cache_dir / "prepare.json").read_text()) == key:
+            if read_json(cache_dir / "prepare.json") == key:
                 return Dataset.load(cache_dir)
         except (json.JSONDecodeError, RecalignError):
             pass  # a damaged cache is simply rebuilt
@@ -113,6 +113,6 @@ def absolute_data_paths(spec: DataConfig) -> DataConfig:
 def cache_is_fresh(spec: DataConfig, cache_dir: Path) -> bool:
     try:
         return (cache_dir / "dataset.json").is_file() and \
-            json.loads((cache_dir / "prepare.json").read_text()) == prepare_key(spec)
+            read_json(cache_dir / "prepare.json") == prepare_key(spec)
     except (OSError, json.JSONDecodeError):
         return False

@@ -29,12 +29,26 @@ from recalign.checkpoints import stable_hash
 from recalign.config import Recipe, StageConfig
 from recalign.data.dataset import Dataset
 from recalign.errors import OutputError, RecalignError, writing
-from recalign.io import append_log, atomic_folder, unwritable_reason, write_atomic, write_json
-from recalign.processes import process_rank, world_size
-from recalign.preparation import absolute_data_paths, cache_is_fresh, make_split, prepare_data, prepare_key, save_prepared
-from recalign.stages import DONE, RunContext, fill_seeds
+from recalign.io import (
+    append_log,
+    atomic_folder,
+    read_json,
+    unwritable_reason,
+    write_atomic,
+    write_json,
+)
 from recalign.methods import get_stage
+from recalign.preparation import (
+    absolute_data_paths,
+    cache_is_fresh,
+    make_split,
+    prepare_data,
+    prepare_key,
+    save_prepared,
+)
+from recalign.processes import process_rank, world_size
 from recalign.recipes import stage_dependencies
+from recalign.stages import DONE, RunContext, fill_seeds
 
 if TYPE_CHECKING:
     from recalign.data.split import Split
@@ -78,7 +92,7 @@ def stage_is_done(stage_dir: Path, config_hash: str) -> bool:
     if not marker.is_file():
         return False
     try:
-        return json.loads(marker.read_text()).get("config_hash") == config_hash
+        return read_json(marker).get("config_hash") == config_hash
     except (json.JSONDecodeError, AttributeError):
         return False
 
@@ -124,7 +138,7 @@ def run_recipe(recipe: Recipe, run_dir: str | os.PathLike, progress: bool = True
         for spec in recipe.stages:
             final = stages_root / spec.name
             if stage_is_done(final, hashes[spec.name]):
-                results[spec.name] = json.loads((final / "metrics.json").read_text())
+                results[spec.name] = read_json(final / "metrics.json")
                 append_log(run_dir, f"[{spec.name}] finished earlier with the same config: skipped")
                 if echo is not None and progress:
                     echo(f"[{spec.name}] finished earlier with the same config: skipped")
@@ -214,7 +228,7 @@ def _follow_recipe(recipe: Recipe, run_dir: Path, get_stage) -> dict:
         shutil.rmtree(scratch, ignore_errors=True)
         with contextlib.suppress(OSError):
             (run_dir / RANKS).rmdir()
-    return json.loads((run_dir / "metrics.json").read_text())
+    return read_json(run_dir / "metrics.json")
 
 
 def _start_run_folder(run_dir: Path, recipe: Recipe, raw_dataset: Dataset, dataset: Dataset, split: "Split") -> None:
@@ -255,7 +269,7 @@ def _run_stage(spec: StageConfig, config_hash: str, run_dir: Path, dataset: Data
         write_json(tmp / "metrics.json", metrics)
         write_json(tmp / DONE, {"config_hash": config_hash, "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
     ctx.log(f"done in {seconds:.1f}s")
-    return json.loads((final / "metrics.json").read_text())
+    return read_json(final / "metrics.json")
 
 
 def _write_summary(run_dir: Path, recipe: Recipe, fingerprint: str, results: dict[str, dict]) -> dict:

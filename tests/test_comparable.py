@@ -130,8 +130,9 @@ def test_trd_lists_reorder_the_teachers_top_list_without_history():
 
     from recalign.data.dataset import build_dataset
     from recalign.data.split import leave_one_out_split
-    from recalign.methods.trd.stage import RerankedLists
-    from recalign.methods.trd.dqn import DQNConfig, DQNReranker
+    from recalign.methods.trd.algorithm import RerankedLists
+    from recalign.methods.trd.config import DQNConfig
+    from recalign.methods.trd.dqn import DQNReranker
     from recalign.teachers.popularity import Popularity
 
     # 3 users x 4 interactions over 8 items; item i0 is the most popular, then i1, i2, ...

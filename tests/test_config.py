@@ -188,7 +188,7 @@ def test_teacher_settings_are_checked_when_the_recipe_loads(tmp_path):
 
 
 def test_flat_teacher_settings_are_checked_and_win_over_nested_ones(tmp_path):
-    from recalign.methods.teacher.stage import TeacherStageConfig
+    from recalign.methods.teacher.config import TeacherStageConfig
 
     text = ("name: t\ndata: {source: synthetic}\nstages:\n"
             "  - {name: sasrec, kind: teacher, params: {model: sasrec, epochs: 2, params: {epochs: 9, dim: 8}}}\n")

@@ -13,8 +13,10 @@ from recalign.errors import ConfigError
 from recalign.methods.reclmgen.metrics import CategoryTable
 from recalign.methods.reclmgen.tasks import ControlRequest
 from recalign.llm.tasks import Rows
-from recalign.methods.reclmgen.algorithm import TaskAnswers, score_answers
-from recalign.methods.reclmgen.stage import AnsweredLists, compare_tasks, teacher_answers
+from recalign.methods.reclmgen.algorithm import score_answers
+from recalign.methods.reclmgen.answers import TaskAnswers
+from recalign.methods.reclmgen.baselines import compare_tasks, teacher_answers
+from recalign.methods.reclmgen.stage import AnsweredLists
 
 # ---- small pieces on hand-made numbers -------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from recalign.methods import STAGE_KINDS, get_stage
 from recalign.stages import fill_seeds, seed_fields
 
 # The smallest valid params of each kind (a kind missing here must validate with {}).
-MINIMAL = {"teacher": {"model": "popularity"}, "controllable": {"teacher": "http://127.0.0.1:12621"}}
+MINIMAL = {"teacher": {"model": "popularity"}, "reclmgen": {"teacher": "http://127.0.0.1:12621"}}
 KINDS = sorted(STAGE_KINDS)
 
 
@@ -75,7 +75,7 @@ def test_filled_seeds_survive_the_resolved_recipe(tmp_path):
 
 
 def test_teacher_seed_reaches_the_teacher_settings():
-    from recalign.methods.teacher.stage import TeacherStageConfig
+    from recalign.methods.teacher.config import TeacherStageConfig
 
     filled = load("teacher", 6, {"model": "bprmf", "epochs": 1}).stages[0].params
     assert TeacherStageConfig.model_validate(filled).teacher_settings() == {"epochs": 1, "seed": 6}
@@ -89,7 +89,7 @@ def test_split_seed_follows_the_same_rule():
 
 
 def test_null_counts_as_unset_and_models_are_not_changed_in_place():
-    from recalign.methods.trd.algorithm import TRDConfig
+    from recalign.methods.trd.config import TRDConfig
 
     config = TRDConfig.model_validate({"candidate_seed": None, "dqn": {"seed": 3}})
     filled = fill_seeds(config, 11)

@@ -10,8 +10,9 @@ import torch
 
 from recalign.methods.trackrec.prompts import (CtrSample, cot_messages, ctr_messages, parse_answer, render,
                                            validator_answer, validator_messages)
-from recalign.methods.trackrec.algorithm import (TitleCatalog, CtrRows, TrackRecConfig, build_preferences, llm_test_metrics,
+from recalign.methods.trackrec.algorithm import (TitleCatalog, CtrRows, build_preferences, llm_test_metrics,
                                        run_trackrec, stand_in_cots)
+from recalign.methods.trackrec.config import TrackRecConfig
 
 TITLES = ["Heat", "Casino", "Fargo", "Toy Story", "Alien", "Babe", "Clue", "Jaws"]
 CATEGORIES = [["Crime"], ["Crime", "Drama"], ["Crime"], ["Animation"], ["Horror", "Sci-Fi"], ["Comedy"],

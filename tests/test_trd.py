@@ -13,8 +13,9 @@ import torch
 from recalign.data.dataset import build_dataset
 from recalign.data.split import global_temporal_split
 from recalign.errors import ConfigError
-from recalign.methods.trd.algorithm import TRDConfig, run_trd, sample_pools, teacher_lists, train_teacher
-from recalign.methods.trd.dqn import DQNConfig, DQNReranker, RerankEnv, RerankEpisodes, hit_reward
+from recalign.methods.trd.algorithm import run_trd, sample_pools, teacher_lists, train_teacher
+from recalign.methods.trd.config import DQNConfig, TRDConfig
+from recalign.methods.trd.dqn import DQNReranker, RerankEnv, RerankEpisodes, hit_reward
 
 PAD = 50  # n_items in the fake catalogs below; the padding item id
 

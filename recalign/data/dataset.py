@@ -15,7 +15,7 @@ import torch
 
 from recalign.data.rawfile import check_raw_file
 from recalign.errors import DataError
-from recalign.io import atomic_folder
+from recalign.io import atomic_folder, read_json
 
 ITEM_COLUMNS = ["item_id", "original_id", "title", "categories", "text"]
 USER_COLUMNS = ["user_id", "original_id"]
@@ -141,7 +141,7 @@ class Dataset:
             if (path / name).is_file():  # a clone without `git lfs pull` holds pointer files
                 check_raw_file(path / name)
         try:
-            info = json.loads(meta.read_text())
+            info = read_json(meta)
         except json.JSONDecodeError as exc:
             raise DataError(f"invalid JSON: {exc.msg}", path=meta, line=exc.lineno) from None
         try:
@@ -178,6 +178,29 @@ def build_dataset(
     in `info["warnings"]`.
     """
     raw_files = list(raw_files)
+    inter, warnings = _clean_interactions(interactions, source, raw_files, drop_duplicate_rows)
+    items = _ordered_items(items, inter, keep_items_without_interactions)
+    item_ids = pd.Index(items["item"])
+    user_ids = pd.Index(pd.unique(inter["user"]))
+    item_table = _item_table(items, item_ids)
+    user_table = _user_table(user_ids, users)
+    inter_table = pd.DataFrame({
+        "user_id": user_ids.get_indexer(inter["user"]).astype(np.int64),
+        "item_id": item_ids.get_indexer(inter["item"]).astype(np.int64),
+        "timestamp": pd.to_numeric(inter["timestamp"]).astype(np.int64).to_numpy(),
+        "rating": pd.to_numeric(inter["rating"]).astype(np.float32).to_numpy(),
+    })
+    raw = {Path(p).name: sha256_file(p) for p in raw_files}
+    info = {"name": name, "source": source, "raw_files": raw, "options": options or {}}
+    if warnings:
+        info["warnings"] = warnings
+    return Dataset(items=item_table, users=user_table, interactions=inter_table.reset_index(drop=True), info=info)
+
+
+def _clean_interactions(interactions: pd.DataFrame, source: str, raw_files: list, drop_duplicate_rows: bool
+                        ) -> tuple[pd.DataFrame, list[str]]:
+    """(a copy with str user/item ids, a timestamp and a rating column, repeated rows dropped unless kept;
+    the warnings about repeated rows)."""
     inter = interactions.copy()
     for col in ("user", "item"):
         if col not in inter.columns:
@@ -198,7 +221,12 @@ def build_dataset(
         warnings.append(f"dropped {int(repeated.sum())} duplicated rows (same user, item, timestamp and rating)")
     elif repeated.any():
         warnings.append(f"kept {int(repeated.sum())} duplicated rows (same user, item, timestamp and rating)")
+    return inter, warnings
 
+
+def _ordered_items(items: pd.DataFrame | None, inter: pd.DataFrame, keep_items_without_interactions: bool
+                   ) -> pd.DataFrame:
+    """The item rows in dense-id order: `items` (str ids, first of repeats), then interaction items it lacks."""
     if items is None:
         items = pd.DataFrame({"item": pd.unique(inter["item"])})
     items = items.copy()
@@ -209,36 +237,32 @@ def build_dataset(
     missing = pd.unique(inter.loc[~inter["item"].isin(set(items["item"])), "item"])
     if len(missing):
         items = pd.concat([items, pd.DataFrame({"item": missing})], ignore_index=True)
-    item_ids = pd.Index(items["item"])
-    user_ids = pd.Index(pd.unique(inter["user"]))
+    return items
 
+
+def _item_table(items: pd.DataFrame, item_ids: pd.Index) -> pd.DataFrame:
+    """ITEM_COLUMNS: dense ids, original ids, and title / categories / text ("" / [] where missing)."""
     title = items["title"] if "title" in items.columns else pd.Series([""] * len(items))
     text = items["text"] if "text" in items.columns else pd.Series([""] * len(items))
     cats = items["categories"] if "categories" in items.columns else pd.Series([[]] * len(items))
-    item_table = pd.DataFrame({
+    return pd.DataFrame({
         "item_id": np.arange(len(items), dtype=np.int64),
         "original_id": item_ids.astype(str),
         "title": title.fillna("").astype(str).to_numpy(),
         "categories": [list(map(str, c)) if isinstance(c, (list, tuple, np.ndarray)) else [] for c in cats],
         "text": text.fillna("").astype(str).to_numpy(),
     })
+
+
+def _user_table(user_ids: pd.Index, users: pd.DataFrame | None) -> pd.DataFrame:
+    """USER_COLUMNS, then the feature columns of `users` joined on the original id (first row per user)."""
     user_table = pd.DataFrame({"user_id": np.arange(len(user_ids), dtype=np.int64),
                                "original_id": user_ids.astype(str)})
     if users is not None:
         features = users.assign(user=users["user"].astype(str)).drop_duplicates("user").set_index("user")
         features = features.drop(columns=[c for c in USER_COLUMNS if c in features.columns])
         user_table = user_table.join(features, on="original_id")
-    inter_table = pd.DataFrame({
-        "user_id": user_ids.get_indexer(inter["user"]).astype(np.int64),
-        "item_id": item_ids.get_indexer(inter["item"]).astype(np.int64),
-        "timestamp": pd.to_numeric(inter["timestamp"]).astype(np.int64).to_numpy(),
-        "rating": pd.to_numeric(inter["rating"]).astype(np.float32).to_numpy(),
-    })
-    raw = {Path(p).name: sha256_file(p) for p in raw_files}
-    info = {"name": name, "source": source, "raw_files": raw, "options": options or {}}
-    if warnings:
-        info["warnings"] = warnings
-    return Dataset(items=item_table, users=user_table, interactions=inter_table.reset_index(drop=True), info=info)
+    return user_table
 
 
 @dataclass(frozen=True)

@@ -152,22 +152,11 @@ def evaluate(
     protocol only; `exclude_history` is then the model's business). Users: all with a target, `users` (a subset),
     or a seeded subset of `n_users` (same `seed` -> same users, whatever the model).
     Returns `eval.lists.score_lists` keys (hr/recall/precision/ndcg/mrr/map, coverage/div_ratio/or_ratio/avg_pop,
-    mgu/dgu when items have categories, valid_ratio; §2.4 metrics for generated answers) plus n_users, n_eligible,
-    n_removed (users with no target in `part`), protocol, part, exclude_history, k, ranking ("scores" or "lists")
-    and the candidate seed for "sampled".
+    mgu/dgu when items have categories, valid_ratio; the validity metrics of docs/metrics.md §2.4 for generated
+    answers) plus n_users, n_eligible, n_removed (users with no target in `part`), protocol, part,
+    exclude_history, k, ranking ("scores" or "lists") and the candidate seed for "sampled".
     """
-    if protocol not in PROTOCOLS:
-        raise ConfigError(f"eval.protocol: expected one of {PROTOCOLS}, got {protocol!r}")
-    ks = sorted({int(k) for k in ks})
-    if not ks or ks[0] < 1:
-        raise ConfigError(f"eval.ks: expected positive integers, got {list(ks)}")
-    scores_model = callable(getattr(model, "score", None))
-    if not scores_model and not callable(getattr(model, "recommend", None)):
-        raise ConfigError(f"{type(model).__name__}: a model needs score(users, history) or recommend(users, "
-                          "history, k)")
-    if not scores_model and protocol != "full":
-        raise ConfigError(f"eval.protocol: a list model is scored on its own lists (protocol 'full'), "
-                          f"not {protocol!r}")
+    ks, scores_model = _checked_settings(model, protocol, ks)
     history = dataset.sequences(split.history(part))
     eligible, relevant, counts = relevant_items(split.part(part), dataset.n_users)
     if len(eligible) == 0:
@@ -181,15 +170,50 @@ def evaluate(
                              exclude_history, progress, batch_size, candidates_path)
     else:
         lists, generated = _model_lists(model, history, chosen, ks[-1])
+    inputs = _list_inputs(dataset, split, history, chosen, lists, generated, relevant, counts, parity)
+    result: dict = score_lists(inputs, ks)
+    result.update(_run_fields(dataset, eligible, chosen, protocol=protocol, part=part, exclude_history=exclude_history,
+                              ks=ks, scores_model=scores_model, n_negatives=n_negatives, seed=seed, parity=parity))
+    return result
+
+
+def _checked_settings(model: Recommender | ListRecommender, protocol: str, ks: Sequence[int]
+                      ) -> tuple[list[int], bool]:
+    """(the sorted distinct cut-offs, whether the model is score-based); ConfigError for a bad protocol, bad
+    cut-offs, a model with neither score nor recommend, or a list model under another protocol than "full"."""
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"eval.protocol: expected one of {PROTOCOLS}, got {protocol!r}")
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise ConfigError(f"eval.ks: expected positive integers, got {list(ks)}")
+    scores_model = callable(getattr(model, "score", None))
+    if not scores_model and not callable(getattr(model, "recommend", None)):
+        raise ConfigError(f"{type(model).__name__}: a model needs score(users, history) or recommend(users, "
+                          "history, k)")
+    if not scores_model and protocol != "full":
+        raise ConfigError(f"eval.protocol: a list model is scored on its own lists (protocol 'full'), "
+                          f"not {protocol!r}")
+    return ks, scores_model
+
+
+def _list_inputs(dataset: Dataset, split: Split, history: UserSequences, chosen: np.ndarray, lists: torch.Tensor,
+                 generated: GeneratedLists | None, relevant: torch.Tensor, counts: torch.Tensor,
+                 parity: str | None) -> ListInputs:
+    """What `score_lists` needs: the lists (or the generated answers), targets, popularity from the valid history,
+    the users' histories and the catalog's genre table."""
     fields = dict(n_relevant=counts, parity=parity,
                   popularity=popularity(split.history("valid")["item_id"].to_numpy(), dataset.n_items),
                   history=users_sequences(history, chosen), genre_table=catalog_genre_table(dataset.item_categories()))
     if generated is not None:
-        inputs = ListInputs.from_generated(generated, relevant, dataset.n_items, **fields)
-    else:
-        inputs = ListInputs(lists, relevant, dataset.n_items, **fields)
-    result: dict = score_lists(inputs, ks)
-    result.update({
+        return ListInputs.from_generated(generated, relevant, dataset.n_items, **fields)
+    return ListInputs(lists, relevant, dataset.n_items, **fields)
+
+
+def _run_fields(dataset: Dataset, eligible: np.ndarray, chosen: np.ndarray, *, protocol: str, part: str,
+                exclude_history: bool, ks: list[int], scores_model: bool, n_negatives: int, seed: int,
+                parity: str | None) -> dict:
+    """The keys that describe the evaluation, added after the metrics (in this order)."""
+    fields = {
         "n_users": int(len(chosen)),
         "n_eligible": int(len(eligible)),
         "n_removed": int(dataset.n_users - len(eligible)),
@@ -198,9 +222,9 @@ def evaluate(
         "exclude_history": bool(exclude_history),
         "k": ks,
         "ranking": "scores" if scores_model else "lists",
-    })
+    }
     if protocol == "sampled":
-        result.update({"n_negatives": int(n_negatives), "candidate_seed": int(seed)})
+        fields.update({"n_negatives": int(n_negatives), "candidate_seed": int(seed)})
     if parity is not None:
-        result["parity"] = parity
-    return result
+        fields["parity"] = parity
+    return fields

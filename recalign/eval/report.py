@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.table import Table
 
 from recalign.errors import ConfigError, RecalignError, quoted, shorten
-from recalign.io import write_atomic
+from recalign.io import read_json, write_atomic
 
 DEFAULT_COLUMNS = ("hr@10", "ndcg@10", "recall@10", "mrr@10")
 TIME_KEYS = ("train_seconds", "stage_seconds")
@@ -23,7 +23,7 @@ def read_run_metrics(run_dir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise RecalignError(f"{run_dir}: no metrics.json (has the run finished a stage?)")
     try:
-        return json.loads(path.read_text())
+        return read_json(path)
     except json.JSONDecodeError as exc:
         raise RecalignError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
 
@@ -162,7 +162,7 @@ def write_report(run_dir: str | os.PathLike, columns: list[str] | None = None) -
         columns = recipe_columns(folder)
     dataset = {}
     if (folder / "dataset.json").is_file():
-        dataset = json.loads((folder / "dataset.json").read_text())
+        dataset = read_json(folder / "dataset.json")
     lines = [f"# Run `{summary.get('recipe', folder.name)}`", ""]
     if dataset:
         counts = dataset.get("counts", {})
@@ -178,7 +178,9 @@ def write_report(run_dir: str | os.PathLike, columns: list[str] | None = None) -
         lines += [f"### {name}", "", "| metric | value |", "|---|---:|"]
         lines += [f"| {k} | {_cell(v)} |" for k, v in metrics.items() if not isinstance(v, (dict, list))]
         lines.append("")
-    from recalign.eval.curves import plot_run_curves  # training curves: curves.png beside each curves.jsonl
+    from recalign.eval.curves import (
+        plot_run_curves,  # training curves: curves.png beside each curves.jsonl
+    )
 
     pngs = [png.relative_to(folder).as_posix() for png in plot_run_curves(folder)]
     lines += (["## Training curves", ""] + [f"![{png}]({png})" for png in pngs] + [""]) if pngs else []

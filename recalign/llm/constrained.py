@@ -1,7 +1,7 @@
 """Trie-constrained decoding: every generated title is a catalog item.
 
 The catalog's token sequences (each ending with an EOS terminator) are flattened into a prefix tree stored as
-tensors (the STATIC idea, anchors.md §4.3):
+tensors (the STATIC idea; docs/systems/llm_sft.md describes constrained decoding):
 
 - ``keys_``: sorted ``parent * vocab_size + token`` of every edge, with ``children_`` the child node of each key, so
   one decoding step advances all beams with one ``searchsorted`` (no Python loop per beam);
@@ -340,10 +340,7 @@ def constrained_beam_search(
     """
     from transformers import LogitsProcessorList
 
-    try:
-        cfg = BeamSearchConfig(**{**(config or BeamSearchConfig()).model_dump(), **overrides})
-    except ValueError as exc:  # pydantic's ValidationError is a ValueError
-        raise ConfigError(f"constrained beam search: {str(exc).splitlines()[0]} ({sorted(overrides)})") from exc
+    cfg = _beam_search_config(config, overrides)
     trie = catalog if isinstance(catalog, CatalogTrie) else CatalogTrie.from_titles(
         catalog, tokenizer, prefix=cfg.prefix, suffix=cfg.suffix
     )
@@ -369,31 +366,54 @@ def constrained_beam_search(
                 add_special_tokens=cfg.add_special_tokens,
             )
             input_ids = batch["input_ids"].to(device)
-            with torch.no_grad():
-                out = model.generate(
-                    input_ids=input_ids,
-                    attention_mask=batch["attention_mask"].to(device),
-                    num_beams=num_beams,
-                    num_return_sequences=num_beams,
-                    do_sample=False,
-                    max_new_tokens=trie.max_depth,
-                    length_penalty=cfg.length_penalty,
-                    early_stopping=cfg.early_stopping,
-                    eos_token_id=trie.eos_token_id,
-                    pad_token_id=pad_id,
-                    logits_processor=LogitsProcessorList([TrieLogitsProcessor(trie, input_ids.shape[1])]),
-                    output_scores=True,
-                    return_dict_in_generate=True,
-                )
-            _, items = trie.walk(out.sequences[:, input_ids.shape[1] :])
-            items, scores = _distinct_top_k(
-                items.view(-1, num_beams).cpu(), out.sequences_scores.view(-1, num_beams).float().cpu(), cfg.k
-            )
+            out = _generate_beams(model, input_ids, batch["attention_mask"].to(device),
+                                  LogitsProcessorList([TrieLogitsProcessor(trie, input_ids.shape[1])]),
+                                  trie, cfg, num_beams, pad_id)
+            items, scores = _beam_items(trie, out, input_ids.shape[1], num_beams, cfg.k)
             all_items.append(items)
             all_scores.append(scores)
     finally:
         tokenizer.padding_side = old_side
     return torch.cat(all_items), torch.cat(all_scores)
+
+
+def _beam_search_config(config: BeamSearchConfig | None, overrides: dict[str, Any]) -> BeamSearchConfig:
+    """`config` (default: the defaults) with `overrides` applied and validated; invalid values raise ConfigError."""
+    try:
+        return BeamSearchConfig(**{**(config or BeamSearchConfig()).model_dump(), **overrides})
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        raise ConfigError(f"constrained beam search: {str(exc).splitlines()[0]} ({sorted(overrides)})") from exc
+
+
+def _generate_beams(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, processors: Any,
+                    trie: CatalogTrie, cfg: BeamSearchConfig, num_beams: int, pad_id: int) -> Any:
+    """One HF beam-search `generate` call under the trie's logits processor: all `num_beams` beams per prompt,
+    with their sequence scores."""
+    with torch.no_grad():
+        return model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            num_beams=num_beams,
+            num_return_sequences=num_beams,
+            do_sample=False,
+            max_new_tokens=trie.max_depth,
+            length_penalty=cfg.length_penalty,
+            early_stopping=cfg.early_stopping,
+            eos_token_id=trie.eos_token_id,
+            pad_token_id=pad_id,
+            logits_processor=processors,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+
+
+def _beam_items(trie: CatalogTrie, out: Any, prompt_width: int, num_beams: int, k: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(items [B, k], scores [B, k]) of one batch: the item each beam spells, the best k distinct per prompt."""
+    _, items = trie.walk(out.sequences[:, prompt_width:])
+    return _distinct_top_k(
+        items.view(-1, num_beams).cpu(), out.sequences_scores.view(-1, num_beams).float().cpu(), k
+    )
 
 
 def _distinct_top_k(items: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

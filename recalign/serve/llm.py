@@ -398,27 +398,43 @@ def llm_app(model, tokenizer, dataset, task=None, *, name: str = "recalign-llm",
         max_wait_ms=max_wait_ms, max_rows=max_rows)
     app.state.batcher, app.state.engine = batcher, engine
     auth = [Depends(bearer_auth(token))]
+    _add_completion_routes(app, engine, batcher, name, auth)
+    _add_recommend_routes(app, engine, batcher, name, auth)
+    return app
+
+
+def _check_model(requested: str, name: str) -> None:
+    """RequestError unless the request names the served model."""
+    if requested != name:
+        raise RequestError(f"unknown model {shorten(requested)!r}; this server serves {name!r}")
+
+
+def _text_job(engine: LLMRecommender, name: str, body: _Sampling, prompts: list[str]) -> TextJob:
+    """The job of a completion request (model and prompt length checked; tiny temperatures mean greedy)."""
+    _check_model(body.model, name)
+    engine.check_length(prompts, body.max_tokens or 32)
+    temperature = float(body.temperature) if body.temperature >= MIN_TEMPERATURE else 0.0
+    return TextJob(tuple(prompts), body.max_tokens or 32, temperature, float(body.top_p),
+                   body.seed or 0)
+
+
+def _usage(engine: LLMRecommender, prompts: list[str], answers: list[str]) -> dict:
+    """The OpenAI `usage` object: prompt, completion and total token counts."""
+    prompt_tokens, completion_tokens = sum(engine.count_tokens(prompts)), sum(engine.count_tokens(answers))
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _finish(engine: LLMRecommender, answer: str, body: _Sampling) -> str:
+    """The OpenAI finish_reason: "length" when the answer used all its tokens, else "stop"."""
+    limit = body.max_tokens or 32
+    return "length" if engine.count_tokens([answer])[0] >= limit else "stop"
+
+
+def _add_completion_routes(app: FastAPI, engine: LLMRecommender, batcher: MicroBatcher, name: str,
+                           auth: list) -> None:
+    """The OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions."""
     created = int(time.time())
-
-    def check_model(requested: str) -> None:
-        if requested != name:
-            raise RequestError(f"unknown model {shorten(requested)!r}; this server serves {name!r}")
-
-    def text_job(body: _Sampling, prompts: list[str]) -> TextJob:
-        check_model(body.model)
-        engine.check_length(prompts, body.max_tokens or 32)
-        temperature = float(body.temperature) if body.temperature >= MIN_TEMPERATURE else 0.0
-        return TextJob(tuple(prompts), body.max_tokens or 32, temperature, float(body.top_p),
-                       body.seed or 0)
-
-    def usage(prompts: list[str], answers: list[str]) -> dict:
-        prompt_tokens, completion_tokens = sum(engine.count_tokens(prompts)), sum(engine.count_tokens(answers))
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
-
-    def finish(answer: str, body: _Sampling) -> str:
-        limit = body.max_tokens or 32
-        return "length" if engine.count_tokens([answer])[0] >= limit else "stop"
 
     @app.get("/v1/models", dependencies=auth)
     async def models() -> dict:
@@ -430,23 +446,28 @@ def llm_app(model, tokenizer, dataset, task=None, *, name: str = "recalign-llm",
     async def chat(body: ChatBody) -> JSONResponse:
         """OpenAI chat completion (the tokenizer's chat template)."""
         prompt = engine.chat_prompt(body.messages)
-        answer = (await batcher.submit(text_job(body, [prompt])))[0]
+        answer = (await batcher.submit(_text_job(engine, name, body, [prompt])))[0]
         return JSONResponse({
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": name, "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
-                                        "finish_reason": finish(answer, body), "logprobs": None}],
-            "usage": usage([prompt], [answer])})
+                                        "finish_reason": _finish(engine, answer, body), "logprobs": None}],
+            "usage": _usage(engine, [prompt], [answer])})
 
     @app.post("/v1/completions", dependencies=auth, response_model=None)
     async def completions(body: CompletionBody) -> JSONResponse:
         """OpenAI text completion of the prompt text as given (one choice per prompt)."""
         prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
-        answers = await batcher.submit(text_job(body, prompts))
+        answers = await batcher.submit(_text_job(engine, name, body, prompts))
         return JSONResponse({
             "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-            "model": name, "choices": [{"index": i, "text": a, "finish_reason": finish(a, body), "logprobs": None}
-                                       for i, a in enumerate(answers)],
-            "usage": usage(prompts, answers)})
+            "model": name, "choices": [{"index": i, "text": a, "finish_reason": _finish(engine, a, body),
+                                        "logprobs": None} for i, a in enumerate(answers)],
+            "usage": _usage(engine, prompts, answers)})
+
+
+def _add_recommend_routes(app: FastAPI, engine: LLMRecommender, batcher: MicroBatcher, name: str,
+                          auth: list) -> None:
+    """/v1/recommend (catalog items for a history) and /health (no auth)."""
 
     @app.post("/v1/recommend", dependencies=auth, response_model=None, responses={200: {"model": RecommendAnswer}})
     async def recommend(body: RecommendBody) -> JSONResponse:
@@ -463,8 +484,6 @@ def llm_app(model, tokenizer, dataset, task=None, *, name: str = "recalign-llm",
         return {"status": "ok", "model": name, "n_items": len(engine.catalog.titles),
                 "categories": sorted(engine.catalog.category_items), "batches": batcher.batches,
                 "batched_requests": batcher.jobs}
-
-    return app
 
 
 # ---- from a stage folder -----------------------------------------------------------------------------------------

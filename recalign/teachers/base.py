@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -16,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from recalign.data.dataset import Dataset, UserSequences
 from recalign.errors import ConfigError, RecalignError
 from recalign.eval.ranking import topk_items
-from recalign.io import atomic_path, make_dirs, write_json
+from recalign.io import atomic_path, make_dirs, read_json, write_json
 
 
 class TeacherConfig(BaseModel):
@@ -154,7 +153,7 @@ class Recommender(ABC):
     def load(cls, directory: str | os.PathLike) -> "Recommender":
         """Read a folder written by `save`."""
         path = Path(directory)
-        meta = json.loads((path / "teacher.json").read_text())
+        meta = read_json(path / "teacher.json")
         if meta["teacher"] != cls.name:
             raise RecalignError(f"{path}: holds a {meta['teacher']} teacher, not {cls.name}")
         model = cls(cls.Config(**meta["config"]))

@@ -18,8 +18,8 @@ from pydantic import Field
 from recalign.data.dataset import Dataset, UserSequences
 from recalign.teachers.base import Recommender, TeacherConfig
 from recalign.teachers.training import EpochMonitor
-from recalign.training import epoch_progress
 from recalign.threads import uses_config_threads
+from recalign.training import epoch_progress
 
 
 class BPRMFConfig(TeacherConfig):

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from recalign.errors import ConfigError, RecalignError
+from recalign.io import read_json
 from recalign.teachers.base import Recommender
 from recalign.teachers.bprmf import BPRMF
 from recalign.teachers.popularity import Popularity
@@ -29,7 +30,7 @@ def load_teacher_dir(folder: str | os.PathLike) -> Recommender:
     if not meta_file.is_file():
         raise RecalignError(f"{folder}: no saved teacher here (teacher.json missing)")
     try:
-        name = json.loads(meta_file.read_text())["teacher"]
+        name = read_json(meta_file)["teacher"]
     except (json.JSONDecodeError, KeyError):
         raise RecalignError(f"{meta_file}: not a teacher description") from None
     return get_teacher(name).load(folder)

@@ -20,8 +20,8 @@ from torch import nn
 from recalign.data.dataset import Dataset, UserSequences
 from recalign.teachers.base import Recommender, TeacherConfig
 from recalign.teachers.training import EpochMonitor
-from recalign.training import epoch_progress
 from recalign.threads import uses_config_threads
+from recalign.training import epoch_progress
 
 
 class SASRecConfig(TeacherConfig):

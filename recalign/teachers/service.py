@@ -19,6 +19,7 @@ import torch
 from recalign.data.dataset import UserSequences
 from recalign.errors import RecalignError, RequestError, shorten
 from recalign.eval.ranking import topk_items
+from recalign.io import read_json
 from recalign.teachers.base import Recommender
 from recalign.teachers.registry import get_teacher
 
@@ -57,7 +58,7 @@ class TeacherService:
         if not meta_file.is_file():
             raise RecalignError(f"{shorten(path, 200)}: not a teacher stage (no model/teacher.json)")
         try:
-            name = json.loads(meta_file.read_text())["teacher"]
+            name = read_json(meta_file)["teacher"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise RecalignError(f"{meta_file}: not a teacher description") from None
         return cls(get_teacher(name).load(model_dir), max_history=max_history)

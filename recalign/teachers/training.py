@@ -3,8 +3,8 @@ and early stopping are `recalign.training`'s)."""
 
 from __future__ import annotations
 
-import time
 import logging
+import time
 from typing import Callable
 
 import numpy as np

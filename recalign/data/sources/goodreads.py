@@ -71,10 +71,28 @@ def load_goodreads(raw: Path, options: GoodreadsSourceConfig) -> Dataset:
         raise DataError("expected the dataset folder (with eval/Goodreads/ and data/Goodreads/)", path=raw)
     id_path = raw / options.catalog / "id2name.json"
     genre_path = raw / options.catalog / "name2genre.json"
+    catalog = _read_book_catalog(id_path, genre_path, options.require_genres)
+    files = [id_path] + ([genre_path] if genre_path.is_file() else [])
+    rows, counts = _read_prompt_rows(raw, options.files, files)
+    rows, catalog, n_unknown, unknown_titles = _match_titles(rows, catalog, options.unknown_titles)
+    dataset = build_dataset(rows[["user", "item", "timestamp"]], items=catalog, name="goodreads",
+                            source="goodreads-sprec", raw_files=files, options=options.model_dump())
+    dataset.info["records"] = counts
+    if not genre_path.is_file():
+        dataset.warn(f"{genre_path.name} not found: items have no categories")
+    dataset.info["unknown_titles"] = n_unknown
+    dataset.info["unknown_distinct_titles"] = len(unknown_titles)
+    dataset.info["unknown_title_examples"] = [str(t) for t in unknown_titles[:5]]
+    return dataset
+
+
+def _read_book_catalog(id_path: Path, genre_path: Path, require_genres: bool) -> pd.DataFrame:
+    """Items (id order: numeric ids first) with title, genres as categories and text, from id2name.json and
+    name2genre.json (no genres when that file is missing and not required)."""
     id2name = read_raw_json(id_path)
     if not isinstance(id2name, dict):
         raise DataError("expected an object id -> title", path=id_path)
-    if not genre_path.is_file() and options.require_genres:
+    if not genre_path.is_file() and require_genres:
         raise DataError("missing file name2genre.json (item genres); pass require_genres=false to prepare "
                         "without categories", path=genre_path)
     genres = read_raw_json(genre_path) if genre_path.is_file() else {}
@@ -85,49 +103,59 @@ def load_goodreads(raw: Path, options: GoodreadsSourceConfig) -> Dataset:
     catalog["categories"] = catalog["title"].map(lambda t: [str(g) for g in genres.get(t, [])])
     catalog["text"] = [f"{t}. Genres: {', '.join(c)}." if c else f"{t}." for t, c in
                        zip(catalog["title"], catalog["categories"])]
-    files = [id_path] + ([genre_path] if genre_path.is_file() else [])
+    return catalog
 
+
+def _read_prompt_rows(raw: Path, names: list[str], files: list[Path]) -> tuple[pd.DataFrame, dict[str, int]]:
+    """(user, title, timestamp) rows of every prompt file in order, and the records per file; each file read is
+    appended to `files`."""
     frames, counts = [], {}
-    for name in options.files:
+    for name in names:
         path = raw / name
-        records = read_alpaca_records(path)
-        history = parse_quoted_titles(records["input"])
-        empty = history.str.len() == 0
-        if empty.any():
-            index = int(np.flatnonzero(empty.to_numpy())[0])
-            raise DataError(f"record {index}: no double-quoted titles in input", path=path, field="input")
-        target = parse_output_title(records["output"])
-        sequences = [h + [t] for h, t in zip(history, target)]
-        frame = pd.DataFrame({"user": [f"{name}:{i}" for i in range(len(records))], "title": sequences})
-        frame = frame.explode("title", ignore_index=True)
-        frame["timestamp"] = frame.groupby("user", sort=False).cumcount()
+        frame, counts[name] = _prompt_sequences(path, name)
         frames.append(frame)
-        counts[name] = len(records)
         files.append(path)
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["user", "title", "timestamp"])
+    return rows, counts
 
+
+def _prompt_sequences(path: Path, name: str) -> tuple[pd.DataFrame, int]:
+    """(rows: one user `NAME:INDEX` per record, its history titles then the target, number of records)."""
+    records = read_alpaca_records(path)
+    history = parse_quoted_titles(records["input"])
+    empty = history.str.len() == 0
+    if empty.any():
+        index = int(np.flatnonzero(empty.to_numpy())[0])
+        raise DataError(f"record {index}: no double-quoted titles in input", path=path, field="input")
+    target = parse_output_title(records["output"])
+    sequences = [h + [t] for h, t in zip(history, target)]
+    frame = pd.DataFrame({"user": [f"{name}:{i}" for i in range(len(records))], "title": sequences})
+    frame = frame.explode("title", ignore_index=True)
+    frame["timestamp"] = frame.groupby("user", sort=False).cumcount()
+    return frame, len(records)
+
+
+def _match_titles(rows: pd.DataFrame, catalog: pd.DataFrame, unknown_titles: str
+                  ) -> tuple[pd.DataFrame, pd.DataFrame, int, np.ndarray]:
+    """(rows with their item id, catalog, number of rows with an unknown title, the distinct unknown titles).
+
+    A title maps to the first catalog item carrying it; unknown titles are dropped, or added to the catalog as
+    items `title:TITLE` when `unknown_titles` is "add".
+    """
     title_to_id = pd.Series(catalog["item"].to_numpy(), index=catalog["title"].to_numpy())
     title_to_id = title_to_id[~title_to_id.index.duplicated(keep="first")]
     rows["item"] = rows["title"].map(title_to_id)
     unknown = rows["item"].isna()
-    unknown_titles = pd.unique(rows.loc[unknown, "title"])
-    if options.unknown_titles == "add" and len(unknown_titles):
-        extra = pd.DataFrame({"item": [f"title:{t}" for t in unknown_titles], "title": unknown_titles})
+    unknown_distinct = pd.unique(rows.loc[unknown, "title"])
+    if unknown_titles == "add" and len(unknown_distinct):
+        extra = pd.DataFrame({"item": [f"title:{t}" for t in unknown_distinct], "title": unknown_distinct})
         extra["categories"] = [[] for _ in range(len(extra))]
         extra["text"] = extra["title"] + "."
         catalog = pd.concat([catalog, extra], ignore_index=True)
         rows.loc[unknown, "item"] = "title:" + rows.loc[unknown, "title"]
     else:
         rows = rows[~unknown]
-    dataset = build_dataset(rows[["user", "item", "timestamp"]], items=catalog, name="goodreads",
-                            source="goodreads-sprec", raw_files=files, options=options.model_dump())
-    dataset.info["records"] = counts
-    if not genre_path.is_file():
-        dataset.warn(f"{genre_path.name} not found: items have no categories")
-    dataset.info["unknown_titles"] = int(unknown.sum())
-    dataset.info["unknown_distinct_titles"] = len(unknown_titles)
-    dataset.info["unknown_title_examples"] = [str(t) for t in unknown_titles[:5]]
-    return dataset
+    return rows, catalog, int(unknown.sum()), unknown_distinct
 
 
 GOODREADS_SPREC = Source("goodreads-sprec", GoodreadsSourceConfig, load_goodreads,

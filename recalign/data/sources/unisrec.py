@@ -86,62 +86,103 @@ def load_unisrec(raw: Path, options: UniSRecSourceConfig) -> Dataset:
     folder, name = _resolve(raw, options)
     item_path, user_path = _require(folder, f"{name}.item2index"), _require(folder, f"{name}.user2index")
     test_path = _require(folder, f"{name}.test.inter")
+    items, users = _read_indexes(item_path, user_path)
+    item_ids, user_ids = items["asin"].to_numpy(), users["reviewer"].to_numpy()
+    files = [item_path, user_path, test_path]
+
+    test = _read_inter(test_path)
+    train_path, valid_path = folder / f"{name}.train.inter", folder / f"{name}.valid.inter"
+    rebuilt, parts = np.zeros(len(users), dtype=bool), []
+    if train_path.is_file() and valid_path.is_file():
+        train, valid = _read_inter(train_path), _read_inter(valid_path)
+        files += [train_path, valid_path]
+        rebuilt, parts = _train_valid_parts(train, valid, test, len(users))
+    seq = _full_sequences(parts + _test_parts(test, rebuilt))
+    _check_against_test(seq, test, test_path)
+    _check_bounds(seq, len(items), len(users), item_path, user_path, test_path)
+
+    interactions = pd.DataFrame({"user": user_ids[seq["user"].to_numpy()], "item": item_ids[seq["item"].to_numpy()],
+                                 "timestamp": seq["timestamp"].to_numpy()})
+    catalog = _read_catalog(item_ids, folder / f"{name}.text", files)
+    return build_dataset(interactions, items=catalog, name=name, source="unisrec", raw_files=files,
+                         options=options.model_dump())
+
+
+def _read_indexes(item_path: Path, user_path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The item2index (asin, index) and user2index (reviewer, index) tables, sorted by index; both read before
+    either is checked to hold the indexes 0..n-1."""
     items = read_delimited(item_path, "\t", ["asin", "index"], numeric=("index",)).sort_values("index")
     users = read_delimited(user_path, "\t", ["reviewer", "index"], numeric=("index",)).sort_values("index")
     for table, path in ((items, item_path), (users, user_path)):
         if not np.array_equal(table["index"].to_numpy(), np.arange(len(table))):
             raise DataError("indexes must be 0..n-1 without gaps or repeats", path=path, field="index")
-    item_ids, user_ids = items["asin"].to_numpy(), users["reviewer"].to_numpy()
-    files = [item_path, user_path, test_path]
+    return items, users
 
-    test = _read_inter(test_path)
-    parts = []  # (user, item, order key) frames; order key sorts the pieces of one sequence
-    train_path, valid_path = folder / f"{name}.train.inter", folder / f"{name}.valid.inter"
-    rebuilt = np.zeros(len(users), dtype=bool)
-    if train_path.is_file() and valid_path.is_file():
-        train, valid = _read_inter(train_path), _read_inter(valid_path)
-        files += [train_path, valid_path]
-        starts = train[train["length"] == 1]
-        rebuilt[starts["user"].to_numpy()] = True
-        rebuilt &= np.isin(np.arange(len(users)), valid["user"]) & np.isin(np.arange(len(users)), test["user"])
-        keep = lambda frame: frame[rebuilt[frame["user"].to_numpy()]]  # noqa: E731
-        starts, train, valid = keep(starts), keep(train), keep(valid)
-        parts += [
-            pd.DataFrame({"user": starts["user"], "item": starts["history"].map(lambda h: h[0]), "key": 0}),
-            # rows are written latest first; once histories hit the 50-item cut only that order tells them apart
-            pd.DataFrame({"user": train["user"], "item": train["target"],
-                          "key": 1 + train.groupby("user").cumcount(ascending=False)}),
-            pd.DataFrame({"user": valid["user"], "item": valid["target"], "key": 1 << 40}),
-        ]
+
+def _train_valid_parts(train: pd.DataFrame, valid: pd.DataFrame, test: pd.DataFrame, n_users: int
+                       ) -> tuple[np.ndarray, list[pd.DataFrame]]:
+    """(users rebuilt from train + valid, their (user, item, order key) frames up to the valid target).
+
+    A user is rebuilt when it has a length-1 train row, a valid row and a test row; the order key sorts the pieces
+    of one sequence.
+    """
+    rebuilt = np.zeros(n_users, dtype=bool)
+    starts = train[train["length"] == 1]
+    rebuilt[starts["user"].to_numpy()] = True
+    rebuilt &= np.isin(np.arange(n_users), valid["user"]) & np.isin(np.arange(n_users), test["user"])
+    keep = lambda frame: frame[rebuilt[frame["user"].to_numpy()]]  # noqa: E731
+    starts, train, valid = keep(starts), keep(train), keep(valid)
+    parts = [
+        pd.DataFrame({"user": starts["user"], "item": starts["history"].map(lambda h: h[0]), "key": 0}),
+        # rows are written latest first; once histories hit the 50-item cut only that order tells them apart
+        pd.DataFrame({"user": train["user"], "item": train["target"],
+                      "key": 1 + train.groupby("user").cumcount(ascending=False)}),
+        pd.DataFrame({"user": valid["user"], "item": valid["target"], "key": 1 << 40}),
+    ]
+    return rebuilt, parts
+
+
+def _test_parts(test: pd.DataFrame, rebuilt: np.ndarray) -> list[pd.DataFrame]:
+    """(user, item, order key) frames from the test rows: the target of rebuilt users; history + target of the
+    others (the fallback)."""
     rebuilt_test = test[rebuilt[test["user"].to_numpy()]]
-    parts.append(pd.DataFrame({"user": rebuilt_test["user"], "item": rebuilt_test["target"], "key": 1 << 41}))
+    parts = [pd.DataFrame({"user": rebuilt_test["user"], "item": rebuilt_test["target"], "key": 1 << 41})]
     fallback = test[~rebuilt[test["user"].to_numpy()]]
     if len(fallback):
         hist = fallback[["user", "history"]].explode("history")
         hist["key"] = hist.groupby(level=0).cumcount()
         parts += [pd.DataFrame({"user": hist["user"], "item": hist["history"].astype(np.int64), "key": hist["key"]}),
                   pd.DataFrame({"user": fallback["user"], "item": fallback["target"], "key": 1 << 41})]
+    return parts
+
+
+def _full_sequences(parts: list[pd.DataFrame]) -> pd.DataFrame:
+    """The pieces in (user, order key) order, with each item's sequence position as timestamp."""
     seq = pd.concat(parts, ignore_index=True).sort_values(["user", "key"], kind="stable")
     seq["timestamp"] = seq.groupby("user").cumcount()
-    _check_against_test(seq, test, test_path)
+    return seq
 
-    for column, bound, path in (("item", len(items), item_path), ("user", len(users), user_path)):
+
+def _check_bounds(seq: pd.DataFrame, n_items: int, n_users: int, item_path: Path, user_path: Path,
+                  test_path: Path) -> None:
+    """Every item and user index of the sequences must be a row of item2index / user2index."""
+    for column, bound, path in (("item", n_items, item_path), ("user", n_users, user_path)):
         values = seq[column].to_numpy()
         if len(values) and (values.min() < 0 or values.max() >= bound):
             raise DataError(f"{column} index {int(values.max())} is not in {path.name} (0..{bound - 1})",
                             path=test_path)
-    interactions = pd.DataFrame({"user": user_ids[seq["user"].to_numpy()], "item": item_ids[seq["item"].to_numpy()],
-                                 "timestamp": seq["timestamp"].to_numpy()})
+
+
+def _read_catalog(item_ids: np.ndarray, text_path: Path, files: list[Path]) -> pd.DataFrame:
+    """Items (original ids) with text and title from `X.text` when it exists (then appended to `files`)."""
     catalog = pd.DataFrame({"item": item_ids})
-    text_path = folder / f"{name}.text"
     if text_path.is_file():
         text = read_delimited(text_path, "\t", ["asin", "text"], header=True, min_columns=1)
         text = text.drop_duplicates("asin").set_index("asin")["text"]
         catalog["text"] = catalog["item"].map(text).fillna("")
         catalog["title"] = title_from_text(catalog["text"])
         files.append(text_path)
-    return build_dataset(interactions, items=catalog, name=name, source="unisrec", raw_files=files,
-                         options=options.model_dump())
+    return catalog
 
 
 def _check_against_test(seq: pd.DataFrame, test: pd.DataFrame, test_path: Path) -> None:

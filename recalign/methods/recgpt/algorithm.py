@@ -1,100 +1,65 @@
-"""RecGPT (HKUDS; reference/systems.md §6): text -> FSQ item codes -> a GPT decoder over codes, zero-shot on new domains.
+"""RecGPT (HKUDS, arXiv 2506.06270): item text -> FSQ item codes -> a GPT decoder over codes, zero-shot on new domains.
 
-The algorithm, as `run_stage` executes it:
-  1. Embed every item's text (title, categories, description) once with a sentence encoder (MiniLM by default).
-  2. Fit the FSQ item tokenizer on the pre-training domains' embeddings; tokenise every catalog, the target's too
-     (4 FSQ codes + 1 disambiguating code: every item's code is unique; the collision rate is reported).
-  3. Pre-train one decoder on the user sequences of all `pretrain` datasets (next-item codes, all positions at once).
-  4. Zero-shot: recommend on the `eval` dataset by trie-constrained beam search over its catalog's codes, never
-     having seen its interactions; scored by the recipe's list evaluator, history excluded and allowed.
-  5. Optionally fine-tune a copy of the decoder on the target's training part and score it the same way.
+The algorithm box, as `run_recgpt` executes it (docs/systems/recgpt.md, "The algorithm"):
 
-Every step is a checkpoint in a work folder outside the stage folder (`IterationStore`), so a killed run resumes:
-the tokenizer and codes, each pre-training epoch, each fine-tuning epoch and each evaluation.
+    1. Item text. Sample every pre-training domain's user sequences of two or more items (a seeded subset of
+       `pretrain.users` users; `pretrain_sequences`); a pre-training catalog is the items of those sequences, the
+       target's catalog is all its items. Embed every catalog item's text (title, categories, description) once
+       with a sentence encoder, MiniLM by default (`embed_items`, cached by model and text).
+    2. Tokenizer. Fit the FSQ item tokenizer on the pre-training domains' embeddings; tokenise every catalog, the
+       target's too: 4 FSQ codes + 1 disambiguating code, so every item's code is unique; the collision rate is
+       reported (`tokenize_domains` -> `build_catalogs`).
+    3. Pre-training. One decoder on the user sequences of all pre-training domains, shuffled together: every code
+       position of an item predicts the next item's code at that position, all at once (`pretrain_decoder`).
+    4. Zero-shot. Recommend on the evaluation domain by trie-constrained beam search over its catalog's codes
+       (`beam_recommender`), never having seen its interactions; scored by the `evaluate` callback once per
+       history mode, history excluded and allowed (`score_decoder`).
+    5. Fine-tuning (optional, `finetune.epochs > 0`). A copy of the decoder trained further on the evaluation
+       domain's training sequences (`finetune_decoder`), scored the same way.
+
+Every step is a checkpoint in the work folder (`IterationStore`), so a killed run resumes: the tokenizer and codes,
+each pre-training epoch, each fine-tuning epoch and each evaluation. The settings live in `config.py`; the recipe
+stage (`stage.py`) only adapts a run folder to `run_recgpt`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
-from pydantic import Field
 
-from recalign.checkpoints import IterationStore
-from recalign.config import StrictConfig
+from recalign.checkpoints import IterationStore, stable_hash
 from recalign.data.dataset import Dataset
+from recalign.errors import ConfigError, DataError
 from recalign.methods.recgpt.codes import ItemCodes
+from recalign.methods.recgpt.config import (
+    RecGPTBeamConfig,
+    RecGPTConfig,
+    RecGPTDecoderConfig,
+    RecGPTTrainingConfig,
+)
 from recalign.methods.recgpt.fsq import FSQConfig, ItemTokenizer
-from recalign.methods.recgpt.text import DEFAULT_TEXT_MODEL, embed_texts, item_texts
+from recalign.methods.recgpt.text import embed_texts, item_texts
 
-__all__ = ["RecGPTConfig", "CodeCatalog", "RECGPT_STAGE", "build_catalogs", "pretrain_decoder", "finetune_decoder",
-           "beam_recommender", "sample_sequences", "run_stage"]
+if TYPE_CHECKING:
+    from recalign.eval.lists import ListRecommender
+    from recalign.methods.recgpt.decoder import RecGPTDecoder
 
+__all__ = ["RecGPTConfig", "RecGPTBeamConfig", "RecGPTDecoderConfig", "RecGPTTrainingConfig", "RecGPTResult",
+           "CodeCatalog", "Evaluate", "run_recgpt", "pretrain_sequences", "sample_sequences", "embed_items",
+           "build_catalogs", "tokenize_domains", "new_decoder", "joined", "pretrain_decoder", "finetune_decoder",
+           "beam_recommender", "score_decoder", "evaluated"]
 
-# ---- settings --------------------------------------------------------------------------------------------
-
-
-
-class RecGPTTokenizerConfig(StrictConfig):
-    """FSQ item tokenizer (levels [8, 8, 8, 6, 5] over 4 chunks, as the original)."""
-
-    levels: list[int] = Field([8, 8, 8, 6, 5], description="FSQ levels per latent digit (product = codes per chunk)")
-    n_chunks: int = Field(4, ge=1, description="code positions from FSQ (the embedding width must divide by it)")
-    hidden: int = Field(512, ge=1, description="reconstruction decoder width")
-    epochs: int = Field(30, ge=1, description="L1 reconstruction epochs")
-    batch_size: int = Field(256, ge=1)
-    lr: float = Field(1e-3, gt=0)
+# (recommender, exclude_history) -> the evaluator's metrics of its lists
+Evaluate = Callable[["ListRecommender", bool], dict]
 
 
-class RecGPTDecoderConfig(StrictConfig):
-    """GPT-2 decoder over codes (the original: 3 layers, 768 wide; CPU default much smaller)."""
-
-    n_layers: int = Field(2, ge=1)
-    dim: int = Field(64, ge=8)
-    n_heads: int = Field(4, ge=1)
-    dropout: float = Field(0.1, ge=0, lt=1)
-    max_items: int = Field(20, ge=2, description="items of a history the decoder reads (its last ones)")
-    text_mode: Literal["whole", "chunk"] = Field("whole", description="text vector added whole, or chunk j to "
-                                                                      "token j (the original; needs 5 | width)")
-
-
-class RecGPTTrainingConfig(StrictConfig):
-    """Decoder training: AdamW over shuffled user sequences; one checkpoint per epoch."""
-
-    epochs: int = Field(2, ge=0, description="passes over the sequences (0 = skip this step)")
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    users: int | None = Field(None, ge=1, description="seeded subset of users per dataset (null = all); "
-                                                      "pre-training catalogs keep only these users' items")
-
-
-class RecGPTBeamConfig(StrictConfig):
-    """Trie-constrained beam search (the original: 10 first codes, 5 extensions, 20 beams, temperature 0.1)."""
-
-    widths: list[int] = Field([10, 20], description="beams kept after each code position (the last repeats)")
-    extensions: int = Field(5, ge=1, description="best allowed codes tried per beam at each later position")
-    temperature: float = Field(0.1, gt=0)
-    batch_size: int = Field(64, ge=1, description="users per decoder call")
-
-
-class RecGPTConfig(StrictConfig):
-    """Stage `recgpt`: pre-train on the recipe's `pretrain` datasets, zero-shot (and fine-tuned) on its data."""
-
-    text_model: str = Field(DEFAULT_TEXT_MODEL, description="sentence-transformers model (all-mpnet-base-v2: "
-                                                            "the original's)")
-    text_max_tokens: int | None = Field(128, ge=1, description="tokens of an item text the encoder reads "
-                                                               "(null: the model's limit)")
-    tokenizer: RecGPTTokenizerConfig = Field(default_factory=RecGPTTokenizerConfig)
-    decoder: RecGPTDecoderConfig = Field(default_factory=RecGPTDecoderConfig)
-    pretrain: RecGPTTrainingConfig = Field(default_factory=RecGPTTrainingConfig)
-    finetune: RecGPTTrainingConfig = Field(default_factory=lambda: RecGPTTrainingConfig(epochs=0))
-    beam: RecGPTBeamConfig = Field(default_factory=RecGPTBeamConfig)
-    history: list[Literal["excluded", "allowed"]] = Field(
-        ["excluded", "allowed"], description="beam history filtering modes to score; the first is the headline")
-    seed: int | None = Field(None, description="tokenizer, decoder and subset seed (default: the recipe seed)")
+def _quiet(message: str) -> None:
+    """The default `log`: drop the message."""
 
 
 # ---- step 1-2: item text -> embeddings -> codes ----------------------------------------------------------
@@ -118,6 +83,22 @@ def sample_sequences(dataset: Dataset, interactions=None, users: int | None = No
         eligible = np.sort(np.random.default_rng(seed).choice(eligible, size=users, replace=False))
     return [sequences[int(u)] for u in eligible]
 
+
+def pretrain_sequences(datasets: Sequence[Dataset], users: int | None, seed: int
+                       ) -> tuple[list[list[np.ndarray]], dict[str, tuple[Dataset, np.ndarray]]]:
+    """Every pre-training domain's sequences (dataset i sampled with seed + i) and its catalog `pretrain-<i>`:
+    (dataset, the item ids those sequences use, ascending); the sequences' items are renumbered to catalog rows."""
+    sequences, domains = [], {}
+    for i, ds in enumerate(datasets):
+        seqs = sample_sequences(ds, users=users, seed=seed + i)
+        if not seqs:
+            raise DataError(f"datasets.pretrain[{i}] ({ds.name}): no user has two or more interactions")
+        used = np.unique(np.concatenate(seqs))
+        remap = np.full(ds.n_items, -1, dtype=np.int64)
+        remap[used] = np.arange(len(used))
+        sequences.append([remap[s] for s in seqs])
+        domains[f"pretrain-{i}"] = (ds, used)
+    return sequences, domains
 
 def embed_items(dataset: Dataset, items: np.ndarray, params: "RecGPTConfig", progress: bool = False,
                 encoder: Callable | None = None) -> torch.Tensor:
@@ -147,6 +128,31 @@ def build_catalogs(domains: dict[str, tuple[Dataset, np.ndarray]], fit_on: Seque
                 for name, c in codes.items()}
     return tokenizer, catalogs
 
+
+def tokenize_domains(domains: dict[str, tuple[Dataset, np.ndarray]], params: RecGPTConfig, seed: int,
+                     store: IterationStore, *, progress: bool = False, log: Callable[[str], None] = _quiet
+                     ) -> dict[str, CodeCatalog]:
+    """Every domain's catalog: `build_catalogs` fitted on all domains but "target", kept as the checkpoint
+    `tokenizer` (tokenizer, codes per domain, FSQ loss, collision rates); when it exists, codes are read back."""
+    tokenizer_dir = store.folder("tokenizer")
+    if store.done(tokenizer_dir):
+        catalogs = {name: CodeCatalog(name, embed_items(ds, items, params, progress),
+                                      ItemCodes.load(tokenizer_dir / f"codes-{name}.safetensors"), items)
+                    for name, (ds, items) in domains.items()}
+        log("tokenizer: resumed")
+        return catalogs
+    tokenizer, catalogs = build_catalogs(domains, [n for n in domains if n != "target"], params, seed,
+                                         progress=progress)
+
+    def write(tmp: Path) -> None:
+        tokenizer.save(tmp / "tokenizer.safetensors")
+        for name, catalog in catalogs.items():
+            catalog.codes.save(tmp / f"codes-{name}.safetensors")
+
+    store.commit(tokenizer_dir, {"loop": "tokenizer", "iteration": 0, "fsq_loss": tokenizer.history[-1],
+                                 **{f"collision_rate_{n}": c.codes.collision_rate for n, c in catalogs.items()},
+                                 "disambiguation_size": catalogs["target"].codes.sizes[-1]}, write)
+    return catalogs
 
 # ---- step 3-5: the decoder ---------------------------------------------------------------------------------
 
@@ -218,3 +224,97 @@ def beam_recommender(decoder, catalog: CodeCatalog, beam: RecGPTBeamConfig, excl
     settings = CodeBeamConfig(widths=tuple(beam.widths), extensions=beam.extensions, temperature=beam.temperature,
                             exclude_history=exclude_history)
     return BeamLists(decoder, catalog.codes, catalog.vectors, settings, batch_size=beam.batch_size)
+
+
+def evaluated(store: IterationStore, name: str, evaluate: Callable[[], dict]) -> dict:
+    """An evaluation result, computed once and kept as a checkpoint."""
+    folder = store.folder(name)
+    if store.done(folder):
+        return store.record(folder)
+    result = {"loop": name, "iteration": 0, **evaluate()}
+    store.commit(folder, result)
+    return result
+
+
+def score_decoder(decoder, catalog: CodeCatalog, params: RecGPTConfig, store: IterationStore, variant: str,
+                  evaluate: Evaluate) -> dict[str, dict]:
+    """The decoder's beam lists scored once per history mode of `params.history` (each a checkpoint
+    `eval-<variant>-history-<mode>`): mode -> evaluator metrics."""
+    out = {}
+    for mode in params.history:
+        excluded = mode == "excluded"
+        name = f"eval-{variant}-history-{mode}"
+        result = evaluated(store, name, lambda: evaluate(
+            beam_recommender(decoder, catalog, params.beam, excluded), excluded))
+        out[mode] = {k: v for k, v in result.items() if k not in ("loop", "iteration")}
+    return out
+
+
+# ---- the whole algorithm -----------------------------------------------------------------------------------
+
+@dataclass
+class RecGPTResult:
+    """What `run_recgpt` produced: catalogs, decoders, the scores per history mode and the checkpoint records."""
+
+    catalogs: dict[str, CodeCatalog]  # "pretrain-<i>" per pre-training domain, then "target"
+    pretrain_sequences: int  # user sequences pre-trained on, all domains together
+    decoder: "RecGPTDecoder"  # the pre-trained decoder
+    zero_shot: dict[str, dict]  # history mode -> evaluator metrics of the pre-trained decoder (step 4)
+    finetuned: dict[str, dict] | None = None  # the same for the fine-tuned decoder (step 5; None: skipped)
+    finetuned_decoder: "RecGPTDecoder | None" = None
+    records: list[dict] = field(default_factory=list)  # every checkpoint record, in commit order
+
+    @property
+    def target(self) -> CodeCatalog:
+        """The evaluation domain's catalog."""
+        return self.catalogs["target"]
+
+    @property
+    def pretrain_catalogs(self) -> list[CodeCatalog]:
+        """The pre-training domains' catalogs, in dataset order."""
+        n = sum(name.startswith("pretrain-") for name in self.catalogs)
+        return [self.catalogs[f"pretrain-{i}"] for i in range(n)]
+
+
+def run_recgpt(config: RecGPTConfig, eval_domain: Dataset, pretrain_domains: Sequence[Dataset],
+               work_dir: str | Path, *, evaluate: Evaluate, train_interactions: pd.DataFrame | None = None,
+               seed: int = 0, fingerprint: Any = None, progress: bool = False,
+               log: Callable[[str], None] = _quiet) -> RecGPTResult:
+    """RecGPT end to end (the module's steps 1-5): pre-train on `pretrain_domains`, score on `eval_domain`.
+
+    `evaluate(recommender, exclude_history)` scores a `ListRecommender` on the evaluation domain's users;
+    `train_interactions` is its training part, read only by fine-tuning (needed when `finetune.epochs > 0`).
+    `seed` applies unless `config.seed` is set. Checkpoints go to `work_dir`, whose state must match
+    `fingerprint` (default: a hash of the config, the datasets and the seed).
+    """
+    if config.finetune.epochs > 0 and train_interactions is None:
+        raise ConfigError("recgpt: fine-tuning (finetune.epochs > 0) needs the evaluation domain's "
+                          "train_interactions")
+    seed = int(config.seed if config.seed is not None else seed)
+    if fingerprint is None:
+        fingerprint = stable_hash({"params": config.model_dump(mode="json"), "data": eval_domain.fingerprint(),
+                                   "pretrain": [d.fingerprint() for d in pretrain_domains], "seed": seed})
+    store = IterationStore(work_dir, fingerprint)
+
+    # 1-2. sequences, item text embeddings, tokenizer and codes (pre-training catalogs keep their users' items)
+    sequences, domains = pretrain_sequences(pretrain_domains, config.pretrain.users, seed)
+    domains["target"] = (eval_domain, np.arange(eval_domain.n_items))
+    catalogs = tokenize_domains(domains, config, seed, store, progress=progress, log=log)
+    log(f"codes: target collision rate {catalogs['target'].codes.collision_rate:.4f}, "
+        f"{sum(len(s) for s in sequences)} pre-training sequences")
+
+    # 3. pre-training on every pretrain domain
+    pre = [catalogs[f"pretrain-{i}"] for i in range(len(pretrain_domains))]
+    decoder = pretrain_decoder(pre, sequences, config, seed, store, progress=progress, log=log)
+
+    # 4. zero-shot on the target
+    zero = score_decoder(decoder, catalogs["target"], config, store, "zeroshot", evaluate)
+
+    # 5. fine-tuned on its training part
+    tuned = tuned_scores = None
+    if config.finetune.epochs > 0:
+        target_seqs = sample_sequences(eval_domain, train_interactions, config.finetune.users, seed)
+        tuned = finetune_decoder(decoder, catalogs["target"], target_seqs, config, seed, store,
+                                 progress=progress, log=log)
+        tuned_scores = score_decoder(tuned, catalogs["target"], config, store, "finetuned", evaluate)
+    return RecGPTResult(catalogs, sum(len(s) for s in sequences), decoder, zero, tuned_scores, tuned, store.records)

@@ -1,4 +1,5 @@
-"""Trie-constrained beam search over item code sequences (reference/systems.md §6.3), vectorised over users and beams.
+"""Trie-constrained beam search over item code sequences, vectorised over users and beams (docs/systems/recgpt.md,
+"Formulas": inference).
 
 The decoder gives one fixed log-prob table per code position; the beam only keeps prefixes that exist in the
 catalogue. Step 0 keeps the `widths[0]` best first codes; each later step extends every beam by its `extensions`

@@ -1,4 +1,4 @@
-"""RecGPT's sequence model (reference/systems.md §6.2): a small GPT-2 that reads items as code tokens.
+"""RecGPT's sequence model (docs/systems/recgpt.md, "Formulas"): a small GPT-2 that reads items as code tokens.
 
 An item is `n_positions` code tokens. The input at token j of item t is LN(wte[token]) + LN(W_text·x_t), where x_t is
 the item's text vector. We add the projection of the WHOLE text vector to every token of the item by default
@@ -9,7 +9,8 @@ evenly into `n_positions` chunks).
 Attention is hybrid (bidirectional inside an item, causal across items, padding masked) and given to GPT2Model as a
 4-D additive float mask. Position j of item t predicts token j of item t+1, all positions in parallel. Position ids
 are counted from the first real token, in training and inference alike, so a score never depends on the batch size
-or on which side a history was padded (the original's defect §6.5.3).
+or on which side a history was padded (a defect of the original: docs/systems/recgpt.md, "Defects of the
+original code that we fixed").
 
 Histories are LongTensors [B, T] of item ids with -1 for padding, on either side.
 """

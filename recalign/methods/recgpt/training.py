@@ -11,6 +11,7 @@ import torch
 
 from recalign.errors import ConfigError, DataError
 from recalign.methods.recgpt.decoder import RecGPTDecoder, code_table, pad_histories
+from recalign.training import epoch_progress
 
 logger = logging.getLogger("recalign.methods.recgpt")
 
@@ -64,7 +65,7 @@ def _fit(decoder: RecGPTDecoder, usable: list[list[int]], table: torch.Tensor, t
     result = DecoderTrainingResult()
     started = time.perf_counter()
     decoder.train()
-    with _DecoderProgress(settings.epochs * n_batches, settings.progress) as advance:
+    with epoch_progress(settings.epochs * n_batches, "decoder", settings.progress, unit="step") as advance:
         for epoch in range(settings.epochs):
             order = torch.randperm(len(usable), generator=generator).tolist()
             total = 0.0
@@ -78,37 +79,10 @@ def _fit(decoder: RecGPTDecoder, usable: list[list[int]], table: torch.Tensor, t
                 value = float(loss.detach())
                 result.step_losses.append(value)
                 total += value
-                advance(f"epoch {epoch + 1} loss {value:.4f}")
+                advance(epoch=epoch + 1, loss=value)
             result.epoch_losses.append(total / n_batches)
             logger.info("decoder epoch %d/%d loss %.4f", epoch + 1, settings.epochs, result.epoch_losses[-1])
     decoder.eval()
     result.seconds = time.perf_counter() - started
     return result
 
-
-class _DecoderProgress:
-    """A rich progress bar over optimiser steps (a no-op when disabled); yields `advance(info)`."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled, self.bar = total, enabled, None
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda info: None
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
-        self.bar = Progress(TextColumn("decoder"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            TextColumn("{task.fields[info]}"))
-        self.bar.__enter__()
-        task = self.bar.add_task("decoder", total=self.total, info="")
-        return lambda info: self.bar.update(task, advance=1, info=info)
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(*exc)

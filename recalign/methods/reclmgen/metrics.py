@@ -1,11 +1,11 @@
-"""RecLM-gen's controllable-recommendation metrics (reference/metrics.md §2.4, systems.md §5.6) as one list metric.
+"""RecLM-gen's controllable-recommendation metrics as one list metric (docs/metrics.md §2.5).
 
 Each evaluated row carries its own request: k (10, or 11..15 for ItemCount), the target item, the control category C
 (+C, -C and the category-rate tasks), the category-rate rule (LP/MP/EP) with m = floor(p*k/100), the row's SeqRec
 reference list (SRTargetCategoryRate) and candidates (SeqRanking). `control_inputs` packs them into a `ListInputs`
 whose per-row fields live in `extra["row_control_*"]` (so `ListInputs.take`, i.e. bootstrap resampling, keeps them
 aligned), and the `control` family below scores them, every row counting (an empty answer scores 0 and counts as
-not meeting a rule; it is never dropped, unlike the original, systems.md §5.7).
+not meeting a rule; it is never dropped, unlike the original: docs/systems/reclmgen.md, "Defects").
 
 Per-row values, each a ratio over the row's k (l_u = the first k parsed titles after grounding):
 recall / mrr / ndcg (target in L_u, the de-duplicated grounded list), non_exist, repeat, in_history, correct_count,
@@ -36,6 +36,9 @@ from recalign.eval.metrics import padded_sets
 
 RULES = ("LP", "MP", "EP")  # codes 1, 2, 3 in `row_control_rule`; 0 = no category-rate rule
 CONTROL_PARITY = (None, "reclmgen")
+# the control metrics' keys, in report order (a task has those its rows support)
+CONTROL_KEYS = ("recall", "mrr", "ndcg", "non_exist", "repeat", "in_history", "correct_count", "target_category_rate",
+                "sr_target_category_rate", "category_rate_correct", "not_in_candidate")
 
 
 @dataclass(frozen=True)
@@ -166,7 +169,7 @@ def _target_position(entries: torch.Tensor, targets: torch.Tensor) -> torch.Tens
 
 @list_metric("control", needs=("row_control_grounded", "row_control_k"))
 def _control(x: ListInputs, ks: Sequence[int]) -> dict[str, float]:
-    """systems.md §5.6 metrics of every row's own request (k, C, rule, candidates, SeqRec reference)."""
+    """The control metrics of every row's own request (k, C, rule, candidates, SeqRec reference)."""
     e = x.extra
     k = e["row_control_k"]
     kf = k.double()
@@ -221,5 +224,5 @@ def _category_values(x: ListInputs, ell: torch.Tensor, k: torch.Tensor) -> dict[
 
 
 def score_control(inputs: ListInputs) -> dict:
-    """The §5.6 metrics of one test task, plus ValidRatio and the row counts."""
+    """The control metrics of one test task (`CONTROL_KEYS` where they apply), plus ValidRatio and the row counts."""
     return score_lists(inputs, ks=(int(inputs.extra["row_control_k"].max()),), metrics=("control", "valid_ratio"))

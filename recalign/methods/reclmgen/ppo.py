@@ -1,4 +1,4 @@
-"""Our PPO for LLM policies with per-token rewards (systems.md §5.4, without the defects of §5.7).
+"""Our PPO for LLM policies with per-token rewards (RecLM-gen's RL step, docs/systems/reclmgen.md).
 
 Read top to bottom, one iteration is:
 
@@ -23,7 +23,6 @@ Everything runs in float32.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ from recalign.llm.trainer import (
     model_or_folder,
     use_cpu,
 )
+from recalign.training import epoch_progress
 
 if TYPE_CHECKING:  # annotations only: the store lives in a higher layer (recalign.methods)
     from recalign.checkpoints import IterationStore
@@ -62,7 +62,7 @@ RewardFn = Callable[[list[str], list[str], list[list[int]]], Sequence[torch.Tens
 
 
 class PPOConfig(BaseModel):
-    """PPO hyper-parameters (defaults: RecLM-gen's §5.4 where it has one, CPU-sized otherwise)."""
+    """PPO hyper-parameters (defaults: RecLM-gen's where it has one, CPU-sized otherwise)."""
 
     model_config = ConfigDict(extra="forbid")
     # rollout
@@ -92,7 +92,7 @@ class PPOConfig(BaseModel):
     max_grad_norm: float = Field(0.5, gt=0.0, description="gradient norm clip, per network")
     generation_batch_size: int = Field(16, ge=1, description="prompts per generation batch")
     lora: LoraConfig = Field(default_factory=lambda: LoraConfig(r=4, alpha=2, dropout=0.0),
-                               description="shape of the actor and critic adapters (§5.4: r 4, α 2, dropout 0)")
+                               description="shape of the actor and critic adapters (paper: r 4, α 2, dropout 0)")
     seed: int = Field(0, description="adapter/value-head init, prompt draws, sampling and mini-batch order")
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu' or 'cuda'")
 
@@ -361,7 +361,8 @@ class PPOTrainer:
                 self.load(store.folder(LOOP, upto))
                 records = [store.record(store.folder(LOOP, i)) for i in range(1, upto + 1)]
             start = last + 1
-        with _progress_bar(progress, max(iterations, 0), start - 1) as advance:
+        description = "PPO" if start == 1 else f"PPO (from iteration {start})"  # a resumed run: the rest only
+        with epoch_progress(max(iterations - start + 1, 0), description, progress, unit="iteration") as advance:
             for iteration in range(start, iterations + 1):
                 began = time.perf_counter()
                 record = {"loop": LOOP, "iteration": iteration, **self.step(prompts, reward_fn)}
@@ -369,7 +370,7 @@ class PPOTrainer:
                 if store is not None:
                     store.commit(store.folder(LOOP, iteration), record, write=self.save)
                 records.append(record)
-                advance(record)
+                advance(reward=record["mean_reward"], kl=record["kl"])
         self._activate(ACTOR)
         return PPOResult(model=self.model, value_head=self.value_head, records=records)
 
@@ -584,25 +585,3 @@ def _pad(rewards: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
     for i, reward in enumerate(rewards):
         out[i, :reward.numel()] = reward
     return out
-
-
-@contextlib.contextmanager
-def _progress_bar(enabled: bool, total: int, completed: int):
-    """A rich bar over iterations showing the last mean reward and KL; yields `advance(record)`."""
-    if not enabled:
-        yield lambda record: None
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
-    bar = Progress(TextColumn("PPO"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                   TimeElapsedColumn())
-    task = bar.add_task("PPO", total=total, completed=completed, info="")
-    with bar:
-        yield lambda record: bar.update(task, advance=1, info=f"reward {record['mean_reward']:.3f} "
-                                                                   f"kl {record['kl']:.3f}")

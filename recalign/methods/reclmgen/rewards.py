@@ -1,4 +1,4 @@
-"""RecLM-gen's rewards (reference/systems.md §5.5, alpha = 0.5) and their placement on response tokens.
+"""RecLM-gen's rewards (docs/systems/reclmgen.md, "Formulas"; alpha = 0.5) and their placement on response tokens.
 
 For one parsed answer (titles grounded by exact match, RecLM-gen's RL rule) of a row asking for k items:
 
@@ -106,7 +106,7 @@ def task_scores(task: str, in_c: torch.Tensor, valid: torch.Tensor, k: int, m: i
 
 def list_task_score(spec: ControlRequest, items: torch.Tensor, target: int, in_c: torch.Tensor, valid: torch.Tensor,
                     category_size: int) -> float:
-    """L_task of §5.5 for the whole answer."""
+    """L_task of the list reward for the whole answer."""
     if spec.task in RANK_TASKS:
         hit = torch.nonzero(items == target).flatten()
         return 1.0 / math.log2(int(hit[0]) + 2) if hit.numel() else 0.0

@@ -1,60 +1,48 @@
-"""The recipe stage `controllable` (RecLM-gen, `recalign.methods.reclmgen.algorithm`) and what reads its answers.
+"""The recipe stage `reclmgen` (alias `controllable`): a thin adapter from a recipe to `run_controllable`
+(`recalign.methods.reclmgen.algorithm`; docs/systems/reclmgen.md).
 
-- `RECLMGEN_STAGE`: params (the method's config without the recipe-wide eval settings), dependencies (the
-  teacher stage, the init_from stage), the run in a persistent work folder, flat metrics.
+- `RECLMGEN_STAGE`: params (`RecLMGenStageConfig`), dependencies (the teacher stage, the init_from stage), the run in
+  a persistent work folder under the run folder, flat metrics (the SeqRec row + `<task>/<metric>`).
 - `AnsweredLists`: saved SeqRec answers as a list recommender, so `ctx.evaluate` scores them on the recipe's users
   next to the teachers (same users_hash, same keys).
-- `teacher_answers`: the teacher-with-category-filter baseline of every §5.6 task (+C: top-10 in C; -C: top-10
-  outside C; LP/MP/EP: the top m in C and the top k - m outside C, in the teacher's order; ranking: its top-10 of
-  the candidates).
-- `compare_tasks`: paired bootstrap intervals of two systems' task metrics on the same users.
+- `stage_answers`: the per-task answers a finished stage saved under answers/.
+
+The teacher baselines and paired comparisons are in `recalign.methods.reclmgen.baselines`.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-import numpy as np
 import torch
 
 from recalign.checkpoints import stable_hash
 from recalign.errors import ConfigError, RecalignError
 from recalign.eval.lists import NO_ENTRY, GeneratedLists
-from recalign.io import write_atomic, write_json
+from recalign.io import read_json, write_atomic, write_json
 from recalign.methods.reclmgen.algorithm import (
-    RecLMGenConfig,
-    TaskAnswers,
-    _ordered,
-    _test_base,
-    answer_records,
     fingerprint,
-    load_answers,
     run_controllable,
-    score_answers,
+    seqrec_first,
 )
-from recalign.methods.reclmgen.metrics import CategoryTable
-from recalign.methods.reclmgen.tasks import TEST_TASKS, build_test_rows
-from recalign.stages import Stage
+from recalign.methods.reclmgen.answers import TaskAnswers, load_answers
+from recalign.methods.reclmgen.baselines import control_table
+from recalign.methods.reclmgen.config import RecLMGenConfig, RecLMGenStageConfig
+from recalign.methods.reclmgen.tasks import TEST_TASKS
+from recalign.stages import DONE, Stage
 
 if TYPE_CHECKING:
     from recalign.stages import RunContext
 
-__all__ = ["RecLMGenStageConfig", "RECLMGEN_STAGE", "AnsweredLists", "teacher_answers", "compare_tasks",
-           "stage_answers", "CONTROL_KEYS", "control_table"]
+__all__ = ["RecLMGenStageConfig", "RECLMGEN_STAGE", "AnsweredLists", "stage_answers", "run_stage"]
 
 ANSWERS = "answers"
 SFT_ADAPTER = "sft_adapter"
-CONTROL_KEYS = ("recall", "mrr", "ndcg", "non_exist", "repeat", "in_history", "correct_count", "target_category_rate",
-                "sr_target_category_rate", "category_rate_correct", "not_in_candidate")
-
-class RecLMGenStageConfig(RecLMGenConfig):
-    """Params of a `controllable` stage: the method's config (users and cut-offs: the recipe's eval section)."""
 
 
-# ---- the SeqRec answers as a list recommender ----------------------------------------------------------------
+# ---- the SeqRec answers as a list recommender ------------------------------------------------------------------
 
 class AnsweredLists:
     """Saved grounded answers of some users as a `ListRecommender` (`ctx.evaluate` scores them like any model)."""
@@ -77,100 +65,6 @@ class AnsweredLists:
         return GeneratedLists(grounded[:, :k], n_outputs)
 
 
-# ---- the teacher with a category filter ----------------------------------------------------------------------
-
-def teacher_answers(teacher, task: str, rows) -> TaskAnswers:
-    """The teacher's answer to each test row, fulfilling its category request by filtering (see module doc)."""
-    from recalign.methods.reclmgen.tasks import parse_test_task
-
-    kind, _ = parse_test_task(task)
-    n = len(rows)
-    specs = rows.labels
-    width = max([s.k for s in specs] + [1])
-    if n == 0:
-        return answer_records(task, rows, torch.zeros((0, 1), dtype=torch.long), torch.zeros(0, dtype=torch.long))
-    histories = [[int(i) for i in h] for h in rows.histories]
-    users = [int(u) for u in rows.users]
-    if kind in ("+c", "-c"):
-        lists = teacher.topk(histories, width, users=users, categories=[("+" if kind == "+c" else "-") + s.category
-                                                                        for s in specs])
-    elif kind in ("lp", "mp", "ep"):
-        lists = _rate_lists(teacher, histories, users, specs, width)
-    elif kind == "ranking":
-        lists = teacher.topk(histories, width, users=users, candidates=[[int(i) for i in c] for c in rows.candidates])
-    else:
-        lists = teacher.topk(histories, width, users=users)
-    lists = torch.as_tensor(lists, dtype=torch.long)
-    k = torch.as_tensor([s.k for s in specs])
-    cols = torch.arange(lists.shape[1])[None, :]
-    grounded = torch.where((lists >= 0) & (cols < k[:, None]), lists, torch.full_like(lists, NO_ENTRY))
-    return answer_records(task, rows, grounded, (grounded >= 0).sum(1))
-
-
-def _rate_lists(teacher, histories: list[list[int]], users: list[int], specs, width: int) -> torch.Tensor:
-    """Top m in C and top k - m outside C per row, merged in the teacher's rank order."""
-    inside = torch.as_tensor(teacher.topk(histories, width, users=users, categories=["+" + s.category for s in specs]))
-    outside = torch.as_tensor(teacher.topk(histories, width, users=users,
-                                           categories=["-" + s.category for s in specs]))
-    m = torch.as_tensor([s.m for s in specs])[:, None]
-    k = torch.as_tensor([s.k for s in specs])[:, None]
-    cols = torch.arange(width)[None, :]
-    pool = torch.cat([torch.where(cols < m, inside, -1), torch.where(cols < k - m, outside, -1)], 1)
-    ranks = torch.as_tensor(teacher.ranks(histories, pool.clamp(min=0).tolist(), users=users)).double()
-    ranks = torch.where(pool >= 0, ranks, torch.full_like(ranks, float("inf")))
-    order = torch.argsort(ranks, dim=1, stable=True)[:, :width]
-    return pool.gather(1, order)
-
-
-def teacher_baseline(teacher, dataset, split, users: np.ndarray | None, tasks: Sequence[str], seed: int,
-                     max_history: int = 10, n_negatives: int = 100) -> dict[str, TaskAnswers]:
-    """Every §5.6 task answered by the teacher with the category filter (its own SeqRec list feeds -C and LP)."""
-    categories = CategoryTable.from_item_categories(dataset.item_categories())
-    base = _test_base(dataset, split, max_history, users)
-    out: dict[str, TaskAnswers] = {}
-    for task in _ordered(list(tasks)):
-        seqrec = out["seqrec"].grounded_tensor() if "seqrec" in out else None
-        rows = build_test_rows(base, task, categories, seed, seqrec_lists=seqrec, teacher=teacher,
-                               n_negatives=n_negatives)
-        out[task] = teacher_answers(teacher, task, rows)
-    return out
-
-
-# ---- paired comparison -------------------------------------------------------------------------------------------
-
-def compare_tasks(a: dict[str, TaskAnswers], b: dict[str, TaskAnswers], categories: CategoryTable,
-                  n_resamples: int = 1000, seed: int = 0) -> dict[str, dict]:
-    """Per task: {metric: {a, b, diff, low, high}} (a - b, paired bootstrap over the users both answered)."""
-    from recalign.eval.bootstrap import paired_bootstrap
-    from recalign.methods.reclmgen.metrics import score_control
-
-    out = {}
-    for task in [t for t in a if t in b]:
-        _, inputs_a = score_answers(a[task], categories, a.get("seqrec"))
-        _, inputs_b = score_answers(b[task], categories, b.get("seqrec"))
-        position_b = {u: i for i, u in enumerate(b[task].users)}
-        pairs = [(i, position_b[u]) for i, u in enumerate(a[task].users) if u in position_b]
-        if not pairs:
-            continue
-        ia, ib = (np.asarray(x, dtype=np.int64) for x in zip(*pairs))
-        full = score_control(inputs_a.take(ia))
-        keys = [k for k in CONTROL_KEYS if k in full and k in score_control(inputs_b.take(ib))]
-        out[task] = paired_bootstrap(lambda index: score_control(inputs_a.take(ia[index])),
-                                     lambda index: score_control(inputs_b.take(ib[index])), len(pairs), keys,
-                                     n_resamples, seed=seed)
-    return out
-
-
-def control_table(rows: dict[str, dict[str, dict]], keys: Sequence[str] = CONTROL_KEYS) -> str:
-    """Markdown: one row per (system, task), one column per §5.6 metric ('' where a task has none)."""
-    lines = ["| system | task | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 2)]
-    for system, tasks in rows.items():
-        for task, metrics in tasks.items():
-            cells = ["" if metrics.get(k) is None else f"{metrics[k]:.4f}" for k in keys]
-            lines.append(f"| {system} | {task} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def stage_answers(stage_dir: str | Path) -> dict[str, TaskAnswers]:
     """The per-task answers a finished controllable stage saved under answers/."""
     folder = Path(stage_dir) / ANSWERS
@@ -178,10 +72,10 @@ def stage_answers(stage_dir: str | Path) -> dict[str, TaskAnswers]:
         raise ConfigError(f"{stage_dir}: no answers/ folder (not a finished controllable stage)")
     found = {a.task: a for a in (load_answers(p) for p in sorted(folder.glob("*.json")))}
     order = sorted(found, key=lambda t: (TEST_TASKS.index(t) if t in TEST_TASKS else len(TEST_TASKS), t))
-    return {t: found[t] for t in _ordered(order)}
+    return {t: found[t] for t in seqrec_first(order)}
 
 
-# ---- the stage ----------------------------------------------------------------------------------------------
+# ---- the stage -------------------------------------------------------------------------------------------------
 
 def controllable_dependencies(params, stage_names: Sequence[str]) -> dict[str, str]:
     """The teacher stage (when `teacher` names one) and the init_from stage."""
@@ -199,20 +93,7 @@ def run_stage(ctx: "RunContext", params) -> dict:
 
     if ctx.split is None:
         raise ConfigError("a controllable stage needs a split (add `split:` to the recipe)")
-    config = RecLMGenConfig(**params.model_dump())
-    sft_adapter, init_hash = None, None
-    if config.init_from is not None:
-        folder = ctx.stage_output(config.init_from)
-        other = json.loads((folder / "metrics.json").read_text())
-        if other.get("kind") != "controllable" or not (folder / SFT_ADAPTER).is_dir():
-            raise ConfigError(f"init_from: stage '{config.init_from}' is not a controllable stage with an SFT model")
-        if config.model is not None and config.model != other["model"]:
-            raise ConfigError(f"model: '{config.model}' differs from the init_from stage's model '{other['model']}'")
-        config = config.model_copy(update={"model": other["model"]})
-        sft_adapter = folder / SFT_ADAPTER
-        init_hash = json.loads((folder / "DONE").read_text()).get("config_hash")
-    elif config.model is None:
-        config = config.model_copy(update={"model": "smollm2"})
+    config, sft_adapter, init_hash = _starting_model(ctx, RecLMGenConfig(**params.model_dump()))
     try:
         teacher = teacher_from_spec(config.teacher, run_dir=ctx.run_dir)
     except RecalignError as exc:
@@ -230,6 +111,29 @@ def run_stage(ctx: "RunContext", params) -> dict:
     for task, values in out["metrics"].items():
         metrics.update({f"{task}/{name}": value for name, value in values.items() if isinstance(value, (int, float))})
     _write_outputs(ctx.stage_dir, out, sft_adapter)
+    return {**_summary(config, out, work), **metrics}
+
+
+def _starting_model(ctx: "RunContext", config: RecLMGenConfig) -> tuple[RecLMGenConfig, Path | None, str | None]:
+    """(config with its model set, the init_from stage's SFT adapter or None, that stage's config hash or None)."""
+    sft_adapter, init_hash = None, None
+    if config.init_from is not None:
+        folder = ctx.stage_output(config.init_from)
+        other = read_json(folder / "metrics.json")
+        if other.get("kind") != "controllable" or not (folder / SFT_ADAPTER).is_dir():
+            raise ConfigError(f"init_from: stage '{config.init_from}' is not a controllable stage with an SFT model")
+        if config.model is not None and config.model != other["model"]:
+            raise ConfigError(f"model: '{config.model}' differs from the init_from stage's model '{other['model']}'")
+        config = config.model_copy(update={"model": other["model"]})
+        sft_adapter = folder / SFT_ADAPTER
+        init_hash = read_json(folder / DONE).get("config_hash")
+    elif config.model is None:
+        config = config.model_copy(update={"model": "smollm2"})
+    return config, sft_adapter, init_hash
+
+
+def _summary(config: RecLMGenConfig, out: dict, work: Path) -> dict:
+    """The stage's descriptive keys: model, algorithm, reward, teacher, init_from, work_dir, SFT and RL records."""
     summary = {"model": config.model, "algorithm": config.algorithm, "reward": config.reward,
                "teacher": config.teacher, "init_from": config.init_from, "work_dir": str(work)}
     if out["sft"]:
@@ -238,7 +142,7 @@ def run_stage(ctx: "RunContext", params) -> dict:
     rewards = [r.get("mean_reward", r.get("grpo_reward_last")) for r in out["rl"]]
     if rewards and rewards[0] is not None:
         summary.update({"rl_iterations": len(out["rl"]), "rl_reward_first": rewards[0], "rl_reward_last": rewards[-1]})
-    return {**summary, **metrics}
+    return summary
 
 
 def _write_outputs(stage_dir: Path, out: dict, sft_adapter: Path | None) -> None:
@@ -254,6 +158,7 @@ def _write_outputs(stage_dir: Path, out: dict, sft_adapter: Path | None) -> None
         shutil.copytree(out["sft_adapter"], stage_dir / SFT_ADAPTER)
 
 
-RECLMGEN_STAGE = Stage(multi_process=True, params=RecLMGenStageConfig, run=run_stage, depends_on=controllable_dependencies,
-                           description="RecLM-gen: SFT on recommendation + control tasks from a teacher, then PPO or "
-                                       "GRPO with per-item rewards; §5.6 control metrics and the SeqRec row")
+RECLMGEN_STAGE = Stage(multi_process=True, params=RecLMGenStageConfig, run=run_stage,
+                       depends_on=controllable_dependencies,
+                       description="RecLM-gen: SFT on recommendation + control tasks from a teacher, then PPO or "
+                                   "GRPO with per-item rewards; the test tasks' control metrics and the SeqRec row")

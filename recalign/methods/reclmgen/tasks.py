@@ -1,4 +1,4 @@
-"""RecLM-gen's controllable-recommendation tasks (reference/systems.md §5.3, §5.4, §5.6): rows, prompts and labels.
+"""RecLM-gen's controllable-recommendation tasks (docs/systems/reclmgen.md, steps 3-5): rows, prompts and labels.
 
 Every row is a plain `Rows` whose `labels[i]` is the row's `ControlRequest` (task, requested count k, control category
 C, percentage p and target count m); `categories[i]` is the signed request ("+Drama", "-Drama") and `candidates[i]`
@@ -238,7 +238,7 @@ def _candidates(rng: np.random.Generator, label: list[int], history: list[int], 
     return out[rng.permutation(len(out))].tolist()
 
 
-# ---- SFT tasks (§5.3) ---------------------------------------------------------------------------------------------
+# ---- SFT tasks (step 3) -------------------------------------------------------------------------------------------
 
 def sft_seqrec(source: ControlSource, rng: np.random.Generator) -> Rows:
     """SeqRec: k ~ U{1..10}; label = target + teacher top-k (target removed); half "select from" 10 candidates."""
@@ -371,7 +371,7 @@ def sft_rows(source: ControlSource, epoch: int, seed: int = 0, tasks: Sequence[s
     return concat_rows(parts)
 
 
-# ---- RL tasks (§5.4) ----------------------------------------------------------------------------------------------
+# ---- RL tasks (step 4) --------------------------------------------------------------------------------------------
 
 def target_categories(categories: CategoryTable, targets: torch.Tensor, rng: np.random.Generator | None = None
                       ) -> torch.Tensor:
@@ -423,7 +423,7 @@ def rl_rows(source: ControlSource, episode: int, seed: int = 0, tasks: Sequence[
     return concat_rows(parts)
 
 
-# ---- test tasks (§5.6) --------------------------------------------------------------------------------------------
+# ---- test tasks (step 5) ------------------------------------------------------------------------------------------
 
 def parse_test_task(task: str) -> tuple[str, int | None]:
     """(kind, percent) of a test task name: "seqrec", "+c", "-c", "itemcount", "ranking" or "lp_20", "mp_30", ..."""
@@ -476,8 +476,8 @@ def build_test_rows(base: Rows, task: str, categories: CategoryTable, seed: int 
 
 
 def rl_validation_rows(base: Rows, categories: CategoryTable, teacher: Any, seed: int = 0) -> Rows:
-    """§5.4's validation mix on `base` (e.g. the validation part): SeqRec, +C, -C, LP_20, MP_30, EP_50, ItemCount;
-    -C and LP take their category from the teacher's top-10."""
+    """The RL step's validation mix on `base` (e.g. the validation part): SeqRec, +C, -C, LP_20, MP_30, EP_50,
+    ItemCount; -C and LP take their category from the teacher's top-10."""
     histories = [[int(i) for i in h] for h in base.histories]
     top = torch.as_tensor(teacher.topk(histories, 10, users=[int(u) for u in base.users]), dtype=torch.long)
     return concat_rows([build_test_rows(base, task, categories, seed, seqrec_lists=top, teacher=teacher)
@@ -563,7 +563,7 @@ class ControlTask(BaseModel):
 
 
 class ControlRLTask(ControlTask):
-    """The RL task mix of §5.4; `train_rows(..., epoch)` gives one episode."""
+    """The RL task mix (step 4); `train_rows(..., epoch)` gives one episode."""
 
     kind: Literal["reclm_rl"] = "reclm_rl"
 
@@ -575,7 +575,7 @@ class ControlRLTask(ControlTask):
 
 
 class ControlTestTask(ControlTask):
-    """One test task of §5.6 (`task`: seqrec, +c, -c, lp_20, ep_30, mp_30, itemcount, ranking)."""
+    """One test task (step 5; `task`: seqrec, +c, -c, lp_20, ep_30, mp_30, itemcount, ranking)."""
 
     kind: Literal["reclm_test"] = "reclm_test"
     task: str = Field("seqrec", description="seqrec, +c, -c, lp_20, ep_30, mp_30, itemcount, ranking (or lp_P ...)")

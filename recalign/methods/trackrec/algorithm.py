@@ -1,28 +1,37 @@
-"""TrackRec (arXiv 2508.15388; systems.md §2): a CoT generator G and a validator V aligned in turns.
+"""TrackRec (arXiv 2508.15388): a CoT generator G and a validator V aligned in turns (docs/systems/trackrec.md).
 
-The algorithm, as `run_trackrec` runs it (one chat template for every step: `recalign.methods.trackrec.prompts`):
+The paper's algorithm box, as `run_trackrec` runs it (one chat template for every step:
+`recalign.methods.trackrec.prompts`). Input: train and test impressions (`CtrRows`), the catalog that names them
+(`TitleCatalog`), N = `iterations`, n = `n_samples`.
 
-    C₀ ← teacher(CoT prompt) for every train impression        an LLM (HF / OpenAI-compatible), or on a CPU the
-                                                                deterministic STAND-IN summariser (not an LLM)
-    G₀ ← SFT(G base + LoRA, CoT prompt → C₀)                   distillation (the loop starts from G₀, §2.4.7)
-    V₀ ← V base (un-tuned)
-    LLM test(G₀, V₀)                                           iteration 0
-    for i = 1 .. N:
-        (a) y_1..y_n ← sample(G_{i−1}, CoT prompt), seeded     n CoTs per train impression
-        (b) s_k ← V_{i−1}: σ(log p_Yes − log p_No)              full next-token distribution (recalign.methods.trackrec.verifier)
-        (c) r_k ← s_k if label = 1 else 1 − s_k
-            drop impressions whose CoTs are ALL wrong (r_k ≤ ½ for every k), counted      (the original's filter
-            chosen = argmax r; negatives = n_negatives of the rest, seeded                 dropped nothing, §2.4.4)
-        (d) G_i ← S-DPO(G_{i−1}, π_ref = G_{i−1})              per-sample log-sum-exp (recalign.methods.trackrec.sdpo)
-        (e) c ← greedy(G_i, CoT prompt)                        train and test impressions
-        (f) V_i ← SFT(V base + a FRESH LoRA, V prompt(c) → Yes/No)    V re-initialised every iteration
-        LLM test(G_i, V_i); commit iteration i                  a killed loop resumes after the last finished i
+     1. train, test ← seeded samples of `train_rows` / `test_rows` impressions             `CtrRows.sample`
+     2. C₀ ← teacher(CoT prompt) for every train impression: an LLM (HF or                 `teacher_cots`
+        OpenAI-compatible), or on a CPU the deterministic STAND-IN summariser (not an LLM) `stand_in_cots`
+     3. G₀ ← SFT(G base + LoRA, CoT prompt → C₀)                                           `distill_generator`
+     4. V₀ ← V base (un-tuned); LLM test(G₀, V₀); commit iteration 0                       `iteration_zero`
+        (the loop starts from G₀; the original started from the base model: docs/systems/trackrec.md, defect 6)
+     5. for i = 1 .. N, resuming after the last committed i:                               `alternating_iteration`
+     6.   (a) y_1..y_n ← sample(G_{i−1}, CoT prompt), seeded, for every train impression   `sample_and_score`
+     7.   (b) s_k ← V_{i−1}: σ(log p_Yes − log p_No) over the full next-token distribution
+              (`recalign.methods.trackrec.verifier`)
+     8.   (c) r_k ← s_k if label = 1 else 1 − s_k; drop impressions whose CoTs are ALL     `build_preferences`
+              wrong (r_k ≤ ½ for every k), counted (the original's filter dropped nothing: defect 3);
+              chosen = argmax r; negatives = `sdpo.n_negatives` of the rest, seeded
+     9.   (d) G_i ← S-DPO(G_{i−1}, π_ref = G_{i−1}), per-sample log-sum-exp                `align_generator`
+              (`recalign.methods.trackrec.sdpo`); G is kept when step (c) dropped every impression
+    10.   (e) c ← greedy(G_i, CoT prompt) for train and test impressions                   `greedy_cots`
+    11.   (f) V_i ← SFT(V base + a FRESH LoRA, V prompt(c) → Yes/No): V re-initialised     `rec_tune_validator`
+    12.   LLM test(G_i, V_i); commit iteration i                                           `llm_test`
+    Output: one record per iteration (0 = G₀ with the un-tuned V₀).
 
-LLM test: G writes a greedy CoT per test impression, V answers; ACC counts an unparsable answer as wrong (the
-valid ratio is reported, nothing is dropped, §2.4.8); AUC and LogLoss (scikit-learn) are computed on s.
+LLM test (`llm_test`, `llm_test_metrics`): G writes a greedy CoT per test impression, V answers; ACC counts an
+unparsable answer as wrong (the valid ratio is reported, nothing is dropped: defect 7); AUC and LogLoss
+(scikit-learn) are computed on s.
 
 Every checkpoint writes `cots.parquet` (user, item, label, part, prompt, cot: one row per impression) for the CTR
-side (`recalign.methods.trackrec.ctr.knowledge` embeds prompt and CoT); `generate_cots` writes CoTs of a saved G for any impressions.
+side (`recalign.methods.trackrec.ctr.knowledge` embeds prompt and CoT); `generate_cots` writes CoTs of a saved G for
+any impressions. Checkpoints, state and resume are `recalign.checkpoints.IterationStore`; settings:
+`recalign.methods.trackrec.config`; the recipe stage (`TRACKREC_STAGE`): `recalign.methods.trackrec.stage`.
 """
 
 from __future__ import annotations
@@ -31,93 +40,35 @@ import json
 from collections import Counter
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from recalign.checkpoints import IterationStore
 from recalign.errors import ConfigError
-from recalign.llm.backends import GenerationBackend
 from recalign.llm.train import SFTConfig
 from recalign.llm.trainer import LoraConfig
+from recalign.methods.trackrec.config import STAND_IN, CoTTeacherConfig, TrackRecConfig
 from recalign.methods.trackrec.prompts import CtrSample
-from recalign.methods.trackrec.sdpo import SDPOConfig
 from recalign.stages import fill_seeds
 
-__all__ = ["CoTTeacherConfig", "CoTDecodingConfig", "TrackRecConfig", "CtrRows", "TitleCatalog", "STAND_IN", "stand_in_cots",
-           "Preferences", "build_preferences", "llm_test_metrics", "run_trackrec", "generate_cots",
-           "TrackRecStageConfig", "TRACKREC_STAGE"]
+__all__ = ["CtrRows", "TitleCatalog", "STAND_IN", "stand_in_cots", "teacher_cots", "teacher_name", "distill_generator",
+           "iteration_zero", "alternating_iteration", "sample_and_score", "Preferences", "build_preferences",
+           "align_generator", "greedy_cots", "rec_tune_validator", "llm_test", "llm_test_metrics", "run_trackrec",
+           "generate_cots"]
 
-STAND_IN = "stand-in"
 STAND_IN_NAME = "stand-in summariser (deterministic, not an LLM)"
 MARKER = "metrics.json"
 RESUMABLE_FIELDS = {"iterations"}  # may grow between attempts on one work folder
 
 
-# ---- configuration --------------------------------------------------------------------------------------------
-
-class CoTTeacherConfig(BaseModel):
-    """Who writes the distilled CoTs: the STAND-IN summariser (default on a CPU), an HF causal LM, or a server."""
-
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["stand-in", "hf", "openai"] = Field(
-        STAND_IN, description="'stand-in': a deterministic summary of the history (liked/disliked titles, favourite "
-                              "categories), NOT an LLM; 'hf': a causal LM; 'openai': an OpenAI-compatible server")
-    model: str | None = Field(None, description="hf: HF id / folder / .gguf / 'smollm2'; openai: served model name")
-    base_url: str | None = Field(None, description="openai: server URL, e.g. http://127.0.0.1:8000")
-    api_key_env: str | None = Field(None, description="openai: environment variable holding the API key")
-    max_new_tokens: int = Field(256, ge=1, description="tokens per CoT (the prompt asks for <= 200 words)")
-    batch_size: int = Field(8, ge=1, description="prompts per generate call")
-
-
-class CoTDecodingConfig(BaseModel):
-    """How G writes CoTs: sampled for preference data (temperature 1.0), greedy for the rest."""
-
-    model_config = ConfigDict(extra="forbid")
-    max_new_tokens: int = Field(128, ge=1, description="tokens per CoT (TrackRec: 512)")
-    temperature: float = Field(1.0, gt=0.0, description="sampling temperature of step (a)")
-    batch_size: int = Field(8, ge=1, description="prompts per generate call")
-
-
-class TrackRecConfig(BaseModel):
-    """Everything the LLM side of one TrackRec run depends on (defaults: a 2-core CPU budget)."""
-
-    model_config = ConfigDict(extra="forbid")
-    model: str = Field("tiny", description="G's base model: HF id, folder, .gguf, 'smollm2' or 'tiny'")
-    verifier_model: str | None = Field(None, description="V's base model (null = the same as `model`)")
-    teacher: CoTTeacherConfig = Field(default_factory=CoTTeacherConfig, description="who writes the distilled CoTs")
-    iterations: int = Field(3, ge=1, description="alternating iterations N (TrackRec: 3)")
-    n_samples: int = Field(10, ge=2, description="CoTs sampled per train impression in step (a) (TrackRec: 10)")
-    train_rows: int | None = Field(256, ge=1, description="seeded subsample of train impressions (null = all)")
-    test_rows: int | None = Field(256, ge=1, description="seeded subsample of test impressions (null = all)")
-    lora: LoraConfig = Field(default_factory=lambda: LoraConfig(r=8, alpha=16, dropout=0.05),
-                               description="LoRA adapter of G and (fresh every iteration) of V")
-    distill: SFTConfig = Field(default_factory=lambda: SFTConfig(epochs=1.0, learning_rate=2e-4, batch_size=4,
-                                                                     max_length=1024),
-                                 description="G's SFT on the teacher's CoTs (TrackRec: 1 epoch)")
-    sdpo: SDPOConfig = Field(default_factory=lambda: SDPOConfig(learning_rate=5e-5),
-                               description="G's S-DPO update (β 0.1, 2 negatives; TrackRec lr 1e-6 is full FT)")
-    rec_tuning: SFTConfig = Field(default_factory=lambda: SFTConfig(epochs=3.0, learning_rate=2e-4,
-                                                                        batch_size=8, max_length=1024),
-                                    description="V's Rec-tuning SFT on Yes/No (TrackRec: 3 epochs)")
-    decoding: CoTDecodingConfig = Field(default_factory=CoTDecodingConfig, description="G's CoT decoding")
-    backend: GenerationBackend = Field(default_factory=GenerationBackend,
-                                       description="engine of G's greedy CoTs (step e, train and test impressions): "
-                                                   "transformers | vllm | openai | auto (recalign.llm.backends); the "
-                                                   "sampled CoTs of step (a), S-DPO and V's scores always use "
-                                                   "transformers")
-    verifier_batch_size: int = Field(8, ge=1, description="V prompts per forward pass")
-    device: str = Field("auto", description="'auto', 'cpu' or 'cuda'")
-    seed: int = Field(0, description="seed of the row samples, CoT sampling, negatives and training")
-
-
-# ---- impressions and the catalog --------------------------------------------------------------------------------
+# ---- impressions and the catalog -------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class CtrRows:
-    """Labelled impressions, aligned arrays (the fields of `recalign.methods.trackrec.ctr.data.Impressions` this method reads).
+    """Labelled impressions, aligned arrays (the fields of `recalign.methods.trackrec.ctr.data.Impressions` that
+    this method reads).
 
     history [N, H]: item ids rated before the impression, oldest first, -1 = padding; history_rating [N, H].
     """
@@ -137,7 +88,7 @@ class CtrRows:
 
     @classmethod
     def of(cls, impressions) -> "CtrRows":
-        """The fields this method reads of any impressions object (e.g. `recalign.methods.trackrec.ctr.data.Impressions`)."""
+        """The fields this method reads of any impressions object (e.g. `ctr.data.Impressions`)."""
         return cls(**{f.name: np.asarray(getattr(impressions, f.name)) for f in fields(cls)})
 
     def sample(self, count: int | None, seed: int) -> "CtrRows":
@@ -175,7 +126,87 @@ class TitleCatalog:
         return out
 
 
-# ---- step 1: the teacher ---------------------------------------------------------------------------------------
+# ---- the loop --------------------------------------------------------------------------------------------------
+
+IterationHook = Callable[[int], None]
+
+
+def run_trackrec(config: TrackRecConfig, train: CtrRows, test: CtrRows, catalog: TitleCatalog, work_dir: str | Path, *,
+                 progress: bool = False, log: Callable[[str], None] | None = None,
+                 on_iteration_start: IterationHook | None = None) -> dict:
+    """Distil G, then `config.iterations` alternating iterations, resuming from `work_dir`; returns the records."""
+    config = fill_seeds(config, config.seed)
+    config.backend.check(where="trackrec backend")  # before any training
+    say = log or (lambda message: None)
+    train, test = train.sample(config.train_rows, config.seed), test.sample(config.test_rows, config.seed + 1)
+    if len(train) == 0 or len(test) == 0:
+        raise ConfigError("TrackRec needs train and test impressions; got "
+                          f"{len(train)} train and {len(test)} test")
+    store = IterationStore(work_dir, config.model_dump(mode="json", exclude=RESUMABLE_FIELDS), marker=MARKER,
+                           key_fields=("loop", "iteration"))
+    parts = {"train": train, "test": test}
+    samples = {name: catalog.samples(rows) for name, rows in parts.items()}
+
+    distilled = store.folder("distill")
+    if not store.done(distilled):
+        iteration_zero(config, store, parts, samples, catalog, progress, say)
+
+    for iteration in store.pending("align", config.iterations):
+        if on_iteration_start is not None:
+            on_iteration_start(iteration)
+        alternating_iteration(config, store, iteration, distilled, parts, samples, progress, say)
+    store.clean_scratch()
+    return {"iterations": sorted(store.records, key=lambda r: r["iteration"]), "work_dir": str(store.root)}
+
+
+def iteration_zero(config: TrackRecConfig, store: IterationStore, parts: dict[str, CtrRows],
+                   samples: dict[str, list[CtrSample]], catalog: TitleCatalog, progress: bool,
+                   say: Callable[[str], None]) -> None:
+    """Steps 2-4: distil G₀ from the teacher's CoTs, LLM test with the un-tuned V₀, commit `<work>/distill`."""
+    say(f"step 1: distillation, teacher = {teacher_name(config.teacher)}")
+    g, tokenizer, cots = distill_generator(config, parts["train"], samples["train"], catalog, store.scratch, progress)
+    greedy = {name: greedy_cots(g, tokenizer, samples[name], config, progress) for name in parts}
+    v, v_tokenizer = _load(verifier_base(config), config)
+    metrics = llm_test(v, v_tokenizer, samples["test"], greedy["test"], parts["test"].label, config)
+    record = {"loop": "distill", "iteration": 0, "teacher": teacher_name(config.teacher), **metrics}
+    store.commit(store.folder("distill"), record, _writer(g, None, tokenizer, parts, samples, greedy,
+                                                          teacher={"train": cots}))
+
+
+def alternating_iteration(config: TrackRecConfig, store: IterationStore, iteration: int, distilled: Path,
+                          parts: dict[str, CtrRows], samples: dict[str, list[CtrSample]], progress: bool,
+                          say: Callable[[str], None]) -> None:
+    """Steps 6-12 for iteration i from G_{i−1}, V_{i−1} (the checkpoint before it, `distilled` for i = 1)."""
+    train, test = parts["train"], parts["test"]
+    say(f"step 2: alternating iteration {iteration}/{config.iterations}")
+    previous = store.previous("align", iteration, distilled)
+    g, tokenizer = _load(config.model, config, adapter=previous / "generator", trainable=True)
+    v_adapter = previous / "verifier" if iteration > 1 else None  # V₀ is the un-tuned base model
+    v, v_tokenizer = _load(verifier_base(config), config, adapter=v_adapter)
+    seed = config.seed + 1000 * iteration
+    # (a) n sampled CoTs per train impression; (b) V scores each one
+    sampled, scores = sample_and_score(g, tokenizer, v, v_tokenizer, samples["train"], config, seed, progress)
+    del v
+    # (c) rewards, the all-wrong filter, chosen and negatives; (d) S-DPO
+    prefs = build_preferences(scores, train.label, config.sdpo.n_negatives, seed)
+    sdpo_log: dict = {}
+    if len(prefs.kept) == 0:
+        say(f"iteration {iteration}: every impression's CoTs were all wrong; G is unchanged")
+    else:
+        g, sdpo_log = align_generator(g, tokenizer, samples["train"], sampled, prefs, config, store.scratch, progress)
+    # (e) greedy regeneration; (f) V re-initialised from its base and Rec-tuned on the new CoTs
+    greedy = {name: greedy_cots(g, tokenizer, samples[name], config, progress) for name in parts}
+    v, v_tokenizer = rec_tune_validator(config, samples["train"], greedy["train"], train.label, seed, store.scratch,
+                                        progress)
+    metrics = llm_test(v, v_tokenizer, samples["test"], greedy["test"], test.label, config)
+    record = {"loop": "align", "iteration": iteration, **metrics, "preferences": len(prefs.kept),
+              "dropped_all_wrong": prefs.dropped_all_wrong, "reward_mean": float(prefs.rewards.mean()),
+              **sdpo_log}
+    store.commit(store.folder("align", iteration), record,
+                 _writer(g, v, tokenizer, parts, samples, greedy, sampled=sampled, prefs=prefs))
+
+
+# ---- steps 2-3: the teacher and G₀ -----------------------------------------------------------------------------
 
 def stand_in_cots(rows: CtrRows, catalog: TitleCatalog, top: int = 3) -> list[str]:
     """The STAND-IN teacher (not an LLM): liked (>= 4 stars) and disliked (<= 2) titles and favourite categories."""
@@ -198,7 +229,8 @@ def _listing(titles: list[str], most: int = 5) -> str:
     return ", ".join(f"'{t}'" for t in titles[:most])
 
 
-def teacher_cots(settings: CoTTeacherConfig, rows: CtrRows, catalog: TitleCatalog, tokenizer, progress: bool) -> list[str]:
+def teacher_cots(settings: CoTTeacherConfig, rows: CtrRows, catalog: TitleCatalog, tokenizer,
+                 progress: bool) -> list[str]:
     """The distilled CoTs: the stand-in summariser, an HF causal LM (its own chat template) or a server."""
     import os
 
@@ -230,7 +262,30 @@ def teacher_name(settings: CoTTeacherConfig) -> str:
     return STAND_IN_NAME if settings.kind == STAND_IN else f"{settings.kind}:{settings.model}"
 
 
-# ---- step 2 (c): preferences -----------------------------------------------------------------------------------
+def distill_generator(config: TrackRecConfig, rows: CtrRows, samples: list[CtrSample], catalog: TitleCatalog,
+                      scratch: Path, progress: bool):
+    """Steps 2-3: the teacher's CoTs C₀ for `rows`, and G₀ ← SFT(G base + LoRA, CoT prompt → C₀).
+
+    Returns (G₀, its tokenizer, C₀).
+    """
+    g, tokenizer = _load(config.model, config, lora=config.lora)
+    cots = teacher_cots(config.teacher, rows, catalog, tokenizer, progress)
+    g = _sft(g, tokenizer, [_cot_prompt(tokenizer, s) for s in samples], cots, config.distill, scratch, progress)
+    return g, tokenizer, cots
+
+
+# ---- steps (a)-(b): sampled CoTs and their scores --------------------------------------------------------------
+
+def sample_and_score(g, tokenizer, v, v_tokenizer, samples: list[CtrSample], config: TrackRecConfig, seed: int,
+                     progress: bool) -> tuple[list[list[str]], torch.Tensor]:
+    """Steps (a)-(b): `n_samples` CoTs of G per impression (seeded), and V's score s of each one [B, n]."""
+    sampled = _sample(g, tokenizer, samples, config, seed, progress)
+    scores = _scores(v, v_tokenizer, [s for s, row in zip(samples, sampled) for _ in row],
+                     [c for row in sampled for c in row], config).view(len(samples), config.n_samples)
+    return sampled, scores
+
+
+# ---- step (c): preferences -------------------------------------------------------------------------------------
 
 @dataclass
 class Preferences:
@@ -258,7 +313,55 @@ def build_preferences(scores: torch.Tensor, labels: np.ndarray, n_negatives: int
     return Preferences(kept.numpy(), chosen.numpy(), negatives.numpy(), rewards, int((~keep).sum()))
 
 
-# ---- step 3: the LLM test ----------------------------------------------------------------------------------------
+# ---- steps (d)-(f): S-DPO, greedy regeneration, a fresh V ------------------------------------------------------
+
+def align_generator(g, tokenizer, samples: list[CtrSample], sampled: list[list[str]], prefs: Preferences,
+                    config: TrackRecConfig, scratch: Path, progress: bool):
+    """Step (d): G_i ← S-DPO(G_{i−1}, π_ref = G_{i−1}) on the kept impressions; returns (G_i, the S-DPO summary)."""
+    from recalign.methods.trackrec.sdpo import train_sdpo
+
+    records = [{"prompt": _cot_prompt(tokenizer, samples[row]), "chosen": sampled[row][chosen],
+                "rejected": [sampled[row][j] for j in negatives]}
+               for row, chosen, negatives in zip(prefs.kept.tolist(), prefs.chosen.tolist(),
+                                                 prefs.negatives.tolist())]
+    result = train_sdpo(g, tokenizer, records, config.sdpo, output_dir=scratch, progress=progress)
+    return result.model, result.summary()
+
+
+def greedy_cots(model, tokenizer, samples: list[CtrSample], config: TrackRecConfig, progress: bool) -> list[str]:
+    """Step (e): one greedy CoT of G per impression (on `config.backend`), stripped."""
+    from recalign.llm.backends import generate_answers
+    from recalign.llm.generate import GenerationConfig
+
+    prompts = [_cot_prompt(tokenizer, s) for s in samples]
+    return [a[0].strip() for a in generate_answers(config.backend, model, tokenizer, prompts,
+                                                   GenerationConfig(max_new_tokens=config.decoding.max_new_tokens),
+                                                   batch_size=config.decoding.batch_size, progress=progress)]
+
+
+def rec_tune_validator(config: TrackRecConfig, samples: list[CtrSample], cots: list[str], labels: np.ndarray,
+                       seed: int, scratch: Path, progress: bool):
+    """Step (f): V_i ← SFT(V base + a fresh LoRA seeded by `seed`, V prompt(CoT) → Yes/No).
+
+    V is re-initialised from its base every iteration; returns (V_i, its tokenizer).
+    """
+    v, v_tokenizer = _load(verifier_base(config), config, lora=config.lora, seed=seed)
+    v = _sft(v, v_tokenizer, [_validator_prompt(v_tokenizer, s, c) for s, c in zip(samples, cots)],
+             [_yes_no(label) for label in labels], config.rec_tuning, scratch, progress)
+    return v, v_tokenizer
+
+
+# ---- the LLM test ----------------------------------------------------------------------------------------------
+
+def llm_test(v, tokenizer, samples: list[CtrSample], cots: list[str], labels: np.ndarray,
+             config: TrackRecConfig) -> dict:
+    """V's answers and scores on the test impressions with G's CoTs, and their metrics (`llm_test_metrics`)."""
+    from recalign.methods.trackrec.verifier import verifier_scores
+
+    prompts = [_validator_prompt(tokenizer, s, c) for s, c in zip(samples, cots)]
+    out = verifier_scores(v, tokenizer, prompts, config.verifier_batch_size)
+    return llm_test_metrics(labels, out.scores, out.answers)
+
 
 def llm_test_metrics(labels: np.ndarray, scores: torch.Tensor | np.ndarray, answers: list[int | None]) -> dict:
     """ACC (an unparsable answer is wrong), AUC and LogLoss on s (scikit-learn), and the valid ratio."""
@@ -273,83 +376,10 @@ def llm_test_metrics(labels: np.ndarray, scores: torch.Tensor | np.ndarray, answ
             / len(answers), "n_test": len(y)}
 
 
-# ---- the loop ------------------------------------------------------------------------------------------------------
+# ---- LLM blocks: one template for every step -------------------------------------------------------------------
 
-IterationHook = Callable[[int], None]
-
-
-def run_trackrec(config: TrackRecConfig, train: CtrRows, test: CtrRows, catalog: TitleCatalog, work_dir: str | Path, *,
-                 progress: bool = False, log: Callable[[str], None] | None = None,
-                 on_iteration_start: IterationHook | None = None) -> dict:
-    """Distil G, then `config.iterations` alternating iterations, resuming from `work_dir`; returns the records."""
-    config = fill_seeds(config, config.seed)
-    config.backend.check(where="trackrec backend")  # before any training
-    say = log or (lambda message: None)
-    train, test = train.sample(config.train_rows, config.seed), test.sample(config.test_rows, config.seed + 1)
-    if len(train) == 0 or len(test) == 0:
-        raise ConfigError("TrackRec needs train and test impressions; got "
-                          f"{len(train)} train and {len(test)} test")
-    store = IterationStore(work_dir, config.model_dump(mode="json", exclude=RESUMABLE_FIELDS), marker=MARKER,
-                           key_fields=("loop", "iteration"))
-    parts = {"train": train, "test": test}
-    samples = {name: catalog.samples(rows) for name, rows in parts.items()}
-
-    distilled = store.folder("distill")
-    if not store.done(distilled):
-        say(f"step 1: distillation, teacher = {teacher_name(config.teacher)}")
-        g, tokenizer = _load(config.model, config, lora=config.lora)
-        cots = teacher_cots(config.teacher, train, catalog, tokenizer, progress)
-        g = _sft(g, tokenizer, [_cot_prompt(tokenizer, s) for s in samples["train"]], cots, config.distill,
-                 store.scratch, progress)
-        greedy = {name: _greedy(g, tokenizer, samples[name], config, progress) for name in parts}
-        v, v_tokenizer = _load(_verifier_base(config), config)
-        metrics = _llm_test(v, v_tokenizer, samples["test"], greedy["test"], test.label, config)
-        record = {"loop": "distill", "iteration": 0, "teacher": teacher_name(config.teacher), **metrics}
-        store.commit(distilled, record, _writer(g, None, tokenizer, parts, samples, greedy,
-                                                teacher={"train": cots}))
-        del g, v
-
-    for iteration in store.pending("align", config.iterations):
-        if on_iteration_start is not None:
-            on_iteration_start(iteration)
-        say(f"step 2: alternating iteration {iteration}/{config.iterations}")
-        previous = store.previous("align", iteration, distilled)
-        g, tokenizer = _load(config.model, config, adapter=previous / "generator", trainable=True)
-        v_adapter = previous / "verifier" if iteration > 1 else None  # V₀ is the un-tuned base model
-        v, v_tokenizer = _load(_verifier_base(config), config, adapter=v_adapter)
-        seed = config.seed + 1000 * iteration
-        # (a) n sampled CoTs per train impression; (b) V scores each one
-        sampled = _sample(g, tokenizer, samples["train"], config, seed, progress)
-        scores = _scores(v, v_tokenizer, [s for s, row in zip(samples["train"], sampled) for _ in row],
-                         [c for row in sampled for c in row], config).view(len(train), config.n_samples)
-        del v
-        # (c) rewards, the all-wrong filter, chosen and negatives; (d) S-DPO
-        prefs = build_preferences(scores, train.label, config.sdpo.n_negatives, seed)
-        sdpo_log: dict = {}
-        if len(prefs.kept) == 0:
-            say(f"iteration {iteration}: every impression's CoTs were all wrong; G is unchanged")
-        else:
-            g, sdpo_log = _sdpo(g, tokenizer, samples["train"], sampled, prefs, config, store.scratch, progress)
-        # (e) greedy regeneration; (f) V re-initialised from its base and Rec-tuned on the new CoTs
-        greedy = {name: _greedy(g, tokenizer, samples[name], config, progress) for name in parts}
-        v, v_tokenizer = _load(_verifier_base(config), config, lora=config.lora, seed=seed)
-        v = _sft(v, v_tokenizer, [_validator_prompt(v_tokenizer, s, c) for s, c in zip(samples["train"],
-                                                                                       greedy["train"])],
-                 [_yes_no(label) for label in train.label], config.rec_tuning, store.scratch, progress)
-        metrics = _llm_test(v, v_tokenizer, samples["test"], greedy["test"], test.label, config)
-        record = {"loop": "align", "iteration": iteration, **metrics, "preferences": len(prefs.kept),
-                  "dropped_all_wrong": prefs.dropped_all_wrong, "reward_mean": float(prefs.rewards.mean()),
-                  **sdpo_log}
-        store.commit(store.folder("align", iteration), record,
-                     _writer(g, v, tokenizer, parts, samples, greedy, sampled=sampled, prefs=prefs))
-        del g, v
-    store.clean_scratch()
-    return {"iterations": sorted(store.records, key=lambda r: r["iteration"]), "work_dir": str(store.root)}
-
-
-# ---- LLM blocks: one template for every step ---------------------------------------------------------------------
-
-def _verifier_base(config: TrackRecConfig) -> str:
+def verifier_base(config: TrackRecConfig) -> str:
+    """V's base model: `verifier_model`, or G's `model` when it is not set."""
     return config.verifier_model or config.model
 
 
@@ -397,16 +427,6 @@ def _sft(model, tokenizer, prompts: list[str], completions: list[str], settings:
     return train_sft(model, tokenizer, examples, settings, output_dir=scratch, progress=progress).model
 
 
-def _greedy(model, tokenizer, samples: list[CtrSample], config: TrackRecConfig, progress: bool) -> list[str]:
-    from recalign.llm.backends import generate_answers
-    from recalign.llm.generate import GenerationConfig
-
-    prompts = [_cot_prompt(tokenizer, s) for s in samples]
-    return [a[0].strip() for a in generate_answers(config.backend, model, tokenizer, prompts,
-                                                   GenerationConfig(max_new_tokens=config.decoding.max_new_tokens),
-                                                   batch_size=config.decoding.batch_size, progress=progress)]
-
-
 def _sample(model, tokenizer, samples: list[CtrSample], config: TrackRecConfig, seed: int,
             progress: bool) -> list[list[str]]:
     from recalign.llm.generate import GenerationConfig, generate
@@ -426,28 +446,7 @@ def _scores(model, tokenizer, samples: list[CtrSample], cots: list[str], config:
     return verifier_scores(model, tokenizer, prompts, config.verifier_batch_size).scores
 
 
-def _llm_test(v, tokenizer, samples: list[CtrSample], cots: list[str], labels: np.ndarray,
-              config: TrackRecConfig) -> dict:
-    from recalign.methods.trackrec.verifier import verifier_scores
-
-    prompts = [_validator_prompt(tokenizer, s, c) for s, c in zip(samples, cots)]
-    out = verifier_scores(v, tokenizer, prompts, config.verifier_batch_size)
-    return llm_test_metrics(labels, out.scores, out.answers)
-
-
-def _sdpo(g, tokenizer, samples: list[CtrSample], sampled: list[list[str]], prefs: Preferences,
-          config: TrackRecConfig, scratch: Path, progress: bool):
-    from recalign.methods.trackrec.sdpo import train_sdpo
-
-    records = [{"prompt": _cot_prompt(tokenizer, samples[row]), "chosen": sampled[row][chosen],
-                "rejected": [sampled[row][j] for j in negatives]}
-               for row, chosen, negatives in zip(prefs.kept.tolist(), prefs.chosen.tolist(),
-                                                 prefs.negatives.tolist())]
-    result = train_sdpo(g, tokenizer, records, config.sdpo, output_dir=scratch, progress=progress)
-    return result.model, result.summary()
-
-
-# ---- checkpoints and CoT files -----------------------------------------------------------------------------------
+# ---- checkpoints and CoT files ---------------------------------------------------------------------------------
 
 def _cot_table(parts: dict[str, CtrRows], samples: dict[str, list[CtrSample]], cots: dict[str, list[str]]):
     """One row per impression: user, item, label, part, prompt (the CTR question text), cot."""
@@ -491,4 +490,4 @@ def generate_cots(config: TrackRecConfig, checkpoint: str | Path, rows: CtrRows,
                   progress: bool = False) -> list[str]:
     """Greedy CoTs of the G saved in a checkpoint folder (`<work>/distill` or `<work>/align/iter_<i>`) for `rows`."""
     g, tokenizer = _load(config.model, config, adapter=Path(checkpoint) / "generator")
-    return _greedy(g, tokenizer, catalog.samples(rows), config, progress)
+    return greedy_cots(g, tokenizer, catalog.samples(rows), config, progress)

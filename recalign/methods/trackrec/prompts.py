@@ -1,9 +1,10 @@
-"""TrackRec's prompts (systems.md §2.2): the CTR Yes/No question, the CoT prompt and the validator prompt.
+"""TrackRec's prompts (docs/systems/trackrec.md): the CTR Yes/No question, the CoT prompt and the validator prompt.
 
 Every step of TrackRec (distillation SFT, G sampling, S-DPO, greedy regeneration, V scoring and V Rec-tuning)
 renders its messages through `render` below: one system prompt and the tokenizer's own chat template
 (`recalign.llm.prompts.render_prompt`). The original trained S-DPO with a different (safe-rlhf) template than SFT
-and generation (§2.4.6); here the text a model is trained on is exactly the text it is asked.
+and generation (docs/systems/trackrec.md, defect 5); here the text a model is trained on is exactly the text it is
+asked.
 
 - CTR prompt (three parts, TALLRec style): the user's profile, the rated history ("'Heat', 5 stars; ..."), the
   question whether the user will like the candidate.

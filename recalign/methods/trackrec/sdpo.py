@@ -1,18 +1,20 @@
-"""S-DPO (softmax-DPO, systems.md §1.1): one chosen answer against several negatives per prompt.
+"""S-DPO (softmax-DPO): one chosen answer against several negatives per prompt (docs/systems/trackrec.md).
 
 With Δ(y) = log π_θ(y|x) − log π_ref(y|x) summed over the completion tokens, one sample's loss is
 
     L = −log σ(−log Σ_{j∈N} exp(β·[Δ(y_j) − Δ(y_w)]))
 
 The log-sum-exp runs over that sample's own negatives and the batch loss is the mean over samples (the original
-pooled the log-sum-exp over the whole batch, §2.4.5). With one negative it is the sigmoid DPO loss.
+pooled the log-sum-exp over the whole batch: docs/systems/trackrec.md, defect 4). With one negative it is the
+sigmoid DPO loss.
 
 The trainer is our own small loop on the kit (`recalign.llm.trainer`: settings, adapters, `TrainResult`) rather
 than a TRL `DPOTrainer` subclass: TRL's DPO data pipeline (tokenizer, collator, concatenated forward) is built for
 exactly one rejected answer, and S-DPO needs a variable list of them per prompt. π_ref is the model as it comes in
-(the generator before the update, §2.1 step d): its completion log-probs are computed once, without gradients,
-before the first optimizer step, so no reference copy is kept in memory and nothing is reloaded from
-`config._name_or_path`. Prompts are chat-rendered strings; every completion gets the EOS token appended.
+(the generator before the update, step (d) of `recalign.methods.trackrec.algorithm`): its completion log-probs are
+computed once, without gradients, before the first optimizer step, so no reference copy is kept in memory and
+nothing is reloaded from `config._name_or_path`. Prompts are chat-rendered strings; every completion gets the EOS
+token appended.
 
 Under `accelerate launch` (N processes) a step's global batch is N·batch_size samples of the shared seeded order,
 rank r taking the r-th slice (wrapping around at the end, as accelerate's even batches do); the gradients and the
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -47,7 +49,7 @@ __all__ = ["SDPOConfig", "SDPOResult", "sdpo_losses", "sdpo_loss", "dpo_losses",
 
 
 class SDPOConfig(TrainerConfig):
-    """Hyper-parameters of one S-DPO pass (TrackRec §2.1 d: β 0.1, 2 negatives, cosine, 3% warm-up, wd 0.05)."""
+    """Hyper-parameters of one S-DPO pass (TrackRec step d: β 0.1, 2 negatives, cosine, 3% warm-up, wd 0.05)."""
 
     beta: float = Field(0.1, gt=0.0, description="β of the softmax-DPO loss")
     n_negatives: int = Field(2, ge=1, description="negatives per prompt, sampled from the non-chosen answers")
@@ -90,7 +92,7 @@ def sdpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float,
 
 
 def dpo_losses(chosen: torch.Tensor, rejected: torch.Tensor, beta: float) -> torch.Tensor:
-    """Per-sample sigmoid DPO losses −log σ(β·[Δ(y⁺) − Δ(y⁻)]) (systems.md §1.1), for comparison."""
+    """Per-sample sigmoid DPO losses −log σ(β·[Δ(y⁺) − Δ(y⁻)]), for comparison (docs/systems/trackrec.md)."""
     return -F.logsigmoid(beta * (chosen - rejected))
 
 
@@ -217,27 +219,17 @@ def _reference_logps(model, encoded: list[_Encoded], settings: SDPOConfig) -> li
 def train_sdpo(model, tokenizer, samples: Sequence[dict], settings: SDPOConfig | None = None, *,
                output_dir: str | Path, progress: bool = False) -> SDPOResult:
     """One S-DPO pass over {prompt, chosen, rejected: [answers]} samples; π_ref = the model as it comes in."""
-    from transformers import get_scheduler
-
     settings = settings or SDPOConfig()
     if len(samples) == 0:
         raise ConfigError("S-DPO needs at least one sample; got none")
-    state = data_parallel_state(settings.device)  # None in a plain run
-    processes, rank = (state.num_processes, state.process_index) if state is not None else (1, 0)
-    device = state.device if state is not None else torch.device("cpu" if use_cpu(settings.device) else "cuda")
+    processes, rank, device = _placement(settings)
     model.to(device)
     encoded = _encode(tokenizer, samples)
     reference = _reference_logps(model, encoded, settings)
     parameters = _trainable_parameters(model)
-    optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    total = _total_steps(settings, len(encoded), processes)
-    scheduler = get_scheduler(settings.lr_scheduler, optimizer, num_warmup_steps=math.ceil(settings.warmup_ratio
-                                                                                           * total),
-                              num_training_steps=total)
+    optimizer, scheduler, total = _optimizer_and_scheduler(parameters, settings, len(encoded), processes)
     generator = torch.Generator().manual_seed(settings.seed)
-    log: list[dict] = []
-    losses: list[float] = []
-    stats = {"loss": 0.0, "acc": 0.0, "margin": 0.0, "n": 0}
+    logged = _StepLog()
     step, micro, started = 0, 0, time.perf_counter()
     model.train()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -246,49 +238,109 @@ def train_sdpo(model, tokenizer, samples: Sequence[dict], settings: SDPOConfig |
             order = torch.randperm(len(encoded), generator=generator).tolist()  # one seeded order per epoch
             per_step = settings.batch_size * processes
             for start in range(0, len(encoded), per_step):
-                rows = order[start:start + per_step]
-                if processes > 1:  # rank r's slice of the global batch, wrapped around to a full one
-                    rows = [order[(start + rank * settings.batch_size + j) % len(order)]
-                            for j in range(settings.batch_size)]
-                chosen, rejected, mask = _batch_logratios(model, [encoded[i] for i in rows], settings.max_length)
-                ref_chosen = torch.stack([reference[i][0] for i in rows]).to(device)
-                ref_rejected = torch.zeros_like(rejected)
-                for row, i in enumerate(rows):
-                    ref_rejected[row, :len(reference[i][1])] = reference[i][1].to(device)
-                delta_w, delta_l = chosen - ref_chosen, rejected - ref_rejected
-                loss = sdpo_loss(delta_w, delta_l, settings.beta, mask)
+                rows = _rank_rows(order, start, per_step, processes, rank, settings.batch_size)
+                loss, delta_w, delta_l, mask = _micro_batch_loss(model, encoded, reference, rows, settings, device)
                 (loss / settings.grad_accum).backward()
-                with torch.no_grad():
-                    margin = settings.beta * (delta_w.unsqueeze(1) - delta_l)
-                    stats["loss"] += float(loss)
-                    stats["acc"] += float(((margin > 0) | ~mask).all(dim=1).float().mean())
-                    stats["margin"] += float((margin * mask).sum(dim=1).div(mask.sum(dim=1)).mean())
-                    stats["n"] += 1
+                logged.add(loss, delta_w, delta_l, mask, settings.beta)
                 micro += 1
                 if micro % settings.grad_accum:
                     continue
-                average_gradients(parameters)
-                torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                _optimizer_step(parameters, optimizer, scheduler, settings)
                 step += 1
                 if step % settings.logging_steps == 0 or step == total:
-                    if processes > 1:  # the mean over the processes
-                        summed = all_reduce_sum(torch.tensor([stats[k] for k in ("loss", "acc", "margin")],
-                                                             device=device)) / processes
-                        stats.update(zip(("loss", "acc", "margin"), summed.tolist()))
-                    n = stats["n"]
-                    log.append({"step": step, "loss": stats["loss"] / n, "rewards/accuracies": stats["acc"] / n,
-                                "rewards/margins": stats["margin"] / n, "learning_rate": scheduler.get_last_lr()[0]})
-                    losses.append(stats["loss"] / n)
-                    if progress:
-                        print(f"S-DPO step {step}/{total} loss {log[-1]['loss']:.4f}", flush=True)
-                    stats = {"loss": 0.0, "acc": 0.0, "margin": 0.0, "n": 0}
+                    logged.flush(step, total, scheduler, processes, device, progress)
                 if step >= total:
                     break
     optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - started
-    log.append({"train_runtime": seconds, "train_loss": sum(losses) / max(1, len(losses)), "step": step})
+    logged.log.append({"train_runtime": seconds, "train_loss": sum(logged.losses) / max(1, len(logged.losses)),
+                       "step": step})
     model.eval()
-    return SDPOResult(model=model, log_history=log, seconds=seconds, output_dir=Path(output_dir))
+    return SDPOResult(model=model, log_history=logged.log, seconds=seconds, output_dir=Path(output_dir))
+
+
+def _placement(settings: SDPOConfig) -> tuple[int, int, torch.device]:
+    """(processes, this process's rank, its device): (1, 0, cpu or cuda) in a plain run."""
+    state = data_parallel_state(settings.device)  # None in a plain run
+    processes, rank = (state.num_processes, state.process_index) if state is not None else (1, 0)
+    device = state.device if state is not None else torch.device("cpu" if use_cpu(settings.device) else "cuda")
+    return processes, rank, device
+
+
+def _optimizer_and_scheduler(parameters: list[torch.nn.Parameter], settings: SDPOConfig, n_samples: int,
+                             processes: int):
+    """AdamW over `parameters` and its scheduler (linear warm-up over `warmup_ratio` of the steps); and the steps."""
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    total = _total_steps(settings, n_samples, processes)
+    scheduler = get_scheduler(settings.lr_scheduler, optimizer, num_warmup_steps=math.ceil(settings.warmup_ratio
+                                                                                           * total),
+                              num_training_steps=total)
+    return optimizer, scheduler, total
+
+
+def _rank_rows(order: list[int], start: int, per_step: int, processes: int, rank: int, batch_size: int) -> list[int]:
+    """This process's rows of the global batch at `start` of the seeded `order`."""
+    rows = order[start:start + per_step]
+    if processes > 1:  # rank r's slice of the global batch, wrapped around to a full one
+        rows = [order[(start + rank * batch_size + j) % len(order)]
+                for j in range(batch_size)]
+    return rows
+
+
+def _micro_batch_loss(model, encoded: list[_Encoded], reference: list[tuple[torch.Tensor, torch.Tensor]],
+                      rows: list[int], settings: SDPOConfig, device: torch.device):
+    """The S-DPO loss of one micro-batch, with Δ of its chosen [B] and negatives [B, N] and the negatives' mask."""
+    chosen, rejected, mask = _batch_logratios(model, [encoded[i] for i in rows], settings.max_length)
+    ref_chosen = torch.stack([reference[i][0] for i in rows]).to(device)
+    ref_rejected = torch.zeros_like(rejected)
+    for row, i in enumerate(rows):
+        ref_rejected[row, :len(reference[i][1])] = reference[i][1].to(device)
+    delta_w, delta_l = chosen - ref_chosen, rejected - ref_rejected
+    loss = sdpo_loss(delta_w, delta_l, settings.beta, mask)
+    return loss, delta_w, delta_l, mask
+
+
+def _optimizer_step(parameters: list[torch.nn.Parameter], optimizer, scheduler, settings: SDPOConfig) -> None:
+    """Average the gradients over the processes, clip them, step the optimizer and the schedule, zero them."""
+    average_gradients(parameters)
+    torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+@dataclass
+class _StepLog:
+    """The logged steps (`log`, TrainResult's log_history) and their mean losses, and the sums since the last one."""
+
+    log: list[dict] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    stats: dict = field(default_factory=lambda: {"loss": 0.0, "acc": 0.0, "margin": 0.0, "n": 0})
+
+    def add(self, loss: torch.Tensor, delta_w: torch.Tensor, delta_l: torch.Tensor, mask: torch.Tensor,
+            beta: float) -> None:
+        """Add one micro-batch's loss, reward accuracy and reward margin."""
+        stats = self.stats
+        with torch.no_grad():
+            margin = beta * (delta_w.unsqueeze(1) - delta_l)
+            stats["loss"] += float(loss)
+            stats["acc"] += float(((margin > 0) | ~mask).all(dim=1).float().mean())
+            stats["margin"] += float((margin * mask).sum(dim=1).div(mask.sum(dim=1)).mean())
+            stats["n"] += 1
+
+    def flush(self, step: int, total: int, scheduler, processes: int, device: torch.device, progress: bool) -> None:
+        """Log the means since the last logged step (averaged over the processes) and start new sums."""
+        stats = self.stats
+        if processes > 1:  # the mean over the processes
+            summed = all_reduce_sum(torch.tensor([stats[k] for k in ("loss", "acc", "margin")],
+                                                 device=device)) / processes
+            stats.update(zip(("loss", "acc", "margin"), summed.tolist()))
+        n = stats["n"]
+        self.log.append({"step": step, "loss": stats["loss"] / n, "rewards/accuracies": stats["acc"] / n,
+                         "rewards/margins": stats["margin"] / n, "learning_rate": scheduler.get_last_lr()[0]})
+        self.losses.append(stats["loss"] / n)
+        if progress:
+            print(f"S-DPO step {step}/{total} loss {self.log[-1]['loss']:.4f}", flush=True)
+        self.stats = {"loss": 0.0, "acc": 0.0, "margin": 0.0, "n": 0}

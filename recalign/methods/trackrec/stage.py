@@ -1,61 +1,70 @@
-"""TrackRec's recipe stage: CTR impressions from the run's dataset, `run_trackrec` in the stage's work
-folder, and its iteration table."""
+"""TrackRec's recipe stage (`TRACKREC_STAGE`), a thin adapter: CTR impressions from the run's dataset,
+`run_trackrec` in a work folder of the run, and its iteration table (docs/systems/trackrec.md)."""
 
 from __future__ import annotations
 
-from pydantic import Field
+from pathlib import Path
 
 from recalign.methods.trackrec.algorithm import (
     RESUMABLE_FIELDS,
-    TitleCatalog,
     CtrRows,
-    TrackRecConfig,
-    _verifier_base,
+    TitleCatalog,
     run_trackrec,
     teacher_name,
+    verifier_base,
 )
+from recalign.methods.trackrec.config import TrackRecConfig, TrackRecStageConfig
 from recalign.stages import Stage, fill_seeds
 
-# ---- the recipe stage ----------------------------------------------------------------------------------------------
-
-class TrackRecStageConfig(TrackRecConfig):
-    """Params of a "trackrec" stage: the loop's settings plus how impressions are built from the dataset."""
-
-    history_len: int = Field(10, ge=1, description="items rated before the impression in its history")
-    threshold: float = Field(4.0, description="label = rating >= threshold")
-    split: list[float] = Field(default_factory=lambda: [0.8, 0.1, 0.1],
-                               description="train/valid/test user fractions (seeded by `seed`)")
-    noun: str = Field("movie", description="what the items are called in the prompts")
+__all__ = ["TRACKREC_STAGE", "run_stage", "alternation_table"]
 
 
 def run_stage(ctx, params: TrackRecStageConfig) -> dict:
     """Recipe stage "trackrec": impressions, the loop in a persistent work folder (resumable), report files."""
-    import shutil
-
-    from recalign.checkpoints import stable_hash
-    from recalign.io import write_atomic, write_json
     from recalign.methods.trackrec.ctr.data import build_impressions, split_users
 
     params = fill_seeds(params, ctx.seed)
-    config = TrackRecConfig(**params.model_dump(exclude={"history_len", "threshold", "split", "noun"}))
+    config = params.trackrec_config()
     impressions = build_impressions(ctx.dataset, params.history_len, params.threshold)
     parts = split_users(impressions, params.split, params.seed)
     rows = CtrRows.of(impressions)
-    key = stable_hash({"config": config.model_dump(mode="json", exclude=RESUMABLE_FIELDS),
-                       "data": ctx.dataset.fingerprint(), "impressions": [params.history_len, params.threshold,
-                                                                          params.split, params.noun]})
-    work = ctx.run_dir / "work" / f"{ctx.stage.name if ctx.stage else 'trackrec'}-{key}"
+    work = _work_dir(ctx, params, config)
     ctx.log(f"teacher: {teacher_name(config.teacher)}")
     summary = run_trackrec(config, rows.take(parts["train"]), rows.take(parts["test"]),
                            TitleCatalog.of(ctx.dataset, params.noun), work, progress=ctx.progress, log=ctx.log)
     records = summary["iterations"]
+    _write_reports(ctx, records, work)
+    return _stage_metrics(config, records, work)
+
+
+def _work_dir(ctx, params: TrackRecStageConfig, config: TrackRecConfig) -> Path:
+    """The loop's work folder, keyed by everything it depends on but the iteration count (so it can grow)."""
+    from recalign.checkpoints import stable_hash
+
+    key = stable_hash({"config": config.model_dump(mode="json", exclude=RESUMABLE_FIELDS),
+                       "data": ctx.dataset.fingerprint(), "impressions": [params.history_len, params.threshold,
+                                                                          params.split, params.noun]})
+    return ctx.run_dir / "work" / f"{ctx.stage.name if ctx.stage else 'trackrec'}-{key}"
+
+
+def _write_reports(ctx, records: list[dict], work: Path) -> None:
+    """iterations.json / .md, and G and its CoTs of iteration 0 ("first") and of the last iteration ("aligned")."""
+    import shutil
+
+    from recalign.io import write_atomic, write_json
+
     write_json(ctx.stage_dir / "iterations.json", records)
     write_atomic(ctx.stage_dir / "iterations.md", alternation_table(records))
     last = records[-1]
     for name, folder in (("first", work / "distill"), ("aligned", work / "align" / f"iter_{last['iteration']}")):
         shutil.copytree(folder / "generator", ctx.stage_dir / "final" / f"generator_{name}")
         shutil.copy2(folder / "cots.parquet", ctx.stage_dir / f"cots_{name}.parquet")
-    metrics = {"model": f"G {config.model}, V {_verifier_base(config)}", "teacher": teacher_name(config.teacher),
+
+
+def _stage_metrics(config: TrackRecConfig, records: list[dict], work: Path) -> dict:
+    """The stage's metrics: the last iteration's LLM test, and iteration 0's under `first/`."""
+    last = records[-1]
+    metrics = {"model": f"G {config.model}, V {verifier_base(config)}", "teacher": teacher_name(config.teacher),
                "iterations": last["iteration"], "work_dir": str(work)}
     metrics.update({k: last[k] for k in ("acc", "auc", "logloss", "valid_ratio", "n_test") if last.get(k) is not None})
     metrics.update({f"first/{k}": records[0][k] for k in ("acc", "auc", "logloss", "valid_ratio")

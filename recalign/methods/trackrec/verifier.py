@@ -1,11 +1,11 @@
-"""The validator's score s = σ(log p_Yes − log p_No) (systems.md §2.3, recalign's rule).
+"""The validator's score s = σ(log p_Yes − log p_No) (recalign's rule; docs/systems/trackrec.md, Formulas).
 
 p_Yes and p_No are read from the FULL next-token distribution (a log-softmax over the whole vocabulary) at the first
 answer position: the position right after the chat-rendered prompt, whose assistant turn is open. Nothing is read
 from a top-k list and nothing defaults to 1e-9, so s spans (0, 1); the original's softmax over probabilities
-squashed it into [σ(−1), σ(1)] = [0.269, 0.731] (§2.4.3).
+squashed it into [σ(−1), σ(1)] = [0.269, 0.731] (docs/systems/trackrec.md, defect 2).
 
-Yes/No token ids are looked up in the tokenizer, never hard-coded (§2.4.2). The rule (`answer_token_ids`): each
+Yes/No token ids are looked up in the tokenizer, never hard-coded (defect 1). The rule (`answer_token_ids`): each
 surface form in `YES_FORMS` / `NO_FORMS` ("Yes", " Yes", "yes", " yes", "YES" and the same for No) is encoded
 without special tokens; a form that is exactly one token contributes that id, a form that splits into several
 tokens is skipped (its first piece, e.g. "Y", is not an answer). p_Yes is the total probability of the Yes ids

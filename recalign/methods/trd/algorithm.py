@@ -1,39 +1,71 @@
 """TRD: Top-aware Recommender Distillation (Information Sciences 576, 2021) on recalign's blocks.
 
-The algorithm box, as `run_trd` executes it:
+A classical teacher ranks items for each user; a DQN student (`recalign.methods.trd.dqn`) re-ranks the top of the
+teacher's list: it picks one item at a time from a sliding window over the list (state = the user + the last 5
+hit items, reward = 1/log2(t+1) for a hit at list position t). The `trd` stage runs one of two protocols
+(docs/protocols.md); every function named below lives in this module unless a module is given, and each one is
+callable without a run folder (the recipe adapter is `recalign.methods.trd.stage`).
 
-    1. Split all interactions globally by time: train1 60% | train2 10% | validate 10% | test 20%.
-    2. Train a teacher (BPR-MF by default, any recalign teacher works) on train1.
-    3. For every user of a later part, build a candidate pool (protocol `trd_temporal`, metrics.md section 3):
-       the user's items in that part + seeded random items the user has not interacted with before, up to
-       `cand_num`; the teacher ranks the pool -> the teacher's list.
-    4. Train the DQN student on the train2 users: state = user + last 5 hit items (start: train1's last 5),
-       actions = a sliding window over the teacher's list, reward = 1/log2(t+1) on a hit (train2 items).
-    5. After every epoch, re-rank the validation users' lists greedily and keep the epoch with the best
-       validation NDCG@10 (the original never reads the validation part and effectively tunes on test).
-    6. Test: re-rank the test users' lists (start state: the last 5 items before test) and compare the student
-       with the teacher on the same users and pools with the standard metrics.
+The algorithm box, protocol `recipe` (the default; the stage calls `fit_on_validation`, then scores the
+returned `RerankedLists` with the recipe's evaluator):
 
-Paper-vs-recalign differences are listed in systems.md section 4.4; the ones decided here:
+    R1. The recipe's split (train / valid / test, any kind: leave-one-out, temporal, ...).
+    R2. The teacher: an earlier `teacher` stage trained on train, or `train_teacher` on train.
+    R3. For every validation user, the teacher's top-`cand_num` list of the catalog, history excluded; labels =
+        the user's validation items, start state = the last `state_len` items before validation
+        (`RerankedLists.episodes`).
+    R4. A seeded `SELECT_FRACTION` (10%) of the validation users is held out to pick the epoch; the student
+        learns from the other 90% (`select_rows`).
+    R5. Student embeddings copied from the teacher (`student_embeddings`), settings `dqn_settings`; train the DQN
+        student on the 90%'s episodes (`DQNReranker.fit`, same state, actions and reward as T5).
+    R6. After every epoch, re-rank the held-out users' lists without labels and keep the epoch with the best
+        `select_metric` (`epoch_selector`, `rerank_metrics`).
+    R7. Test: for every recipe test user, the teacher's top-`cand_num` list given the history before test,
+        re-ranked by the student from that history alone, no labels (`RerankedLists.recommend`). The recipe's
+        evaluator scores these lists and the teacher's on the same users (`stage.run_recipe_stage`;
+        docs/metrics.md).
+
+The algorithm box, protocol `trd_temporal` (the paper's; `run_trd` runs T3-T7 for a trained teacher):
+
+    T1. Split all interactions globally by time: train1 60% | train2 10% | validate 10% | test 20%
+        (`recalign.data.split.global_temporal_split`; the stage uses the recipe's split when it is global
+        temporal, else its own from `fractions`: `stage.stage_split`).
+    T2. Train a teacher (BPR-MF by default, any recalign teacher works) on train1 (`train_teacher`), or take an
+        earlier `teacher` stage.
+    T3. For every user of a later part, build a candidate pool (docs/metrics.md section 3): the user's items in
+        that part + seeded random items the user has not interacted with before, up to `cand_num`
+        (`sample_pools`); the teacher ranks the pool -> the teacher's list (`teacher_lists`, `temporal_lists`).
+    T4. Student embeddings copied from the teacher (`student_embeddings`), settings `dqn_settings`.
+    T5. Train the DQN student on the train2 users: state = user + last 5 hit items (start: train1's last 5),
+        actions = a sliding window over the teacher's list, reward = 1/log2(t+1) on a hit (train2 items)
+        (`DQNReranker.fit`).
+    T6. After every epoch, re-rank the validation users' lists greedily and keep the epoch with the best
+        validation NDCG@10 (`epoch_selector`; the original never reads the validation part and effectively tunes
+        on test).
+    T7. Test: re-rank the test users' lists (start state: the last 5 items before test) and compare the student
+        with the teacher on the same users and pools with the standard metrics (`rerank_metrics`, `TRDResult`).
+
+Paper-vs-recalign differences are listed in docs/systems/trd.md; the ones decided here:
 - inference is deterministic (dropout off) and, by default, uses no test labels: the state stays the user's
-  history. `oracle_test_transitions=True` reproduces the original, whose test-time state follows test hits.
-- the daisyRec metrics are available only as `parity="daisy"`.
+  history. `oracle_test_transitions=True` reproduces the original, whose test-time state follows test hits
+  (`inference_view`; `trd_temporal` only).
+- the daisyRec metrics are available only as `parity="daisy"` (`trd_temporal` only; docs/metrics.md section 4).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Literal
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from recalign.data.dataset import Dataset
 from recalign.errors import ConfigError
-from recalign.methods.trd.dqn import DQNConfig, DQNReranker, RerankEpisodes
+from recalign.methods.trd.config import DQNConfig, TRDConfig
+from recalign.methods.trd.dqn import DQNReranker, RerankEpisodes
 from recalign.stages import fill_seeds
 from recalign.threads import torch_threads
 
@@ -42,41 +74,10 @@ if TYPE_CHECKING:
     from recalign.teachers.base import Recommender
 
 PARTS = ("train2", "valid", "test")
+SELECT_FRACTION = 0.1  # share of the validation users that picks the student's epoch (never the test part)
 
 
-class TRDConfig(BaseModel):
-    """Settings of a TRD run (also the `trd` recipe stage's params)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    teacher: str = Field("bprmf", description="name of an earlier `teacher` stage of the recipe (trained on the "
-                                              "split's train part = train1), or a teacher model name "
-                                              "(bprmf, sasrec, popularity) that this stage trains on train1")
-    teacher_source: Literal["auto", "stage", "model"] = Field(
-        "auto", description="how to read `teacher`: 'stage' = an earlier stage, 'model' = a model trained here "
-                            "on train1, 'auto' = a stage when one has that name, else a model")
-    teacher_params: dict = Field(default_factory=dict, description="config of a teacher this stage trains "
-                                                                   "(ignored when `teacher` names a stage)")
-    cand_num: int = Field(1000, ge=1, description="candidate pool size per user (positives + random negatives)")
-    candidate_seed: int | None = Field(None, description="seed of the random pool items (default: recipe seed)")
-    ks: list[int] = Field(default_factory=lambda: [1, 5, 10, 20], description="cut-offs of the reported metrics; "
-                                                                              "the student builds max(ks) picks")
-    select_metric: str = Field("ndcg@10", description="validation metric that picks the student's epoch")
-    parity: Literal["standard", "daisy"] = Field("standard", description="'daisy': the original's daisyRec "
-                                                                         "metrics (non-standard, metrics.md 4)")
-    oracle_test_transitions: bool = Field(False, description="let test hits update the state as the original "
-                                                             "does (leaks test labels; parity only)")
-    fractions: list[float] = Field(default_factory=lambda: [0.6, 0.1, 0.1, 0.2],
-                                   description="train1/train2/valid/test fractions of the global temporal split "
-                                               "the stage makes itself when the recipe's split is another kind")
-    embedding_dim: int = Field(32, ge=1, description="embedding size when the teacher has no user/item "
-                                                     "embeddings to copy (then they start as N(0, 0.01))")
-    dqn: DQNConfig = Field(default_factory=DQNConfig, description="the student's settings (rl/dqn.py)")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads for the whole stage: teacher, pools, "
-                                "student (None: recalign's default, 1); the metrics do not depend on it")
-
-
-# ---- step 2: the teacher ---------------------------------------------------------------------------
+# ---- steps R2 / T2: the teacher ------------------------------------------------------------------
 
 def train_teacher(name: str, dataset: Dataset, split: "Split", params: dict, seed: int,
                   progress: bool = False) -> "Recommender":
@@ -87,7 +88,7 @@ def train_teacher(name: str, dataset: Dataset, split: "Split", params: dict, see
     return model.fit(dataset, split.train, split.valid, progress=progress, valid_history=split.history("valid"))
 
 
-# ---- step 3: candidate pools and teacher lists ------------------------------------------------------
+# ---- step T3: candidate pools and teacher lists -----------------------------------------------------
 
 @dataclass
 class PartLists:
@@ -177,7 +178,60 @@ def without_labels(episodes: RerankEpisodes) -> RerankEpisodes:
     return RerankEpisodes(episodes.users, episodes.candidates, None, episodes.teacher_scores, episodes.start_states)
 
 
-# ---- metrics ----------------------------------------------------------------------------------------
+def inference_view(part: PartLists, oracle_test_transitions: bool) -> RerankEpisodes:
+    """What the student sees when it re-ranks a part: no labels, unless `oracle_test_transitions` lets hits move
+    the state as in the original."""
+    return part.episodes if oracle_test_transitions else without_labels(part.episodes)
+
+
+def temporal_lists(teacher: "Recommender", dataset: Dataset, split: "Split", cand_num: int, state_len: int,
+                   seed: int) -> dict[str, PartLists]:
+    """Step T3 for every part (train2, valid, test); each part needs at least one user."""
+    lists = {part: teacher_lists(teacher, dataset, split, part, cand_num, state_len, seed) for part in PARTS}
+    if any(len(lists[part].episodes) == 0 for part in PARTS):
+        raise ConfigError("trd: train2, valid and test each need at least one user; check split.fractions")
+    return lists
+
+
+# ---- step R3 and R7: the teacher's top lists under the recipe protocol ------------------------------------------
+
+class RerankedLists:
+    """TRD as a `recalign.eval.lists.ListRecommender`: the teacher's top-`cand_num` list (history excluded), re-ranked
+    by the DQN student from the user's history (no labels)."""
+
+    def __init__(self, teacher: "Recommender", student: DQNReranker, cand_num: int, exclude_history: bool = True):
+        self.teacher, self.student, self.cand_num, self.exclude_history = teacher, student, cand_num, exclude_history
+
+    def episodes(self, users: np.ndarray, histories, relevant: pd.DataFrame | None = None) -> RerankEpisodes:
+        """The teacher's lists as episodes; labels = the users' items in `relevant` (None: inference)."""
+        users = np.asarray(users, dtype=np.int64)
+        n_items = histories.n_items
+        items, scores = self.teacher.recommend(users, histories, k=min(self.cand_num, n_items),
+                                               exclude_history=self.exclude_history)
+        valid = items >= 0
+        labels = None
+        if relevant is not None:
+            labels = item_matrix(relevant, users, n_items).gather(1, items.clamp(min=0)) & valid
+        states = histories.padded(users, self.student.config.state_len, pad=n_items)
+        return RerankEpisodes(users=torch.as_tensor(users), candidates=items, relevant=labels,
+                              teacher_scores=torch.where(valid, scores, torch.zeros_like(scores)).float(),
+                              start_states=states)
+
+    def recommend(self, users: np.ndarray, histories, k: int) -> torch.Tensor:
+        """Top-k re-ranked lists [U, k] (-1 where the teacher's list runs out)."""
+        length = max(k, self.student.config.list_length)
+        return self.student.rerank(self.episodes(users, histories), length=length)[:, :k]
+
+
+def select_rows(n_users: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step R4: (rows that pick the epoch, rows the student learns from), a seeded `SELECT_FRACTION` split of
+    `n_users` validation users (at least one selection row), each ascending."""
+    order = torch.randperm(n_users, generator=torch.Generator().manual_seed(seed))
+    n_select = max(1, int(round(SELECT_FRACTION * n_users)))
+    return order[:n_select].sort().values, order[n_select:].sort().values
+
+
+# ---- steps R5-R6 / T4-T6: the student and the epoch it keeps ----------------------------------------
 
 def rerank_metrics(lists: torch.Tensor, relevant: list[set[int]], ks: list[int], parity: str = "standard") -> dict:
     """HR/NDCG/... @K of ranked lists with multiple positives per user, via the shared evaluator."""
@@ -186,7 +240,40 @@ def rerank_metrics(lists: torch.Tensor, relevant: list[set[int]], ks: list[int],
     return ranking_metrics(lists, relevant, ks, parity=None if parity == "standard" else parity)
 
 
-# ---- steps 4-6: the whole run -------------------------------------------------------------------------
+def student_embeddings(teacher: "Recommender", dataset: Dataset, dim: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """(user, item) embeddings copied from the teacher, or N(0, 0.01) when it has none (e.g. popularity)."""
+    users, items = getattr(teacher, "user_embeddings_", None), getattr(teacher, "item_embeddings_", None)
+    if users is not None and items is not None:
+        return users.detach().float(), items.detach().float()
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(dataset.n_users, dim, generator=generator) * 0.01,
+            torch.randn(dataset.n_items, dim, generator=generator) * 0.01)
+
+
+def dqn_settings(config: TRDConfig, seed: int) -> DQNConfig:
+    """The student's DQN settings: the one seed rule (`dqn.seed` defaults to `seed`) and the stage's threads."""
+    dqn = fill_seeds(config.dqn, seed)
+    return dqn if dqn.threads is not None else dqn.model_copy(update={"threads": config.threads})
+
+
+def epoch_selector(episodes: RerankEpisodes, relevant: list[set[int]], ks: list[int], metric: str, depth: int,
+                   parity: str = "standard") -> Callable[[DQNReranker], float]:
+    """Steps R6 / T6: the `validate` callback of `DQNReranker.fit`, the `metric` of the student's `depth`-long
+    re-ranked lists of `episodes` against `relevant` (higher is better)."""
+
+    def score(model: DQNReranker) -> float:
+        picked = model.rerank(episodes, length=depth)
+        return rerank_metrics(picked, relevant, ks, parity)[metric]
+
+    return score
+
+
+def student_depth(config: TRDConfig, dqn_config: DQNConfig) -> int:
+    """Length of the student's lists: the largest cut-off or `list_length`; metrics cut them at each K."""
+    return max(*config.ks, dqn_config.list_length)
+
+
+# ---- protocol trd_temporal: steps T3-T7 -----------------------------------------------------------------------
 
 @dataclass
 class TRDResult:
@@ -206,59 +293,41 @@ class TRDResult:
     seconds: dict = field(default_factory=dict)
 
 
-def student_embeddings(teacher: "Recommender", dataset: Dataset, dim: int, seed: int) -> tuple[torch.Tensor, ...]:
-    """(user, item) embeddings copied from the teacher, or N(0, 0.01) when it has none (e.g. popularity)."""
-    users, items = getattr(teacher, "user_embeddings_", None), getattr(teacher, "item_embeddings_", None)
-    if users is not None and items is not None:
-        return users.detach().float(), items.detach().float()
-    generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(dataset.n_users, dim, generator=generator) * 0.01,
-            torch.randn(dataset.n_items, dim, generator=generator) * 0.01)
-
-
 def run_trd(dataset: Dataset, split: "Split", teacher: "Recommender", config: TRDConfig, seed: int = 0,
             progress: bool = False, log: Callable[[str], None] | None = None) -> TRDResult:
-    """Steps 3-6 of the algorithm box for an already trained teacher."""
+    """Steps T3-T7 of the algorithm box for an already trained teacher."""
     with torch_threads(config.threads):
         return _run_trd(dataset, split, teacher, config, seed, progress, log)
 
 
-def dqn_settings(config: TRDConfig, seed: int) -> DQNConfig:
-    """The student's DQN settings: the one seed rule (`dqn.seed` defaults to `seed`) and the stage's threads."""
-    dqn = fill_seeds(config.dqn, seed)
-    return dqn if dqn.threads is not None else dqn.model_copy(update={"threads": config.threads})
-
-
 def _run_trd(dataset: Dataset, split: "Split", teacher: "Recommender", config: TRDConfig, seed: int,
              progress: bool, log: Callable[[str], None] | None) -> TRDResult:
+    """`run_trd` under the configured threads; the step of the box is marked on each line."""
     dqn_config = dqn_settings(config, seed)
-    depth = max(*config.ks, dqn_config.list_length)  # the student's list; metrics cut it at each K
+    depth = student_depth(config, dqn_config)
     pool_seed = fill_seeds(config, seed).candidate_seed
     started = time.perf_counter()
-    lists = {part: teacher_lists(teacher, dataset, split, part, config.cand_num, dqn_config.state_len, pool_seed)
-             for part in PARTS}
+    lists = temporal_lists(teacher, dataset, split, config.cand_num, dqn_config.state_len, pool_seed)  # T3
     seconds = {"teacher_lists": time.perf_counter() - started}
-    train, valid, test = lists["train2"], lists["valid"], lists["test"]
-    if len(train.episodes) == 0 or len(valid.episodes) == 0 or len(test.episodes) == 0:
-        raise ConfigError("trd: train2, valid and test each need at least one user; check split.fractions")
-
-    def inference_view(part: PartLists) -> RerankEpisodes:
-        return part.episodes if config.oracle_test_transitions else without_labels(part.episodes)
-
-    def validation_score(model: DQNReranker) -> float:
-        picked = model.rerank(inference_view(valid), length=depth)
-        return rerank_metrics(picked, valid.relevant, config.ks, config.parity)[config.select_metric]
-
-    user_emb, item_emb = student_embeddings(teacher, dataset, config.embedding_dim, seed)
+    train, valid = lists["train2"], lists["valid"]
+    validate = epoch_selector(inference_view(valid, config.oracle_test_transitions), valid.relevant, config.ks,
+                              config.select_metric, depth, config.parity)  # T6
+    user_emb, item_emb = student_embeddings(teacher, dataset, config.embedding_dim, seed)  # T4
     student = DQNReranker(user_emb, item_emb, dqn_config)
     started = time.perf_counter()
-    student.fit(train.episodes, validate=validation_score, progress=progress, log=log,
+    student.fit(train.episodes, validate=validate, progress=progress, log=log,  # T5 (+ T6 after every epoch)
                 valid_metric=config.select_metric)
     seconds["student_train"] = time.perf_counter() - started
+    return temporal_result(student, lists, config, depth, seconds)  # T7
 
+
+def temporal_result(student: DQNReranker, lists: dict[str, PartLists], config: TRDConfig, depth: int,
+                    seconds: dict) -> TRDResult:
+    """Step T7: the student re-ranks the validation and test lists; student and teacher scored on the same pools."""
+    train, valid, test = lists["train2"], lists["valid"], lists["test"]
     started = time.perf_counter()
-    student_valid_lists = student.rerank(inference_view(valid), length=depth)
-    student_test_lists = student.rerank(inference_view(test), length=depth)
+    student_valid_lists = student.rerank(inference_view(valid, config.oracle_test_transitions), length=depth)
+    student_test_lists = student.rerank(inference_view(test, config.oracle_test_transitions), length=depth)
     seconds["student_rerank"] = time.perf_counter() - started
     teacher_test_lists = test.episodes.candidates[:, :depth]
     return TRDResult(
@@ -271,3 +340,35 @@ def _run_trd(dataset: Dataset, split: "Split", teacher: "Recommender", config: T
         student_test_lists=student_test_lists, seconds=seconds,
         counts={"n_train_users": len(train.episodes), "n_valid_users": len(valid.episodes),
                 "n_users": len(test.episodes), "n_users_cold": test.n_cold})
+
+
+# ---- protocol recipe: steps R3-R6 (R7 is the recipe's evaluator on the returned lists) ----------------------------
+
+def fit_on_validation(dataset: Dataset, split: "Split", teacher: "Recommender", config: TRDConfig, seed: int,
+                      progress: bool = False, log: Callable[[str], None] | None = None
+                      ) -> tuple[DQNReranker, RerankedLists, dict, dict]:
+    """Train the student on the validation part's episodes (state = train history) of a seeded 90% of the users and
+    keep the epoch with the best `select_metric` on the other 10%; returns (student, lists model, counts, seconds).
+
+    The lists model re-ranks any user's teacher list from the history it is given (step R7)."""
+    dqn_config = dqn_settings(config, seed)
+    users = np.sort(split.valid["user_id"].unique()).astype(np.int64)
+    if len(users) < 2:
+        raise ConfigError("trd: the validation part needs at least two users (train and epoch selection)")
+    user_emb, item_emb = student_embeddings(teacher, dataset, config.embedding_dim, seed)
+    student = DQNReranker(user_emb, item_emb, dqn_config)
+    lists = RerankedLists(teacher, student, config.cand_num)
+    started = time.perf_counter()
+    episodes = lists.episodes(users, dataset.sequences(split.history("valid")), relevant=split.valid)  # R3
+    seconds = {"teacher_lists": time.perf_counter() - started}
+    selection, training = select_rows(len(users), seed)  # R4
+    by_user = split.valid.groupby("user_id")["item_id"].agg(set)
+    select_relevant = [by_user[int(u)] for u in users[selection.numpy()]]
+    validate = epoch_selector(without_labels(episodes.subset(selection)), select_relevant, config.ks,
+                              config.select_metric, student_depth(config, dqn_config))  # R6
+    started = time.perf_counter()
+    student.fit(episodes.subset(training), validate=validate, progress=progress, log=log,  # R5 (+ R6 per epoch)
+                valid_metric=config.select_metric)
+    seconds["student_train"] = time.perf_counter() - started
+    counts = {"n_train_users": len(training), "n_select_users": len(selection)}
+    return student, lists, counts, seconds

@@ -2,7 +2,7 @@
 
 Read top to bottom (CleanRL style):
 
-1. `DQNConfig`         every setting in one place (the original hard-codes most of them).
+1. `DQNConfig`         every setting in one place (the original hard-codes most of them); defined in config.py.
 2. `RerankEpisodes`    per-user inputs: the teacher's ranked list, ground truth on it, teacher scores, start state.
 3. `RerankEnv`         a *batched* environment: many users step at once; windows and states are tensors.
 4. `QNetwork`          Q(s, a) = MLP([e_user; e_state_1..S; e_action]), embeddings initialised from the teacher.
@@ -11,7 +11,7 @@ Read top to bottom (CleanRL style):
                        a validation callback) and `rerank` (deterministic greedy lists: dropout off, ties -> the
                        teacher's order).
 
-Paper: TRD, Information Sciences 576 (2021) 642-657; reference: systems.md section 4.2.
+Paper: TRD, Information Sciences 576 (2021) 642-657; reference: docs/systems/trd.md.
 """
 
 from __future__ import annotations
@@ -23,56 +23,16 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from torch import nn
 
 from recalign.errors import ConfigError
 from recalign.eval.curves import CurveLog
+from recalign.methods.trd.config import DQNConfig
 from recalign.threads import torch_threads
+from recalign.training import epoch_progress
 
-# ---- 1. settings ----------------------------------------------------------------------------------
-
-class DQNConfig(BaseModel):
-    """Settings of the DQN re-ranker. Defaults are the original's where it has one, unless noted."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    n_actions: int = Field(20, ge=1, description="size of the sliding action window over the teacher's list; "
-                                                  "1 reproduces the teacher's list exactly")
-    state_len: int = Field(5, ge=1, description="number of most recent positive items in the state")
-    hidden_sizes: list[int] | None = Field(
-        None, description="MLP hidden sizes; None = the paper's rule by embedding size d "
-                          "(d=32: 256,128; d=8 or 16: 128,64; otherwise 512,256)")
-    dropout: float = Field(0.5, ge=0.0, lt=1.0, description="dropout after each hidden layer, in training only "
-                                                              "(the original also leaves it on at test time)")
-    init_std: float = Field(0.1, gt=0.0, description="std of the N(0, std) init of the MLP weights")
-    train_embeddings: bool = Field(True, description="fine-tune the embeddings copied from the teacher")
-    pred_score: bool = Field(False, description="add sigmoid(teacher score) to the reward of a hit (the original's "
-                                                "default is on; its README runs with it off)")
-    gamma: float = Field(0.9, ge=0.0, le=1.0, description="discount factor")
-    lr: float = Field(0.01, gt=0.0, description="Adam learning rate")
-    weight_decay: float = Field(0.0, ge=0.0, description="Adam weight decay")
-    epsilon: float = Field(0.1, ge=0.0, le=1.0, description="probability of a uniformly random action while "
-                                                            "training (the original's 'epsilon=0.9' is the greedy "
-                                                            "probability, i.e. 0.1 here)")
-    train_steps: int = Field(50, ge=1, description="episode length (picks per user) in training")
-    list_length: int = Field(20, ge=1, description="picks per user at inference = length of the refined list")
-    epochs: int = Field(4, ge=1, description="passes over the training users (the original makes one)")
-    users_per_batch: int = Field(64, ge=1, description="users stepped together by the batched environment")
-    buffer_size: int = Field(20_000, ge=1, description="replay buffer capacity in transitions (original: 20, "
-                                                       "for one user at a time)")
-    batch_size: int = Field(128, ge=1, description="transitions per gradient step (original: 4)")
-    learning_starts: int = Field(256, ge=1, description="transitions in the buffer before learning starts")
-    updates_per_step: int = Field(1, ge=1, description="gradient steps per batched environment step")
-    target_sync: int = Field(8, ge=1, description="copy the online net into the target net every this many "
-                                                  "gradient steps")
-    grad_clip: float | None = Field(10.0, gt=0.0, description="clip the gradient norm (None: no clipping)")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads while training/re-ranking, restored "
-                                "afterwards (None: recalign's default, 1: the batches are small, and one thread "
-                                "is several times faster on a busy CPU); results do not depend on it")
-    seed: int | None = Field(None, description="seed of network init, exploration, replay sampling and dropout "
-                                               "(None: 0; the TRD stage uses the recipe seed)")
-
+# ---- 1. settings (`DQNConfig`, in config.py) -----------------------------------------------------
 
 def hidden_sizes_for(dim: int, config: DQNConfig) -> list[int]:
     """The MLP hidden sizes: the configured ones, or the original's rule by embedding size."""
@@ -298,75 +258,107 @@ class DQNReranker:
 
     def _fit(self, episodes: RerankEpisodes, validate: Callable[["DQNReranker"], float] | None,
              progress: bool, log: Callable[[str], None] | None, valid_metric: str) -> "DQNReranker":
+        """`fit` under the configured threads: `epochs` x (`_train_epoch`, `_end_epoch`), then `_keep_best`."""
         cfg = self.config
         if episodes.relevant is None:
             raise ConfigError("dqn: training episodes need ground-truth labels (relevant)")
+        run = self._start_training(valid_metric)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed + 2)  # dropout draws from the global generator; keep it seeded and local
+            with epoch_progress(cfg.epochs, "DQN epochs", progress, unit="epoch", transient=True) as advance:
+                for epoch in range(1, cfg.epochs + 1):
+                    record = self._train_epoch(run, episodes, epoch)
+                    self._end_epoch(run, record, validate, log)
+                    advance()
+        self._keep_best(run)
+        return self
+
+    def _start_training(self, valid_metric: str) -> "_Training":
+        """A fresh training run: generator, target net, optimiser, empty replay buffer, empty curve."""
+        cfg = self.config
         generator = torch.Generator().manual_seed(self.seed + 1)
         q_net = self.q_net_
         target_net = copy.deepcopy(q_net).eval()
         optimizer = torch.optim.Adam([p for p in q_net.parameters() if p.requires_grad], lr=cfg.lr,
                                      weight_decay=cfg.weight_decay)
         buffer = ReplayBuffer(cfg.buffer_size, cfg.state_len, cfg.n_actions)
-        best_score, best_state, gradient_steps = -math.inf, None, 0
-        curve = CurveLog(valid_metric)
+        return _Training(generator, q_net, target_net, optimizer, buffer, CurveLog(valid_metric))
 
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed + 2)  # dropout draws from the global generator; keep it seeded and local
-            with _EpochBar(progress, cfg.epochs, "DQN epochs") as advance:
-                for epoch in range(1, cfg.epochs + 1):
-                    returns, losses = [], []
-                    order = torch.randperm(len(episodes), generator=generator)
-                    for start in range(0, len(order), cfg.users_per_batch):
-                        env = RerankEnv(episodes.subset(order[start:start + cfg.users_per_batch]), cfg.n_actions,
-                                        self.pad_item, cfg.pred_score)
-                        users = env.episodes.users
-                        episode_return = torch.zeros(len(users))
-                        for t in range(cfg.train_steps):
-                            # Act: epsilon-greedy over the non-empty window slots (greedy ties -> teacher order).
-                            states, windows = env.state, env.window_items()
-                            q_net.eval()
-                            with torch.no_grad():
-                                greedy = masked_q(q_net, users, states, windows).argmax(dim=1)
-                            explore = torch.rand(len(users), generator=generator) < cfg.epsilon
-                            random_slot = _random_valid_slot(windows >= 0, generator)
-                            slots = torch.where(explore, random_slot, greedy)
-                            actions, rewards = env.step(slots)
-                            episode_return += rewards
-                            done = torch.full((len(users),), t == cfg.train_steps - 1)
-                            valid = actions >= 0  # an exhausted list yields no transition
-                            buffer.add(users[valid], states[valid], actions[valid], rewards[valid],
-                                       env.state[valid], env.window_items()[valid], done[valid])
-                            # Learn: TD(0) towards r + gamma * max_a' Q_target(s', a') over the next window.
-                            if buffer.size >= cfg.learning_starts:
-                                q_net.train()
-                                for _ in range(cfg.updates_per_step):
-                                    if gradient_steps % cfg.target_sync == 0:
-                                        target_net.load_state_dict(q_net.state_dict())
-                                    losses.append(self._learn(q_net, target_net, optimizer, buffer, generator))
-                                    gradient_steps += 1
-                        returns.append(episode_return)
-                    record = {"epoch": epoch, "mean_return": float(torch.cat(returns).mean()),
-                              "mean_loss": float(sum(losses) / len(losses)) if losses else float("nan"),
-                              "gradient_steps": gradient_steps}
-                    if validate is not None:
-                        q_net.eval()
-                        record["validation"] = float(validate(self))
-                        if record["validation"] > best_score:
-                            best_score, best_state = record["validation"], copy.deepcopy(q_net.state_dict())
-                    self.history_.append(record)
-                    curve.add(epoch, record["mean_loss"], record.get("validation"))
-                    if log is not None:
-                        log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                                     for k, v in record.items()))
-                    advance()
-        if best_state is not None:
-            q_net.load_state_dict(best_state)
+    def _train_epoch(self, run: "_Training", episodes: RerankEpisodes, epoch: int) -> dict:
+        """One pass over the training users in a seeded order, `users_per_batch` at a time; the epoch's record."""
+        cfg = self.config
+        returns, losses = [], []
+        order = torch.randperm(len(episodes), generator=run.generator)
+        for start in range(0, len(order), cfg.users_per_batch):
+            batch = episodes.subset(order[start:start + cfg.users_per_batch])
+            returns.append(self._train_batch(run, batch, losses))
+        return {"epoch": epoch, "mean_return": float(torch.cat(returns).mean()),
+                "mean_loss": float(sum(losses) / len(losses)) if losses else float("nan"),
+                "gradient_steps": run.gradient_steps}
+
+    def _train_batch(self, run: "_Training", batch: RerankEpisodes, losses: list[float]) -> torch.Tensor:
+        """`train_steps` lock-step picks of a batch of users: act, store the transitions, learn; their returns."""
+        cfg = self.config
+        env = RerankEnv(batch, cfg.n_actions, self.pad_item, cfg.pred_score)
+        users = env.episodes.users
+        episode_return = torch.zeros(len(users))
+        for t in range(cfg.train_steps):
+            states, windows = env.state, env.window_items()
+            slots = self._explore(run, users, states, windows)
+            actions, rewards = env.step(slots)
+            episode_return += rewards
+            done = torch.full((len(users),), t == cfg.train_steps - 1)
+            valid = actions >= 0  # an exhausted list yields no transition
+            run.buffer.add(users[valid], states[valid], actions[valid], rewards[valid],
+                           env.state[valid], env.window_items()[valid], done[valid])
+            if run.buffer.size >= cfg.learning_starts:
+                self._learn_steps(run, losses)
+        return episode_return
+
+    def _explore(self, run: "_Training", users: torch.Tensor, states: torch.Tensor,
+                 windows: torch.Tensor) -> torch.Tensor:
+        """Act: epsilon-greedy over the non-empty window slots (greedy ties -> teacher order)."""
+        run.q_net.eval()
+        with torch.no_grad():
+            greedy = masked_q(run.q_net, users, states, windows).argmax(dim=1)
+        explore = torch.rand(len(users), generator=run.generator) < self.config.epsilon
+        random_slot = _random_valid_slot(windows >= 0, run.generator)
+        return torch.where(explore, random_slot, greedy)
+
+    def _learn_steps(self, run: "_Training", losses: list[float]) -> None:
+        """Learn: `updates_per_step` TD(0) steps towards r + gamma * max_a' Q_target(s', a') over the next window,
+        syncing the target net every `target_sync` gradient steps."""
+        cfg = self.config
+        run.q_net.train()
+        for _ in range(cfg.updates_per_step):
+            if run.gradient_steps % cfg.target_sync == 0:
+                run.target_net.load_state_dict(run.q_net.state_dict())
+            losses.append(self._learn(run.q_net, run.target_net, run.optimizer, run.buffer, run.generator))
+            run.gradient_steps += 1
+
+    def _end_epoch(self, run: "_Training", record: dict, validate: Callable[["DQNReranker"], float] | None,
+                   log: Callable[[str], None] | None) -> None:
+        """Score the epoch with `validate` (keeping the best weights so far), then record and log it."""
+        if validate is not None:
+            run.q_net.eval()
+            record["validation"] = float(validate(self))
+            if record["validation"] > run.best_score:
+                run.best_score, run.best_state = record["validation"], copy.deepcopy(run.q_net.state_dict())
+        self.history_.append(record)
+        run.curve.add(record["epoch"], record["mean_loss"], record.get("validation"))
+        if log is not None:
+            log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
+    def _keep_best(self, run: "_Training") -> None:
+        """Restore the best validated epoch's weights (the last epoch's without `validate`); set `best_epoch_`,
+        `curve_` and eval mode."""
+        if run.best_state is not None:
+            run.q_net.load_state_dict(run.best_state)
             self.best_epoch_ = max(self.history_, key=lambda r: r["validation"])["epoch"]
         else:
-            self.best_epoch_ = cfg.epochs
-        q_net.eval()
-        self.curve_ = curve.rows
-        return self
+            self.best_epoch_ = self.config.epochs
+        run.q_net.eval()
+        self.curve_ = run.curve.rows
 
     def _learn(self, q_net: QNetwork, target_net: QNetwork, optimizer: torch.optim.Optimizer,
                buffer: ReplayBuffer, generator: torch.Generator) -> float:
@@ -430,22 +422,17 @@ def _random_valid_slot(valid: torch.Tensor, generator: torch.Generator) -> torch
     return noise.argmax(dim=1)
 
 
-class _EpochBar:
-    """A rich progress bar when enabled; `advance()` moves it by one."""
+@dataclass
+class _Training:
+    """What one `DQNReranker.fit` call updates: the nets, the optimiser, the replay buffer, the generator of
+    exploration and replay sampling, the gradient step count, the best validated weights and the curve."""
 
-    def __init__(self, enabled: bool, total: int, description: str):
-        self.enabled, self.total, self.description = enabled, total, description
-
-    def __enter__(self) -> Callable[[], None]:
-        if not self.enabled:
-            return lambda: None
-        from rich.progress import Progress
-
-        self._bar = Progress(transient=True)
-        self._bar.__enter__()
-        task = self._bar.add_task(self.description, total=self.total)
-        return lambda: self._bar.advance(task)
-
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self._bar.__exit__(*exc)
+    generator: torch.Generator
+    q_net: QNetwork
+    target_net: QNetwork
+    optimizer: torch.optim.Optimizer
+    buffer: ReplayBuffer
+    curve: CurveLog
+    gradient_steps: int = 0
+    best_score: float = -math.inf
+    best_state: dict | None = None

@@ -1,31 +1,26 @@
-"""TRD's recipe stage: the teacher from an earlier stage, the `recipe` (leave-one-out re-ranking) and
-`trd_temporal` protocols, the student saved beside its metrics."""
+"""TRD's recipe stage, a thin adapter: RunContext -> the algorithm (`recalign.methods.trd.algorithm`) -> metrics and
+artifacts. Protocol `recipe` (default: `fit_on_validation`, leave-one-out or any recipe split, scored by the
+recipe's evaluator) and `trd_temporal` (the paper's: `run_trd`); the student is saved beside its metrics.
+The protocols: docs/protocols.md; the method: docs/systems/trd.md."""
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import numpy as np
-import pandas as pd
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
-from recalign.config import stage_params_model
-from recalign.data.dataset import Dataset
 from recalign.errors import ConfigError
 from recalign.io import write_json
 from recalign.methods.trd.algorithm import (
-    TRDConfig,
-    dqn_settings,
-    item_matrix,
-    rerank_metrics,
+    TRDResult,
+    fit_on_validation,
     run_trd,
-    student_embeddings,
     train_teacher,
-    without_labels,
 )
-from recalign.methods.trd.dqn import DQNReranker, RerankEpisodes
+from recalign.methods.trd.config import TRDConfig, TRDStageConfig
+from recalign.methods.trd.dqn import DQNReranker
 from recalign.stages import Stage
 from recalign.threads import torch_threads
 
@@ -36,6 +31,15 @@ if TYPE_CHECKING:
 
 
 # ---- the recipe stage ---------------------------------------------------------------------------------
+
+def run_stage(ctx: "RunContext", params: BaseModel) -> dict:
+    """The `trd` stage: the recipe protocol by default, the paper's `trd_temporal` when asked for by name."""
+    values = params.model_dump(exclude={"protocol"})
+    config = TRDConfig(**values, ks=list(ctx.recipe.eval.ks))
+    if getattr(params, "protocol", "recipe") == "trd_temporal":
+        return run_temporal_stage(ctx, config)
+    return run_recipe_stage(ctx, config)
+
 
 def teacher_dependency(config: TRDConfig, stage_names: Sequence[str]) -> dict[str, str]:
     """The stage TRD depends on: `teacher` when it names a recipe stage (or `teacher_source: stage`)."""
@@ -77,26 +81,15 @@ def resolve_teacher(ctx: "RunContext", split: "Split", config: TRDConfig) -> tup
     return teacher, time.perf_counter() - started
 
 
+# ---- protocol "trd_temporal" (the paper's) --------------------------------------------------------------------
+
 def run_temporal_stage(ctx: "RunContext", config: TRDConfig) -> dict:
     """Protocol `trd_temporal` (the paper's): teacher -> pools -> student on train2 -> select on valid -> test."""
     split, own_split = stage_split(ctx, config)
     with torch_threads(config.threads):
         teacher, teacher_seconds = resolve_teacher(ctx, split, config)
     result = run_trd(ctx.dataset, split, teacher, config, seed=ctx.seed, progress=ctx.progress, log=ctx.log)
-    torch.save(result.student.state_dict(), ctx.stage_dir / "student.pt")
-    torch.save({"users": result.test_users, "teacher": result.teacher_test_lists,
-                "student": result.student_test_lists}, ctx.stage_dir / "test_lists.pt")
-    write_json(ctx.stage_dir / "training.json", {"epochs": result.student.history_,
-                                                 "best_epoch": result.student.best_epoch_})
-    from recalign.eval.curves import CURVES_FILE, CURVES_PNG, plot_curves, write_curves
-
-    write_curves(result.student.curve_, ctx.stage_dir / CURVES_FILE)  # the DQN student's epochs
-    stage_name = getattr(ctx.stage, "name", "trd")
-    plot_curves(result.student.curve_, ctx.stage_dir / CURVES_PNG, f"TRD student (DQN): stage {stage_name}")
-    teacher_curve = getattr(teacher, "curve_", None)
-    if teacher_curve:  # a teacher trained by this stage on train1
-        write_curves(teacher_curve, ctx.stage_dir / "teacher" / CURVES_FILE)
-        plot_curves(teacher_curve, ctx.stage_dir / "teacher" / CURVES_PNG, f"TRD teacher ({config.teacher})")
+    _save_temporal(ctx, result, teacher, config)
     gain = _relative_gain(result.student_test.get("ndcg@10"), result.teacher_test.get("ndcg@10"))
     ctx.log(f"test ndcg@10 teacher {result.teacher_test.get('ndcg@10', float('nan')):.4f} "
             f"trd {result.student_test.get('ndcg@10', float('nan')):.4f}")
@@ -117,58 +110,32 @@ def run_temporal_stage(ctx: "RunContext", config: TRDConfig) -> dict:
     }
 
 
+def _save_temporal(ctx: "RunContext", result: TRDResult, teacher: "Recommender", config: TRDConfig) -> None:
+    """student.pt, test_lists.pt, training.json and the student's (and any teacher's) curves in the stage folder."""
+    torch.save(result.student.state_dict(), ctx.stage_dir / "student.pt")
+    torch.save({"users": result.test_users, "teacher": result.teacher_test_lists,
+                "student": result.student_test_lists}, ctx.stage_dir / "test_lists.pt")
+    write_json(ctx.stage_dir / "training.json", {"epochs": result.student.history_,
+                                                 "best_epoch": result.student.best_epoch_})
+    from recalign.eval.curves import CURVES_FILE, CURVES_PNG, plot_curves, write_curves
+
+    write_curves(result.student.curve_, ctx.stage_dir / CURVES_FILE)  # the DQN student's epochs
+    stage_name = getattr(ctx.stage, "name", "trd")
+    plot_curves(result.student.curve_, ctx.stage_dir / CURVES_PNG, f"TRD student (DQN): stage {stage_name}")
+    teacher_curve = getattr(teacher, "curve_", None)
+    if teacher_curve:  # a teacher trained by this stage on train1
+        write_curves(teacher_curve, ctx.stage_dir / "teacher" / CURVES_FILE)
+        plot_curves(teacher_curve, ctx.stage_dir / "teacher" / CURVES_PNG, f"TRD teacher ({config.teacher})")
+
+
 def _relative_gain(new: float | None, old: float | None) -> float | None:
+    """(new - old) / old; None when either is missing or old is 0."""
     if new is None or old is None or old == 0:
         return None
     return (new - old) / old
 
 
 # ---- protocol "recipe" (the default): re-rank the teacher's list for the recipe's split ------------------------
-
-TRDStageConfig = stage_params_model(
-    TRDConfig, "TRDStageConfig", doc="Params of a `trd` recipe stage (cut-offs and users: the recipe's eval).",
-    protocol=(Literal["recipe", "trd_temporal"], Field(
-        "recipe", description="'recipe': re-rank the teacher's top-cand_num list for the recipe's split, scored "
-                              "by the recipe's evaluator on its users (comparable); 'trd_temporal': the paper's own "
-                              "global temporal split and candidate pools (a parity protocol)")))
-
-
-def run_stage(ctx: "RunContext", params: BaseModel) -> dict:
-    """The `trd` stage: the recipe protocol by default, the paper's `trd_temporal` when asked for by name."""
-    values = params.model_dump(exclude={"protocol"})
-    config = TRDConfig(**values, ks=list(ctx.recipe.eval.ks))
-    if getattr(params, "protocol", "recipe") == "trd_temporal":
-        return run_temporal_stage(ctx, config)
-    return run_recipe_stage(ctx, config)
-
-
-class RerankedLists:
-    """TRD as a `recalign.eval.lists.ListRecommender`: the teacher's top-`cand_num` list (history excluded), re-ranked
-    by the DQN student from the user's history (no labels)."""
-
-    def __init__(self, teacher: "Recommender", student: DQNReranker, cand_num: int, exclude_history: bool = True):
-        self.teacher, self.student, self.cand_num, self.exclude_history = teacher, student, cand_num, exclude_history
-
-    def episodes(self, users: np.ndarray, histories, relevant: pd.DataFrame | None = None) -> RerankEpisodes:
-        """The teacher's lists as episodes; labels = the users' items in `relevant` (None: inference)."""
-        users = np.asarray(users, dtype=np.int64)
-        n_items = histories.n_items
-        items, scores = self.teacher.recommend(users, histories, k=min(self.cand_num, n_items),
-                                               exclude_history=self.exclude_history)
-        valid = items >= 0
-        labels = None
-        if relevant is not None:
-            labels = item_matrix(relevant, users, n_items).gather(1, items.clamp(min=0)) & valid
-        states = histories.padded(users, self.student.config.state_len, pad=n_items)
-        return RerankEpisodes(users=torch.as_tensor(users), candidates=items, relevant=labels,
-                              teacher_scores=torch.where(valid, scores, torch.zeros_like(scores)).float(),
-                              start_states=states)
-
-    def recommend(self, users: np.ndarray, histories, k: int) -> torch.Tensor:
-        """Top-k re-ranked lists [U, k] (-1 where the teacher's list runs out)."""
-        length = max(k, self.student.config.list_length)
-        return self.student.rerank(self.episodes(users, histories), length=length)[:, :k]
-
 
 def run_recipe_stage(ctx: "RunContext", config: TRDConfig) -> dict:
     """Protocol `recipe`: the student learns on validation episodes (90% of users, seeded), picks its epoch on the
@@ -194,44 +161,6 @@ def run_recipe_stage(ctx: "RunContext", config: TRDConfig) -> dict:
             **{f"teacher.{k}": v for k, v in teacher_metrics.items() if isinstance(v, (int, float))},
             "ndcg@10_relative_gain": gain, "teacher_train_seconds": round(teacher_seconds, 3),
             "train_seconds": round(seconds["student_train"], 3)}
-
-
-SELECT_FRACTION = 0.1  # share of the validation users that picks the student's epoch (never the test part)
-
-
-def fit_on_validation(dataset: Dataset, split: "Split", teacher: "Recommender", config: TRDConfig, seed: int,
-                      progress: bool = False, log: Callable[[str], None] | None = None
-                      ) -> tuple[DQNReranker, RerankedLists, dict, dict]:
-    """Train the student on the validation part's episodes (state = train history) of a seeded 90% of the users and
-    keep the epoch with the best `select_metric` on the other 10%; returns (student, lists model, counts, seconds)."""
-    dqn_config = dqn_settings(config, seed)
-    users = np.sort(split.valid["user_id"].unique()).astype(np.int64)
-    if len(users) < 2:
-        raise ConfigError("trd: the validation part needs at least two users (train and epoch selection)")
-    user_emb, item_emb = student_embeddings(teacher, dataset, config.embedding_dim, seed)
-    student = DQNReranker(user_emb, item_emb, dqn_config)
-    lists = RerankedLists(teacher, student, config.cand_num)
-    started = time.perf_counter()
-    episodes = lists.episodes(users, dataset.sequences(split.history("valid")), relevant=split.valid)
-    seconds = {"teacher_lists": time.perf_counter() - started}
-    order = torch.randperm(len(users), generator=torch.Generator().manual_seed(seed))
-    n_select = max(1, int(round(SELECT_FRACTION * len(users))))
-    select_rows, train_rows = order[:n_select].sort().values, order[n_select:].sort().values
-    select = without_labels(episodes.subset(select_rows))
-    by_user = split.valid.groupby("user_id")["item_id"].agg(set)
-    select_relevant = [by_user[int(u)] for u in users[select_rows.numpy()]]
-    depth = max(*config.ks, dqn_config.list_length)
-
-    def selection_score(model: DQNReranker) -> float:
-        picked = model.rerank(select, length=depth)
-        return rerank_metrics(picked, select_relevant, config.ks)[config.select_metric]
-
-    started = time.perf_counter()
-    student.fit(episodes.subset(train_rows), validate=selection_score, progress=progress, log=log,
-                valid_metric=config.select_metric)
-    seconds["student_train"] = time.perf_counter() - started
-    counts = {"n_train_users": len(train_rows), "n_select_users": len(select_rows)}
-    return student, lists, counts, seconds
 
 
 def _save_student(ctx: "RunContext", student: DQNReranker, teacher: "Recommender", config: TRDConfig) -> None:

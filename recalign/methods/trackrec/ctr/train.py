@@ -18,6 +18,7 @@ from recalign.methods.trackrec.ctr.dcn import DCNv2
 from recalign.methods.trackrec.ctr.deepfm import DeepFM
 from recalign.methods.trackrec.ctr.din import DIN
 from recalign.threads import torch_threads
+from recalign.training import EarlyStopping
 
 __all__ = ["BACKBONES", "CTRConfig", "CTRResult", "make_backbone", "ctr_metrics", "predict", "train_one", "fit_ctr"]
 
@@ -101,38 +102,46 @@ def _rows(batch: dict[str, torch.Tensor], rows: slice | torch.Tensor) -> dict[st
 
 def train_one(model: nn.Module, train: dict[str, torch.Tensor], valid: dict[str, torch.Tensor], batch_size: int,
               lr: float, settings: CTRConfig, generator: torch.Generator) -> dict:
-    """Train with early stopping on validation AUC; the model ends at its best epoch. Returns that epoch and the curve."""
+    """Train with early stopping on validation AUC; the model ends at its best epoch. Returns that epoch and the curve.
+
+    `EarlyStopping`: an epoch is better only with a strictly higher AUC; training stops after `patience` epochs in a
+    row without one. Epoch 0 is the initial weights (kept when no epoch's AUC is a number, e.g. one-class labels).
+    """
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=settings.weight_decay)
     loss_fn = nn.BCEWithLogitsLoss()
     labels = valid["label"].numpy()
-    best = {"epoch": 0, "auc": -math.inf, "state": copy.deepcopy(model.state_dict())}
-    curve, stale = [], 0
+    stopper = EarlyStopping(settings.patience)
+    stopper.best_epoch, stopper.best_state = 0, copy.deepcopy(model.state_dict())
+    curve = []
     n = len(train["label"])
     for epoch in range(1, settings.epochs + 1):
         started = time.perf_counter()
-        model.train()
-        order = torch.randperm(n, generator=generator)
-        total = 0.0
-        for start in range(0, n, batch_size):
-            rows = order[start:start + batch_size]
-            chunk = _rows(train, rows)
-            loss = loss_fn(model(chunk), chunk["label"])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(rows)
+        total = _train_epoch(model, train, batch_size, optimizer, loss_fn, generator)
         metrics = ctr_metrics(labels, predict(model, valid, settings.eval_batch_size))
         curve.append({"epoch": epoch, "loss": total / n, "valid_auc": metrics["auc"],
                       "valid_logloss": metrics["logloss"], "seconds": time.perf_counter() - started})
-        if metrics["auc"] > best["auc"]:
-            best = {"epoch": epoch, "auc": metrics["auc"], "state": copy.deepcopy(model.state_dict())}
-            stale = 0
-        else:
-            stale += 1
-            if stale >= settings.patience:
-                break
-    model.load_state_dict(best["state"])
-    return {"best_epoch": best["epoch"], "valid_auc": best["auc"], "curve": curve}
+        if stopper.update(metrics["auc"], epoch, model.state_dict()):
+            break
+    model.load_state_dict(stopper.best_state)
+    return {"best_epoch": stopper.best_epoch, "valid_auc": stopper.best, "curve": curve}
+
+
+def _train_epoch(model: nn.Module, train: dict[str, torch.Tensor], batch_size: int, optimizer, loss_fn,
+                 generator: torch.Generator) -> float:
+    """One epoch of BCE steps over a seeded order of the train rows; returns the summed loss (mean x rows)."""
+    model.train()
+    n = len(train["label"])
+    order = torch.randperm(n, generator=generator)
+    total = 0.0
+    for start in range(0, n, batch_size):
+        rows = order[start:start + batch_size]
+        chunk = _rows(train, rows)
+        loss = loss_fn(model(chunk), chunk["label"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(rows)
+    return total
 
 
 def fit_ctr(backbone: str, parts: dict[str, Impressions], settings: CTRConfig = CTRConfig(),
