@@ -41,7 +41,8 @@ sys.path.insert(0, str(ROOT))
 
 from recalign.data.dataset import build_dataset  # noqa: E402
 from recalign.data.split import Split  # noqa: E402
-from recalign.methods.sprec.algorithm import SPRecConfig, run_sprec  # noqa: E402
+from recalign.methods.sprec.algorithm import run_sprec  # noqa: E402
+from recalign.methods.sprec.config import SPRecConfig  # noqa: E402
 from recalign.methods.sprec.report import compare_against_sft, iteration_table, plot_iterations  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "goodreads-sprec"

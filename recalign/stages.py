@@ -136,6 +136,12 @@ class RunContext:
             raise ConfigError(f"stage {name!r} has not finished in {self.run_dir}{hint}")
         return folder
 
+    def work_folder(self, depends_on: dict, default_name: str) -> Path:
+        """run/work/<stage>-<key>: where a long stage keeps its resumable state (outside its stage folder, which is
+        rebuilt on every attempt); the key is a hash of `depends_on`, everything the stage's result depends on."""
+        name = self.stage.name if self.stage is not None else default_name
+        return self.run_dir / "work" / f"{name}-{stable_hash(depends_on)}"
+
     def datasets(self, role: str) -> list[Dataset]:
         """The recipe's datasets of one role (`eval` is the split dataset), prepared once into data/<role>-<i>/."""
         if role == "eval":

@@ -105,7 +105,8 @@ def test_rows_follow_the_split():
 
 # ---- the loop on a tiny random model ----------------------------------------------------------------------
 
-from recalign.methods.sprec.algorithm import SPRecConfig, run_sprec  # noqa: E402
+from recalign.methods.sprec.algorithm import run_sprec  # noqa: E402
+from recalign.methods.sprec.config import SPRecConfig  # noqa: E402
 
 
 def _config(**overrides) -> SPRecConfig:

@@ -33,11 +33,10 @@ def work_folder(ctx: "RunContext", params: RecGPTConfig, pretrain: Sequence[Data
                 ) -> tuple[Path, str]:
     """The stage's work folder outside the stage folder (run/work/<stage>-<key>) and its key, a hash of what the
     result depends on: params, datasets, split, evaluation protocol and seed."""
-    key = stable_hash({"params": params.model_dump(mode="json"),
-                       "pretrain": [d.fingerprint() for d in pretrain],
-                       "data": ctx.dataset.fingerprint(), "split": ctx.recipe.split.model_dump(mode="json"),
-                       "eval": ctx.recipe.eval.model_dump(mode="json", exclude={"table"}), "seed": seed})
-    return ctx.run_dir / "work" / f"{ctx.stage.name if ctx.stage else 'recgpt'}-{key}", key
+    depends_on = {"params": params.model_dump(mode="json"), "pretrain": [d.fingerprint() for d in pretrain],
+                  "data": ctx.dataset.fingerprint(), "split": ctx.recipe.split.model_dump(mode="json"),
+                  "eval": ctx.recipe.eval.model_dump(mode="json", exclude={"table"}), "seed": seed}
+    return ctx.work_folder(depends_on, "recgpt"), stable_hash(depends_on)
 
 
 def stage_metrics(result: RecGPTResult, params: RecGPTConfig, work: Path) -> dict:

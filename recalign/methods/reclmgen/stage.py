@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from recalign.checkpoints import stable_hash
 from recalign.errors import ConfigError, RecalignError
 from recalign.eval.lists import NO_ENTRY, GeneratedLists
 from recalign.io import read_json, write_atomic, write_json
@@ -99,9 +98,9 @@ def run_stage(ctx: "RunContext", params) -> dict:
     except RecalignError as exc:
         raise ConfigError(f"teacher: {exc}") from None
     users = ctx.eval_users("test")
-    key = stable_hash({"config": fingerprint(config), "init": init_hash, "data": ctx.dataset.fingerprint(),
-                       "split": ctx.recipe.split.model_dump(mode="json"), "users": sorted(int(u) for u in users)})
-    work = ctx.run_dir / "work" / f"{ctx.stage.name if ctx.stage else 'controllable'}-{key}"
+    work = ctx.work_folder({"config": fingerprint(config), "init": init_hash, "data": ctx.dataset.fingerprint(),
+                            "split": ctx.recipe.split.model_dump(mode="json"), "users": sorted(int(u) for u in users)},
+                           "controllable")
     ctx.log(f"{config.model}: algorithm {config.algorithm}, teacher {config.teacher}, {len(users)} test users, "
             f"work folder {work}")
     out = run_controllable(config, ctx.dataset, ctx.split, teacher, work, users=users, sft_adapter=sft_adapter,

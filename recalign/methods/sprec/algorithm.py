@@ -1,111 +1,59 @@
-"""SPRec (Gao et al., WWW 2025; systems.md §3): SFT, then self-play DPO whose negatives are the model's own answers.
+"""SPRec (Gao et al., WWW 2025): SFT, then self-play DPO whose negatives are the model's own answers.
 
-The algorithm, as `run_sprec` runs it (one template for SFT, generation and DPO: `recalign.llm.prompts`):
+The paper's algorithm box, as `run_sprec` runs it (docs/systems/sprec.md; one prompt template for SFT, generation
+and DPO: `recalign.llm.prompts`). Input: a base model, train rows D (`train_rows`), N = `iterations`, β = `dpo.beta`.
 
-    θ₀ ← SFT(base model + LoRA, train rows)                          stage 0, also the "sft" baseline
-    evaluate(θ₀)                                                      iteration 0 of every variant
-    for variant v in {dpo_random, sprec}:
-        θ ← θ₀
-        for i = 1 .. N:
-            P  ← n_pairs train rows, sampled with seed (seed, v, i)
-            y⁺ ← the ground-truth next item of each row
-            y⁻ ← sprec:      ground(generate(θ, P))   the current model's own top prediction
-                 dpo_random: a uniform catalog item
-            drop rows where y⁻ = y⁺ or y⁻ is not a catalog item        (recalign; the original checks neither)
-            θ ← SFT step(θ, rows with y⁺)                             continue the adapter on the positives
-            θ ← DPO(θ, π_ref = θ frozen, (P, y⁺, y⁻), β)
-            evaluate(θ); commit θ to <v>/iter_<i>/                    a killed loop resumes after the last i
+     1. θ₀ ← SFT(base model + LoRA, `sft_rows` rows of D)                         `_train_stage_zero`
+     2. evaluate(θ₀); commit θ₀ to sft/: the "sft" variant and iteration 0 of every other variant
+     3. for each variant v in `variants` other than sft (dpo_random, sprec), from θ ← θ₀:
+          for i = 1 .. N, resuming after the last committed i:                      `_self_play_iteration`
+     4.     P  ← `n_pairs` rows of D, sampled with the seed `seed + 1000·index(v) + i`
+     5.     y⁺ ← the ground-truth next item of each row of P
+     6.     y⁻ ← sprec:      ground(generate(θ, P)), the current model's own top prediction   `self_play_pairs`
+                 dpo_random: a uniform catalog item other than y⁺                            `random_pairs`
+     7.     drop rows where y⁻ = y⁺ or y⁻ is no catalog item (`check_pairs`; the original checks neither)
+     8.     θ ← SFT step(θ, kept rows of P with y⁺): continue the adapter on the positives (`sft_step`; null = skip)
+     9.     θ ← DPO(θ, π_ref = θ frozen, (P, y⁺, y⁻), β)
+    10.     evaluate(θ); commit θ to <v>/iter_<i>/
+    Output: one record per (variant, iteration), and the last iteration of each variant.
 
-Evaluation (metrics.md §2.3, protocol `sprec_rows`): greedy generation, the first quoted title is embedded and
-the K nearest catalog titles are the top-K list; HR/NDCG@K, DivRatio@K, ORRatio@K, MGU@K, DGU@K and AvgPop@K.
+When step 7 drops every pair of an iteration, steps 8-9 are skipped: the model is kept, still evaluated and committed.
+
+Evaluation (docs/metrics.md §2.1 and §2.3, protocol `sprec_rows`): greedy generation, the first quoted title is
+embedded and the K nearest catalog titles are the top-K list; HR/NDCG@K, DivRatio@K, ORRatio@K, MGU@K, DGU@K and
+AvgPop@K (`SPRecRowsEvaluator`, `sprec_list_metrics`).
 
 Shared blocks: checkpoints, state and resume are `recalign.checkpoints.IterationStore`; SFT and DPO are
-`recalign.llm.train` / `recalign.llm.dpo` over `recalign.llm.trainer`; tables, plots, the paired comparison with
-SFT and the recipe stage (`SPREC_STAGE`) are in `recalign.methods.sprec.report`.
+`recalign.llm.train` / `recalign.llm.dpo` over `recalign.llm.trainer`. Settings: `recalign.methods.sprec.config`;
+tables, plots and the paired comparison with SFT: `recalign.methods.sprec.report`; the recipe stage
+(`SPREC_STAGE`): `recalign.methods.sprec.stage`.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from recalign.checkpoints import IterationStore
 from recalign.errors import ConfigError
 from recalign.eval import beyond
 from recalign.llm.backends import GenerationBackend
-from recalign.llm.dpo import DPOConfig
-from recalign.llm.grounding import GroundingConfig
 from recalign.llm.tasks import Rows, SeqRecTask, eval_rows, prompts_for, sample_rows
 from recalign.llm.tasks import train_rows as task_train_rows
 from recalign.llm.train import SFTConfig
-from recalign.llm.trainer import LoraConfig
+from recalign.methods.sprec.config import VARIANTS, SPRecConfig, SPRecGenerationConfig
 from recalign.stages import fill_seeds
 
-VARIANTS = ("sft", "dpo_random", "sprec")
 STATE_FILE = "state.json"
 MARKER = "metrics.json"  # an iteration folder is finished when its record exists (written last, then renamed)
 # may change between attempts on one work folder (the backend only runs evaluation, never the checkpoints)
 RESUMABLE_FIELDS = {"variants", "iterations", "compare_resamples", "backend"}
-
-
-# ---- configuration ------------------------------------------------------------------------------------
-
-class SPRecGenerationConfig(BaseModel):
-    """Greedy decoding of one title per prompt."""
-
-    model_config = ConfigDict(extra="forbid")
-    max_new_tokens: int = Field(32, ge=1, description="tokens per answer (SPRec: 128 for pairs, 32 for evaluation)")
-    batch_size: int = Field(16, ge=1, description="prompts per generate call")
-
-
-class SPRecConfig(BaseModel):
-    """Everything one SPRec run depends on; defaults follow the original where it is sound."""
-
-    model_config = ConfigDict(extra="forbid")
-    model: str = Field("tiny", description="base model: HF id, local folder, .gguf file, or 'tiny' (random Llama)")
-    variants: list[Literal["sft", "dpo_random", "sprec"]] = Field(
-        default_factory=lambda: list(VARIANTS), description="which variants to run; 'sft' is the stage-0 model")
-    iterations: int = Field(5, ge=1, description="self-play iterations N (SPRec README: 5)")
-    n_pairs: int = Field(2048, ge=1, description="train prompts sampled per iteration (SPRec: 2048)")
-    max_history: int = Field(10, ge=1, description="most recent history titles in a prompt")
-    train_users: Literal["all", "train_only"] = Field(
-        "all", description="rows from every user's train sequence, or only users without valid/test items "
-                           "(SPRec's separate Alpaca train file)")
-    sft_rows: int = Field(4096, ge=1, description="train rows sampled for the stage-0 SFT (SPRec: 4096)")
-    sft: SFTConfig = Field(default_factory=lambda: SFTConfig(epochs=4.0, learning_rate=3e-4, batch_size=4,
-                                                                 grad_accum=4, max_length=512),
-                             description="stage-0 SFT (SPRec: 4 epochs, lr 3e-4, 4x4)")
-    sft_step: SFTConfig | None = Field(
-        default_factory=lambda: SFTConfig(epochs=1.0, learning_rate=2e-5, batch_size=4, grad_accum=4,
-                                            max_length=512),
-        description="per-iteration SFT on the positives before DPO (null = skip; SPRec: 1 epoch, lr 2e-5)")
-    dpo: DPOConfig = Field(default_factory=DPOConfig, description="the DPO step (β = 0.1, lr 2e-5, 2×4)")
-    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter (r 16, α 32, dropout 0.05)")
-    grounding: GroundingConfig = Field(default_factory=lambda: GroundingConfig(kind="embedding"),
-                                       description="generated title -> catalog items (SPRec: embedding k-NN)")
-    pair_generation: SPRecGenerationConfig = Field(default_factory=lambda: SPRecGenerationConfig(max_new_tokens=64),
-                                                description="decoding of the self-play negatives")
-    eval_generation: SPRecGenerationConfig = Field(default_factory=SPRecGenerationConfig,
-                                                description="decoding at evaluation")
-    backend: GenerationBackend = Field(default_factory=GenerationBackend,
-                                       description="engine of the evaluation answers: transformers | vllm | openai | "
-                                                   "auto (recalign.llm.backends); the self-play negatives, SFT and "
-                                                   "DPO always use transformers")
-    ks: list[int] = Field(default_factory=lambda: [1, 5, 10], description="cut-offs K")
-    eval_part: Literal["valid", "test"] = Field("test", description="split part evaluated after every iteration")
-    eval_rows: int | None = Field(None, ge=1, description="evaluate a seeded subsample of this many rows (null = all)")
-    genres: list[str] | None = Field(None, description="tracked genres G for MGU/DGU (null = every item category)")
-    check_pairs: bool = Field(True, description="drop pairs whose rejected item is ungrounded or equals chosen; "
-                                                "false = the original (raw generated title, no checks)")
-    seed: int = Field(0, description="seed of the row samples, random negatives and training")
-    compare_resamples: int = Field(1000, ge=0, description="bootstrap resamples and permutations of the paired "
-                                                           "comparison of every checkpoint with SFT (0 = skip)")
 
 
 # ---- rows: (history, next item), from the LLM core's SeqRec task ------------------------------------------
@@ -122,7 +70,7 @@ def train_rows(dataset, split, max_history: int, users: str = "all") -> Rows:
     return rows
 
 
-# ---- preference pairs ----------------------------------------------------------------------------------
+# ---- preference pairs (steps 5-7) ----------------------------------------------------------------------
 
 @dataclass
 class Pairs:
@@ -168,9 +116,24 @@ def random_pairs(rows: Rows, n_items: int, titles: list[str], seed: int) -> Pair
     return Pairs(rows, rejected.astype(np.int64), [titles[i] for i in rejected])
 
 
-# ---- the loop ------------------------------------------------------------------------------------------
+# ---- the loop (steps 1-10) -------------------------------------------------------------------------------
 
 IterationHook = Callable[[str, int], None]
+
+
+@dataclass
+class _Run:
+    """What every step of one `run_sprec` call shares."""
+
+    config: SPRecConfig  # seeds filled (`fill_seeds`)
+    dataset: Any
+    store: IterationStore
+    titles: list[str]
+    grounder: Any
+    train: Rows
+    evaluate: Callable
+    say: Callable[[str], None]
+    progress: bool
 
 
 def run_sprec(config: SPRecConfig, dataset, split, work_dir: str | Path, *, progress: bool = False,
@@ -181,12 +144,26 @@ def run_sprec(config: SPRecConfig, dataset, split, work_dir: str | Path, *, prog
     Returns {"iterations": [{variant, iteration, metrics...}, ...], "final": {variant: metrics}}; the same table
     is kept in work_dir/state.json after every finished iteration (`recalign.checkpoints`).
     `evaluator` ((model, tokenizer) -> metrics, keeping `answers_`) replaces the `sprec_rows` evaluation, e.g. the
-    recipe's evaluator on its users (`recalign.methods.llm_sft.stage.RecipeAnswers`).
+    recipe's evaluator on its users (`recalign.llm.answers.RecipeAnswers`).
     """
+    run = _start_run(config, dataset, split, work_dir, progress, log, evaluator)
+    sft_dir = _train_stage_zero(run)  # steps 1-2
+    for variant in [v for v in run.config.variants if v != "sft"]:  # step 3
+        for iteration in run.store.pending(variant, run.config.iterations):  # finished ones are never recomputed
+            if on_iteration_start is not None:
+                on_iteration_start(variant, iteration)
+            _self_play_iteration(run, variant, iteration, sft_dir)  # steps 4-10
+    run.store.clean_scratch()
+    return _summary(run.store.records, run.config)
+
+
+def _start_run(config: SPRecConfig, dataset, split, work_dir: str | Path, progress: bool,
+               log: Callable[[str], None] | None, evaluator: Callable | None) -> _Run:
+    """The work folder's iteration store, the grounder, the train rows D and the evaluator of one run."""
     from recalign.llm.grounding import make_grounder
 
     config = fill_seeds(config, config.seed)  # the one seed rule: sft/dpo seeds follow `seed` unless set
-    store = IterationStore(work_dir, _fingerprint(config), marker=MARKER, state_file=STATE_FILE,
+    store = IterationStore(work_dir, config_fingerprint(config), marker=MARKER, state_file=STATE_FILE,
                            key_fields=("variant", "iteration"))
     say = log or (lambda message: None)
     titles = dataset.titles()
@@ -195,51 +172,64 @@ def run_sprec(config: SPRecConfig, dataset, split, work_dir: str | Path, *, prog
     if len(train) == 0:
         raise ConfigError("SPRec: no train rows (every user needs >= 2 train interactions)")
     config.backend.check(where="sprec backend")  # before any training
-    evaluate = evaluator or _make_evaluator(config, dataset, split, grounder, progress)
+    evaluate = evaluator or make_evaluator(config, dataset, split, grounder, progress)
+    return _Run(config, dataset, store, titles, grounder, train, evaluate, say, progress)
 
-    # Stage 0: θ₀ ← SFT(base + LoRA, train rows): the "sft" variant and iteration 0 of every variant.
+
+def _train_stage_zero(run: _Run) -> Path:
+    """Steps 1-2: θ₀ ← SFT(base + LoRA, train rows), evaluated and committed to sft/ (unless already there)."""
+    config, store = run.config, run.store
     sft_dir = store.folder("sft")
     if not store.done(sft_dir):
-        say("stage 0: SFT")
+        run.say("stage 0: SFT")
         model, tokenizer = _base_model(config)
-        rows = sample_rows(train, config.sft_rows, config.seed)
-        model = _sft(model, tokenizer, rows, titles, config.sft, config, store.scratch, progress)
-        metrics = evaluate(model, tokenizer)
+        rows = sample_rows(run.train, config.sft_rows, config.seed)
+        model = _sft(model, tokenizer, rows, run.titles, config.sft, config, store.scratch, run.progress)
+        metrics = run.evaluate(model, tokenizer)
         store.commit(sft_dir, {"variant": "sft", "iteration": 0, **metrics},
-                     _checkpoint_writer(model, tokenizer, evaluate.answers_))
-        del model
+                     _checkpoint_writer(model, tokenizer, run.evaluate.answers_))
+    return sft_dir
 
-    for variant in [v for v in config.variants if v != "sft"]:
-        for iteration in store.pending(variant, config.iterations):  # finished iterations are never recomputed
-            if on_iteration_start is not None:
-                on_iteration_start(variant, iteration)
-            say(f"{variant}: iteration {iteration}/{config.iterations}")
-            model, tokenizer = _load_checkpoint(store.previous(variant, iteration, sft_dir), config)
-            seed = config.seed + 1000 * VARIANTS.index(variant) + iteration
-            prompts = sample_rows(train, config.n_pairs, seed)
-            if variant == "sprec":  # y⁻ = the current model's own top prediction, grounded
-                answers = _generate(model, tokenizer, prompts, titles, config.pair_generation, config, progress)
-                pairs = self_play_pairs(prompts, answers, grounder, titles, check=config.check_pairs)
-            else:  # y⁻ = a random catalog item
-                pairs = random_pairs(prompts, dataset.n_items, titles, seed)
-            dpo_log: dict = {}
-            if len(pairs) == 0:  # nothing to learn from: keep the model, still evaluate and checkpoint
-                say(f"{variant} iteration {iteration}: every pair was dropped ({pairs.dropped_equal} equal to the "
-                    f"target, {pairs.dropped_ungrounded} ungrounded); the model is unchanged")
-            else:
-                if config.sft_step is not None:  # continue the adapter on the positives, then DPO from there
-                    model = _sft(model, tokenizer, pairs.rows, titles, config.sft_step, config, store.scratch,
-                                 progress)
-                model, dpo_log = _dpo(model, tokenizer, pairs, titles, config, store.scratch, progress)
-            metrics = evaluate(model, tokenizer)
-            record = {"variant": variant, "iteration": iteration, **metrics, **dpo_log,
-                      "pairs": len(pairs), "dropped_equal": pairs.dropped_equal,
-                      "dropped_ungrounded": pairs.dropped_ungrounded}
-            store.commit(store.folder(variant, iteration), record,
-                         _checkpoint_writer(model, tokenizer, evaluate.answers_, pairs, titles))
-            del model
-    store.clean_scratch()
-    return _summary(store.records, config)
+
+def _self_play_iteration(run: _Run, variant: str, iteration: int, sft_dir: Path) -> None:
+    """Steps 4-10 of one (variant, iteration): pairs on the previous checkpoint, SFT step, DPO, evaluate, commit."""
+    config, store = run.config, run.store
+    run.say(f"{variant}: iteration {iteration}/{config.iterations}")
+    model, tokenizer = load_checkpoint(store.previous(variant, iteration, sft_dir), config)
+    seed = config.seed + 1000 * VARIANTS.index(variant) + iteration
+    prompts = sample_rows(run.train, config.n_pairs, seed)  # steps 4-5: P, with y⁺ = each row's target
+    pairs = _preference_pairs(run, variant, model, tokenizer, prompts, seed)  # steps 6-7
+    model, dpo_log = _preference_step(run, variant, iteration, model, tokenizer, pairs)  # steps 8-9
+    metrics = run.evaluate(model, tokenizer)  # step 10
+    record = {"variant": variant, "iteration": iteration, **metrics, **dpo_log,
+              "pairs": len(pairs), "dropped_equal": pairs.dropped_equal,
+              "dropped_ungrounded": pairs.dropped_ungrounded}
+    store.commit(store.folder(variant, iteration), record,
+                 _checkpoint_writer(model, tokenizer, run.evaluate.answers_, pairs, run.titles))
+
+
+def _preference_pairs(run: _Run, variant: str, model, tokenizer, prompts: Rows, seed: int) -> Pairs:
+    """Steps 6-7: y⁻ = the current model's own top prediction, grounded and checked (sprec), or a random item."""
+    if variant == "sprec":
+        answers = _generate(model, tokenizer, prompts, run.titles, run.config.pair_generation, run.config,
+                            run.progress)
+        return self_play_pairs(prompts, answers, run.grounder, run.titles, check=run.config.check_pairs)
+    return random_pairs(prompts, run.dataset.n_items, run.titles, seed)
+
+
+def _preference_step(run: _Run, variant: str, iteration: int, model, tokenizer, pairs: Pairs) -> tuple[Any, dict]:
+    """Steps 8-9: SFT step on the positives (unless `sft_step` is null), then DPO; returns (model, DPO log).
+
+    Without pairs there is nothing to learn from: the model is returned unchanged (still evaluated and committed).
+    """
+    if len(pairs) == 0:
+        run.say(f"{variant} iteration {iteration}: every pair was dropped ({pairs.dropped_equal} equal to the "
+                f"target, {pairs.dropped_ungrounded} ungrounded); the model is unchanged")
+        return model, {}
+    if run.config.sft_step is not None:  # continue the adapter on the positives, then DPO from there
+        model = _sft(model, tokenizer, pairs.rows, run.titles, run.config.sft_step, run.config, run.store.scratch,
+                     run.progress)
+    return _dpo(model, tokenizer, pairs, run.titles, run.config, run.store.scratch, run.progress)
 
 
 def _summary(records: list[dict], config: SPRecConfig) -> dict:
@@ -252,9 +242,9 @@ def _summary(records: list[dict], config: SPRecConfig) -> dict:
     return {"iterations": rows, "final": final}
 
 
-# ---- evaluation -----------------------------------------------------------------------------------------
+# ---- evaluation (protocol `sprec_rows`) ------------------------------------------------------------------
 
-class _Evaluator:
+class SPRecRowsEvaluator:
     """Greedy answer -> K nearest catalog items -> accuracy and beyond-accuracy metrics at every K.
 
     After each call `answers_` holds the per-row record (user, target, raw answer, top-K item ids), which every
@@ -275,7 +265,6 @@ class _Evaluator:
         generated = [extract_title(a) for a in answers]
         k_max = max(self.config.ks)
         lists = self.grounder.topk(generated, k_max)
-        targets = torch.as_tensor(self.rows.targets)
         self.answers_ = [{"user": int(u), "target": int(t), "answer": a, "top_k": row}
                          for u, t, a, row in zip(self.rows.users, self.rows.targets, answers, lists.tolist())]
         return self.score(lists)
@@ -283,17 +272,19 @@ class _Evaluator:
     def score(self, lists: torch.Tensor, index: np.ndarray | None = None) -> dict:
         """Metrics of top-K lists on the evaluation rows (all of them, or rows `index`, repeats allowed)."""
         if index is None:
-            return sprec_list_metrics(lists, torch.as_tensor(self.rows.targets), self.rows.histories, self.config.ks,
-                                self.popularity, self.genre_weights, self.genres)
+            return sprec_list_metrics(lists, torch.as_tensor(self.rows.targets), self.rows.histories,
+                                      self.config.ks, self.popularity, self.genre_weights, self.genres)
         chosen = torch.from_numpy(index)
         return sprec_list_metrics(lists[chosen], torch.as_tensor(self.rows.targets)[chosen],
-                            [self.rows.histories[i] for i in index], self.config.ks, self.popularity,
-                            self.genre_weights, self.genres)
+                                  [self.rows.histories[i] for i in index], self.config.ks, self.popularity,
+                                  self.genre_weights, self.genres)
 
 
 def sprec_list_metrics(lists: torch.Tensor, targets: torch.Tensor, histories: list[list[int]], ks: list[int],
-                 popularity: torch.Tensor, item_genres: "list[list[str]] | torch.Tensor", genres: list[str]) -> dict:
-    """The one list evaluator (`recalign.eval.lists`): §2.1 accuracy and §2.3 DivRatio/ORRatio/AvgPop/MGU/DGU@K.
+                       popularity: torch.Tensor, item_genres: list[list[str]] | torch.Tensor,
+                       genres: list[str]) -> dict:
+    """The one list evaluator (`recalign.eval.lists`): accuracy (docs/metrics.md §2.1) and DivRatio, ORRatio,
+    AvgPop, MGU and DGU@K (docs/metrics.md §2.3).
 
     `item_genres`: each item's genres, or their `beyond.genre_weights` table (faster for repeated calls).
     """
@@ -312,14 +303,16 @@ def tracked_genres(dataset, genres: list[str] | None) -> list[str]:
     return sorted({c for cats in dataset.item_categories() for c in cats})
 
 
-def _make_evaluator(config: SPRecConfig, dataset, split, grounder, progress: bool) -> "_Evaluator":
+def make_evaluator(config: SPRecConfig, dataset, split, grounder, progress: bool) -> SPRecRowsEvaluator:
     """The evaluator every variant and iteration shares: the same (seeded) rows, grounding and popularity."""
     test = eval_rows(dataset, split, config.eval_part, config.max_history)
     if config.eval_rows is not None:
         test = sample_rows(test, config.eval_rows, config.seed + 7919)
     popularity = np.bincount(split.train["item_id"].to_numpy(), minlength=dataset.n_items)
-    return _Evaluator(config, dataset, test, grounder, popularity, progress)
+    return SPRecRowsEvaluator(config, dataset, test, grounder, popularity, progress)
 
+
+# ---- checkpoints and state --------------------------------------------------------------------------------
 
 def checkpoint_folders(work_dir: str | Path) -> dict[tuple[str, int], Path]:
     """{(variant, iteration): folder} of every finished checkpoint in a work folder, SFT as ("sft", 0)."""
@@ -332,37 +325,42 @@ def checkpoint_folders(work_dir: str | Path) -> dict[tuple[str, int], Path]:
     return dict(sorted(found.items(), key=lambda item: (VARIANTS.index(item[0][0]), item[0][1])))
 
 
-# ---- checkpoints and state --------------------------------------------------------------------------------
-
 def _finished(folder: Path) -> bool:
     """A finished checkpoint folder (the iteration store's marker is written last)."""
     return (folder / MARKER).is_file()
 
 
-def _fingerprint(config: SPRecConfig) -> dict:
+def config_fingerprint(config: SPRecConfig) -> dict:
     """What the stored iterations depend on: the config without the fields that may grow between attempts."""
     return config.model_dump(mode="json", exclude=RESUMABLE_FIELDS)
 
 
-def _checkpoint_writer(model, tokenizer, answers: list[dict], pairs: "Pairs | None" = None,
+def load_checkpoint(folder: Path, config: SPRecConfig):
+    """The base model with the adapter saved in `folder`, trainable."""
+    from recalign.llm.models import load_model
+
+    return load_model(config.model, dtype="float32", adapter=folder / "adapter", trainable=True, seed=config.seed,
+                      progress=False)
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    """One JSON record per line, written atomically."""
+    from recalign.io import write_atomic
+
+    write_atomic(path, "".join(json.dumps(record) + "\n" for record in records))
+
+
+def _checkpoint_writer(model, tokenizer, answers: list[dict], pairs: Pairs | None = None,
                        titles: list[str] | None = None) -> Callable[[Path], None]:
     """What one checkpoint folder holds: the adapter (+ tokenizer), eval_answers.jsonl and, after DPO, pairs.jsonl."""
     def write(tmp: Path) -> None:
         if pairs is not None:
             _write_pairs(tmp / "pairs.jsonl", pairs, titles or [])
-        _write_jsonl(tmp / "eval_answers.jsonl", answers)
+        write_jsonl(tmp / "eval_answers.jsonl", answers)
         model.save_pretrained(tmp / "adapter")
         tokenizer.save_pretrained(tmp / "adapter")
 
     return write
-
-
-
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    """One JSON record per line, written atomically."""
-    from recalign.io import write_atomic
-
-    write_atomic(path, "".join(json.dumps(record) + "\n" for record in records))
 
 
 def _write_pairs(path: Path, pairs: Pairs, titles: list[str]) -> None:
@@ -397,14 +395,6 @@ def _base_model(config: SPRecConfig):
     return load_model(config.model, dtype="float32", lora=config.lora, seed=config.seed, progress=False)
 
 
-def _load_checkpoint(folder: Path, config: SPRecConfig):
-    """The base model with the adapter saved in `folder`, trainable."""
-    from recalign.llm.models import load_model
-
-    return load_model(config.model, dtype="float32", adapter=folder / "adapter", trainable=True, seed=config.seed,
-                      progress=False)
-
-
 def _sft(model, tokenizer, rows: Rows, titles: list[str], settings: SFTConfig, config: SPRecConfig, scratch: Path,
          progress: bool):
     """Continue the LoRA adapter on prompt -> ground-truth answer (loss on the answer tokens only)."""
@@ -420,7 +410,7 @@ def _generate(model, tokenizer, rows: Rows, titles: list[str], settings: SPRecGe
               progress: bool, backend: GenerationBackend | None = None) -> list[str]:
     """Greedy answers for every row (`recalign.llm.backends`; transformers unless `backend` says otherwise)."""
     from recalign.llm.backends import generate_answers
-    from recalign.llm.generate import SPRecGenerationConfig as Decoding
+    from recalign.llm.generate import GenerationConfig as Decoding
 
     answers = generate_answers(backend, model, tokenizer, _prompts(tokenizer, rows, titles, config),
                                Decoding(max_new_tokens=settings.max_new_tokens), batch_size=settings.batch_size,

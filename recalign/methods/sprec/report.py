@@ -1,33 +1,40 @@
-"""SPRec's report, statistics and recipe-stage glue around the loop in `recalign.methods.sprec.algorithm`.
+"""SPRec's report and statistics around the loop in `recalign.methods.sprec.algorithm` (docs/systems/sprec.md).
 
 - `iteration_table` / `plot_iterations`: one row per (variant, iteration); NDCG and DivRatio over iterations.
 - `compare_against_sft` / `comparison_table`: each checkpoint minus SFT on the same evaluation rows (paired
   bootstrap interval and row-swap permutation test).
-- `run_stage`: the recipe stage "sprec" (work folder, the loop, report files, final adapters, flat metrics).
+
+The recipe stage that writes them into a run is `recalign.methods.sprec.stage`.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from recalign.errors import ConfigError
-from recalign.io import atomic_path
+from recalign.io import atomic_path, read_json
 from recalign.methods.sprec.algorithm import (
     MARKER,
-    SPRecConfig,
-    _load_checkpoint,
-    _make_evaluator,
-    _write_jsonl,
     checkpoint_folders,
+    load_checkpoint,
+    make_evaluator,
+    write_jsonl,
 )
+from recalign.methods.sprec.config import SPRecConfig
 
-__all__ = ["TABLE_COLUMNS", "iteration_table", "comparison_table", "plot_iterations", "compare_against_sft",
-           "run_stage", "SPREC_STAGE"]
+__all__ = [
+    "COMPARED_KEYS",
+    "TABLE_COLUMNS",
+    "compare_against_sft",
+    "comparison_table",
+    "iteration_table",
+    "plot_iterations",
+]
 
 
 # ---- tables and plots ------------------------------------------------------------------------------------
@@ -97,11 +104,14 @@ def plot_iterations(summary: dict, path: str | Path, metrics: tuple[str, ...] = 
 
 # ---- statistics: paired comparison with SFT ---------------------------------------------------------
 
+COMPARED_KEYS = ("hr@5", "ndcg@5", "div_ratio@5", "or_ratio@5", "mgu@5", "dgu@5")  # compared with SFT by default
+SFT = ("sft", 0)
+
+
 def compare_against_sft(config: SPRecConfig, dataset, split, work_dir: str | Path,
-                          keys: tuple[str, ...] = ("hr@5", "ndcg@5", "div_ratio@5", "or_ratio@5", "mgu@5", "dgu@5"),
-                          n_resamples: int = 1000, seed: int = 0, progress: bool = False,
-                          log: Callable[[str], None] | None = None, eval_rows: int | None = None,
-                          evaluator=None) -> list[dict]:
+                        keys: tuple[str, ...] = COMPARED_KEYS, n_resamples: int = 1000, seed: int = 0,
+                        progress: bool = False, log: Callable[[str], None] | None = None,
+                        eval_rows: int | None = None, evaluator=None) -> list[dict]:
     """(checkpoint - SFT) on the same evaluation rows, for every finished checkpoint of a run.
 
     `eval_rows` (optional) compares on a different number of evaluation rows than the run used (e.g. more, for
@@ -114,7 +124,6 @@ def compare_against_sft(config: SPRecConfig, dataset, split, work_dir: str | Pat
     Returns [{"variant", "iteration", "bootstrap": {key: {a, b, diff, low, high}},
               "permutation": {key: {a, b, diff, p_value}}}].
     """
-    from recalign.eval.bootstrap import paired_bootstrap, paired_permutation_test
     from recalign.llm.grounding import make_grounder
 
     say = log or (lambda message: None)
@@ -122,40 +131,56 @@ def compare_against_sft(config: SPRecConfig, dataset, split, work_dir: str | Pat
     if not own_rows:
         config = config.model_copy(update={"eval_rows": eval_rows})
     answers_file = "eval_answers.jsonl" if own_rows else f"eval_answers_{eval_rows}rows.jsonl"
-    evaluate = evaluator or _make_evaluator(config, dataset, split, make_grounder(config.grounding, dataset.titles()),
-                                            progress)  # `evaluator`: the one the run used (e.g. the recipe's)
+    evaluate = evaluator or make_evaluator(config, dataset, split, make_grounder(config.grounding, dataset.titles()),
+                                           progress)  # `evaluator`: the one the run used (e.g. the recipe's)
     folders = checkpoint_folders(work_dir)
-    if ("sft", 0) not in folders:
+    if SFT not in folders:
         raise ConfigError(f"{work_dir}: no finished SFT checkpoint to compare against")
-    rows = evaluate.rows
     lists: dict[tuple[str, int], torch.Tensor] = {}
     for key, folder in folders.items():
-        path = folder / answers_file
-        if not path.is_file():
-            say(f"{key[0]} iteration {key[1]}: no per-row answers on these rows yet; evaluating the checkpoint")
-            model, tokenizer = _load_checkpoint(folder, config)
-            metrics = evaluate(model, tokenizer)
-            stored = json.loads((folder / MARKER).read_text())
-            changed = [k for k in keys if abs(metrics[k] - stored[k]) > 1e-9] if own_rows else []
-            if changed:
-                raise ConfigError(f"{folder}: re-evaluation does not reproduce the stored {', '.join(changed)}")
-            _write_jsonl(path, evaluate.answers_)
-            del model
-        answers = [json.loads(line) for line in path.read_text().splitlines()]
-        if [a["user"] for a in answers] != rows.users.tolist():
-            raise ConfigError(f"{path}: rows differ from this config's evaluation rows")
-        lists[key] = torch.tensor([a["top_k"] for a in answers], dtype=torch.long)
+        lists[key] = _checkpoint_lists(key, folder, answers_file, evaluate, config, keys, own_rows, say)
+    return _paired_comparisons(lists, evaluate, keys, n_resamples, seed)
+
+
+def _checkpoint_lists(key: tuple[str, int], folder: Path, answers_file: str, evaluate, config: SPRecConfig,
+                      keys: tuple[str, ...], own_rows: bool, say: Callable[[str], None]) -> torch.Tensor:
+    """The top-K lists [rows, K] of one checkpoint on the evaluation rows, from its per-row answers file.
+
+    Without that file the checkpoint is evaluated again (and, on the run's own rows, must reproduce `keys`).
+    """
+    rows = evaluate.rows
+    path = folder / answers_file
+    if not path.is_file():
+        say(f"{key[0]} iteration {key[1]}: no per-row answers on these rows yet; evaluating the checkpoint")
+        model, tokenizer = load_checkpoint(folder, config)
+        metrics = evaluate(model, tokenizer)
+        stored = read_json(folder / MARKER)
+        changed = [k for k in keys if abs(metrics[k] - stored[k]) > 1e-9] if own_rows else []
+        if changed:
+            raise ConfigError(f"{folder}: re-evaluation does not reproduce the stored {', '.join(changed)}")
+        write_jsonl(path, evaluate.answers_)
+        del model
+    answers = [json.loads(line) for line in path.read_text().splitlines()]
+    if [a["user"] for a in answers] != rows.users.tolist():
+        raise ConfigError(f"{path}: rows differ from this config's evaluation rows")
+    return torch.tensor([a["top_k"] for a in answers], dtype=torch.long)
+
+
+def _paired_comparisons(lists: dict[tuple[str, int], torch.Tensor], evaluate, keys: tuple[str, ...],
+                        n_resamples: int, seed: int) -> list[dict]:
+    """Every checkpoint but SFT against SFT: paired bootstrap intervals and permutation tests of `keys`."""
+    from recalign.eval.bootstrap import paired_bootstrap, paired_permutation_test
 
     def on_rows(key):
         return lambda index: evaluate.score(lists[key], index)
 
     out = []
-    for key in folders:
-        if key == ("sft", 0):
+    for key, top_k in lists.items():
+        if key == SFT:
             continue
         out.append({"variant": key[0], "iteration": key[1],
-                    "bootstrap": paired_bootstrap(on_rows(key), on_rows(("sft", 0)), len(rows), keys, n_resamples,
-                                                  seed=seed),
-                    "permutation": paired_permutation_test(lists[key], lists[("sft", 0)], evaluate.score, keys,
+                    "bootstrap": paired_bootstrap(on_rows(key), on_rows(SFT), len(evaluate.rows), keys,
+                                                  n_resamples, seed=seed),
+                    "permutation": paired_permutation_test(top_k, lists[SFT], evaluate.score, keys,
                                                            n_resamples, seed=seed)})
     return out

@@ -39,12 +39,10 @@ def run_stage(ctx, params: TrackRecStageConfig) -> dict:
 
 def _work_dir(ctx, params: TrackRecStageConfig, config: TrackRecConfig) -> Path:
     """The loop's work folder, keyed by everything it depends on but the iteration count (so it can grow)."""
-    from recalign.checkpoints import stable_hash
-
-    key = stable_hash({"config": config.model_dump(mode="json", exclude=RESUMABLE_FIELDS),
-                       "data": ctx.dataset.fingerprint(), "impressions": [params.history_len, params.threshold,
-                                                                          params.split, params.noun]})
-    return ctx.run_dir / "work" / f"{ctx.stage.name if ctx.stage else 'trackrec'}-{key}"
+    return ctx.work_folder({"config": config.model_dump(mode="json", exclude=RESUMABLE_FIELDS),
+                            "data": ctx.dataset.fingerprint(),
+                            "impressions": [params.history_len, params.threshold, params.split, params.noun]},
+                           "trackrec")
 
 
 def _write_reports(ctx, records: list[dict], work: Path) -> None:
