@@ -25,7 +25,7 @@ test: setup
 # The contributors' quick loop: tests marked `fast` (tiny models, synthetic data; about a minute here).
 test-fast: setup
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -m fast
+	$(BIN)/python -m pytest -m "fast and not slow"
 
 clean:
 	rm -rf runs .pytest_cache

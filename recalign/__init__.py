@@ -36,6 +36,10 @@ _LAZY: dict[str, str] = {
     "Popularity": "recalign.teachers.popularity",
     "BPRMF": "recalign.teachers.bprmf",
     "SASRec": "recalign.teachers.sasrec",
+    "Item2Vec": "recalign.teachers.item2vec",
+    "NeuMF": "recalign.teachers.neumf",
+    "ItemKNN": "recalign.teachers.itemknn",
+    "EASE": "recalign.teachers.ease",
     "TEACHERS": "recalign.teachers.registry",
     "get_teacher": "recalign.teachers.registry",
     "load_teacher_dir": "recalign.teachers.registry",
@@ -70,6 +74,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
     from recalign.teachers.popularity import Popularity
     from recalign.teachers.registry import TEACHERS, get_teacher
     from recalign.teachers.sasrec import SASRec
+    from recalign.teachers.item2vec import Item2Vec
+    from recalign.teachers.neumf import NeuMF
+    from recalign.teachers.itemknn import ItemKNN
+    from recalign.teachers.ease import EASE
 
 
 def __getattr__(name: str) -> object:

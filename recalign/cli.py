@@ -20,7 +20,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from recalign.errors import ConfigError, OutputError, RecalignError, quoted, shorten, writing
-from recalign.io import unwritable_reason
+from recalign.io import LOCK_NAME, unwritable_reason
 
 try:  # typer >= 0.20 carries its own copy of click
     from typer._click import exceptions as click_errors
@@ -62,7 +62,7 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
 )
 data_app = typer.Typer(help="Prepare, inspect and download datasets.", no_args_is_help=True)
-teacher_app = typer.Typer(help="Train classical teachers (popularity, bprmf, sasrec).", no_args_is_help=True)
+teacher_app = typer.Typer(help="Train classical teachers (popularity, bprmf, sasrec, itemknn, item2vec, neumf, ease).", no_args_is_help=True)
 train_app = typer.Typer(help="Train LLM recommenders from a recipe (e.g. llm-sft).", no_args_is_help=True)
 serve_app = typer.Typer(help="Serve a trained model over HTTP (teacher: the RecLM-gen API; llm: OpenAI-compatible).", no_args_is_help=True)
 
@@ -161,8 +161,8 @@ def _check_output(target: Path, markers: tuple[str, ...] = ()) -> None:
     problem = unwritable_reason(target)
     if problem is not None:
         raise OutputError(target, problem)
-    if markers and target.exists() and (not target.is_dir() or any(target.iterdir())) and \
-            not all((target / marker).is_file() for marker in markers):
+    if markers and target.exists() and (not target.is_dir() or any(p.name != LOCK_NAME for p in target.iterdir())) \
+            and not all((target / marker).is_file() for marker in markers):
         raise RecalignError(f"{target}: exists and is not a prepared dataset; choose another --out")
 
 
@@ -186,6 +186,7 @@ def data_prepare(
     """Convert raw files into a prepared dataset folder (Parquet tables + dataset.json).
 
     The folder is written to a temp path and renamed at the end, so a bad raw file leaves nothing behind.
+    It is locked meanwhile: a second command writing the same --out is refused.
 
     \b
     Examples:
@@ -194,12 +195,14 @@ def data_prepare(
     """
     with user_errors():
         from recalign.data.sources import prepare_source  # it checks --raw and says how to get missing data
+        from recalign.runs import lock_folder
 
         kwargs = _parse_options(options or [])
         _check_output(out_dir, markers=("dataset.json", "interactions.parquet"))  # never replace a run folder
-        dataset = prepare_source(source, str(raw) if raw is not None else None, **kwargs)
-        with writing(out_dir):
-            dataset.save(out_dir)  # atomic: a temp folder renamed into place
+        with lock_folder(out_dir, "data prepare"):  # one command at a time writes --out
+            dataset = prepare_source(source, str(raw) if raw is not None else None, **kwargs)
+            with writing(out_dir):
+                dataset.save(out_dir)  # atomic: a temp folder renamed into place
         stats = dataset.stats()
         out.print(f"prepared {source} -> {out_dir}: {stats['users']} users, {stats['items']} items, "
                   f"{stats['interactions']} interactions (fingerprint {dataset.fingerprint()})")
@@ -403,6 +406,7 @@ def run(
     """Run a recipe: prepare data, split, run every stage, print one results table.
 
     Finished stages with an unchanged config are skipped, so a killed run resumes where it stopped.
+    The run folder is locked while a run writes it: a second command on it is refused, naming the first.
     Overrides use dotted keys; stages are addressed by name.
 
     \b
@@ -417,8 +421,11 @@ def run(
         recipe = load_recipe(recipe_yaml, overrides or [])
         run_dir = run_dir if run_dir is not None else Path("runs") / recipe.name
         if processes > 1 and "WORLD_SIZE" not in os.environ:  # not yet inside a launch: start one
-            _relaunch(recipe, processes, [str(recipe_yaml), *(overrides or []), "--out", str(run_dir),
-                                          *(["--quiet"] if quiet else [])])
+            from recalign.runs import LOCK_HELD_ENV, lock_folder
+
+            with lock_folder(run_dir, "run"):  # held here for the launch, whose rank 0 writes the folder
+                _relaunch(recipe, processes, [str(recipe_yaml), *(overrides or []), "--out", str(run_dir),
+                                              *(["--quiet"] if quiet else [])], {LOCK_HELD_ENV: str(run_dir.resolve())})
             return
         _run(recipe, run_dir, quiet)
 
@@ -433,7 +440,7 @@ def launch_command(processes: int, run_args: list[str]) -> list[str]:
             "-m", "recalign.cli", "run", *run_args]
 
 
-def _relaunch(recipe, processes: int, run_args: list[str]) -> None:
+def _relaunch(recipe, processes: int, run_args: list[str], env: dict[str, str]) -> None:
     import importlib.util
     import subprocess
 
@@ -445,7 +452,8 @@ def _relaunch(recipe, processes: int, run_args: list[str]) -> None:
         if not get_stage(stage.kind).multi_process:
             err.print(f"[{stage.name}] a {stage.kind} stage does not train data-parallel: it runs once, in rank 0",
                       highlight=False, markup=False, soft_wrap=True)
-    done = subprocess.run(launch_command(processes, run_args), env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    done = subprocess.run(launch_command(processes, run_args),
+                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **env})
     if done.returncode != 0:
         raise RecalignError(f"the {processes}-process run failed (exit code {done.returncode}); "
                             "see the messages above")

@@ -45,6 +45,14 @@ class OutputError(RecalignError):
         self.path, self.reason = path, reason
 
 
+class FolderLockedError(OutputError):
+    """Another live process writes the same run folder or --out; the message names it (pid, host, start time)."""
+
+    def __init__(self, path: object, reason: str, holder: dict | None = None):
+        super().__init__(path, reason)
+        self.holder = holder or {}
+
+
 def shorten(text: object, limit: int = 60) -> str:
     """User input as echoed in an error: its first `limit` characters and '...' when longer, on one line."""
     value = str(text)[:4 * limit]  # enough to fill `limit` characters even after escaping

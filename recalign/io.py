@@ -3,14 +3,19 @@
 Readers never see half a file or half a folder: everything is written next to its target under a temporary
 name and renamed into place (`os.replace`) when complete. The temp names come from `tempfile`, which creates
 them private (0600 / 0700); they are widened to the umask's defaults (`0o666 & ~umask` / `0o777 & ~umask`)
-before the rename. This module imports nothing from recalign.
+before the rename. `folder_lock` keeps a second process from writing a folder another one is writing.
+This module imports nothing from recalign.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import glob
 import json
 import os
+import socket
 import time
 import shutil
 import tempfile
@@ -18,7 +23,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 __all__ = ["umask", "file_mode", "dir_mode", "atomic_path", "write_atomic", "write_bytes_atomic", "write_json",
-           "json_default", "atomic_folder", "make_dirs", "read_json", "append_log"]
+           "json_default", "atomic_folder", "make_dirs", "read_json", "append_log", "LOCK_NAME", "FolderBusyError",
+           "folder_lock"]
 
 
 def umask() -> int:
@@ -115,7 +121,8 @@ def write_json(path: str | os.PathLike, value: Any, *, indent: int | None = 2, s
 def atomic_folder(path: str | os.PathLike, *, replace: bool = True, fixed_tmp: bool = False) -> Iterator[Path]:
     """A temp folder next to `path` to fill; renamed to `path` when the block succeeds, removed when it fails.
 
-    With `replace` an existing `path` is removed just before the rename (else it is an error: FileExistsError).
+    With `replace` an existing `path` is replaced (renamed aside, and removed once the new folder is in place, so a
+    failed rename leaves it as it was); else it is an error (FileExistsError).
     With `fixed_tmp` the temp folder is always `.<name>.tmp`, so the leftover of a killed attempt is removed by the
     next one (only for folders a single process writes, such as a run's stages).
     """
@@ -123,24 +130,39 @@ def atomic_folder(path: str | os.PathLike, *, replace: bool = True, fixed_tmp: b
     make_dirs(target.parent)
     if fixed_tmp:
         tmp = target.parent / f".{target.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in [tmp, *target.parent.glob(f".{glob.escape(target.name)}.*.old")]:  # of a killed attempt
+            shutil.rmtree(leftover, ignore_errors=True)
         tmp.mkdir()
     else:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         os.chmod(tmp, dir_mode())
         yield tmp
-        if target.exists() or target.is_symlink():
-            if not replace:
-                raise FileExistsError(17, "already exists", str(target))
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            else:
-                target.unlink()
-        os.replace(tmp, target)
+        _rename_into_place(tmp, target, replace)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _rename_into_place(tmp: Path, target: Path, replace: bool) -> None:
+    """Rename the folder `tmp` to `target`. An existing `target` is first renamed aside (a rename needs no disk
+    space) and removed only once `tmp` is in place; when that rename fails (disk full) it is put back."""
+    if not (target.exists() or target.is_symlink()):
+        os.replace(tmp, target)
+        return
+    if not replace:
+        raise FileExistsError(17, "already exists", str(target))
+    old = target.parent / f".{target.name}.{os.urandom(4).hex()}.old"
+    os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink()
 
 
 def unwritable_reason(path: str | os.PathLike) -> str | None:
@@ -172,3 +194,96 @@ def append_log(run_dir: Path, message: str) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "log.txt", "a", encoding="utf-8") as out:
         out.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+
+
+# ---- folder locks: one writing process per run folder or --out ------------------------------------------------
+
+LOCK_NAME = ".lock"  # inside the locked folder; holds {"pid", "host", "started", "what"} of its holder
+_NO_LOCKING = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}  # file systems without flock
+
+
+class FolderBusyError(Exception):
+    """`folder_lock` found the folder held by another live process; the message (one line) names that process."""
+
+    def __init__(self, path: Path, holder: dict):
+        started = holder.get("started", "at an unknown time")
+        self.reason = (f"in use by another recalign {holder.get('what', 'command')} (pid {holder.get('pid', '?')} on "
+                       f"{holder.get('host', '?')}, started {started}); wait for it to finish or choose another --out")
+        super().__init__(f"{path}: {self.reason}")
+        self.path, self.holder = path, holder
+
+
+@contextlib.contextmanager
+def folder_lock(path: str | os.PathLike, what: str) -> Iterator[Path]:
+    """Hold `path` (created when missing) for this process while the block runs: another `folder_lock` on it
+    meanwhile raises FolderBusyError naming this process (pid, host, start time, `what` it does).
+
+    The lock is a `flock` on `path`/.lock, which the kernel drops when its process dies (even by kill -9), so a lock
+    left by a dead process is simply taken over. On exit the lock file is removed, and `path` too (with the parents
+    it needed) when this call created it and nothing was written into it.
+    """
+    folder = Path(path)
+    created = []  # the folders make_dirs creates, deepest first
+    for missing in (folder, *folder.parents):
+        if missing.exists() or missing.is_symlink():
+            break
+        created.append(missing)
+    make_dirs(folder)
+    lock = folder / LOCK_NAME
+    handle = _acquire(lock, what)
+    try:
+        yield folder
+    finally:
+        with contextlib.suppress(OSError):
+            if _same_file(handle, lock):  # not a lock file another process made after ours was removed
+                lock.unlink()
+        os.close(handle)
+        with contextlib.suppress(OSError):
+            for missing in created:
+                missing.rmdir()  # only when empty
+
+
+def _acquire(lock: Path, what: str) -> int:
+    """An open descriptor of `lock` holding its flock, with this process written into it."""
+    while True:
+        handle = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(handle)
+            raise FolderBusyError(lock.parent, _holder(lock)) from None
+        except OSError as exc:
+            if exc.errno not in _NO_LOCKING:
+                os.close(handle)
+                raise
+            break  # this file system cannot lock: go on unlocked, as before locks existed
+        if _same_file(handle, lock):
+            break
+        os.close(handle)  # the holder removed the file between our open and flock: lock the new one
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "what": what}
+    with contextlib.suppress(OSError):  # best effort (a full disk): the flock alone is the lock
+        os.ftruncate(handle, 0)
+        os.pwrite(handle, (json.dumps(holder) + "\n").encode("utf-8"), 0)
+    return handle
+
+
+def _same_file(handle: int, path: Path) -> bool:
+    try:
+        mine, named = os.fstat(handle), os.stat(path)
+    except OSError:
+        return False
+    return (mine.st_dev, mine.st_ino) == (named.st_dev, named.st_ino)
+
+
+def _holder(lock: Path, attempts: int = 20) -> dict:
+    """Who holds `lock`, as it wrote itself there (the holder writes just after locking: retried briefly)."""
+    for attempt in range(attempts):
+        try:
+            holder = read_json(lock)
+            if isinstance(holder, dict):
+                return holder
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    return {}

@@ -14,13 +14,14 @@ Layout of a run folder:
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
@@ -28,10 +29,13 @@ import torch
 from recalign.checkpoints import stable_hash
 from recalign.config import Recipe, StageConfig
 from recalign.data.dataset import Dataset
-from recalign.errors import OutputError, RecalignError, writing
+from recalign.errors import FolderLockedError, OutputError, RecalignError, quoted, writing
 from recalign.io import (
+    LOCK_NAME,
+    FolderBusyError,
     append_log,
     atomic_folder,
+    folder_lock,
     read_json,
     unwritable_reason,
     write_atomic,
@@ -55,6 +59,11 @@ if TYPE_CHECKING:
 
 # Eval settings that change how, not what, a stage is scored: changing them re-runs nothing.
 EVAL_NOT_HASHED = {"table", "backend", "workers"}
+
+# `recalign run --processes N` locks the run folder in the launching process and names it here for its rank 0
+LOCK_HELD_ENV = "RECALIGN_LOCKED_RUN_DIR"
+# A full or failing disk while stages run: reported naming the run folder; the finished stages stay
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
 
 # ---- small helpers ------------------------------------------------------------------------------
@@ -102,59 +111,112 @@ def run_recipe(recipe: Recipe, run_dir: str | os.PathLike, progress: bool = True
     """Run every stage of a recipe in `run_dir`, skipping stages already finished with the same config.
 
     Returns {"recipe", "dataset", "stages": {name: metrics}}, also written to run_dir/metrics.json.
-    Data preparation and the split happen before the folder is created, so bad data leaves nothing behind.
+    The run folder is locked meanwhile (`lock_folder`): another command on it is refused, naming this one.
+    Bad data leaves nothing behind; a full disk leaves the finished stages, for a re-run to resume from.
     """
-    from recalign.eval.report import write_report
-
     run_dir = Path(run_dir)
     if process_rank() > 0:  # under `accelerate launch`: only rank 0 writes the run folder
         return _follow_recipe(recipe, run_dir, get_stage)
     problem = unwritable_reason(run_dir)
     if problem is not None:  # refuse before preparing data or training anything
         raise OutputError(run_dir, problem)
+    held = os.environ.get(LOCK_HELD_ENV) == str(run_dir.resolve())  # by the `--processes N` launcher
+    with contextlib.nullcontext() if held else lock_folder(run_dir, "run"):
+        return _run_locked(recipe, run_dir, progress, echo)
+
+
+@contextlib.contextmanager
+def lock_folder(folder: str | os.PathLike, what: str) -> Iterator[Path]:
+    """`recalign.io.folder_lock` for the command `what` ("run", "data prepare"): a folder we cannot write, or one
+    another live process holds, is refused with a RecalignError (the CLI's one line, naming the holder)."""
+    folder = Path(folder)
+    problem = unwritable_reason(folder)
+    if problem is not None:
+        raise OutputError(folder, problem)
+    with contextlib.ExitStack() as stack:
+        try:
+            with writing(folder):
+                stack.enter_context(folder_lock(folder, what))
+        except FolderBusyError as exc:
+            raise FolderLockedError(folder, exc.reason, exc.holder) from None
+        yield folder
+
+
+def _run_locked(recipe: Recipe, run_dir: Path, progress: bool, echo: Callable[[str], None] | None) -> dict:
+    """`run_recipe` once the run folder is ours: data, split, the folder's files, every stage, summary, report."""
+    from recalign.eval.report import write_report
+
+    fresh = _holds_nothing(run_dir)  # a new run folder: removed again if no stage finishes
     recipe = recipe.model_copy(update={"data": absolute_data_paths(recipe.data), "datasets": {
         role: [absolute_data_paths(spec) for spec in specs] for role, specs in recipe.datasets.items()}})
-    raw_dataset = prepare_data(recipe.data, cache_dir=run_dir / "data")
-    dataset, split = make_split(raw_dataset, recipe.split, recipe.seed)
-    fingerprint = dataset.fingerprint()
-
-    fresh = not run_dir.exists()
+    results: dict[str, dict] = {}
     try:
+        raw_dataset = prepare_data(recipe.data, cache_dir=run_dir / "data")
+        dataset, split = make_split(raw_dataset, recipe.split, recipe.seed)
         with writing(run_dir):
             _start_run_folder(run_dir, recipe, raw_dataset, dataset, split)
-    except BaseException:
-        if fresh:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    _mark_started(run_dir)
-    append_log(run_dir, f"run {recipe.name}: dataset {dataset.name} ({fingerprint}), "
-                        f"{dataset.n_users} users, {dataset.n_items} items, {len(dataset.interactions)} interactions")
-
-    hashes = stage_hashes(recipe, fingerprint)
-    results: dict[str, dict] = {}
-    stages_root = run_dir / "stages"
-    stages_root.mkdir(exist_ok=True)
-    try:
-        for spec in recipe.stages:
-            final = stages_root / spec.name
-            if stage_is_done(final, hashes[spec.name]):
-                results[spec.name] = read_json(final / "metrics.json")
-                append_log(run_dir, f"[{spec.name}] finished earlier with the same config: skipped")
-                if echo is not None and progress:
-                    echo(f"[{spec.name}] finished earlier with the same config: skipped")
-                continue
-            results[spec.name] = _run_stage(spec, hashes[spec.name], run_dir, dataset, split, recipe, progress,
-                                            echo, get_stage)
-            _write_summary(run_dir, recipe, fingerprint, results)
+        _mark_started(run_dir)
+        append_log(run_dir, f"run {recipe.name}: dataset {dataset.name} ({dataset.fingerprint()}), {dataset.n_users} "
+                            f"users, {dataset.n_items} items, {len(dataset.interactions)} interactions")
+        _run_stages(recipe, run_dir, dataset, split, progress, echo, results)
+        with _full_disk(run_dir, "writing the summary"):
+            summary = _write_summary(run_dir, recipe, dataset.fingerprint(), results)
+            write_report(run_dir)
     except BaseException:
         _clear_started(run_dir)
         if fresh and not results:  # nothing finished, so nothing to resume: leave no folder behind
-            shutil.rmtree(run_dir, ignore_errors=True)
+            _remove_contents(run_dir)
         raise
-    summary = _write_summary(run_dir, recipe, fingerprint, results)
-    write_report(run_dir)
     _clear_started(run_dir)
     return summary
+
+
+def _run_stages(recipe: Recipe, run_dir: Path, dataset: Dataset, split: "Split", progress: bool,
+                echo: Callable[[str], None] | None, results: dict[str, dict]) -> None:
+    """Run the stages not finished with their current config, adding each one's metrics to `results`."""
+    fingerprint = dataset.fingerprint()
+    hashes = stage_hashes(recipe, fingerprint)
+    (run_dir / "stages").mkdir(exist_ok=True)
+    for spec in recipe.stages:
+        final = run_dir / "stages" / spec.name
+        if stage_is_done(final, hashes[spec.name]):
+            results[spec.name] = read_json(final / "metrics.json")
+            append_log(run_dir, f"[{spec.name}] finished earlier with the same config: skipped")
+            if echo is not None and progress:
+                echo(f"[{spec.name}] finished earlier with the same config: skipped")
+            continue
+        with _full_disk(run_dir, f"in stage {quoted(spec.name)}"):
+            results[spec.name] = _run_stage(spec, hashes[spec.name], run_dir, dataset, split, recipe, progress,
+                                            echo, get_stage)
+            _write_summary(run_dir, recipe, fingerprint, results)
+
+
+@contextlib.contextmanager
+def _full_disk(run_dir: Path, during: str) -> Iterator[None]:
+    """A full (or failing) disk as an OutputError naming the run folder; the finished stages are kept."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in DISK_ERRNOS:
+            raise
+        raise OutputError(run_dir, f"{exc.strerror or exc} {during}; the finished stages are kept: free some space, "
+                                   "then re-run the same command to resume") from None
+
+
+def _holds_nothing(folder: Path) -> bool:
+    """True for a missing folder or one holding nothing but its lock file."""
+    return not folder.is_dir() or all(entry.name == LOCK_NAME for entry in folder.iterdir())
+
+
+def _remove_contents(folder: Path) -> None:
+    """Remove everything in `folder` but its lock file (the lock removes the folder when it created it)."""
+    for entry in list(folder.iterdir()) if folder.is_dir() else []:
+        if entry.name == LOCK_NAME:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 # ---- several processes (`accelerate launch`, `recalign run --processes N`) --------------------------------

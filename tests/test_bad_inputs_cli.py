@@ -20,6 +20,8 @@ from recalign.recipes import recipe_from_dict
 from recalign.data.dataset import build_dataset
 from recalign.runs import run_recipe
 
+pytestmark = pytest.mark.fast  # the quick loop: `make test-fast`
+
 torch.set_num_threads(1)
 runner = CliRunner()
 

@@ -17,6 +17,8 @@ from typer.testing import CliRunner
 
 from recalign.cli import app
 
+pytestmark = pytest.mark.fast  # the quick loop: `make test-fast`
+
 LFS = (b"version https://git-lfs.github.com/spec/v1\n"
        b"oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 132\n")
 GENRES = b"unknown|0\nAction|1\n"

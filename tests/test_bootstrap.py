@@ -7,6 +7,8 @@ import pytest
 
 from recalign.eval.bootstrap import paired_bootstrap
 
+pytestmark = pytest.mark.fast  # the quick loop: `make test-fast`
+
 
 def _mean_of(values: np.ndarray):
     return lambda index: {"m": float(values[index].mean())}

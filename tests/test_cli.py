@@ -19,6 +19,8 @@ import recalign.methods as methods
 from recalign.cli import app
 from recalign.data.dataset import build_dataset
 
+pytestmark = pytest.mark.fast  # the quick loop: `make test-fast`
+
 runner = CliRunner()
 
 

@@ -14,6 +14,8 @@ from recalign.config import apply_overrides, parse_override
 from recalign.recipes import load_recipe, recipe_from_dict
 from recalign.errors import ConfigError
 
+pytestmark = pytest.mark.fast  # the quick loop: `make test-fast`
+
 
 class ToyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -262,3 +264,16 @@ def test_shorten_truncates_and_escapes_user_input():
     assert shorten("x" * 61) == "x" * 60 + "..." and shorten("y" * 100_000, 10) == "y" * 10 + "..."
     assert shorten("a\x00b\nc") == "a\\x00b\\nc"  # control characters stay visible and on one line
     assert quoted("z" * 70) == "'" + "z" * 60 + "...'"
+
+
+def test_controllable_is_an_alias_of_reclmgen():
+    """`kind: controllable` (RecLM-gen's first name here) still loads, as the reclmgen stage."""
+    from recalign.methods import STAGE_KINDS, get_stage
+
+    assert get_stage("controllable") is STAGE_KINDS["reclmgen"]
+    raw = {"name": "alias", "data": {"source": "synthetic"}, "split": {"kind": "leave_one_out"},
+           "stages": [{"name": "rl", "kind": "controllable", "params": {"teacher": "http://127.0.0.1:12621"}}]}
+    recipe = recipe_from_dict(raw)
+    assert recipe.stages[0].params["teacher"] == "http://127.0.0.1:12621"
+    with pytest.raises(ConfigError, match="unknown stage kind 'reclmgenx'"):
+        recipe_from_dict({**raw, "stages": [{**raw["stages"][0], "kind": "reclmgenx"}]})

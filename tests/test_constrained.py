@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from recalign.errors import DataError
 from recalign.llm.constrained import CatalogTrie, TrieLogitsProcessor, _distinct_top_k, constrained_beam_search
 
+pytestmark = pytest.mark.fast  # the quick loop: `make test-fast`
+
 EOS = 0
 
 

@@ -16,6 +16,8 @@ from recalign.methods.reclmgen.tasks import (ControlSource, ControlRequest, buil
                                         epoch_generator, metric_inputs, parse_test_task, rl_validation_rows)
 from recalign.llm.tasks import Rows, get_task, parse_titles, sft_examples
 
+pytestmark = pytest.mark.fast  # the quick loop: `make test-fast`
+
 N_ITEMS = 30
 # Item i is in "c{i % 3}"; item 0 is also in c1.  c0 = {0, 3, ..., 27}, c1 = {0, 1, 4, ..., 28}, c2 = {2, 5, ..., 29}.
 ITEM_CATEGORIES = [[f"c{i % 3}"] + (["c1"] if i == 0 else []) for i in range(N_ITEMS)]

@@ -16,6 +16,8 @@ from recalign.llm.tasks import Rows
 from recalign.methods.reclmgen.rewards import (answer_reward, list_token_rewards, make_reward_fn, normaliser,
                                                     token_rewards)
 
+pytestmark = pytest.mark.fast  # the quick loop: `make test-fast`
+
 # Items 0..7; category A = {0, 1, 2, 7} (item 2 is also B), B = {2, 3, 4}, C = {5, 6}.
 ITEM_CATEGORIES = [["A"], ["A"], ["A", "B"], ["B"], ["B"], ["C"], ["C"], ["A"]]
 CATS = CategoryTable.from_item_categories(ITEM_CATEGORIES)

@@ -11,6 +11,8 @@ from recalign.methods.trackrec.ctr.hea import HEA
 from recalign.methods.trackrec.ctr.train import BACKBONES, CTRConfig, ctr_metrics, fit_ctr, make_backbone, predict
 from recalign.errors import ConfigError, DataError
 
+pytestmark = pytest.mark.fast  # the quick loop: `make test-fast`
+
 N_ITEMS = 40
 
 

@@ -13,6 +13,8 @@ from recalign.methods.trackrec.ctr.knowledge import embed_texts, history_summari
 from recalign.data.dataset import build_dataset
 from recalign.errors import ConfigError, DataError
 
+pytestmark = pytest.mark.fast  # the quick loop: `make test-fast`
+
 ML1M_SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "ml-1m-sample"
 
 # items i1..i4 get dense ids 0..3 (item table order). Rows are given out of time order on purpose.

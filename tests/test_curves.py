@@ -14,6 +14,8 @@ from recalign.eval.curves import CurveLog, plot_curves_file, plot_run_curves, re
 from recalign.teachers.bprmf import BPRMF
 from recalign.teachers.sasrec import SASRec
 
+pytestmark = pytest.mark.fast  # the quick loop: `make test-fast`
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

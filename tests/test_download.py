@@ -13,6 +13,8 @@ import pytest
 from recalign.data.download import Archive, download_dataset, fetch_archive
 from recalign.errors import ConfigError, DataError
 
+pytestmark = pytest.mark.fast  # the quick loop: `make test-fast`
+
 U_DATA = b"1\t1\t5\t100\n1\t2\t3\t200\n2\t1\t4\t150\n"
 
 

@@ -17,6 +17,8 @@ from recalign.errors import ConfigError  # noqa: E402
 from recalign.llm.dpo import DPOConfig, train_dpo
 from recalign.llm.trainer import LoraConfig  # noqa: E402
 
+pytestmark = pytest.mark.fast  # the quick loop: `make test-fast`
+
 
 def tiny_model_and_tokenizer(seed: int = 0):
     """A 2-layer random Llama with a small byte-level BPE tokenizer and a ChatML template (built in memory)."""

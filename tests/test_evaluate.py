@@ -14,6 +14,8 @@ from recalign.errors import ConfigError
 from recalign.eval.evaluate import evaluate
 from recalign.teachers.base import Recommender
 
+pytestmark = pytest.mark.fast  # the quick loop: `make test-fast`
+
 L2 = 1 / math.log2(3)
 
 # rows: user, item, timestamp (original ids equal dense ids: users and items appear in order 0, 1, ...)

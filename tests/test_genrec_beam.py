@@ -18,6 +18,8 @@ from recalign.methods.recgpt.beam import (BeamLists, CodeBeamConfig, CodeTrie, b
 from recalign.methods.recgpt.codes import ItemCodes
 from recalign.methods.recgpt.decoder import DecoderConfig, RecGPTDecoder
 
+pytestmark = pytest.mark.fast  # the quick loop: `make test-fast`
+
 LOG = math.log
 
 

@@ -11,6 +11,8 @@ from recalign.methods.recgpt.codes import ItemCodes
 from recalign.methods.recgpt.decoder import DecoderConfig, RecGPTDecoder, hybrid_mask, pad_histories, position_ids
 from recalign.methods.recgpt.training import DecoderTraining, train_decoder
 
+pytestmark = pytest.mark.fast  # the quick loop: `make test-fast`
+
 MIN = torch.finfo(torch.float32).min
 
 # 6 items, 3 positions with sizes (3, 3, 2): every row distinct.

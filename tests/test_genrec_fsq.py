@@ -8,6 +8,8 @@ import torch
 from recalign.errors import DataError
 from recalign.methods.recgpt.codes import ItemCodes, collision_rate, disambiguate
 
+pytestmark = pytest.mark.fast  # the quick loop: `make test-fast`
+
 
 # ---- ItemCodes -------------------------------------------------------------------------------------------
 

@@ -17,6 +17,8 @@ from recalign.llm.grounding import (
     parse_title_list,
 )
 
+pytestmark = pytest.mark.fast  # the quick loop: `make test-fast`
+
 
 def test_normalise_title():
     assert normalise_title('  "The  Hobbit!"\n') == "the hobbit"

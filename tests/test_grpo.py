@@ -15,6 +15,8 @@ from recalign.methods.reclmgen.grpo import GRPOConfig, grpo_config, sequence_rew
 PROMPTS = [f"p{i} :" for i in range(8)]
 from conftest import toy_policy  # noqa: E402
 
+pytestmark = pytest.mark.fast  # the quick loop: `make test-fast`
+
 TARGET = "w3"
 
 

@@ -9,6 +9,8 @@ import pytest
 from recalign.errors import ConfigError
 from recalign.checkpoints import IterationStore
 
+pytestmark = pytest.mark.fast  # the quick loop: `make test-fast`
+
 
 class Killed(Exception):
     """A simulated kill in the middle of an iteration."""

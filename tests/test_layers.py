@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.fast  # the quick loop: `make test-fast`
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

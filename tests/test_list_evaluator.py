@@ -17,6 +17,8 @@ from recalign.eval.lists import (LIST_METRICS, GeneratedLists, ListInputs, ListR
 from recalign.teachers.bprmf import BPRMF
 from recalign.teachers.popularity import Popularity
 
+pytestmark = pytest.mark.fast  # the quick loop: `make test-fast`
+
 KS = (1, 5, 10, 20)
 L3 = 1 / math.log2(3)
 

@@ -12,6 +12,8 @@ from recalign.eval.lists import GeneratedLists, ListInputs, category_metrics, fi
 from recalign.llm.evaluate import ground_answers, ground_lists
 from recalign.llm.grounding import ExactGrounder
 
+pytestmark = pytest.mark.fast  # the quick loop: `make test-fast`
+
 # k = 4. Row 0: a repeat (3), an unknown title, a history item (5). Row 1: empty answer. Row 2: two titles.
 # Row 3: six titles (truncated to 4), item 1 three times, history item 2.
 GROUNDED = torch.tensor([[3, -1, 3, 5], [-2, -2, -2, -2], [7, 8, -2, -2], [1, 2, 1, 1]])

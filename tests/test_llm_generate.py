@@ -18,6 +18,8 @@ from recalign.llm.generate import GenerationConfig, TrieConstraint, completions_
 from recalign.llm.models import tiny_model  # noqa: E402
 from recalign.llm.tasks import parse_title  # noqa: E402
 
+pytestmark = pytest.mark.fast  # the quick loop: `make test-fast`
+
 PROMPTS = ["Dune ->", "A much longer prompt about Emma and Ulysses ->", "x", "Beloved, Hamlet and Walden ->"]
 
 

@@ -17,6 +17,8 @@ from recalign.llm.tasks import (
     sample_rows, sft_examples, train_rows,
 )
 
+pytestmark = pytest.mark.fast  # the quick loop: `make test-fast`
+
 
 class PlainTokenizer:
     """No chat template: render_prompt falls back to 'role: content' lines."""

@@ -15,6 +15,8 @@ from recalign.llm import trainer as plumbing  # noqa: E402
 from recalign.llm.models import tiny_model  # noqa: E402
 from recalign.llm.train import SFTConfig, sft_config, train_sft  # noqa: E402
 
+pytestmark = pytest.mark.fast  # the quick loop: `make test-fast`
+
 
 EXAMPLES = [{"prompt": "<|im_start|>user\nnext?<|im_end|>\n<|im_start|>assistant\n", "completion": '"Dune"'}] * 4
 

@@ -20,6 +20,8 @@ from recalign.stages import RunContext
 from recalign.preparation import make_split
 from recalign.runs import run_recipe
 
+pytestmark = pytest.mark.fast  # the quick loop: `make test-fast`
+
 SEEN: dict[str, list] = {}
 
 

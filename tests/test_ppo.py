@@ -20,6 +20,8 @@ from recalign.checkpoints import IterationStore  # noqa: E402
 PROMPTS = [f"p{i} :" for i in range(8)]
 from conftest import toy_policy  # noqa: E402
 
+pytestmark = pytest.mark.fast  # the quick loop: `make test-fast`
+
 TARGET = "w3"  # the toy reward: +1 when the answer's first token is w3
 
 

@@ -9,6 +9,8 @@ from recalign.data.dataset import UserSequences
 from recalign.eval.ranking import (_blocked_topk, full_ranking, full_ranking_topk, rank_candidates,
                                    sampled_ranking, topk_items)
 
+pytestmark = pytest.mark.fast  # the quick loop: `make test-fast`
+
 
 def reference_topk(scores, k):
     """The definition: stable sort by score descending keeps ascending ids among equal scores."""

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import json
 
 from recalign.eval.report import protocol_note, write_report
+
+pytestmark = pytest.mark.fast  # the quick loop: `make test-fast`
 
 
 def test_protocol_note_names_only_stages_with_their_own_protocol():

@@ -21,6 +21,8 @@ from recalign.errors import RecalignError
 from recalign.stages import RunContext
 from recalign.runs import run_recipe
 
+pytestmark = pytest.mark.fast  # the quick loop: `make test-fast`
+
 CALLS: list[str] = []
 
 

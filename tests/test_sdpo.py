@@ -11,6 +11,8 @@ from recalign.errors import ConfigError
 from recalign.methods.trackrec.sdpo import (SDPOConfig, dpo_losses, sdpo_loss, sdpo_losses, select_preferences,
                                sequence_logprobs, train_sdpo)
 
+pytestmark = pytest.mark.fast  # the quick loop: `make test-fast`
+
 
 def test_one_negative_equals_sigmoid_dpo():
     chosen = torch.tensor([0.5, -1.0, 2.0])

@@ -10,6 +10,8 @@ from recalign.recipes import recipe_from_dict
 from recalign.methods import STAGE_KINDS, get_stage
 from recalign.stages import fill_seeds, seed_fields
 
+pytestmark = pytest.mark.fast  # the quick loop: `make test-fast`
+
 # The smallest valid params of each kind (a kind missing here must validate with {}).
 MINIMAL = {"teacher": {"model": "popularity"}, "reclmgen": {"teacher": "http://127.0.0.1:12621"}}
 KINDS = sorted(STAGE_KINDS)

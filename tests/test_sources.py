@@ -268,6 +268,8 @@ import pickle  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+pytestmark = pytest.mark.fast  # the quick loop: `make test-fast`
+
 LFS_POINTER = ("version https://git-lfs.github.com/spec/v1\n"
                "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 12345\n")
 REVIEW = {"reviewerID": "U", "asin": "X", "overall": 5.0, "unixReviewTime": 10}

@@ -10,6 +10,8 @@ from recalign.data.sampling import (candidate_lists, load_candidates, sample_neg
 from recalign.data.split import global_temporal_split, kcore_filter, leave_one_out_split, random_split
 from recalign.errors import ConfigError, DataError
 
+pytestmark = pytest.mark.fast  # the quick loop: `make test-fast`
+
 
 def make(rows, items=None):
     """Dataset from (user, item, timestamp) rows with original ids."""

@@ -11,6 +11,8 @@ from recalign.data.sources import prepare_source
 from recalign.data.sources.synthetic import SyntheticSourceConfig, generate_synthetic
 from recalign.errors import ConfigError
 
+pytestmark = pytest.mark.fast  # the quick loop: `make test-fast`
+
 
 def _small(seed=3, **kw):
     return prepare_source("synthetic", None, n_users=200, n_items=60, seed=seed, **kw)

@@ -16,6 +16,8 @@ from recalign.teachers.service import TeacherService
 
 from conftest import TINY_INTERACTIONS, TINY_ITEMS
 
+pytestmark = pytest.mark.fast  # the quick loop: `make test-fast`
+
 # tiny dataset: Mystery = {0, 1, 3}, Romance = {2, 3, 4}; popularity counts [2, 2, 3, 2, 2]
 
 

@@ -10,6 +10,8 @@ import torch
 from recalign.errors import ConfigError
 from recalign.methods.trackrec.verifier import answer_token_ids, score_from_logits, verifier_scores
 
+pytestmark = pytest.mark.fast  # the quick loop: `make test-fast`
+
 
 def test_score_against_hand_computed_logits():
     yes, no = torch.tensor([1]), torch.tensor([2])

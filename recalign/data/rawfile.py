@@ -1,4 +1,5 @@
-"""Opening raw files in one place: Git LFS pointers, fake `.gz` files, NUL bytes and bad encodings become DataErrors.
+"""Opening raw files in one place: Git LFS pointers, fake `.gz` files, NUL bytes, UTF-16 text and bad encodings
+become DataErrors.
 
 Every source reads its raw files through `read_raw_bytes`, `read_raw_text` or `open_raw_lines` (or calls
 `check_raw_file` before handing the path to pandas), so each of these mistakes gets the same one-line message that
@@ -10,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shlex
 import zlib
 from pathlib import Path
 from typing import Iterator
@@ -19,6 +21,7 @@ from recalign.errors import DataError
 LFS_PREFIX = b"version https://git-lfs.github.com/spec/v1"
 GZIP_MAGIC = b"\x1f\x8b"
 _LFS_MESSAGE = "this is a Git LFS pointer, not the data: fetch the real file (git lfs pull)"
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
 
 def check_raw_file(path: str | os.PathLike) -> Path:
@@ -60,12 +63,14 @@ def decode_text(data: bytes, path: Path, encoding: str = "utf-8", fallback: str 
     """Decode `data` (trying `fallback` when `encoding` fails); NUL bytes and undecodable bytes name the line."""
     nul = data.find(b"\x00")
     if nul >= 0:
+        _refuse_utf16(data[:4096], path, encoding)
         raise DataError("NUL byte: a binary file, not text", path=path, line=data.count(b"\n", 0, nul) + 1)
     try:
         return data.decode(encoding)
     except UnicodeDecodeError as exc:
         if fallback is not None:
             return data.decode(fallback)
+        _refuse_utf16(data[:4096], path, encoding)
         raise DataError(f"not {encoding} text (byte {exc.start})", path=path,
                         line=data.count(b"\n", 0, exc.start) + 1) from None
 
@@ -95,11 +100,43 @@ def open_raw_lines(path: str | os.PathLike, encoding: str = "utf-8") -> Iterator
         with opener(path, "rb") as handle:
             for number, line in enumerate(handle, start=1):
                 if b"\x00" in line:
+                    if number == 1:
+                        _refuse_utf16(line[:4096], path, encoding)
                     raise DataError("NUL byte: a binary file, not text", path=path, line=number)
                 try:
                     yield number, line.decode(encoding)
                 except UnicodeDecodeError as exc:
+                    if number == 1:
+                        _refuse_utf16(line[:4096], path, encoding)
                     raise DataError(f"not {encoding} text (byte {exc.start} of the line)", path=path,
                                     line=number) from None
     except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"cannot read ({exc})", path=path) from None
+
+
+def utf16_flavour(head: bytes) -> str | None:
+    """"UTF-16" (with a byte-order mark), "UTF-16LE" or "UTF-16BE" (mostly ASCII text without one: a NUL byte at
+    every other position and none in between) when the first bytes of a file are UTF-16 text, else None."""
+    if head.startswith(UTF16_BOMS):
+        return "UTF-16"
+    if len(head) < 4:
+        return None
+    for flavour, zeros, others in (("UTF-16LE", head[1::2], head[0::2]), ("UTF-16BE", head[0::2], head[1::2])):
+        if zeros.count(0) >= 0.9 * len(zeros) and others.count(0) == 0:
+            return flavour
+    return None
+
+
+def _refuse_utf16(head: bytes, path: Path, encoding: str) -> None:
+    """A DataError saying `path` is UTF-16 and how to convert it, when its first bytes `head` look so."""
+    flavour = utf16_flavour(head)
+    if flavour is None or encoding.lower().replace("_", "-").startswith("utf-16"):
+        return
+    name = shlex.quote(str(path))
+    if path.suffix == ".gz":
+        converted = shlex.quote(str(path.with_suffix("")) + ".utf8.gz")
+        convert = f"gunzip -c {name} | iconv -f {flavour} -t UTF-8 | gzip > {converted}"
+    else:
+        convert = f"iconv -f {flavour} -t UTF-8 {name} > {shlex.quote(str(path) + '.utf8')}"
+    raise DataError(f"UTF-16 text, not {encoding.upper()}: convert it first, e.g. `{convert}`, and use the "
+                    "converted file in its place", path=path)

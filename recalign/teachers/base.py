@@ -37,6 +37,8 @@ class Recommender(ABC):
 
     name: ClassVar[str]
     Config: ClassVar[type[TeacherConfig]] = TeacherConfig
+    # True when `score` reads the user id (a learned user embedding) instead of the history
+    user_based: ClassVar[bool] = False
 
     def __init__(self, config: TeacherConfig | None = None, **overrides):
         base = config.model_dump() if config is not None else {}

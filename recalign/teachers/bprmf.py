@@ -91,6 +91,7 @@ class BPRMF(Recommender):
     """Matrix factorisation with the BPR pairwise loss; exposes `user_embeddings_` / `item_embeddings_`."""
 
     name = "bprmf"
+    user_based = True
     Config = BPRMFConfig
 
     @uses_config_threads

@@ -10,10 +10,16 @@ from recalign.errors import ConfigError, RecalignError
 from recalign.io import read_json
 from recalign.teachers.base import Recommender
 from recalign.teachers.bprmf import BPRMF
+from recalign.teachers.ease import EASE
+from recalign.teachers.item2vec import Item2Vec
+from recalign.teachers.itemknn import ItemKNN
+from recalign.teachers.neumf import NeuMF
 from recalign.teachers.popularity import Popularity
 from recalign.teachers.sasrec import SASRec
 
-TEACHERS: dict[str, type[Recommender]] = {"popularity": Popularity, "bprmf": BPRMF, "sasrec": SASRec}
+TEACHERS: dict[str, type[Recommender]] = {"popularity": Popularity, "bprmf": BPRMF, "sasrec": SASRec,
+                                          "item2vec": Item2Vec, "neumf": NeuMF,
+                                          "itemknn": ItemKNN, "ease": EASE}
 
 
 def get_teacher(name: str) -> type[Recommender]:

@@ -24,8 +24,6 @@ from recalign.teachers.base import Recommender
 from recalign.teachers.registry import get_teacher
 
 DEFAULT_MAX_HISTORY = 10  # the original client sends the last 10 items
-# Teachers whose score reads the user id (a user embedding) instead of the history.
-USER_BASED_TEACHERS = frozenset({"bprmf"})
 
 
 class TeacherService:
@@ -123,7 +121,7 @@ class TeacherService:
             bad = [u for u in users if not _is_id(u) or not 0 <= u < self.n_users]
             if bad:
                 raise RequestError(f"unknown user id {shorten(bad[0])} (users are 0..{self.n_users - 1})")
-        elif self.name in USER_BASED_TEACHERS:
+        elif self.teacher.user_based:
             raise RequestError(f"the {self.name} teacher scores by user id: pass `users`")
         if categories is not None:
             for category in categories:
@@ -155,7 +153,7 @@ class TeacherService:
     # ---- masks and scores ---------------------------------------------------------------------------
     def _scores(self, histories: list[list[int]], users: list[int] | None) -> torch.Tensor:
         """Teacher scores [B, n_items] for each row's history (its last max_history items) or user id."""
-        if self.name in USER_BASED_TEACHERS:
+        if self.teacher.user_based:
             empty = UserSequences(indptr=np.zeros(self.n_users + 1, dtype=np.int64),
                                   items=np.zeros(0, dtype=np.int64), n_items=self.n_items)
             return self.teacher.score(np.asarray(users, dtype=np.int64), empty).float()

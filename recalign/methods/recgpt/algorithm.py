@@ -8,12 +8,14 @@ The algorithm box, as `run_recgpt` executes it (docs/systems/recgpt.md, "The alg
        with a sentence encoder, MiniLM by default (`embed_items`, cached by model and text).
     2. Tokenizer. Fit the FSQ item tokenizer on the pre-training domains' embeddings; tokenise every catalog, the
        target's too: 4 FSQ codes + 1 disambiguating code, so every item's code is unique; the collision rate is
-       reported (`tokenize_domains` -> `build_catalogs`).
+       reported (`tokenize_domains` -> `build_catalogs`). `tokenizer.kind: rq_kmeans` uses residual k-means codes
+       instead (`levels` codes + 1 disambiguating code; rq_kmeans.py).
     3. Pre-training. One decoder on the user sequences of all pre-training domains, shuffled together: every code
        position of an item predicts the next item's code at that position, all at once (`pretrain_decoder`).
     4. Zero-shot. Recommend on the evaluation domain by trie-constrained beam search over its catalog's codes
        (`beam_recommender`), never having seen its interactions; scored by the `evaluate` callback once per
-       history mode, history excluded and allowed (`score_decoder`).
+       history mode, history excluded and allowed (`score_decoder`). `beam.mode: exact` ranks the whole catalog by
+       every item's summed code log-prob instead (`exact_recommender`); `both` scores the two (`score_inference`).
     5. Fine-tuning (optional, `finetune.epochs > 0`). A copy of the decoder trained further on the evaluation
        domain's training sequences (`finetune_decoder`), scored the same way.
 
@@ -43,6 +45,7 @@ from recalign.methods.recgpt.config import (
     RecGPTTrainingConfig,
 )
 from recalign.methods.recgpt.fsq import FSQConfig, ItemTokenizer
+from recalign.methods.recgpt.rq_kmeans import RQKMeansConfig, RQKMeansTokenizer
 from recalign.methods.recgpt.text import embed_texts, item_texts
 
 if TYPE_CHECKING:
@@ -51,8 +54,9 @@ if TYPE_CHECKING:
 
 __all__ = ["RecGPTConfig", "RecGPTBeamConfig", "RecGPTDecoderConfig", "RecGPTTrainingConfig", "RecGPTResult",
            "CodeCatalog", "Evaluate", "run_recgpt", "pretrain_sequences", "sample_sequences", "embed_items",
-           "build_catalogs", "tokenize_domains", "new_decoder", "joined", "pretrain_decoder", "finetune_decoder",
-           "beam_recommender", "score_decoder", "evaluated"]
+           "build_catalogs", "new_tokenizer", "tokenize_domains", "new_decoder", "joined", "pretrain_decoder",
+           "finetune_decoder", "beam_recommender", "exact_recommender", "score_decoder", "score_inference",
+           "evaluated"]
 
 # (recommender, exclude_history) -> the evaluator's metrics of its lists
 Evaluate = Callable[["ListRecommender", bool], dict]
@@ -108,22 +112,32 @@ def embed_items(dataset: Dataset, items: np.ndarray, params: "RecGPTConfig", pro
                                         max_tokens=params.text_max_tokens))
 
 
+def new_tokenizer(params: RecGPTConfig, seed: int) -> "ItemTokenizer | RQKMeansTokenizer":
+    """An unfitted item tokenizer of `params.tokenizer.kind`: FSQ (the default) or RQ-KMeans."""
+    t = params.tokenizer
+    if t.kind == "rq_kmeans":
+        rq = t.rq_kmeans
+        return RQKMeansTokenizer(RQKMeansConfig(levels=rq.levels, codebook_size=rq.codebook_size,
+                                                iterations=rq.iterations, init=rq.init, balanced=rq.balanced,
+                                                seed=seed))
+    return ItemTokenizer(FSQConfig(levels=tuple(t.levels), n_chunks=t.n_chunks, hidden=t.hidden, epochs=t.epochs,
+                                   batch_size=t.batch_size, lr=t.lr, seed=seed))
+
+
 def build_catalogs(domains: dict[str, tuple[Dataset, np.ndarray]], fit_on: Sequence[str], params: RecGPTConfig,
                    seed: int, *, progress: bool = False, encoder: Callable | None = None
-                   ) -> tuple[ItemTokenizer, dict[str, CodeCatalog]]:
-    """Embed every domain's items, fit the tokenizer on the `fit_on` domains, tokenise them all.
+                   ) -> tuple["ItemTokenizer | RQKMeansTokenizer", dict[str, CodeCatalog]]:
+    """Embed every domain's items, fit the tokenizer (`tokenizer.kind`) on the `fit_on` domains, tokenise them all.
 
     Every catalog's codes share one set of sizes (the disambiguating position as wide as the widest group), so
     one decoder reads them all.
     """
     vectors = {name: embed_items(ds, items, params, progress, encoder)
                for name, (ds, items) in domains.items()}
-    t = params.tokenizer
-    settings = FSQConfig(levels=tuple(t.levels), n_chunks=t.n_chunks, hidden=t.hidden, epochs=t.epochs,
-                           batch_size=t.batch_size, lr=t.lr, seed=seed)
-    tokenizer = ItemTokenizer(settings).fit(torch.cat([vectors[name] for name in fit_on]))
+    tokenizer = new_tokenizer(params, seed).fit(torch.cat([vectors[name] for name in fit_on]))
     codes = {name: tokenizer.encode(v) for name, v in vectors.items()}
-    sizes = tuple(max(c.sizes[p] for c in codes.values()) for p in range(t.n_chunks + 1))
+    n_positions = next(iter(codes.values())).n_positions
+    sizes = tuple(max(c.sizes[p] for c in codes.values()) for p in range(n_positions))
     catalogs = {name: CodeCatalog(name, vectors[name], ItemCodes(c.codes, sizes, c.collision_rate), domains[name][1])
                 for name, c in codes.items()}
     return tokenizer, catalogs
@@ -149,7 +163,8 @@ def tokenize_domains(domains: dict[str, tuple[Dataset, np.ndarray]], params: Rec
         for name, catalog in catalogs.items():
             catalog.codes.save(tmp / f"codes-{name}.safetensors")
 
-    store.commit(tokenizer_dir, {"loop": "tokenizer", "iteration": 0, "fsq_loss": tokenizer.history[-1],
+    loss_key = "rq_kmeans_residual" if params.tokenizer.kind == "rq_kmeans" else "fsq_loss"
+    store.commit(tokenizer_dir, {"loop": "tokenizer", "iteration": 0, loss_key: tokenizer.history[-1],
                                  **{f"collision_rate_{n}": c.codes.collision_rate for n, c in catalogs.items()},
                                  "disambiguation_size": catalogs["target"].codes.sizes[-1]}, write)
     return catalogs
@@ -226,6 +241,18 @@ def beam_recommender(decoder, catalog: CodeCatalog, beam: RecGPTBeamConfig, excl
     return BeamLists(decoder, catalog.codes, catalog.vectors, settings, batch_size=beam.batch_size)
 
 
+def exact_recommender(decoder, catalog: CodeCatalog, exclude_history: bool, beam: RecGPTBeamConfig | None = None):
+    """The decoder as a `ListRecommender` over the catalog: exact full-catalog scoring (every item's summed code
+    log-prob at the beam's temperature; `beam` gives temperature and users per batch, default settings if None)."""
+    from recalign.methods.recgpt.beam import CodeBeamConfig
+    from recalign.methods.recgpt.exact import ExactLists
+
+    beam = beam if beam is not None else RecGPTBeamConfig()
+    settings = CodeBeamConfig(widths=tuple(beam.widths), extensions=beam.extensions, temperature=beam.temperature,
+                              exclude_history=exclude_history)
+    return ExactLists(decoder, catalog.codes, catalog.vectors, settings, batch_size=beam.batch_size)
+
+
 def evaluated(store: IterationStore, name: str, evaluate: Callable[[], dict]) -> dict:
     """An evaluation result, computed once and kept as a checkpoint."""
     folder = store.folder(name)
@@ -237,17 +264,31 @@ def evaluated(store: IterationStore, name: str, evaluate: Callable[[], dict]) ->
 
 
 def score_decoder(decoder, catalog: CodeCatalog, params: RecGPTConfig, store: IterationStore, variant: str,
-                  evaluate: Evaluate) -> dict[str, dict]:
-    """The decoder's beam lists scored once per history mode of `params.history` (each a checkpoint
-    `eval-<variant>-history-<mode>`): mode -> evaluator metrics."""
+                  evaluate: Evaluate, inference: str = "beam") -> dict[str, dict]:
+    """The decoder's lists (`inference`: "beam" or "exact") scored once per history mode of `params.history`
+    (each a checkpoint `eval-<variant>-history-<mode>`, `eval-<variant>-exact-history-<mode>` for exact lists):
+    mode -> evaluator metrics."""
     out = {}
     for mode in params.history:
         excluded = mode == "excluded"
-        name = f"eval-{variant}-history-{mode}"
-        result = evaluated(store, name, lambda: evaluate(
-            beam_recommender(decoder, catalog, params.beam, excluded), excluded))
+        if inference == "exact":
+            name = f"eval-{variant}-exact-history-{mode}"
+            make = lambda: exact_recommender(decoder, catalog, excluded, params.beam)  # noqa: E731
+        else:
+            name = f"eval-{variant}-history-{mode}"
+            make = lambda: beam_recommender(decoder, catalog, params.beam, excluded)  # noqa: E731
+        result = evaluated(store, name, lambda: evaluate(make(), excluded))
         out[mode] = {k: v for k, v in result.items() if k not in ("loop", "iteration")}
     return out
+
+
+def score_inference(decoder, catalog: CodeCatalog, params: RecGPTConfig, store: IterationStore, variant: str,
+                    evaluate: Evaluate) -> tuple[dict[str, dict], dict[str, dict] | None]:
+    """`score_decoder` as `beam.mode` asks: (the lists' scores, the exact lists' scores when the mode is "both")."""
+    mode = params.beam.mode
+    main = score_decoder(decoder, catalog, params, store, variant, evaluate, "exact" if mode == "exact" else "beam")
+    exact = score_decoder(decoder, catalog, params, store, variant, evaluate, "exact") if mode == "both" else None
+    return main, exact
 
 
 # ---- the whole algorithm -----------------------------------------------------------------------------------
@@ -263,6 +304,8 @@ class RecGPTResult:
     finetuned: dict[str, dict] | None = None  # the same for the fine-tuned decoder (step 5; None: skipped)
     finetuned_decoder: "RecGPTDecoder | None" = None
     records: list[dict] = field(default_factory=list)  # every checkpoint record, in commit order
+    zero_shot_exact: dict[str, dict] | None = None  # exact lists' metrics beside the beam's (beam.mode "both")
+    finetuned_exact: dict[str, dict] | None = None
 
     @property
     def target(self) -> CodeCatalog:
@@ -292,7 +335,7 @@ def run_recgpt(config: RecGPTConfig, eval_domain: Dataset, pretrain_domains: Seq
                           "train_interactions")
     seed = int(config.seed if config.seed is not None else seed)
     if fingerprint is None:
-        fingerprint = stable_hash({"params": config.model_dump(mode="json"), "data": eval_domain.fingerprint(),
+        fingerprint = stable_hash({"params": config.fingerprint_dump(), "data": eval_domain.fingerprint(),
                                    "pretrain": [d.fingerprint() for d in pretrain_domains], "seed": seed})
     store = IterationStore(work_dir, fingerprint)
 
@@ -308,13 +351,14 @@ def run_recgpt(config: RecGPTConfig, eval_domain: Dataset, pretrain_domains: Seq
     decoder = pretrain_decoder(pre, sequences, config, seed, store, progress=progress, log=log)
 
     # 4. zero-shot on the target
-    zero = score_decoder(decoder, catalogs["target"], config, store, "zeroshot", evaluate)
+    zero, zero_exact = score_inference(decoder, catalogs["target"], config, store, "zeroshot", evaluate)
 
     # 5. fine-tuned on its training part
-    tuned = tuned_scores = None
+    tuned = tuned_scores = tuned_exact = None
     if config.finetune.epochs > 0:
         target_seqs = sample_sequences(eval_domain, train_interactions, config.finetune.users, seed)
         tuned = finetune_decoder(decoder, catalogs["target"], target_seqs, config, seed, store,
                                  progress=progress, log=log)
-        tuned_scores = score_decoder(tuned, catalogs["target"], config, store, "finetuned", evaluate)
-    return RecGPTResult(catalogs, sum(len(s) for s in sequences), decoder, zero, tuned_scores, tuned, store.records)
+        tuned_scores, tuned_exact = score_inference(tuned, catalogs["target"], config, store, "finetuned", evaluate)
+    return RecGPTResult(catalogs, sum(len(s) for s in sequences), decoder, zero, tuned_scores, tuned, store.records,
+                        zero_shot_exact=zero_exact, finetuned_exact=tuned_exact)

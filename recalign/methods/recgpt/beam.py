@@ -248,13 +248,16 @@ class BeamLists:
                 padded = pad_histories(kept, self.decoder.config.max_items, side="left")
                 log_probs = self.decoder.next_item_log_probs(padded, self.codes, self.text_vectors,
                                                              self.settings.temperature).float().cpu()
-                seen = history_mask(kept, n_items)
-                found = beam_search(log_probs, self.trie, self.settings, seen).items[:, :k]
+                found = self.lists(log_probs, history_mask(kept, n_items), k)
                 target = torch.from_numpy(np.flatnonzero(has) + start)
                 out[target, :found.shape[1]] = found
         finally:
             self.decoder.train(was_training)
         return out
+
+    def lists(self, log_probs: torch.Tensor, seen: torch.Tensor, k: int) -> torch.Tensor:
+        """Items [B, <= k] of one batch's log-prob tables [B, P, V] (`seen` [B, N]: history items): the beams."""
+        return beam_search(log_probs, self.trie, self.settings, seen).items[:, :k]
 
 
 def history_mask(sequences: Sequence[Sequence[int]], n_items: int) -> torch.Tensor:

@@ -13,13 +13,28 @@ from pydantic import Field
 from recalign.config import StrictConfig
 from recalign.methods.recgpt.text import DEFAULT_TEXT_MODEL
 
-__all__ = ["RecGPTConfig", "RecGPTTokenizerConfig", "RecGPTDecoderConfig", "RecGPTTrainingConfig",
-           "RecGPTBeamConfig"]
+__all__ = ["RecGPTConfig", "RecGPTTokenizerConfig", "RecGPTRQKMeansConfig", "RecGPTDecoderConfig",
+           "RecGPTTrainingConfig", "RecGPTBeamConfig"]
+
+
+class RecGPTRQKMeansConfig(StrictConfig):
+    """Residual k-means item codes (`tokenizer.kind: rq_kmeans`): `levels` positions of `codebook_size` codes."""
+
+    levels: int = Field(3, ge=1, description="residual k-means levels (code positions before disambiguation)")
+    codebook_size: int = Field(256, ge=1, description="centroids per level")
+    iterations: int = Field(20, ge=1, description="Lloyd iterations per level")
+    init: Literal["kmeans++", "random"] = Field("kmeans++", description="seeded centroid initialisation")
+    balanced: bool = Field(False, description="capacity-constrained assignment: at most ceil(N / codebook_size) "
+                                              "items per centroid")
 
 
 class RecGPTTokenizerConfig(StrictConfig):
-    """FSQ item tokenizer (levels [8, 8, 8, 6, 5] over 4 chunks, as the original)."""
+    """Item tokenizer: FSQ (levels [8, 8, 8, 6, 5] over 4 chunks, as the original) or RQ-KMeans."""
 
+    kind: Literal["fsq", "rq_kmeans"] = Field("fsq", description="fsq (the original) or rq_kmeans (residual k-means "
+                                                                 "over the text embeddings, `rq_kmeans` block)")
+    rq_kmeans: RecGPTRQKMeansConfig = Field(default_factory=RecGPTRQKMeansConfig,
+                                            description="RQ-KMeans settings (read only when kind is rq_kmeans)")
     levels: list[int] = Field([8, 8, 8, 6, 5], description="FSQ levels per latent digit (product = codes per chunk)")
     n_chunks: int = Field(4, ge=1, description="code positions from FSQ (the embedding width must divide by it)")
     hidden: int = Field(512, ge=1, description="reconstruction decoder width")
@@ -58,6 +73,9 @@ class RecGPTBeamConfig(StrictConfig):
     extensions: int = Field(5, ge=1, description="best allowed codes tried per beam at each later position")
     temperature: float = Field(0.1, gt=0, description="softmax temperature of the decoder's code log-probs")
     batch_size: int = Field(64, ge=1, description="users per decoder call")
+    mode: Literal["beam", "exact", "both"] = Field(
+        "beam", description="lists by the beam, by exact full-catalog scoring (every item's summed code log-prob, "
+                            "same temperature), or both (the exact lists' metrics reported as `exact.*`)")
 
 
 class RecGPTConfig(StrictConfig):
@@ -68,7 +86,8 @@ class RecGPTConfig(StrictConfig):
     text_max_tokens: int | None = Field(128, ge=1, description="tokens of an item text the encoder reads "
                                                                "(null: the model's limit)")
     tokenizer: RecGPTTokenizerConfig = Field(default_factory=RecGPTTokenizerConfig,
-                                             description="FSQ item tokenizer (fitted on the pre-training items)")
+                                             description="FSQ or RQ-KMeans item tokenizer (fitted on the "
+                                                         "pre-training items)")
     decoder: RecGPTDecoderConfig = Field(default_factory=RecGPTDecoderConfig, description="GPT decoder size")
     pretrain: RecGPTTrainingConfig = Field(default_factory=RecGPTTrainingConfig,
                                            description="pre-training on every `datasets.pretrain` domain")
@@ -78,3 +97,13 @@ class RecGPTConfig(StrictConfig):
     history: list[Literal["excluded", "allowed"]] = Field(
         ["excluded", "allowed"], description="beam history filtering modes to score; the first is the headline")
     seed: int | None = Field(None, description="tokenizer, decoder and subset seed (default: the recipe seed)")
+
+    def fingerprint_dump(self) -> dict:
+        """The settings the work folder's checkpoints depend on, as JSON: all but `beam.mode` (exact lists are
+        checkpoints of their own) and, while the tokenizer is FSQ, `tokenizer.kind` and `tokenizer.rq_kmeans` (so
+        folders written before these keys existed still resume)."""
+        dump = self.model_dump(mode="json")
+        del dump["beam"]["mode"]
+        if self.tokenizer.kind == "fsq":
+            del dump["tokenizer"]["kind"], dump["tokenizer"]["rq_kmeans"]
+        return dump

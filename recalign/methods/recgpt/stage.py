@@ -33,15 +33,31 @@ def work_folder(ctx: "RunContext", params: RecGPTConfig, pretrain: Sequence[Data
                 ) -> tuple[Path, str]:
     """The stage's work folder outside the stage folder (run/work/<stage>-<key>) and its key, a hash of what the
     result depends on: params, datasets, split, evaluation protocol and seed."""
-    depends_on = {"params": params.model_dump(mode="json"), "pretrain": [d.fingerprint() for d in pretrain],
+    depends_on = {"params": params.fingerprint_dump(), "pretrain": [d.fingerprint() for d in pretrain],
                   "data": ctx.dataset.fingerprint(), "split": ctx.recipe.split.model_dump(mode="json"),
                   "eval": ctx.recipe.eval.model_dump(mode="json", exclude={"table"}), "seed": seed}
     return ctx.work_folder(depends_on, "recgpt"), stable_hash(depends_on)
 
 
+def _other_accuracy(zero: dict, tuned: dict | None, history: Sequence[str]) -> dict:
+    """Accuracy of the non-headline history modes (`history_<mode>_*`) and of the fine-tuned decoder
+    (`finetuned_*`, `finetuned_history_<mode>_*`)."""
+    metrics = {}
+    for mode in history[1:]:
+        metrics.update({f"history_{mode}_{k}": v for k, v in _accuracy(zero[mode]).items()})
+    if tuned is not None:
+        for mode in history:
+            prefix = "finetuned_" if mode == history[0] else f"finetuned_history_{mode}_"
+            metrics.update({prefix + k: v for k, v in _accuracy(tuned[mode]).items()})
+    return metrics
+
+
 def stage_metrics(result: RecGPTResult, params: RecGPTConfig, work: Path) -> dict:
     """The stage's metrics: the headline history mode's zero-shot result, codes and data sizes, then the accuracy
-    of the other modes (`history_<mode>_*`) and of the fine-tuned decoder (`finetuned_*`)."""
+    of the other modes (`history_<mode>_*`) and of the fine-tuned decoder (`finetuned_*`). With `beam.mode` other
+    than "beam", `inference` names the lists' source; with "both", the exact lists' metrics follow under the same
+    names prefixed `exact.` (the headline's list metrics, the other modes' accuracy; `exact_differences` subtracts
+    the beam's)."""
     zero, tuned = result.zero_shot, result.finetuned
     headline = params.history[0]
     metrics = dict(zero[headline])
@@ -51,13 +67,21 @@ def stage_metrics(result: RecGPTResult, params: RecGPTConfig, work: Path) -> dic
                                                               for c in result.pretrain_catalogs])),
                     "disambiguation_size": result.target.codes.sizes[-1],
                     "pretrain_sequences": result.pretrain_sequences, "work_dir": str(work)})
-    for mode in params.history[1:]:
-        metrics.update({f"history_{mode}_{k}": v for k, v in _accuracy(zero[mode]).items()})
-    if tuned is not None:
-        for mode in params.history:
-            prefix = "finetuned_" if mode == headline else f"finetuned_history_{mode}_"
-            metrics.update({prefix + k: v for k, v in _accuracy(tuned[mode]).items()})
+    metrics.update(_other_accuracy(zero, tuned, params.history))
+    if params.beam.mode != "beam":
+        metrics["inference"] = params.beam.mode
+    if result.zero_shot_exact is not None:
+        head = result.zero_shot_exact[headline]
+        exact = {**{k: v for k, v in head.items() if "@" in k or k == "valid_ratio"},  # every list metric
+                 **_other_accuracy(result.zero_shot_exact, result.finetuned_exact, params.history)}
+        metrics.update({f"exact.{k}": v for k, v in exact.items()})
     return metrics
+
+
+def exact_differences(metrics: dict) -> dict:
+    """Exact minus beam for every metric reported both ways (`exact.<name>` and `<name>`, beam.mode "both")."""
+    return {k[len("exact."):]: v - metrics[k[len("exact."):]] for k, v in metrics.items()
+            if k.startswith("exact.") and k[len("exact."):] in metrics}
 
 
 def run_stage(ctx: "RunContext", params: RecGPTConfig) -> dict:
@@ -73,8 +97,10 @@ def run_stage(ctx: "RunContext", params: RecGPTConfig) -> dict:
                         train_interactions=ctx.split.train, seed=seed, fingerprint=key, progress=ctx.progress,
                         log=ctx.log)
     metrics = stage_metrics(result, params, work)
-    write_json(ctx.stage_dir / "results.json",
-               {"zero_shot": result.zero_shot, "finetuned": result.finetuned, "records": result.records})
+    results = {"zero_shot": result.zero_shot, "finetuned": result.finetuned, "records": result.records}
+    if result.zero_shot_exact is not None:
+        results.update({"zero_shot_exact": result.zero_shot_exact, "finetuned_exact": result.finetuned_exact})
+    write_json(ctx.stage_dir / "results.json", results)
     result.target.codes.save(ctx.stage_dir / "codes.safetensors")
     ctx.log(f"recgpt done in {time.perf_counter() - started:.0f}s")
     return metrics
@@ -82,5 +108,5 @@ def run_stage(ctx: "RunContext", params: RecGPTConfig) -> dict:
 
 RECGPT_STAGE = Stage(params=RecGPTConfig, run=run_stage,
                      reads=frozenset({"data", "split", "eval", "seed", "datasets"}),
-                     description="RecGPT: FSQ item codes from text + a GPT decoder pre-trained on `datasets.pretrain`, "
-                                 "zero-shot (and optionally fine-tuned) on the recipe's data")
+                     description="RecGPT: FSQ (or RQ-KMeans) item codes from text + a GPT decoder pre-trained on "
+                                 "`datasets.pretrain`, zero-shot (and optionally fine-tuned) on the recipe's data")

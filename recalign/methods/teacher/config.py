@@ -15,7 +15,7 @@ class TeacherStageConfig(BaseModel):
     """
 
     model_config = ConfigDict(extra="allow")
-    model: str = Field(description="teacher name: popularity | bprmf | sasrec")
+    model: str = Field(description="teacher name (recalign.teachers.registry.TEACHERS): popularity | bprmf | sasrec | itemknn | item2vec | neumf | ease")
     params: dict[str, Any] = Field(default_factory=dict,
                                    description="the teacher's settings, nested (same as giving them flat)")
     seed: int | None = Field(None, description="the teacher's seed (default: the recipe seed)")

@@ -54,4 +54,4 @@ def write_stage_curves(stage_dir: "Path", rows: list[dict] | None, title: str = 
 
 
 TEACHER_STAGE = Stage(params=TeacherStageConfig, run=run_teacher_stage,
-                      description="fit a classical teacher (popularity, bprmf, sasrec), save it, evaluate on test")
+                      description="fit a classical teacher (popularity, bprmf, sasrec, itemknn, item2vec, neumf, ease), save it, evaluate on test")
