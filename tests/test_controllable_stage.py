@@ -108,13 +108,14 @@ def _recipe(stages: list[dict]):
         "stages": [{"name": "pop", "kind": "teacher", "params": {"model": "popularity"}}, *stages]})
 
 
-SFT = {"name": "sft", "kind": "controllable", "params": {**TINY, "teacher": "pop", "algorithm": "none"}}
+SFT = {"name": "sft", "kind": "reclmgen", "params": {**TINY, "teacher": "pop", "algorithm": "none"}}
 
 
 @pytest.mark.slow
 def test_stage_runs_sft_then_ppo_and_grpo_with_the_teachers_users_and_keys(tmp_path):
     from recalign.runs import run_recipe
 
+    # the SFT stage says `reclmgen`, the RL stages its alias `controllable`: init_from accepts either
     ppo = {"name": "ppo", "kind": "controllable",
            "params": {**{k: v for k, v in TINY.items() if k != "model"}, "teacher": "pop", "init_from": "sft"}}
     grpo = {"name": "grpo", "kind": "controllable",

@@ -183,7 +183,7 @@ def test_recalign_run_with_two_processes_writes_the_run_folder_once(tmp_path):
     assert done.stdout.count("run folder:") == 1  # one results table, from rank 0
     run = tmp_path / "run"
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "data", "dataset.json", "log.txt",
-                                                     "metrics.json", "report.md", "stages"]  # no .ranks left
+                                                     "metrics.json", "report.html", "report.md", "stages"]  # no .ranks left
     log = (run / "log.txt").read_text()
     assert log.count("[popularity] start") == 1 and log.count("[sft] start") == 1  # only rank 0 logged
     metrics = json.loads((run / "metrics.json").read_text())["stages"]

@@ -204,6 +204,9 @@ class EmbeddingGrounder(Grounder):
         if self._encoder is None:
             from sentence_transformers import SentenceTransformer
 
+            from recalign.llm.models import quiet_library_progress
+
+            quiet_library_progress()  # no "Loading weights" bar from the library: recalign's bars only
             model = SentenceTransformer(self.model_path, device=self.device)
             self._encoder = lambda xs: model.encode(xs, batch_size=self.batch_size, convert_to_numpy=True,
                                                     show_progress_bar=False)

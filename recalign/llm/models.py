@@ -188,6 +188,7 @@ def convert_gguf(gguf: str | os.PathLike, out_dir: str | os.PathLike | None = No
     folder = Path(out_dir) if out_dir is not None else models_cache() / f"{gguf.stem}-{gguf.stat().st_size}"
     if (folder / "config.json").is_file():
         return folder
+    quiet_library_progress()
     with _Steps(f"converting {gguf.name} to safetensors (once)", progress) as steps, _atomic_dir(folder) as tmp:
         steps.step("reading the tokenizer")
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -234,6 +235,20 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 # ---- loading ------------------------------------------------------------------------------------------------------
 
+def quiet_library_progress() -> None:
+    """Turn off the progress bars the libraries draw (transformers' "Loading weights" and "Writing model shards",
+    huggingface_hub downloads, datasets' map, sentence-transformers' model load), so the console shows recalign's
+    own bars only. Process-wide and cheap: called where recalign loads, saves or embeds with those libraries."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # hub code imported later (and child processes)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # also huggingface_hub's bars
+    if importlib.util.find_spec("datasets") is not None:
+        from datasets.utils import logging as datasets_logging
+
+        datasets_logging.disable_progress_bar()
+
+
 def _ready(tokenizer):
     """A tokenizer with a pad token (EOS when it has none)."""
     if tokenizer.pad_token is None:
@@ -263,6 +278,7 @@ def load_tokenizer(name: str = DEFAULT_MODEL, progress: bool = True):
     """The tokenizer of model `name` (same names as `load_model`), with a pad token."""
     from transformers import AutoTokenizer
 
+    quiet_library_progress()
     if name == TINY or (name.lower() in SMOLLM2_ALIASES and not (models_cache() / SMOLLM2_DIR).is_dir()):
         return smollm2_tokenizer(progress)
     folder = _model_folder(name, progress)
@@ -282,6 +298,7 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str = 
     """
     from transformers import AutoModelForCausalLM
 
+    quiet_library_progress()
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
     if name == TINY:
@@ -337,6 +354,7 @@ def save_model(model, tokenizer, folder: str | os.PathLike, merge: bool = False)
     Written to a temp folder and renamed; an existing `folder` is replaced. Merging folds the adapter into a copy
     of the weights, so `model` keeps its adapter.
     """
+    quiet_library_progress()
     return save_adapter(model, tokenizer, folder, merge=merge)
 
 

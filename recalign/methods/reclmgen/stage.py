@@ -87,7 +87,7 @@ def controllable_dependencies(params, stage_names: Sequence[str]) -> dict[str, s
 
 
 def run_stage(ctx: "RunContext", params) -> dict:
-    """Recipe stage "controllable": SFT -> RL -> test tasks (resumable work folder), then metrics and answers."""
+    """Recipe stage "reclmgen" (alias "controllable"): SFT -> RL -> test tasks (resumable work folder), then metrics and answers."""
     from recalign.teachers.client import teacher_from_spec
 
     if ctx.split is None:
@@ -113,14 +113,17 @@ def run_stage(ctx: "RunContext", params) -> dict:
     return {**_summary(config, out, work), **metrics}
 
 
+RECLMGEN_KINDS = ("reclmgen", "controllable")  # the recipe kind and its older alias
+
+
 def _starting_model(ctx: "RunContext", config: RecLMGenConfig) -> tuple[RecLMGenConfig, Path | None, str | None]:
     """(config with its model set, the init_from stage's SFT adapter or None, that stage's config hash or None)."""
     sft_adapter, init_hash = None, None
     if config.init_from is not None:
         folder = ctx.stage_output(config.init_from)
         other = read_json(folder / "metrics.json")
-        if other.get("kind") != "controllable" or not (folder / SFT_ADAPTER).is_dir():
-            raise ConfigError(f"init_from: stage '{config.init_from}' is not a controllable stage with an SFT model")
+        if other.get("kind") not in RECLMGEN_KINDS or not (folder / SFT_ADAPTER).is_dir():
+            raise ConfigError(f"init_from: stage '{config.init_from}' is not a reclmgen stage with an SFT model")
         if config.model is not None and config.model != other["model"]:
             raise ConfigError(f"model: '{config.model}' differs from the init_from stage's model '{other['model']}'")
         config = config.model_copy(update={"model": other["model"]})

@@ -52,6 +52,9 @@ def _sentence_encoder(model: str, batch_size: int) -> Encoder:
     """A sentence-transformers encoder (imported here: it is heavy)."""
     from sentence_transformers import SentenceTransformer
 
+    from recalign.llm.models import quiet_library_progress
+
+    quiet_library_progress()  # no "Loading weights" bar from the library: recalign's bars only
     st = SentenceTransformer(resolve_model(model), device="cpu")
     return lambda texts: st.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
 
