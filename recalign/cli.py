@@ -402,6 +402,9 @@ def run(
     processes: int = typer.Option(1, "--processes", min=1,
                                   help="training processes: re-run under `accelerate launch` (LLM training stages "
                                        "train data-parallel; other stages run once, in rank 0)"),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="a seed sweep, e.g. 0,1,2: one run folder per seed "
+                                        "under --out (PARENT/seed-N; default runs/<recipe name>-seeds), then "
+                                        "mean ± std per stage over the seeds"),
 ) -> None:
     """Run a recipe: prepare data, split, run every stage, print one results table.
 
@@ -414,10 +417,14 @@ def run(
         recalign run recipes/demo.yaml
         recalign run recipes/demo.yaml seed=3 stages.sasrec.params.epochs=5 eval.ks=[5,10] --out runs/demo-s3
         recalign run recipes/demo.yaml --processes 2
+        recalign run recipes/demo.yaml --seeds 0,1,2 --out runs/demo-seeds
     """
     with user_errors():
         from recalign.recipes import load_recipe
 
+        if seeds is not None:  # a sweep: one run per seed, each resumable, listed in PARENT/sweep.json
+            _run_seeds(recipe_yaml, overrides or [], seeds, run_dir, quiet, processes)
+            return
         recipe = load_recipe(recipe_yaml, overrides or [])
         run_dir = run_dir if run_dir is not None else Path("runs") / recipe.name
         if processes > 1 and "WORLD_SIZE" not in os.environ:  # not yet inside a launch: start one
@@ -428,6 +435,36 @@ def run(
                                               *(["--quiet"] if quiet else [])], {LOCK_HELD_ENV: str(run_dir.resolve())})
             return
         _run(recipe, run_dir, quiet)
+
+
+def _comma_list(value: Optional[str]) -> Optional[list[str]]:
+    """`a,b,c` -> ["a", "b", "c"] (None stays None)."""
+    return None if value is None else [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _run_seeds(recipe_yaml: Path, overrides: list[str], seeds_option: str, parent: Optional[Path], quiet: bool,
+               processes: int) -> None:
+    """`recalign run RECIPE --seeds 0,1,2`: the sweep, then its comparison table (when its runs are comparable)."""
+    from recalign.eval.compare import compare_runs, rich_tables
+    from recalign.runs import run_sweep, sweep_recipes
+
+    if processes > 1:
+        raise ConfigError("--seeds runs the seeds one after the other in one process; drop --processes")
+    try:
+        seeds = [int(part) for part in _comma_list(seeds_option) or []]
+    except ValueError:
+        raise ConfigError(f"--seeds: expected comma-separated integers, e.g. --seeds 0,1,2 (got "
+                          f"{quoted(seeds_option)})") from None
+    recipes = sweep_recipes(recipe_yaml, overrides, seeds)
+    parent = parent if parent is not None else Path("runs") / f"{next(iter(recipes.values())).name}-seeds"
+    echo = lambda line: err.print(line, highlight=False, markup=False)  # noqa: E731
+    run_sweep(recipes, parent, progress=not quiet, echo=echo)
+    try:
+        for table in rich_tables(compare_runs([parent])):
+            out.print(table)
+    except RecalignError as exc:  # the runs finished; only the table cannot be made
+        err.print(f"no comparison table: {exc}", highlight=False, markup=False, soft_wrap=True)
+    out.print(f"sweep folder: {parent} (sweep.json, one run folder per seed); compare: recalign compare {parent}")
 
 
 def launch_command(processes: int, run_args: list[str]) -> list[str]:
@@ -494,7 +531,7 @@ def _run(recipe, run_dir: Path, quiet: bool) -> None:
     if process_rank() > 0:  # one table, from rank 0
         return
     out.print(results_table(summary, recipe.eval.table))
-    out.print(f"run folder: {run_dir} (report.md, metrics.json)")
+    out.print(f"run folder: {run_dir} (report.md, report.html, metrics.json)")
 
 
 @app.command("eval")
@@ -549,18 +586,54 @@ def evaluate_run(
                                 title=f"{recipe.name}: {part} ({recipe.eval.protocol} ranking)"))
 
 
+@app.command("compare")
+def compare(
+    runs: List[Path] = typer.Argument(..., metavar="RUN", help="run folders, or sweep folders of "
+                                      "`recalign run --seeds` (their seed runs)"),
+    rows: Optional[str] = typer.Option(None, "--rows", help="comma-separated stages (default: every stage)"),
+    metrics: Optional[str] = typer.Option(None, "--metrics", help="comma-separated metrics, e.g. hr@10,ndcg@10 "
+                                          "(default: the recipe's eval.table)"),
+    pair: Optional[str] = typer.Option(None, "--pair", help="two stages A,B: A - B per run, the paired t-test "
+                                       "(mean, 95% interval, p) and the Wilcoxon p over runs"),
+    html_out: Optional[Path] = typer.Option(None, "--html", help="also write the tables to this HTML file"),
+) -> None:
+    """Compare runs scored on the same users: mean ± std (ddof=1) per stage over the runs (seeds), and with
+    --pair a paired test between two stages. Runs whose stages were scored on different users are refused.
+
+    \b
+    Examples:
+        recalign compare runs/demo-seeds
+        recalign compare runs/demo-seeds --metrics hr@10,ndcg@10 --pair sasrec,bprmf --html compare.html
+        recalign compare runs/demo runs/demo-s1 runs/demo-s2 --rows popularity,sasrec
+    """
+    with user_errors():
+        from recalign.eval.compare import compare_runs, rich_tables, write_comparison_html
+
+        pair_rows = _comma_list(pair)
+        if pair_rows is not None and len(pair_rows) != 2:
+            raise ConfigError(f"--pair: expected two stages A,B, e.g. --pair sasrec,bprmf (got {quoted(pair)})")
+        comparison = compare_runs(runs, rows=_comma_list(rows), metrics=_comma_list(metrics),
+                                  pair=(pair_rows[0], pair_rows[1]) if pair_rows is not None else None)
+        for table in rich_tables(comparison):
+            out.print(table)
+        if html_out is not None:
+            with writing(html_out):
+                out.print(f"wrote {write_comparison_html(comparison, html_out)}")
+
+
 @app.command("report")
 def report(
     run_dir: Path = typer.Argument(..., metavar="RUN", help="a run folder"),
     columns: Optional[str] = typer.Option(None, "--columns", help="comma-separated metrics, e.g. hr@10,ndcg@10"),
 ) -> None:
-    """(Re)write RUN/report.md from its metrics.json and print the results table.
+    """(Re)write RUN/report.md and RUN/report.html from its metrics.json and print the results table.
 
     \b
     Example:
         recalign report runs/demo --columns hr@5,ndcg@5,hr@10,ndcg@10
     """
     with user_errors():
+        from recalign.eval.html_report import write_html_report
         from recalign.eval.report import check_columns, read_run_metrics, recipe_columns, results_table, write_report
 
         _existing(run_dir, "run folder")
@@ -571,8 +644,9 @@ def report(
             chosen = recipe_columns(run_dir)
         with writing(run_dir / "report.md"):
             path = write_report(run_dir, chosen)
+            write_html_report(run_dir, chosen)
         out.print(results_table(summary, chosen))
-        out.print(f"wrote {path}")
+        out.print(f"wrote {path} and {path.with_name('report.html')}")
 
 
 def main() -> None:

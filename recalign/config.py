@@ -76,7 +76,10 @@ class EvalConfig(StrictConfig):
     n_negatives: int = Field(100, ge=1, description="negatives per user for the sampled protocol")
     exclude_history: bool = Field(True, description="never recommend items the user already interacted with")
     users: int | None = Field(None, ge=1, description="score every stage on the same seeded subset of this many "
-                                                      "test users (seed = the recipe seed; null = all users)")
+                                                      "test users (seed = users_seed; null = all users)")
+    users_seed: int | None = Field(None, description="seed of the eval.users subset (null: the recipe seed); "
+                                                     "`recalign run --seeds` sets it to the recipe's own seed so "
+                                                     "every seed of a sweep is scored on the same users")
     table: list[str] | None = Field(
         None, description="metric columns of the results table (default: hr/ndcg/recall/mrr at 10)")
     backend: Literal["local", "ray"] = Field(
@@ -84,6 +87,12 @@ class EvalConfig(StrictConfig):
                              "workers that each load the stage's saved model (pip install 'recalign[ray]')")
     workers: int = Field(2, ge=1, description="eval.backend ray: workers; users are cut into this many contiguous "
                                               "shards")
+
+    def hashed(self, exclude: set[str] | frozenset[str] = frozenset()) -> dict:
+        """The settings a result depends on, as JSON (`exclude` left out, and `users_seed` while unset, so
+        run folders written before it existed keep their hashes)."""
+        unset = {"users_seed"} if self.users_seed is None else set()
+        return self.model_dump(mode="json", exclude=set(exclude) | unset)
 
     @field_validator("ks")
     @classmethod

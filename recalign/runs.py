@@ -8,7 +8,7 @@ Layout of a run folder:
     work/                  resumable state of long stages (SPRec iterations), kept across attempts
     candidates/            the sampled protocol's candidate lists (users, targets + negatives, seed), when used
     metrics.json           every finished stage's metrics
-    log.txt  report.md
+    log.txt  report.md  report.html   (report.html: the results, plots and settings as one self-contained page)
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def stage_hashes(recipe: Recipe, data_fingerprint: str) -> dict[str, str]:
     (`Stage.reads`: data, split, eval without `table`, seed, other datasets) and the hashes of the earlier stages
     it depends on (`Stage.depends_on`), so retraining a teacher re-runs the stages built on it."""
     sections = {"data": data_fingerprint, "split": recipe.split.model_dump(mode="json"),
-                "eval": recipe.eval.model_dump(mode="json", exclude=EVAL_NOT_HASHED), "seed": recipe.seed,
+                "eval": recipe.eval.hashed(EVAL_NOT_HASHED), "seed": recipe.seed,
                 "datasets": {role: [prepare_key(spec) if spec.source is not None else spec.model_dump(mode="json")
                                     for spec in specs] for role, specs in sorted(recipe.datasets.items())}}
     dependencies = stage_dependencies(recipe.stages)
@@ -144,6 +144,7 @@ def lock_folder(folder: str | os.PathLike, what: str) -> Iterator[Path]:
 
 def _run_locked(recipe: Recipe, run_dir: Path, progress: bool, echo: Callable[[str], None] | None) -> dict:
     """`run_recipe` once the run folder is ours: data, split, the folder's files, every stage, summary, report."""
+    from recalign.eval.html_report import write_html_report
     from recalign.eval.report import write_report
 
     fresh = _holds_nothing(run_dir)  # a new run folder: removed again if no stage finishes
@@ -162,6 +163,7 @@ def _run_locked(recipe: Recipe, run_dir: Path, progress: bool, echo: Callable[[s
         with _full_disk(run_dir, "writing the summary"):
             summary = _write_summary(run_dir, recipe, dataset.fingerprint(), results)
             write_report(run_dir)
+            write_html_report(run_dir)  # the same run as one self-contained page, beside report.md
     except BaseException:
         _clear_started(run_dir)
         if fresh and not results:  # nothing finished, so nothing to resume: leave no folder behind
@@ -363,3 +365,73 @@ def open_run(run_dir: str | os.PathLike) -> tuple[Recipe, Dataset, "Split"]:
         dataset = prepare_data(recipe.data)
     dataset, split = make_split(dataset, recipe.split, recipe.seed)
     return recipe, dataset, split
+
+
+# ---- seed sweeps (`recalign run RECIPE --seeds 0,1,2`) ------------------------------------------------------
+
+def seed_folder(parent: str | os.PathLike, seed: int) -> Path:
+    """The run folder of one seed of a sweep: PARENT/seed-N."""
+    return Path(parent) / f"seed-{seed}"
+
+
+def sweep_recipes(recipe_yaml: str | os.PathLike, overrides: list[str], seeds: list[int]) -> dict[int, Recipe]:
+    """The recipe once per seed, loaded with `seed=N` after the user's overrides: every seed the stages leave
+    unset follows it (the one seed rule), everything else is equal. All are validated before anything runs."""
+    from recalign.errors import ConfigError
+    from recalign.recipes import load_recipe
+
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds: expected distinct seeds, e.g. --seeds 0,1,2 (got {seeds})")
+    base = load_recipe(recipe_yaml, overrides)
+    if base.eval.users is not None and base.eval.users_seed is None:  # every seed scored on the same users
+        overrides = [*overrides, f"eval.users_seed={base.seed}"]
+    return {seed: load_recipe(recipe_yaml, [*overrides, f"seed={seed}"]) for seed in seeds}
+
+
+def run_sweep(recipes: dict[int, Recipe], parent: str | os.PathLike, progress: bool = True,
+              echo: Callable[[str], None] | None = None) -> dict[int, dict]:
+    """Run each seed's recipe in its own run folder PARENT/seed-N, one after the other, and list them in
+    PARENT/sweep.json (what `recalign compare PARENT` reads). Each seed resumes like any run: a finished seed's
+    stages are all skipped, a killed sweep goes on where it stopped. PARENT is locked meanwhile.
+    Returns {seed: the run's summary}."""
+    from recalign.eval.compare import SWEEP_FILE
+
+    parent = Path(parent)
+    if (parent / "config.yaml").is_file() or (parent / "stages").is_dir():
+        raise RecalignError(f"{parent}: a run folder, not a sweep folder; choose another --out for --seeds")
+    summaries: dict[int, dict] = {}
+    with lock_folder(parent, "run --seeds"):
+        with writing(parent):
+            write_json(parent / SWEEP_FILE, _sweep_summary(parent, recipes))
+        try:
+            for i, (seed, recipe) in enumerate(recipes.items(), 1):
+                folder = seed_folder(parent, seed)
+                if echo is not None:
+                    echo(f"[seed {seed}] {i}/{len(recipes)}: {folder}")
+                started = time.perf_counter()
+                summaries[seed] = run_recipe(recipe, folder, progress, echo)
+                if echo is not None:
+                    echo(f"[seed {seed}] {i}/{len(recipes)} finished in {time.perf_counter() - started:.1f}s")
+        except BaseException:
+            if not any((seed_folder(parent, s) / "metrics.json").is_file() for s in _sweep_seeds(parent)):
+                (parent / SWEEP_FILE).unlink(missing_ok=True)  # nothing to resume: leave no folder behind
+            raise
+    return summaries
+
+
+def _sweep_seeds(parent: Path) -> list[int]:
+    """The seeds an existing sweep.json lists (none when it is missing or unreadable)."""
+    from recalign.eval.compare import SWEEP_FILE
+
+    try:
+        return [int(entry["seed"]) for entry in read_json(parent / SWEEP_FILE)["runs"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def _sweep_summary(parent: Path, recipes: dict[int, Recipe]) -> dict:
+    """sweep.json: the recipe name and every seed folder, earlier sweeps' seeds into the same parent included."""
+    seeds = sorted(set(_sweep_seeds(parent)) | set(recipes))
+    name = next(iter(recipes.values())).name
+    return {"recipe": name, "seeds": seeds,
+            "runs": [{"seed": seed, "folder": seed_folder(".", seed).name} for seed in seeds]}

@@ -165,13 +165,14 @@ class RunContext:
 
     def eval_users(self, part: str = "test") -> np.ndarray:
         """The users every stage is scored on: those with a target in `part`, or the recipe's seeded subset of
-        `eval.users` of them (seed = the recipe seed), ascending."""
+        `eval.users` of them (seed = `eval.users_seed`, else the recipe seed), ascending."""
         from recalign.eval.evaluate import eval_users, relevant_items
 
         if self.split is None:
             raise ConfigError("this recipe has no split to evaluate on")
         eligible, _, _ = relevant_items(self.split.part(part), self.dataset.n_users)
-        return eval_users(eligible, self.recipe.eval.users, self.seed)
+        seed = self.recipe.eval.users_seed if self.recipe.eval.users_seed is not None else self.seed
+        return eval_users(eligible, self.recipe.eval.users, seed)
 
     def evaluate(self, model: "Recommender | ListRecommender", part: str = "test", **overrides: Any) -> dict:
         """Evaluate a recommender (scores) or a list recommender with the recipe's protocol (ks, full/sampled,

@@ -59,7 +59,7 @@ def _recipe_evaluator(ctx, config: SPRecConfig):
 def _work_folder(ctx, config: SPRecConfig, protocol: str) -> Path:
     """The loop's folder under the run, keyed by what its iterations depend on (a kill resumes there)."""
     return ctx.work_folder({"config": config_fingerprint(config), "protocol": protocol,
-                            "eval": ctx.recipe.eval.model_dump(mode="json", exclude={"table"}),
+                            "eval": ctx.recipe.eval.hashed({"table"}),
                             "data": ctx.dataset.fingerprint(), "split": ctx.recipe.split.model_dump(mode="json")},
                            "sprec")
 
