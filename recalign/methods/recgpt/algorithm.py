@@ -26,6 +26,7 @@ stage (`stage.py`) only adapts a run folder to `run_recgpt`.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -56,7 +57,7 @@ __all__ = ["RecGPTConfig", "RecGPTBeamConfig", "RecGPTDecoderConfig", "RecGPTTra
            "CodeCatalog", "Evaluate", "run_recgpt", "pretrain_sequences", "sample_sequences", "embed_items",
            "build_catalogs", "new_tokenizer", "tokenize_domains", "new_decoder", "joined", "pretrain_decoder",
            "finetune_decoder", "beam_recommender", "exact_recommender", "score_decoder", "score_inference",
-           "evaluated"]
+           "evaluated", "indomain_decoder", "validator"]
 
 # (recommender, exclude_history) -> the evaluator's metrics of its lists
 Evaluate = Callable[["ListRecommender", bool], dict]
@@ -155,8 +156,8 @@ def tokenize_domains(domains: dict[str, tuple[Dataset, np.ndarray]], params: Rec
                     for name, (ds, items) in domains.items()}
         log("tokenizer: resumed")
         return catalogs
-    tokenizer, catalogs = build_catalogs(domains, [n for n in domains if n != "target"], params, seed,
-                                         progress=progress)
+    fit_on = [n for n in domains if n != "target"] or ["target"]  # in-domain: the target's own item texts
+    tokenizer, catalogs = build_catalogs(domains, fit_on, params, seed, progress=progress)
 
     def write(tmp: Path) -> None:
         tokenizer.save(tmp / "tokenizer.safetensors")
@@ -306,6 +307,8 @@ class RecGPTResult:
     records: list[dict] = field(default_factory=list)  # every checkpoint record, in commit order
     zero_shot_exact: dict[str, dict] | None = None  # exact lists' metrics beside the beam's (beam.mode "both")
     finetuned_exact: dict[str, dict] | None = None
+    protocol: str = "zero_shot"  # in_domain: `zero_shot`/`zero_shot_exact` hold the in-domain decoder's scores
+    in_domain: dict | None = None  # in-domain training record: curve, best epoch, seconds (protocol in_domain)
 
     @property
     def target(self) -> CodeCatalog:
@@ -322,22 +325,26 @@ class RecGPTResult:
 def run_recgpt(config: RecGPTConfig, eval_domain: Dataset, pretrain_domains: Sequence[Dataset],
                work_dir: str | Path, *, evaluate: Evaluate, train_interactions: pd.DataFrame | None = None,
                seed: int = 0, fingerprint: Any = None, progress: bool = False,
-               log: Callable[[str], None] = _quiet) -> RecGPTResult:
+               log: Callable[[str], None] = _quiet, validate: Evaluate | None = None) -> RecGPTResult:
     """RecGPT end to end (the module's steps 1-5): pre-train on `pretrain_domains`, score on `eval_domain`.
 
     `evaluate(recommender, exclude_history)` scores a `ListRecommender` on the evaluation domain's users;
     `train_interactions` is its training part, read only by fine-tuning (needed when `finetune.epochs > 0`).
     `seed` applies unless `config.seed` is set. Checkpoints go to `work_dir`, whose state must match
-    `fingerprint` (default: a hash of the config, the datasets and the seed).
+    `fingerprint` (default: a hash of the config, the datasets and the seed). With `protocol: in_domain` the
+    pre-training domains are not read (`run_indomain`); `validate` then scores lists on the validation part.
     """
-    if config.finetune.epochs > 0 and train_interactions is None:
-        raise ConfigError("recgpt: fine-tuning (finetune.epochs > 0) needs the evaluation domain's "
-                          "train_interactions")
+    if (config.finetune.epochs > 0 or config.protocol == "in_domain") and train_interactions is None:
+        raise ConfigError("recgpt: fine-tuning (finetune.epochs > 0) and protocol in_domain need the evaluation "
+                          "domain's train_interactions")
     seed = int(config.seed if config.seed is not None else seed)
     if fingerprint is None:
         fingerprint = stable_hash({"params": config.fingerprint_dump(), "data": eval_domain.fingerprint(),
                                    "pretrain": [d.fingerprint() for d in pretrain_domains], "seed": seed})
     store = IterationStore(work_dir, fingerprint)
+    if config.protocol == "in_domain":
+        return run_indomain(config, eval_domain, store, evaluate=evaluate, validate=validate,
+                            train_interactions=train_interactions, seed=seed, progress=progress, log=log)
 
     # 1-2. sequences, item text embeddings, tokenizer and codes (pre-training catalogs keep their users' items)
     sequences, domains = pretrain_sequences(pretrain_domains, config.pretrain.users, seed)
@@ -362,3 +369,83 @@ def run_recgpt(config: RecGPTConfig, eval_domain: Dataset, pretrain_domains: Seq
         tuned_scores, tuned_exact = score_inference(tuned, catalogs["target"], config, store, "finetuned", evaluate)
     return RecGPTResult(catalogs, sum(len(s) for s in sequences), decoder, zero, tuned_scores, tuned, store.records,
                         zero_shot_exact=zero_exact, finetuned_exact=tuned_exact)
+
+
+# ---- protocol in_domain: tokenizer and decoder on the target alone -----------------------------------------------
+
+def validator(catalog: CodeCatalog, params: RecGPTConfig, validate: Evaluate) -> Callable[..., dict]:
+    """decoder -> validation metrics of its lists (`in_domain.valid_inference`, headline history mode)."""
+    excluded = params.history[0] == "excluded"
+
+    def check(decoder) -> dict:
+        if params.in_domain.valid_inference == "exact":
+            return validate(exact_recommender(decoder, catalog, excluded, params.beam), excluded)
+        return validate(beam_recommender(decoder, catalog, params.beam, excluded), excluded)
+    return check
+
+
+def indomain_decoder(catalog: CodeCatalog, sequences: Sequence[np.ndarray], params: RecGPTConfig, seed: int,
+                     store: IterationStore, check: Callable[..., dict], *, progress: bool = False,
+                     log: Callable[[str], None] = _quiet):
+    """A fresh decoder trained on the target's sequences: one AdamW for all epochs, `check(decoder)` after each,
+    stopped by `EarlyStopping` (best state kept) or by `in_domain.max_seconds`. One checkpoint `indomain` (decoder,
+    curve) when done; a killed run restarts this step. Returns (decoder, record: curve, best epoch, seconds)."""
+    from safetensors.torch import load_file, save_file
+
+    from recalign.eval.curves import CurveLog, write_curves
+    from recalign.methods.recgpt.training import DecoderTraining, train_decoder
+    from recalign.training import EarlyStopping
+
+    cfg, decoder = params.in_domain, new_decoder(catalog, params.decoder, seed)
+    folder = store.folder("indomain")
+    if store.done(folder):
+        decoder.load_state_dict(load_file(str(folder / "decoder.safetensors")))
+        log("indomain: resumed")
+        return decoder.eval(), store.record(folder)
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    stopper, curve, rows = EarlyStopping(cfg.patience), CurveLog(cfg.valid_metric), [s.tolist() for s in sequences]
+    started = time.perf_counter()
+    for epoch in range(1, cfg.max_epochs + 1):
+        settings = DecoderTraining(epochs=1, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                   seed=seed + epoch, progress=progress, length_grouped=cfg.length_grouped,
+                                   sparse_logits=cfg.sparse_logits)
+        trained = train_decoder(decoder, rows, catalog.codes, catalog.vectors, settings, optimizer)
+        with torch.no_grad():
+            value = float(check(decoder)[cfg.valid_metric])
+        row = curve.add(epoch, trained.epoch_losses[-1], value)
+        row["train_seconds"] = round(trained.seconds, 2)
+        log(f"indomain: epoch {epoch} loss {row['loss']:.4f} valid {cfg.valid_metric} {value:.4f} "
+            f"({trained.seconds:.0f}s train, {row['seconds']:.0f}s with validation)")
+        if stopper.update(value, epoch, decoder.state_dict()) or (
+                cfg.max_seconds is not None and time.perf_counter() - started > cfg.max_seconds):
+            break
+    decoder.load_state_dict(stopper.best_state)
+    record = {"loop": "indomain", "iteration": 0, "best_epoch": stopper.best_epoch, "best_valid": stopper.best,
+              "valid_metric": cfg.valid_metric, "epochs": len(curve.rows), "sequences": len(rows),
+              "train_seconds": round(sum(r["train_seconds"] for r in curve.rows), 2), "curve": curve.rows}
+    state = {k: v.contiguous() for k, v in decoder.state_dict().items()}
+
+    def write(tmp: Path) -> None:
+        save_file(state, str(tmp / "decoder.safetensors"))
+        write_curves(curve.rows, tmp / "curves.jsonl")
+    store.commit(folder, record, write)
+    return decoder.eval(), record
+
+
+def run_indomain(config: RecGPTConfig, eval_domain: Dataset, store: IterationStore, *, evaluate: Evaluate,
+                 validate: Evaluate | None, train_interactions: pd.DataFrame, seed: int, progress: bool = False,
+                 log: Callable[[str], None] = _quiet) -> RecGPTResult:
+    """Protocol in_domain: the tokenizer fitted on the target's item texts, the decoder trained on its training
+    sequences and early-stopped on `validate`, then scored by `evaluate` as `run_recgpt` scores zero-shot."""
+    if validate is None:
+        raise ConfigError("recgpt: protocol in_domain needs a validation callback (the split's valid part)")
+    catalogs = tokenize_domains({"target": (eval_domain, np.arange(eval_domain.n_items))}, config, seed, store,
+                                progress=progress, log=log)
+    catalog = catalogs["target"]
+    log(f"codes: target collision rate {catalog.codes.collision_rate:.4f}")
+    sequences = sample_sequences(eval_domain, train_interactions, config.in_domain.users, seed)
+    decoder, record = indomain_decoder(catalog, sequences, config, seed, store, validator(catalog, config, validate),
+                                       progress=progress, log=log)
+    scores, exact = score_inference(decoder, catalog, config, store, "indomain", evaluate)
+    return RecGPTResult(catalogs, 0, decoder, scores, records=store.records, zero_shot_exact=exact,
+                        protocol="in_domain", in_domain=record)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_serializer
 
 from recalign.config import StrictConfig
 from recalign.methods.recgpt.text import DEFAULT_TEXT_MODEL
 
 __all__ = ["RecGPTConfig", "RecGPTTokenizerConfig", "RecGPTRQKMeansConfig", "RecGPTDecoderConfig",
-           "RecGPTTrainingConfig", "RecGPTBeamConfig"]
+           "RecGPTTrainingConfig", "RecGPTBeamConfig", "RecGPTInDomainConfig"]
 
 
 class RecGPTRQKMeansConfig(StrictConfig):
@@ -78,6 +78,29 @@ class RecGPTBeamConfig(StrictConfig):
                             "same temperature), or both (the exact lists' metrics reported as `exact.*`)")
 
 
+class RecGPTInDomainConfig(StrictConfig):
+    """In-domain training (`protocol: in_domain`): the decoder trained from scratch on the target's training
+    sequences, one AdamW for the whole schedule, validated every epoch on the split's validation part (leave-one-out:
+    the second-to-last item), early-stopped with the best state kept (recalign.training.EarlyStopping)."""
+
+    max_epochs: int = Field(30, ge=1, description="most passes over the training sequences")
+    patience: int = Field(3, ge=1, description="validation checks without improvement before stopping")
+    max_seconds: float | None = Field(None, gt=0, description="stop after the epoch that crosses this many "
+                                                               "seconds of training and validation (null = no cap)")
+    batch_size: int = Field(64, ge=1, description="user sequences per optimiser step")
+    lr: float = Field(2e-3, gt=0, description="AdamW learning rate (one optimizer across all epochs)")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    users: int | None = Field(None, ge=1, description="seeded subset of training users (null = all)")
+    valid_users: int | None = Field(2000, ge=1, description="seeded validation users per check (null = all)")
+    valid_metric: str = Field("ndcg@10", description="validation metric that selects the epoch (higher is better)")
+    valid_inference: Literal["exact", "beam"] = Field("exact", description="lists scored on validation: exact "
+                                                                           "full-catalog scoring or the beam")
+    length_grouped: bool = Field(True, description="batches of similar length (sorted, bucketed, buckets "
+                                                   "shuffled, seeded): far less padding")
+    sparse_logits: bool = Field(True, description="training logits only for real (non-padded) slots, each code "
+                                                  "position's head sized to its own values (same loss)")
+
+
 class RecGPTConfig(StrictConfig):
     """Stage `recgpt`: pre-train on the recipe's `pretrain` datasets, zero-shot (and fine-tuned) on its data."""
 
@@ -94,16 +117,35 @@ class RecGPTConfig(StrictConfig):
     finetune: RecGPTTrainingConfig = Field(default_factory=lambda: RecGPTTrainingConfig(epochs=0),
                                            description="fine-tuning on the target's train part (epochs 0 = none)")
     beam: RecGPTBeamConfig = Field(default_factory=RecGPTBeamConfig, description="trie-constrained beam search")
+    protocol: Literal["zero_shot", "in_domain"] = Field(
+        "zero_shot", description="zero_shot: pre-train on `datasets.pretrain`, score on the target (then optional "
+                                 "fine-tuning); in_domain: tokenizer and decoder trained on the target's training "
+                                 "part only, early-stopped on its validation part (`in_domain` block)")
+    in_domain: RecGPTInDomainConfig = Field(default_factory=RecGPTInDomainConfig,
+                                            description="in-domain training (read only when protocol is in_domain)")
     history: list[Literal["excluded", "allowed"]] = Field(
         ["excluded", "allowed"], description="beam history filtering modes to score; the first is the headline")
     seed: int | None = Field(None, description="tokenizer, decoder and subset seed (default: the recipe seed)")
 
+    @model_serializer(mode="wrap")
+    def _omit_unused_protocol(self, handler) -> dict:
+        """Dumps of zero-shot settings with the default `in_domain` block leave `protocol` and `in_domain` out, so
+        they read exactly as before these keys existed (recipe snapshots, work-folder fingerprints)."""
+        data = handler(self)
+        if self.protocol == "zero_shot" and self.in_domain == RecGPTInDomainConfig():
+            data.pop("protocol", None)
+            data.pop("in_domain", None)
+        return data
+
     def fingerprint_dump(self) -> dict:
         """The settings the work folder's checkpoints depend on, as JSON: all but `beam.mode` (exact lists are
-        checkpoints of their own) and, while the tokenizer is FSQ, `tokenizer.kind` and `tokenizer.rq_kmeans` (so
-        folders written before these keys existed still resume)."""
+        checkpoints of their own), while the tokenizer is FSQ, `tokenizer.kind` and `tokenizer.rq_kmeans`, and while
+        the protocol is zero_shot, `protocol` and `in_domain` (so folders written before these keys still resume)."""
         dump = self.model_dump(mode="json")
         del dump["beam"]["mode"]
         if self.tokenizer.kind == "fsq":
             del dump["tokenizer"]["kind"], dump["tokenizer"]["rq_kmeans"]
+        if self.protocol == "zero_shot":  # folders of zero-shot runs written before these keys still resume
+            dump.pop("protocol", None)
+            dump.pop("in_domain", None)
         return dump

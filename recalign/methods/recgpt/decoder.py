@@ -147,6 +147,22 @@ class RecGPTDecoder(nn.Module):
         labels = labels.masked_fill(ignore[..., None], -100)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
 
+    def sparse_loss(self, histories: torch.Tensor, codes, text_vectors: torch.Tensor) -> torch.Tensor:
+        """`loss` without the waste: logits only for item pairs that touch no padding, and position j's logits over
+        its own sizes[j] values (a head per position); the same mean cross-entropy up to float rounding."""
+        hidden = self.encode(histories, codes, text_vectors)[:, :-1]  # [B, T-1, P, d]
+        table, histories = code_table(codes).to(hidden.device), histories.to(hidden.device)
+        keep = (histories[:, 1:] != PAD_ITEM) & (histories[:, :-1] != PAD_ITEM)  # [B, T-1]
+        hidden, labels = hidden[keep], table[histories[:, 1:][keep]]  # [n, P, d], [n, P]
+        if not len(labels):
+            return hidden.sum() * 0.0
+        total = hidden.new_zeros(())
+        for j, size in enumerate(self.sizes):  # a loop over code positions only
+            start = int(self.offsets[j])
+            weights = self.gpt.wte.weight[start:start + size]  # position j's values, tied to the input embedding
+            total = total + F.cross_entropy(hidden[:, j] @ weights.T, labels[:, j], reduction="sum")
+        return total / labels.numel()
+
     def next_item_log_probs(self, histories: torch.Tensor, codes, text_vectors: torch.Tensor,
                             temperature: float = 1.0) -> torch.Tensor:
         """Log-prob tables [B, n_positions, max(sizes)] of the item after each history's last real item.

@@ -13,6 +13,7 @@ import numpy as np
 from recalign.checkpoints import stable_hash
 from recalign.data.dataset import Dataset
 from recalign.errors import ConfigError
+from recalign.eval.curves import write_curves
 from recalign.io import write_json
 from recalign.methods.recgpt.algorithm import RecGPTResult, run_recgpt
 from recalign.methods.recgpt.config import RecGPTConfig
@@ -35,7 +36,7 @@ def work_folder(ctx: "RunContext", params: RecGPTConfig, pretrain: Sequence[Data
     result depends on: params, datasets, split, evaluation protocol and seed."""
     depends_on = {"params": params.fingerprint_dump(), "pretrain": [d.fingerprint() for d in pretrain],
                   "data": ctx.dataset.fingerprint(), "split": ctx.recipe.split.model_dump(mode="json"),
-                  "eval": ctx.recipe.eval.model_dump(mode="json", exclude={"table"}), "seed": seed}
+                  "eval": ctx.recipe.eval.hashed({"table"}), "seed": seed}
     return ctx.work_folder(depends_on, "recgpt"), stable_hash(depends_on)
 
 
@@ -63,10 +64,16 @@ def stage_metrics(result: RecGPTResult, params: RecGPTConfig, work: Path) -> dic
     metrics = dict(zero[headline])
     metrics.update({"variant": "zero-shot", "history": headline,
                     "collision_rate": result.target.codes.collision_rate,
-                    "pretrain_collision_rate": float(np.mean([c.codes.collision_rate
-                                                              for c in result.pretrain_catalogs])),
-                    "disambiguation_size": result.target.codes.sizes[-1],
-                    "pretrain_sequences": result.pretrain_sequences, "work_dir": str(work)})
+                    "disambiguation_size": result.target.codes.sizes[-1], "work_dir": str(work)})
+    if result.protocol == "in_domain":
+        record = result.in_domain
+        metrics.update({"variant": "in-domain", "best_epoch": record["best_epoch"], "epochs": record["epochs"],
+                        f"valid_{record['valid_metric']}": record["best_valid"],
+                        "train_seconds_per_epoch": record["train_seconds"] / max(record["epochs"], 1)})
+    else:
+        metrics.update({"pretrain_collision_rate": float(np.mean([c.codes.collision_rate
+                                                                  for c in result.pretrain_catalogs])),
+                        "pretrain_sequences": result.pretrain_sequences})
     metrics.update(_other_accuracy(zero, tuned, params.history))
     if params.beam.mode != "beam":
         metrics["inference"] = params.beam.mode
@@ -89,17 +96,22 @@ def run_stage(ctx: "RunContext", params: RecGPTConfig) -> dict:
     if ctx.split is None:
         raise ConfigError("the recgpt stage needs a split")
     seed = int(params.seed if params.seed is not None else ctx.seed)
-    pretrain = ctx.datasets("pretrain")
+    pretrain = ctx.datasets("pretrain") if params.protocol == "zero_shot" else []
     work, key = work_folder(ctx, params, pretrain, seed)
     started = time.perf_counter()
+    n_valid = params.in_domain.valid_users
     result = run_recgpt(params, ctx.dataset, pretrain, work,
                         evaluate=lambda model, excluded: ctx.evaluate(model, exclude_history=excluded),
                         train_interactions=ctx.split.train, seed=seed, fingerprint=key, progress=ctx.progress,
-                        log=ctx.log)
+                        log=ctx.log, validate=lambda model, excluded: ctx.evaluate(
+                            model, part="valid", n_users=n_valid, exclude_history=excluded, progress=False))
     metrics = stage_metrics(result, params, work)
     results = {"zero_shot": result.zero_shot, "finetuned": result.finetuned, "records": result.records}
     if result.zero_shot_exact is not None:
         results.update({"zero_shot_exact": result.zero_shot_exact, "finetuned_exact": result.finetuned_exact})
+    if result.in_domain is not None:
+        results["in_domain"] = result.in_domain
+        write_curves(result.in_domain["curve"], ctx.stage_dir / "curves.jsonl")
     write_json(ctx.stage_dir / "results.json", results)
     result.target.codes.save(ctx.stage_dir / "codes.safetensors")
     ctx.log(f"recgpt done in {time.perf_counter() - started:.0f}s")

@@ -69,6 +69,9 @@ def _sentence_model(path: str, device: str, max_tokens: int | None):
         SentenceTransformer,  # heavy: only when embeddings are computed
     )
 
+    from recalign.llm.models import quiet_library_progress
+
+    quiet_library_progress()  # no "Loading weights" bar from the library: recalign's bars only
     model = SentenceTransformer(path, device=device)
     if max_tokens is not None:
         model.max_seq_length = min(max_tokens, model.max_seq_length or max_tokens)  # CPU cost grows with length
@@ -89,7 +92,8 @@ def embed_texts(
     """float32 [len(texts), d] sentence embeddings, read from / written to `cache_dir` keyed by model + text hash.
 
     `max_tokens` truncates each text (None: the model's own limit, 256 for MiniLM); `encoder` (texts -> array)
-    replaces the sentence-transformers model, for tests.
+    replaces the sentence-transformers model, for tests. `progress` is accepted for the callers; the library's own
+    "Batches" bar stays off (recalign draws the only progress display).
     """
     texts = [str(t) for t in texts]
     if max_tokens is not None and max_tokens < 1:
@@ -104,7 +108,7 @@ def embed_texts(
     if encoder is None:
         st = _sentence_model(resolve_text_model(model), device, max_tokens)
         encoder = lambda xs: st.encode(xs, batch_size=batch_size, convert_to_numpy=True,  # noqa: E731
-                                       show_progress_bar=progress)
+                                       show_progress_bar=False)  # no "Batches" bar: recalign's bars only
     emb = np.ascontiguousarray(np.asarray(encoder(texts), dtype=np.float32))
     if emb.ndim != 2 or emb.shape[0] != len(texts):
         raise ConfigError(f"text_model {model!r}: expected [{len(texts)}, d] embeddings, got {emb.shape}")
