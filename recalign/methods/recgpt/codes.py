@@ -89,19 +89,9 @@ class ItemCodes:
     @classmethod
     def load(cls, path: str | Path) -> "ItemCodes":
         """Read codes written by `save`."""
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                meta = handle.metadata() or {}
-                codes = handle.get_tensor("codes")
-        except FileNotFoundError:
-            raise DataError("no such item-codes file", path=path) from None
-        except Exception as exc:  # safetensors raises its own error types for a damaged file
-            raise DataError(f"not an item-codes safetensors file ({type(exc).__name__})", path=path) from None
-        if meta.get("format") != FORMAT:
-            raise DataError(f"expected format {FORMAT!r}, got {meta.get('format')!r}", path=path)
-        return cls(codes=codes, sizes=tuple(json.loads(meta["sizes"])), collision_rate=float(meta["collision_rate"]))
+        meta, tensors = read_safetensors(path, "item-codes", FORMAT)
+        return cls(codes=tensors["codes"], sizes=tuple(json.loads(meta["sizes"])),
+                   collision_rate=float(meta["collision_rate"]))
 
 
 def collision_rate(codes: torch.Tensor) -> float:
@@ -128,3 +118,22 @@ def disambiguate(codes: torch.Tensor, sizes: tuple[int, ...]) -> ItemCodes:
     rank[order] = torch.arange(n) - group_start[inverse[order]]
     rate = float((counts[inverse] > 1).double().mean())
     return ItemCodes(torch.cat([codes, rank[:, None]], 1), (*sizes, int(counts.max())), rate)
+
+
+def read_safetensors(path: str | Path, what: str, expected_format: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a safetensors file that recalign wrote with `format: expected_format`; a missing,
+    damaged or foreign file is a DataError naming `what` and the path."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+        tensors = load_file(str(path))
+    except FileNotFoundError:
+        raise DataError(f"no such {what} file", path=path) from None
+    except Exception as exc:  # safetensors raises its own error types for a damaged file
+        raise DataError(f"not an {what} safetensors file ({type(exc).__name__})", path=path) from None
+    if meta.get("format") != expected_format:
+        raise DataError(f"expected format {expected_format!r}, got {meta.get('format')!r}", path=path)
+    return meta, tensors

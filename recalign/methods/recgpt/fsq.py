@@ -19,7 +19,7 @@ from torch import nn
 
 from recalign.errors import ConfigError, DataError, writing
 from recalign.io import atomic_path
-from recalign.methods.recgpt.codes import ItemCodes, disambiguate
+from recalign.methods.recgpt.codes import ItemCodes, disambiguate, read_safetensors
 
 __all__ = ["FSQ_LEVELS", "FSQConfig", "ItemTokenizer", "fsq_basis"]
 
@@ -158,19 +158,7 @@ class ItemTokenizer:
     @classmethod
     def load(cls, path: str | Path) -> "ItemTokenizer":
         """Read a tokenizer written by `save`."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                meta = handle.metadata() or {}
-            tensors = load_file(str(path))
-        except FileNotFoundError:
-            raise DataError("no such item-tokenizer file", path=path) from None
-        except Exception as exc:  # safetensors raises its own error types for a damaged file
-            raise DataError(f"not an item-tokenizer safetensors file ({type(exc).__name__})", path=path) from None
-        if meta.get("format") != FORMAT:
-            raise DataError(f"expected format {FORMAT!r}, got {meta.get('format')!r}", path=path)
+        meta, tensors = read_safetensors(path, "item-tokenizer", FORMAT)
         tokenizer = cls(FSQConfig(**json.loads(meta["settings"])))
         tokenizer.mean, tokenizer.std = tensors.pop("mean"), tensors.pop("std")
         tokenizer.model = _Autoencoder(tokenizer.mean.shape[0], tokenizer.settings)

@@ -20,7 +20,7 @@ import torch
 
 from recalign.errors import ConfigError, DataError, writing
 from recalign.io import atomic_path
-from recalign.methods.recgpt.codes import ItemCodes, disambiguate
+from recalign.methods.recgpt.codes import ItemCodes, disambiguate, read_safetensors
 
 __all__ = ["RQKMeansConfig", "RQKMeansTokenizer", "balanced_assign", "kmeans", "squared_distances"]
 
@@ -198,19 +198,8 @@ class RQKMeansTokenizer:
     @classmethod
     def load(cls, path: str | Path) -> RQKMeansTokenizer:
         """Read a tokenizer written by `save`."""
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                meta = handle.metadata() or {}
-                centroids = handle.get_tensor("centroids")
-        except FileNotFoundError:
-            raise DataError("no such RQ-KMeans tokenizer file", path=path) from None
-        except Exception as exc:  # safetensors raises its own error types for a damaged file
-            raise DataError(f"not an RQ-KMeans tokenizer file ({type(exc).__name__})", path=path) from None
-        if meta.get("format") != FORMAT:
-            raise DataError(f"expected format {FORMAT!r}, got {meta.get('format')!r}", path=path)
+        meta, tensors = read_safetensors(path, "RQ-KMeans tokenizer", FORMAT)
         tokenizer = cls(RQKMeansConfig(**json.loads(meta["settings"])))
-        tokenizer.centroids = centroids
+        tokenizer.centroids = tensors["centroids"]
         tokenizer.history = json.loads(meta.get("history", "[]"))
         return tokenizer
