@@ -237,7 +237,7 @@ def data_stats(
     folder: Path = typer.Argument(..., help="a prepared dataset folder"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
-    """Users, items, interactions, density and sequence-length quantiles of a prepared dataset.
+    """Users, items, interactions, density, sequence-length quantiles and timestamp ties of a prepared dataset.
 
     \b
     Example:
@@ -256,6 +256,7 @@ def data_stats(
         for key in ("users", "items", "interactions"):
             table.add_row(key, f"{stats[key]:,}")
         table.add_row("density", f"{stats['density']:.5f}")
+        table.add_row("timestamp ties", f"{stats['timestamp_ties']:.1%}")
         for key in ("items_with_title", "categories"):
             if key in stats:
                 table.add_row(key.replace("_", " "), f"{stats[key]:,}")

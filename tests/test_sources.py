@@ -513,3 +513,15 @@ def test_tabular_empty_separator_from_yaml_is_a_config_error(tmp_path):
     (tmp_path / "r.dat").write_text("1|2\n")
     with pytest.raises(ConfigError, match="sep=tab, comma, space, semicolon, pipe or colons"):
         prepare_source("tabular", tmp_path / "r.dat", sep="")
+
+
+def test_stats_count_timestamp_ties_and_warn_above_five_percent(tmp_path):
+    # user 7: times 100, 100, 200 -> 1 tie in 2 consecutive pairs; user 8: 50, 60 -> none. 1 of 3 pairs = 1/3
+    _write_ml100k(tmp_path, ["7\t1\t3\t100\n", "7\t2\t5\t100\n", "7\t3\t4\t200\n", "8\t1\t4\t50\n", "8\t2\t2\t60\n"])
+    ds = prepare_source("movielens-100k", tmp_path)
+    stats = ds.stats()
+    assert stats["timestamp_ties"] == pytest.approx(1 / 3)
+    assert any("33% of consecutive interactions of a user share a timestamp" in w for w in stats["warnings"])
+    _write_ml100k(tmp_path, ["7\t1\t3\t100\n", "7\t2\t5\t101\n", "8\t1\t4\t50\n"])  # no ties, no warning
+    stats = prepare_source("movielens-100k", tmp_path).stats()
+    assert stats["timestamp_ties"] == 0.0 and stats["warnings"] == []

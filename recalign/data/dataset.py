@@ -92,9 +92,29 @@ class Dataset:
         digest.update(json.dumps([self.n_users, self.n_items, self.info.get("raw_files", {})], sort_keys=True).encode())
         return digest.hexdigest()[:16]
 
+    def timestamp_ties(self) -> float:
+        """Share of a user's consecutive interactions (in time order) that have the same timestamp as the one
+        before: their order, and so a leave-one-out target among them, is the file's row order, not time."""
+        frame = self.interactions
+        if len(frame) < 2:
+            return 0.0
+        users, stamps = frame["user_id"].to_numpy(), frame["timestamp"].to_numpy()
+        order = np.lexsort((stamps, users))
+        users, stamps = users[order], stamps[order]
+        same_user = users[1:] == users[:-1]
+        pairs = int(same_user.sum())
+        return float((same_user & (stamps[1:] == stamps[:-1])).sum() / pairs) if pairs else 0.0
+
     def stats(self) -> dict:
-        """Counts, density and sequence-length quantiles."""
+        """Counts, density, sequence-length quantiles, the share of timestamp ties, and data warnings (a tie
+        warning when more than 5% of consecutive interactions share a timestamp)."""
         lengths = np.diff(self.sequences().indptr)
+        ties = self.timestamp_ties()
+        warnings = list(self.info.get("warnings", []))
+        if ties > 0.05:
+            warnings.append(f"{ties:.0%} of consecutive interactions of a user share a timestamp: their order "
+                            "is the file's row order, so sequence models and leave-one-out targets see an "
+                            "arbitrary order among them")
         q = np.quantile(lengths, [0.0, 0.25, 0.5, 0.75, 0.9, 1.0]) if len(lengths) else np.zeros(6)
         n_inter = len(self.interactions)
         return {
@@ -110,8 +130,9 @@ class Dataset:
                 "min": int(q[0]), "p25": float(q[1]), "median": float(q[2]), "p75": float(q[3]),
                 "p90": float(q[4]), "max": int(q[5]), "mean": float(lengths.mean()) if len(lengths) else 0.0,
             },
+            "timestamp_ties": ties,
             "user_features": [c for c in self.users.columns if c not in USER_COLUMNS],
-            "warnings": list(self.info.get("warnings", [])),
+            "warnings": warnings,
         }
 
     # ---- persistence -------------------------------------------------------------------------
