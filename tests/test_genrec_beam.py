@@ -51,17 +51,17 @@ def test_narrow_beam_by_hand():
     table = torch.log(torch.tensor([[[0.6, 0.4, 0.0], [0.1, 0.85, 0.05]]]))
     trie = CodeTrie.build(codes)
     # width 1 keeps only code 0 at step 0: the best of (0,0) and (0,2) is item 0 = .6 * .1
-    narrow = beam_search(table, trie, CodeBeamConfig(widths=(1,), extensions=2, temperature=1.0))
+    narrow = beam_search(table, trie, CodeBeamConfig(widths=(1,), extensions=2))
     assert narrow.items.tolist() == [[0]]
     assert narrow.scores[0, 0].item() == pytest.approx(LOG(0.6) + LOG(0.1))
     # width 2 finds item 2 = .4 * .85 = .34 ahead of .06 and .03; all three survive
-    wide = beam_search(table, trie, CodeBeamConfig(widths=(2, 3), extensions=2, temperature=1.0))
+    wide = beam_search(table, trie, CodeBeamConfig(widths=(2, 3), extensions=2))
     assert wide.items.tolist() == [[2, 0, 1]]
     assert wide.scores[0].tolist() == pytest.approx([LOG(0.4) + LOG(0.85), LOG(0.6) + LOG(0.1),
                                                      LOG(0.6) + LOG(0.05)])
     assert wide.codes[0].tolist() == [[1, 1], [0, 0], [0, 2]]
     # one extension per beam: beam (0,) keeps only its best child (0, 0)
-    one = beam_search(table, trie, CodeBeamConfig(widths=(2, 3), extensions=1, temperature=1.0))
+    one = beam_search(table, trie, CodeBeamConfig(widths=(2, 3), extensions=1))
     assert one.items.tolist() == [[2, 0]]  # at most 2 beams x 1 extension
     # excluding history item 2 leaves the next best
     seen = history_mask([[2]], 3)
@@ -81,7 +81,7 @@ def beam_cases(draw):
     widths = tuple(draw(st.lists(st.integers(1, 6), min_size=1, max_size=3)))
     extensions = draw(st.integers(1, 4))
     exclude = draw(st.booleans())
-    return torch.tensor(chosen), max(sizes), n_users, seed, CodeBeamConfig(widths, extensions, 1.0, exclude)
+    return torch.tensor(chosen), max(sizes), n_users, seed, CodeBeamConfig(widths, extensions, exclude)
 
 
 @hyp_settings(max_examples=80, deadline=None, derandomize=True)
@@ -105,7 +105,7 @@ def test_beam_yields_only_catalog_codes_with_their_exhaustive_scores(case):
         if settings.exclude_history:
             assert not set(items.tolist()) & set(histories[user])
         # wide enough to see every prefix: top-1 is the exhaustive best (history excluded or not)
-    wide = CodeBeamConfig((len(codes),), len(codes), 1.0, settings.exclude_history)
+    wide = CodeBeamConfig((len(codes),), len(codes), settings.exclude_history)
     best = beam_search(table, CodeTrie.build(codes), wide, seen)
     masked = full.masked_fill(seen, float("-inf")) if settings.exclude_history else full
     for user in range(n_users):
@@ -123,7 +123,7 @@ def test_vectorised_beam_equals_the_python_loop(exclude):
     codes = rows[torch.randperm(len(rows), generator=generator)[:40]]
     table = torch.log_softmax(torch.randn(9, 3, 5, generator=generator), -1)
     histories = [torch.randint(0, 40, (4,), generator=generator).tolist() for _ in range(9)]
-    settings = CodeBeamConfig(widths=(3, 6, 5), extensions=2, temperature=1.0, exclude_history=exclude)
+    settings = CodeBeamConfig(widths=(3, 6, 5), extensions=2, exclude_history=exclude)
     fast = beam_search(table, CodeTrie.build(codes), settings, history_mask(histories, 40))
     slow = python_loop_beam(table, codes, settings, histories)
     for user in range(9):
@@ -146,8 +146,7 @@ def test_speed_comparison_reports_both_timings_and_agreement():
 def test_bad_settings_are_config_errors():
     table = torch.zeros(1, 1, 2)
     trie = CodeTrie.build(torch.tensor([[0], [1]]))
-    for bad in [CodeBeamConfig(widths=()), CodeBeamConfig(widths=(0,)), CodeBeamConfig(extensions=0),
-                CodeBeamConfig(temperature=0.0)]:
+    for bad in [CodeBeamConfig(widths=()), CodeBeamConfig(widths=(0,)), CodeBeamConfig(extensions=0)]:
         with pytest.raises(ConfigError):
             beam_search(table, trie, bad)
     with pytest.raises(DataError, match="positions"):
@@ -160,7 +159,7 @@ def test_beam_lists_is_a_list_recommender():
     decoder = RecGPTDecoder(codes.sizes, 4, DecoderConfig(n_layers=1, dim=8, n_heads=2, max_items=4))
     text = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
     histories = UserSequences(indptr=np.array([0, 2, 2, 5]), items=np.array([0, 1, 2, 3, 4]), n_items=5)
-    model = BeamLists(decoder, codes, text, CodeBeamConfig(widths=(3, 5), extensions=2, temperature=0.1),
+    model = BeamLists(decoder, codes, text, CodeBeamConfig(widths=(3, 5), extensions=2),
                       batch_size=2)
     assert isinstance(model, ListRecommender)
     lists = model.recommend(np.array([2, 1, 0]), histories, k=4)

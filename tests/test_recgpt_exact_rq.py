@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import math
 
 import numpy as np
@@ -16,12 +17,13 @@ from recalign.methods.recgpt.beam import (
     BeamLists,
     CodeBeamConfig,
     CodeTrie,
+    beam_search,
     history_mask,
 )
 from recalign.methods.recgpt.codes import ItemCodes
 from recalign.methods.recgpt.config import RecGPTConfig
 from recalign.methods.recgpt.decoder import DecoderConfig, RecGPTDecoder, pad_histories
-from recalign.methods.recgpt.exact import ExactLists, exact_scores
+from recalign.methods.recgpt.exact import ExactLists, exact_scores, top_items
 from recalign.methods.recgpt.rq_kmeans import (
     RQKMeansConfig,
     RQKMeansTokenizer,
@@ -132,6 +134,7 @@ def test_defaults_keep_fsq_and_beam_and_the_old_work_folder_fingerprint():
     assert params.tokenizer.kind == "fsq" and params.beam.mode == "beam"
     old = params.model_dump(mode="json")
     del old["beam"]["mode"], old["tokenizer"]["kind"], old["tokenizer"]["rq_kmeans"]
+    old["beam"]["temperature"] = 0.1  # removed (it never changed a list), its old default kept in the fingerprint
     assert params.fingerprint_dump() == old
     assert RecGPTConfig(beam={"mode": "both"}).fingerprint_dump() == old  # exact lists are their own checkpoints
     assert RecGPTConfig(tokenizer={"kind": "rq_kmeans"}).fingerprint_dump() != old
@@ -194,8 +197,7 @@ def test_exact_scores_of_a_hand_table_and_history_exclusion():
     assert masked[0, :2].tolist() == pytest.approx(expected[0][:2])
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.5])
-def test_exact_scores_equal_teacher_forced_log_probs_of_a_three_item_catalog(temperature):
+def test_exact_scores_equal_teacher_forced_log_probs_of_a_three_item_catalog():
     sizes = (3, 3, 2)
     codes = ItemCodes(torch.tensor([[0, 1, 0], [1, 0, 1], [1, 2, 0]]), sizes)
     vectors = torch.from_numpy(np.random.default_rng(3).normal(size=(3, 8)).astype(np.float32))
@@ -207,14 +209,13 @@ def test_exact_scores_equal_teacher_forced_log_probs_of_a_three_item_catalog(tem
         for u, history in enumerate(histories):
             for item in range(3):
                 logits = decoder(torch.tensor([history + [item]]), codes, vectors)[0, len(history) - 1]
-                log_probs = torch.log_softmax(logits / temperature, dim=-1)
+                log_probs = torch.log_softmax(logits, dim=-1)
                 forced[u, item] = sum(log_probs[j, codes.codes[item, j]] for j in range(3))
-        tables = decoder.next_item_log_probs(pad_histories(histories, 6), codes, vectors, temperature)
+        tables = decoder.next_item_log_probs(pad_histories(histories, 6), codes, vectors)
     scores = exact_scores(tables, CodeTrie.build(codes))
     assert torch.allclose(scores, forced, atol=1e-5)
     catalog = recgpt.CodeCatalog("three", vectors, codes, np.arange(3))
-    beam = recgpt.RecGPTBeamConfig(temperature=temperature)
-    lists = recgpt.exact_recommender(decoder, catalog, False, beam).recommend(
+    lists = recgpt.exact_recommender(decoder, catalog, False, recgpt.RecGPTBeamConfig()).recommend(
         np.arange(3), dict(enumerate(histories)), 3)
     assert lists.tolist() == torch.argsort(forced, dim=1, descending=True).tolist()
 
@@ -227,8 +228,7 @@ def test_exact_lists_equal_a_beam_wide_enough_for_the_whole_catalog(exclude_hist
     histories = {u: rng.choice(30, size=int(rng.integers(1, 6)), replace=False).tolist() for u in range(12)}
     histories[12] = []  # no history: an empty list from both
     users = np.arange(13)
-    wide = recgpt.RecGPTBeamConfig(widths=[30], extensions=max(catalog.codes.sizes), temperature=0.3,
-                                   batch_size=5)
+    wide = recgpt.RecGPTBeamConfig(widths=[30], extensions=max(catalog.codes.sizes), batch_size=5)
     beam = recgpt.beam_recommender(decoder, catalog, wide, exclude_history)
     exact = recgpt.exact_recommender(decoder, catalog, exclude_history, wide)
     assert isinstance(beam, BeamLists) and isinstance(exact, ExactLists)
@@ -240,14 +240,54 @@ def test_exact_lists_equal_a_beam_wide_enough_for_the_whole_catalog(exclude_hist
         for u in range(12):
             assert set(exact_lists[u].tolist()).isdisjoint(histories[u])
     # a narrow beam may miss items the exact ranking puts first; exact lists never depend on the widths
-    narrow = recgpt.RecGPTBeamConfig(widths=[1, 2], extensions=1, temperature=0.3, batch_size=5)
+    narrow = recgpt.RecGPTBeamConfig(widths=[1, 2], extensions=1, batch_size=5)
     assert torch.equal(recgpt.exact_recommender(decoder, catalog, exclude_history, narrow).recommend(
         users, histories, 10), exact.recommend(users, histories, 10))
 
 
-def test_exact_recommender_defaults_to_the_beam_settings_temperature():
+def test_exact_recommender_defaults_to_the_beam_settings():
     catalog = toy_catalog(n_items=12)
     decoder = tiny_decoder(catalog.codes.sizes, seed=2)
     lists = recgpt.exact_recommender(decoder, catalog, True)
-    assert lists.settings == CodeBeamConfig(widths=(10, 20), extensions=5, temperature=0.1, exclude_history=True)
+    assert lists.settings == CodeBeamConfig(widths=(10, 20), extensions=5, exclude_history=True)
     assert lists.recommend(np.array([0]), {0: [3]}, 4).shape == (1, 4)
+
+
+# ---- no beam temperature -----------------------------------------------------------------------------------
+
+def test_an_old_recipes_beam_temperature_is_accepted_and_ignored_with_one_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="recalign"):
+        beam = recgpt.RecGPTBeamConfig(temperature=0.5)
+    assert not hasattr(beam, "temperature") and "temperature" not in beam.model_dump()
+    assert beam == recgpt.RecGPTBeamConfig()
+    warned = [r for r in caplog.records if "beam.temperature is ignored" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+    assert "never changes" in warned[0].getMessage() and "\n" not in warned[0].getMessage()
+    # a whole stage config with an old recipe's beam block (the benchmarks' dicts) validates too, to the same settings
+    old = RecGPTConfig(beam={"widths": [10, 20], "extensions": 5, "temperature": 0.1})
+    assert old.beam == recgpt.RecGPTBeamConfig() and old.fingerprint_dump() == RecGPTConfig().fingerprint_dump()
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="temperatur"):  # other unknown keys are still refused
+        recgpt.RecGPTBeamConfig(temperatur=0.5)
+
+
+def test_a_positive_temperature_never_changes_an_exact_list_or_a_beam():
+    """Why there is no `beam.temperature`: log_softmax(z / T) = z / T - logsumexp(z / T) per position, so an item's
+    summed code log-prob is (1/T) x its summed logits minus one constant per user: every ranking is the same."""
+    catalog = toy_catalog()
+    decoder = tiny_decoder(catalog.codes.sizes, seed=1)
+    rng = np.random.default_rng(5)
+    histories = [rng.choice(30, size=int(rng.integers(1, 6)), replace=False).tolist() for _ in range(12)]
+    with torch.no_grad():  # the logits after each history's last item, unpadded (no temperature anywhere)
+        logits = torch.stack([decoder(torch.tensor([h]), catalog.codes, catalog.vectors)[0, -1] for h in histories])
+    trie, seen = CodeTrie.build(catalog.codes), history_mask(histories, 30)
+    plain, cold = torch.log_softmax(logits, dim=-1), torch.log_softmax(logits / 0.1, dim=-1)
+    assert not torch.allclose(plain, cold)  # the temperature changes every score ...
+    for exclude in (seen, None):  # ... and no exact list
+        assert torch.equal(top_items(exact_scores(plain, trie, exclude), 30),
+                           top_items(exact_scores(cold, trie, exclude), 30))
+    for widths, extensions in (((2, 3), 1), ((3, 5), 2), ((10, 20), 3)):  # nor the beams kept at any depth
+        settings = CodeBeamConfig(widths=widths, extensions=extensions)
+        assert torch.equal(beam_search(plain, trie, settings, seen).items,
+                           beam_search(cold, trie, settings, seen).items), widths

@@ -237,20 +237,18 @@ def beam_recommender(decoder, catalog: CodeCatalog, beam: RecGPTBeamConfig, excl
     """The decoder as a `ListRecommender` over the catalog: trie-constrained beam search."""
     from recalign.methods.recgpt.beam import BeamLists, CodeBeamConfig
 
-    settings = CodeBeamConfig(widths=tuple(beam.widths), extensions=beam.extensions, temperature=beam.temperature,
-                            exclude_history=exclude_history)
+    settings = CodeBeamConfig(widths=tuple(beam.widths), extensions=beam.extensions, exclude_history=exclude_history)
     return BeamLists(decoder, catalog.codes, catalog.vectors, settings, batch_size=beam.batch_size)
 
 
 def exact_recommender(decoder, catalog: CodeCatalog, exclude_history: bool, beam: RecGPTBeamConfig | None = None):
     """The decoder as a `ListRecommender` over the catalog: exact full-catalog scoring (every item's summed code
-    log-prob at the beam's temperature; `beam` gives temperature and users per batch, default settings if None)."""
+    log-prob; `beam` gives the users per batch, default settings if None)."""
     from recalign.methods.recgpt.beam import CodeBeamConfig
     from recalign.methods.recgpt.exact import ExactLists
 
     beam = beam if beam is not None else RecGPTBeamConfig()
-    settings = CodeBeamConfig(widths=tuple(beam.widths), extensions=beam.extensions, temperature=beam.temperature,
-                              exclude_history=exclude_history)
+    settings = CodeBeamConfig(widths=tuple(beam.widths), extensions=beam.extensions, exclude_history=exclude_history)
     return ExactLists(decoder, catalog.codes, catalog.vectors, settings, batch_size=beam.batch_size)
 
 

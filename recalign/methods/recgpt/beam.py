@@ -30,11 +30,11 @@ NEG = float("-inf")
 
 @dataclass(frozen=True)
 class CodeBeamConfig:
-    """Beam widths kept after each code position (the last repeats), extensions per beam, temperature, history."""
+    """Beam widths kept after each code position (the last repeats), extensions per beam, history. No temperature:
+    a positive one never changes a list (docs/systems/recgpt.md, "Inference")."""
 
     widths: tuple[int, ...] = (10, 20)
     extensions: int = 5
-    temperature: float = 0.1
     exclude_history: bool = True
 
     def width(self, depth: int) -> int:
@@ -42,13 +42,11 @@ class CodeBeamConfig:
         return self.widths[min(depth, len(self.widths) - 1)]
 
     def check(self) -> None:
-        """Raise ConfigError for a width, extension count or temperature that cannot work."""
+        """Raise ConfigError for a width or extension count that cannot work."""
         if not self.widths or any(int(w) < 1 for w in self.widths):
             raise ConfigError(f"beam widths must be >= 1, got {self.widths}")
         if self.extensions < 1:
             raise ConfigError(f"beam extensions must be >= 1, got {self.extensions}")
-        if self.temperature <= 0:
-            raise ConfigError(f"beam temperature must be > 0, got {self.temperature}")
 
 
 @dataclass(frozen=True)
@@ -246,8 +244,7 @@ class BeamLists:
                     continue
                 kept = [s for s, h in zip(sequences, has) if h]
                 padded = pad_histories(kept, self.decoder.config.max_items, side="left")
-                log_probs = self.decoder.next_item_log_probs(padded, self.codes, self.text_vectors,
-                                                             self.settings.temperature).float().cpu()
+                log_probs = self.decoder.next_item_log_probs(padded, self.codes, self.text_vectors).float().cpu()
                 found = self.lists(log_probs, history_mask(kept, n_items), k)
                 target = torch.from_numpy(np.flatnonzero(has) + start)
                 out[target, :found.shape[1]] = found

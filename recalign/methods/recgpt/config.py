@@ -6,15 +6,18 @@ docs/systems/recgpt.md, "Defaults and where they live").
 
 from __future__ import annotations
 
-from typing import Literal
+import logging
+from typing import Any, Literal
 
-from pydantic import Field, model_serializer
+from pydantic import Field, model_serializer, model_validator
 
 from recalign.config import StrictConfig
 from recalign.methods.recgpt.text import DEFAULT_TEXT_MODEL
 
 __all__ = ["RecGPTConfig", "RecGPTTokenizerConfig", "RecGPTRQKMeansConfig", "RecGPTDecoderConfig",
            "RecGPTTrainingConfig", "RecGPTBeamConfig", "RecGPTInDomainConfig"]
+
+logger = logging.getLogger("recalign.methods.recgpt")
 
 
 class RecGPTRQKMeansConfig(StrictConfig):
@@ -67,15 +70,26 @@ class RecGPTTrainingConfig(StrictConfig):
 
 
 class RecGPTBeamConfig(StrictConfig):
-    """Trie-constrained beam search (the original: 10 first codes, 5 extensions, 20 beams, temperature 0.1)."""
+    """Trie-constrained beam search (the original: 10 first codes, 5 extensions, 20 beams). No temperature: a
+    positive one never changes a list (docs/systems/recgpt.md, "Inference"); an old recipe's is ignored."""
 
     widths: list[int] = Field([10, 20], description="beams kept after each code position (the last repeats)")
     extensions: int = Field(5, ge=1, description="best allowed codes tried per beam at each later position")
-    temperature: float = Field(0.1, gt=0, description="softmax temperature of the decoder's code log-probs")
     batch_size: int = Field(64, ge=1, description="users per decoder call")
     mode: Literal["beam", "exact", "both"] = Field(
-        "beam", description="lists by the beam, by exact full-catalog scoring (every item's summed code log-prob, "
-                            "same temperature), or both (the exact lists' metrics reported as `exact.*`)")
+        "beam", description="lists by the beam, by exact full-catalog scoring (every item's summed code log-prob), "
+                            "or both (the exact lists' metrics reported as `exact.*`)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ignore_temperature(cls, data: Any) -> Any:
+        """Old recipes' `temperature` is dropped with one warning: T > 0 divides every position's logits, so every
+        item's summed log-softmax is (1/T) x its summed logits minus a per-user constant, and no ranking moves."""
+        if isinstance(data, dict) and "temperature" in data:
+            data = {k: v for k, v in data.items() if k != "temperature"}
+            logger.warning("recgpt: beam.temperature is ignored: a positive temperature scales every code "
+                           "position's logits, so it never changes a ranking or a list")
+        return data
 
 
 class RecGPTInDomainConfig(StrictConfig):
@@ -140,9 +154,12 @@ class RecGPTConfig(StrictConfig):
     def fingerprint_dump(self) -> dict:
         """The settings the work folder's checkpoints depend on, as JSON: all but `beam.mode` (exact lists are
         checkpoints of their own), while the tokenizer is FSQ, `tokenizer.kind` and `tokenizer.rq_kmeans`, and while
-        the protocol is zero_shot, `protocol` and `in_domain` (so folders written before these keys still resume)."""
+        the protocol is zero_shot, `protocol` and `in_domain` (so folders written before these keys still resume).
+        `beam.temperature` (removed: it never changed a list) stays in as its old default 0.1, so folders written
+        while it existed still resume."""
         dump = self.model_dump(mode="json")
         del dump["beam"]["mode"]
+        dump["beam"]["temperature"] = 0.1
         if self.tokenizer.kind == "fsq":
             del dump["tokenizer"]["kind"], dump["tokenizer"]["rq_kmeans"]
         if self.protocol == "zero_shot":  # folders of zero-shot runs written before these keys still resume

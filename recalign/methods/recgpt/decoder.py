@@ -163,14 +163,11 @@ class RecGPTDecoder(nn.Module):
             total = total + F.cross_entropy(hidden[:, j] @ weights.T, labels[:, j], reduction="sum")
         return total / labels.numel()
 
-    def next_item_log_probs(self, histories: torch.Tensor, codes, text_vectors: torch.Tensor,
-                            temperature: float = 1.0) -> torch.Tensor:
+    def next_item_log_probs(self, histories: torch.Tensor, codes, text_vectors: torch.Tensor) -> torch.Tensor:
         """Log-prob tables [B, n_positions, max(sizes)] of the item after each history's last real item.
 
         Entry [b, j, v] is log p(value v at position j), normalised over position j's own values (-inf past sizes[j]).
         """
-        if temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {temperature}")
         histories = histories.to(self.gpt.wte.weight.device)
         real = histories != PAD_ITEM
         steps = torch.arange(histories.shape[1], device=histories.device)
@@ -179,7 +176,7 @@ class RecGPTDecoder(nn.Module):
             raise DataError(f"history row {int(torch.nonzero(last < 0)[0])} has no items")
         rows = torch.arange(histories.shape[0], device=histories.device)
         hidden = self.encode(histories, codes, text_vectors)[rows, last]  # only the last item's tokens are scored
-        return torch.log_softmax(self.head(hidden) / temperature, dim=-1)
+        return torch.log_softmax(self.head(hidden), dim=-1)
 
     def _checked_codes(self, codes) -> torch.Tensor:
         table = code_table(codes)

@@ -1,9 +1,9 @@
 """Exact full-catalog scoring: every catalog item's summed code log-prob, ranked (docs/systems/recgpt.md,
 "Exact scoring").
 
-The beam (beam.py) scores an item as the sum over its code positions of the decoder's temperature-scaled log-softmax
-at that position (`RecGPTDecoder.next_item_log_probs`: normalised over the position's whole value range, not
-renormalised over the trie's allowed children); the trie only decides which prefixes may be extended. Exact scoring
+The beam (beam.py) scores an item as the sum over its code positions of the decoder's log-softmax at that position
+(`RecGPTDecoder.next_item_log_probs`: normalised over the position's whole value range, not renormalised over the
+trie's allowed children); the trie only decides which prefixes may be extended. Exact scoring
 computes that same sum for every item, so it ranks the catalog as a beam wide enough to keep every prefix would.
 With history exclusion, a user's history items score -inf (as the beam drops them at the last step).
 
@@ -54,7 +54,7 @@ def top_items(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 class ExactLists(BeamLists):
     """RecGPT as a `ListRecommender` with exact full-catalog scoring instead of the beam (same batching, empty
-    histories, temperature and history exclusion as `BeamLists`; the beam widths are not used)."""
+    histories and history exclusion as `BeamLists`; the beam widths are not used)."""
 
     def lists(self, log_probs: torch.Tensor, seen: torch.Tensor, k: int) -> torch.Tensor:
         """Top-k items [B, <= k] of the whole catalog by summed code log-prob."""
