@@ -51,16 +51,20 @@ def test_recgpt_stage_scores_zero_shot_and_finetuned_on_the_recipe_users(tmp_pat
     summary = run_recipe(recipe(finetune_epochs=1), tmp_path / "run", progress=False)
     pop, rg = summary["stages"]["popularity"], summary["stages"]["recgpt"]
     assert rg["users_hash"] == pop["users_hash"] and rg["n_users"] == 10
-    for key in ("hr@1", "hr@3", "hr@5", "hr@10", "ndcg@10", "finetuned_hr@10", "history_allowed_hr@10",
-                "finetuned_history_allowed_ndcg@5"):
+    for key in ("hr@1", "hr@3", "hr@5", "hr@10", "ndcg@10", "zeroshot_hr@10", "history_allowed_hr@10",
+                "zeroshot_history_allowed_ndcg@5"):
         assert 0.0 <= rg[key] <= 1.0, key
     assert rg["ndcg@10"] <= rg["hr@10"] and rg["hr@1"] <= rg["hr@10"]
-    assert rg["variant"] == "zero-shot" and rg["history"] == "excluded"
+    # the table row is the decoder the recipe trained last (fine-tuned), the zero-shot one beside it
+    assert rg["variant"] == "fine-tuned" and rg["history"] == "excluded"
     codes = ItemCodes.load(tmp_path / "run" / "stages" / "recgpt" / "codes.safetensors")
     assert codes.n_items == 30 and codes.n_positions == 5 and codes.is_unique()
     assert rg["collision_rate"] == pytest.approx(codes.collision_rate)
     results = json.loads((tmp_path / "run" / "stages" / "recgpt" / "results.json").read_text())
     assert set(results["zero_shot"]) == {"excluded", "allowed"}
+    for mode, prefix in (("excluded", ""), ("allowed", "history_allowed_")):
+        assert rg[prefix + "ndcg@10"] == pytest.approx(results["finetuned"][mode]["ndcg@10"])
+        assert rg["zeroshot_" + prefix + "ndcg@10"] == pytest.approx(results["zero_shot"][mode]["ndcg@10"])
 
 
 def test_recgpt_stage_resumes_after_a_kill_without_retraining(tmp_path, monkeypatch):

@@ -40,29 +40,31 @@ def work_folder(ctx: "RunContext", params: RecGPTConfig, pretrain: Sequence[Data
     return ctx.work_folder(depends_on, "recgpt"), stable_hash(depends_on)
 
 
-def _other_accuracy(zero: dict, tuned: dict | None, history: Sequence[str]) -> dict:
-    """Accuracy of the non-headline history modes (`history_<mode>_*`) and of the fine-tuned decoder
-    (`finetuned_*`, `finetuned_history_<mode>_*`)."""
+def _other_accuracy(shown: dict, other: dict | None, history: Sequence[str], other_name: str) -> dict:
+    """Accuracy of the shown decoder's non-headline history modes (`history_<mode>_*`) and of the other decoder
+    (`<other_name>_*`, `<other_name>_history_<mode>_*`)."""
     metrics = {}
     for mode in history[1:]:
-        metrics.update({f"history_{mode}_{k}": v for k, v in _accuracy(zero[mode]).items()})
-    if tuned is not None:
+        metrics.update({f"history_{mode}_{k}": v for k, v in _accuracy(shown[mode]).items()})
+    if other is not None:
         for mode in history:
-            prefix = "finetuned_" if mode == history[0] else f"finetuned_history_{mode}_"
-            metrics.update({prefix + k: v for k, v in _accuracy(tuned[mode]).items()})
+            prefix = f"{other_name}_" if mode == history[0] else f"{other_name}_history_{mode}_"
+            metrics.update({prefix + k: v for k, v in _accuracy(other[mode]).items()})
     return metrics
 
 
 def stage_metrics(result: RecGPTResult, params: RecGPTConfig, work: Path) -> dict:
-    """The stage's metrics: the headline history mode's zero-shot result, codes and data sizes, then the accuracy
-    of the other modes (`history_<mode>_*`) and of the fine-tuned decoder (`finetuned_*`). With `beam.mode` other
-    than "beam", `inference` names the lists' source; with "both", the exact lists' metrics follow under the same
-    names prefixed `exact.` (the headline's list metrics, the other modes' accuracy; `exact_differences` subtracts
-    the beam's)."""
-    zero, tuned = result.zero_shot, result.finetuned
+    """The stage's metrics: the headline history mode's result of the decoder the recipe trained last (fine-tuned
+    when there is fine-tuning, else zero-shot or in-domain), codes and data sizes, then the accuracy of the other
+    modes (`history_<mode>_*`) and, with fine-tuning, of the zero-shot decoder beside it (`zeroshot_*`). With
+    `beam.mode` other than "beam", `inference` names the lists' source; with "both", the exact lists' metrics
+    follow under the same names prefixed `exact.` (the headline's list metrics, the other modes' accuracy;
+    `exact_differences` subtracts the beam's)."""
+    tuned = result.finetuned is not None
+    shown, other = (result.finetuned, result.zero_shot) if tuned else (result.zero_shot, None)
     headline = params.history[0]
-    metrics = dict(zero[headline])
-    metrics.update({"variant": "zero-shot", "history": headline,
+    metrics = dict(shown[headline])
+    metrics.update({"variant": "fine-tuned" if tuned else "zero-shot", "history": headline,
                     "collision_rate": result.target.codes.collision_rate,
                     "disambiguation_size": result.target.codes.sizes[-1], "work_dir": str(work)})
     if result.protocol == "in_domain":
@@ -74,13 +76,14 @@ def stage_metrics(result: RecGPTResult, params: RecGPTConfig, work: Path) -> dic
         metrics.update({"pretrain_collision_rate": float(np.mean([c.codes.collision_rate
                                                                   for c in result.pretrain_catalogs])),
                         "pretrain_sequences": result.pretrain_sequences})
-    metrics.update(_other_accuracy(zero, tuned, params.history))
+    metrics.update(_other_accuracy(shown, other, params.history, "zeroshot"))
     if params.beam.mode != "beam":
         metrics["inference"] = params.beam.mode
     if result.zero_shot_exact is not None:
-        head = result.zero_shot_exact[headline]
-        exact = {**{k: v for k, v in head.items() if "@" in k or k == "valid_ratio"},  # every list metric
-                 **_other_accuracy(result.zero_shot_exact, result.finetuned_exact, params.history)}
+        shown, other = ((result.finetuned_exact, result.zero_shot_exact) if tuned
+                        else (result.zero_shot_exact, None))
+        exact = {**{k: v for k, v in shown[headline].items() if "@" in k or k == "valid_ratio"},  # every list metric
+                 **_other_accuracy(shown, other, params.history, "zeroshot")}
         metrics.update({f"exact.{k}": v for k, v in exact.items()})
     return metrics
 
