@@ -87,3 +87,31 @@ def test_sparse_loss_equals_the_padded_loss():
     histories = pad_histories([[0, 3, 5], [1, 2, 3, 4, 5, 6], [7, 8]], 6, side="right")
     dense, sparse = decoder.loss(histories, codes, vectors), decoder.sparse_loss(histories, codes, vectors)
     assert float(sparse.detach()) == pytest.approx(float(dense.detach()), rel=1e-5)
+
+
+def test_fine_tuning_to_convergence_keeps_the_pretrained_start_when_validation_only_falls(tmp_path):
+    """`indomain_decoder(start=...)` checks the pre-trained start as epoch 0: when every later check is worse, the
+    start's weights come back unchanged (without the epoch-0 check the first trained epoch would be kept)."""
+    from recalign.checkpoints import IterationStore
+    from recalign.methods.recgpt.codes import ItemCodes
+
+    torch.manual_seed(0)
+    sizes = (6, 4)
+    codes = ItemCodes(torch.stack([torch.arange(20) % 6, torch.arange(20) // 6], 1), sizes)
+    catalog = recgpt.CodeCatalog("toy", torch.randn(20, 8), codes, np.arange(20))
+    params = recgpt.RecGPTConfig(decoder={"n_layers": 1, "dim": 16, "n_heads": 2, "max_items": 6},
+                                 in_domain={"max_epochs": 3, "patience": 5, "batch_size": 4, "lr": 1e-2})
+    start = recgpt.new_decoder(catalog, params.decoder, seed=1)
+    before = {k: v.clone() for k, v in start.state_dict().items()}
+    falling = iter([0.5, 0.4, 0.3, 0.2])  # epoch 0 (the start), then epochs 1-3
+    sequences = [np.array([i % 20, (i + 1) % 20, (i + 2) % 20]) for i in range(16)]
+    tuned, record = recgpt.indomain_decoder(catalog, sequences, params, 0, IterationStore(tmp_path, "k"),
+                                            lambda decoder: {"ndcg@10": next(falling)}, start=start,
+                                            loop="converge")
+    assert record["best_epoch"] == 0 and record["epochs"] == 3 and record["loop"] == "converge"
+    assert all(torch.equal(tuned.state_dict()[k], v) for k, v in before.items())
+    rising = iter([0.1, 0.2, 0.3, 0.4])
+    tuned, record = recgpt.indomain_decoder(catalog, sequences, params, 0, IterationStore(tmp_path / "b", "k"),
+                                            lambda decoder: {"ndcg@10": next(rising)}, start=start)
+    assert record["best_epoch"] == 3
+    assert not all(torch.equal(tuned.state_dict()[k], v) for k, v in before.items())

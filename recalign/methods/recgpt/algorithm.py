@@ -383,11 +383,13 @@ def validator(catalog: CodeCatalog, params: RecGPTConfig, validate: Evaluate) ->
 
 
 def indomain_decoder(catalog: CodeCatalog, sequences: Sequence[np.ndarray], params: RecGPTConfig, seed: int,
-                     store: IterationStore, check: Callable[..., dict], *, progress: bool = False,
-                     log: Callable[[str], None] = _quiet):
-    """A fresh decoder trained on the target's sequences: one AdamW for all epochs, `check(decoder)` after each,
-    stopped by `EarlyStopping` (best state kept) or by `in_domain.max_seconds`. One checkpoint `indomain` (decoder,
-    curve) when done; a killed run restarts this step. Returns (decoder, record: curve, best epoch, seconds)."""
+                     store: IterationStore, check: Callable[..., dict], *, start=None, loop: str = "indomain",
+                     progress: bool = False, log: Callable[[str], None] = _quiet):
+    """A decoder trained on the target's sequences until validation stops improving: fresh (in-domain), or a copy
+    of `start` (a pre-trained decoder: fine-tuning to convergence). One AdamW for all epochs, `check(decoder)` after
+    each, stopped by `EarlyStopping` (best state kept) or by `in_domain.max_seconds`. One checkpoint `loop`
+    (decoder, curve) when done; a killed run restarts this step. Returns (decoder, record: curve, best epoch,
+    seconds)."""
     from safetensors.torch import load_file, save_file
 
     from recalign.eval.curves import CurveLog, write_curves
@@ -395,13 +397,19 @@ def indomain_decoder(catalog: CodeCatalog, sequences: Sequence[np.ndarray], para
     from recalign.training import EarlyStopping
 
     cfg, decoder = params.in_domain, new_decoder(catalog, params.decoder, seed)
-    folder = store.folder("indomain")
+    if start is not None:
+        decoder.load_state_dict(start.state_dict())
+    folder = store.folder(loop)
     if store.done(folder):
         decoder.load_state_dict(load_file(str(folder / "decoder.safetensors")))
-        log("indomain: resumed")
+        log(f"{loop}: resumed")
         return decoder.eval(), store.record(folder)
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     stopper, curve, rows = EarlyStopping(cfg.patience), CurveLog(cfg.valid_metric), [s.tolist() for s in sequences]
+    if start is not None:  # epoch 0 is the pre-trained start: fine-tuning never keeps a worse state than it
+        with torch.no_grad():
+            stopper.update(float(check(decoder)[cfg.valid_metric]), 0, decoder.state_dict())
+        log(f"{loop}: epoch 0 (pre-trained start) valid {cfg.valid_metric} {stopper.best:.4f}")
     started = time.perf_counter()
     for epoch in range(1, cfg.max_epochs + 1):
         settings = DecoderTraining(epochs=1, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -412,13 +420,13 @@ def indomain_decoder(catalog: CodeCatalog, sequences: Sequence[np.ndarray], para
             value = float(check(decoder)[cfg.valid_metric])
         row = curve.add(epoch, trained.epoch_losses[-1], value)
         row["train_seconds"] = round(trained.seconds, 2)
-        log(f"indomain: epoch {epoch} loss {row['loss']:.4f} valid {cfg.valid_metric} {value:.4f} "
+        log(f"{loop}: epoch {epoch} loss {row['loss']:.4f} valid {cfg.valid_metric} {value:.4f} "
             f"({trained.seconds:.0f}s train, {row['seconds']:.0f}s with validation)")
         if stopper.update(value, epoch, decoder.state_dict()) or (
                 cfg.max_seconds is not None and time.perf_counter() - started > cfg.max_seconds):
             break
     decoder.load_state_dict(stopper.best_state)
-    record = {"loop": "indomain", "iteration": 0, "best_epoch": stopper.best_epoch, "best_valid": stopper.best,
+    record = {"loop": loop, "iteration": 0, "best_epoch": stopper.best_epoch, "best_valid": stopper.best,
               "valid_metric": cfg.valid_metric, "epochs": len(curve.rows), "sequences": len(rows),
               "train_seconds": round(sum(r["train_seconds"] for r in curve.rows), 2), "curve": curve.rows}
     state = {k: v.contiguous() for k, v in decoder.state_dict().items()}
