@@ -325,6 +325,17 @@ MAX_TITLE_CHARS = 300
 MAX_TITLES = 100
 
 
+def _answer_lines(text: str) -> list[str]:
+    """The non-empty lines of an answer, a numbered line holding several numbers ("1. A 2. B") split at each."""
+    lines = []
+    for line in text.splitlines():
+        if _NUMBERED.match(line) and _INLINE_NUMBER.search(line):  # "1. A 2. B" on one line
+            lines.extend(_INLINE_NUMBER.split(line))
+        else:
+            lines.append(line)
+    return [line for line in lines if line.strip()]
+
+
 def parse_titles(text: str | None, k: int | None = None) -> list[str]:
     """The titles an answer names, in order (repeats kept; at most k, and at most 100).
 
@@ -335,13 +346,7 @@ def parse_titles(text: str | None, k: int | None = None) -> list[str]:
     if not text:
         return []
     limit = MAX_TITLES if k is None else min(k, MAX_TITLES)
-    lines = []
-    for line in text.splitlines():
-        if _NUMBERED.match(line) and _INLINE_NUMBER.search(line):  # "1. A 2. B" on one line
-            lines.extend(_INLINE_NUMBER.split(line))
-        else:
-            lines.append(line)
-    lines = [line for line in lines if line.strip()]
+    lines = _answer_lines(text)
     any_quotes = any(_QUOTED.search(line) for line in lines)
     any_numbers = any(_NUMBERED.match(line) for line in lines)
     titles: list[str] = []
@@ -362,6 +367,36 @@ def parse_titles(text: str | None, k: int | None = None) -> list[str]:
             break
     cleaned = [t.strip().strip(_EDGE).strip()[:MAX_TITLE_CHARS] for t in titles[:limit]]
     return [t for t in cleaned if t]
+
+
+def titles_final(text: str, n: int) -> bool:
+    """Whether the first n titles of an answer that begins with `text` are already decided, whatever follows.
+
+    The decided part is every complete line (up to the last newline) plus, on the unfinished line, everything up
+    to its last closing plain quote, when that line has no curly or angle quotes (whose pairs a later character
+    could still change) and its last piece holds only closed plain quotes. When that part holds a quoted title
+    and parses into at least n titles, no continuation changes them (a later line cannot change a complete
+    line's titles nor the quoted mode; closed plain quotes stay pairs), so `parse_titles(text + more)` and
+    `parse_titles(text + more, k)` (k <= n) start with the same n titles. The early stop of
+    `recalign.llm.fastgen` (`stop_after_titles`) rests on this.
+    """
+    decided = _decided_prefix(text)
+    if not decided or not any(_QUOTED.search(line) for line in _answer_lines(decided)):
+        return False
+    return len(parse_titles(decided)) >= n
+
+
+def _decided_prefix(text: str) -> str:
+    """The complete lines of `text`, plus the unfinished line up to its last closing plain quote when safe."""
+    complete = text[:text.rfind("\n") + 1]
+    tail = text[len(complete):]
+    if any(c in tail for c in "“”«»\r") or '"' not in tail:
+        return complete
+    cut = tail[:tail.rfind('"') + 1]
+    pieces = _answer_lines(cut)
+    if not pieces or pieces[-1].count('"') % 2 or '"' not in pieces[-1]:
+        return complete
+    return complete + cut
 
 
 def parse_title(text: str | None) -> str:

@@ -1,0 +1,189 @@
+"""Greedy decoding that spends the CPU on new work (the transformers backend's default greedy path).
+
+`recalign.llm.generate.generate` calls `decode_greedy` for greedy, one-answer, no-detail decoding (free text or
+under a `TrieConstraint`); sampling, beams and `return_details` stay on `model.generate`. Three savings, each
+keeping today's answers:
+
+- shared-prefix KV reuse: every prompt of a task shares its chat template, system text and instruction. The
+  longest common token prefix of all prompts of the call is run once (batch 1); each batch expands its KV cache
+  and prefills only the suffixes. Suffixes are left-padded *after* the prefix, the padding masked out and every
+  token given its true position (explicit `position_ids`), so each row attends to exactly its own tokens at
+  exactly the positions of the unpadded prompt: the logits equal the plain path's to float rounding.
+- early stop per row: a row ends at EOS, at the trie terminator of a constrained answer (what follows it can only
+  be more terminators, removed as special tokens), or, with `stop_after_titles=n`, as soon as the first n titles
+  of the answer are final (`recalign.llm.tasks.titles_final`); finished rows leave the batch (their KV rows are
+  dropped), and the batch stops when no row is left.
+- length-sorted batches (the caller's order), answers back in input order.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+
+@dataclass
+class DecodeConfig:
+    """What one greedy decoding call needs besides the model: limits, stop tokens, and the stop rule."""
+
+    max_new_tokens: int
+    eos_ids: Sequence[int]
+    pad_id: int
+    stop_after_titles: int | None = None        # stop a row once its first n titles are final
+    processor: Any = None                       # None or an object with `for_batch(0)` (e.g. TrieConstraint)
+    reuse_prefix: bool = True
+    stats: dict[str, int] = field(default_factory=lambda: {"forward_calls": 0, "tokens_fed": 0})
+
+
+def cache_argument(model) -> str:
+    """The keyword under which this model's forward takes and returns its KV cache ('cache' in transformers
+    5.2x, 'past_key_values' before)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+
+
+def shared_prefix_length(encoded: Sequence[Sequence[int]]) -> int:
+    """Tokens every prompt starts with, keeping at least one suffix token per prompt (it yields the first logits)."""
+    if not encoded:
+        return 0
+    first = encoded[0]
+    n = min(len(ids) for ids in encoded) - 1
+    for ids in encoded[1:]:
+        m = 0
+        while m < n and ids[m] == first[m]:
+            m += 1
+        n = m
+    return max(n, 0)
+
+
+class PrefixCache:
+    """The KV cache of the shared prefix, computed once (batch 1), expanded to any batch size on demand."""
+
+    def __init__(self, model, prefix: Sequence[int], config: DecodeConfig):
+        self.model, self.length, self.key = model, len(prefix), cache_argument(model)
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if self.length:
+            device = next(model.parameters()).device
+            ids = torch.tensor([list(prefix)], dtype=torch.long, device=device)
+            out = _forward(model, config, ids, torch.ones_like(ids), None, self.key, None)
+            cache = getattr(out, self.key)
+            self.layers = [(layer.keys, layer.values) for layer in cache.layers]
+
+    def expanded(self, batch: int):
+        """A fresh DynamicCache holding the prefix for `batch` rows (None without a prefix)."""
+        from transformers import DynamicCache
+
+        if not self.length:
+            return None
+        data = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in self.layers]
+        return DynamicCache(data, config=self.model.config)
+
+
+def _forward(model, config: DecodeConfig, ids, mask, positions, key: str, cache):
+    config.stats["forward_calls"] += 1
+    config.stats["tokens_fed"] += int(ids.numel())
+    options = {key: cache} if cache is not None else {}
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                 **options)
+
+
+def decode_greedy(model, tokenizer, encoded: Sequence[Sequence[int]], order: Sequence[int], batch_size: int,
+                  config: DecodeConfig, batches: Callable[[int], Any] | None = None) -> list[list[str]]:
+    """Greedy answers of the tokenized prompts `encoded`, batched in `order`; one answer per prompt, input order."""
+    prefix_length = shared_prefix_length(encoded) if config.reuse_prefix else 0
+    prefix = PrefixCache(model, encoded[0][:prefix_length] if encoded else [], config)
+    answers: list[list[str]] = [[] for _ in encoded]
+    starts = batches(len(order)) if batches is not None else range(0, len(order), batch_size)
+    for start in starts:
+        index = list(order[start:start + batch_size])
+        tokens = _decode_batch(model, tokenizer, [encoded[i][prefix_length:] for i in index], prefix, config)
+        texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        for row, i in enumerate(index):
+            answers[i] = [texts[row]]
+    return answers
+
+
+def _suffix_inputs(suffixes: list[Sequence[int]], prefix_length: int, pad_id: int, device):
+    """Left-padded suffix ids [B, W], the mask over prefix + suffix [B, P + W], and true positions [B, W]."""
+    width = max(len(s) for s in suffixes)
+    ids = torch.full((len(suffixes), width), pad_id, dtype=torch.long)
+    real = torch.zeros((len(suffixes), width), dtype=torch.long)
+    for row, s in enumerate(suffixes):
+        ids[row, width - len(s):] = torch.as_tensor(list(s), dtype=torch.long)
+        real[row, width - len(s):] = 1
+    positions = (prefix_length + real.cumsum(1) - 1).clamp(min=prefix_length)
+    mask = torch.cat([torch.ones((len(suffixes), prefix_length), dtype=torch.long), real], dim=1)
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+def _decode_batch(model, tokenizer, suffixes: list[Sequence[int]], prefix: PrefixCache,
+                  config: DecodeConfig) -> list[list[int]]:
+    """The generated token ids of one batch (the stop token included where the row stopped on one)."""
+    device = next(model.parameters()).device
+    ids, mask, positions = _suffix_inputs(suffixes, prefix.length, config.pad_id, device)
+    cache = prefix.expanded(len(suffixes))
+    out = _forward(model, config, ids, mask, positions, prefix.key, cache)
+    cache, logits = getattr(out, prefix.key), out.logits[:, -1, :]
+    processor = config.processor.for_batch(0) if config.processor is not None else None
+    stop = _StopRule(tokenizer, config, device)
+    alive = torch.arange(len(suffixes), device=device)        # batch rows still decoding, by original row
+    generated = torch.zeros((len(suffixes), 0), dtype=torch.long, device=device)
+    last = positions[:, -1]
+    for _ in range(config.max_new_tokens):
+        scores = logits.float()
+        if processor is not None:
+            scores = processor(generated[alive], scores)
+        step = torch.full((len(suffixes),), config.pad_id, dtype=torch.long, device=device)
+        step[alive] = scores.argmax(-1)
+        generated = torch.cat([generated, step[:, None]], dim=1)
+        keep = ~stop.finished(generated, alive)
+        if not bool(keep.any()):
+            break
+        if not bool(keep.all()):
+            cache.batch_select_indices(keep.nonzero().squeeze(1))
+            alive, mask, last = alive[keep], mask[keep], last[keep]
+        mask = torch.cat([mask, torch.ones((len(alive), 1), dtype=mask.dtype, device=device)], dim=1)
+        last = last + 1
+        out = _forward(model, config, generated[alive, -1:], mask, last[:, None], prefix.key, cache)
+        cache, logits = getattr(out, prefix.key), out.logits[:, -1, :]
+    return [_cut(row, stop.stop_ids) for row in generated.tolist()]
+
+
+def _cut(row: list[int], stop_ids: set[int]) -> list[int]:
+    """A row's tokens up to and including its first stop token (later columns are padding)."""
+    for position, token in enumerate(row):
+        if token in stop_ids:
+            return row[:position + 1]
+    return row
+
+
+class _StopRule:
+    """Which alive rows are finished after the newest token: a stop token, or (opt-in) n final titles."""
+
+    def __init__(self, tokenizer, config: DecodeConfig, device):
+        self.tokenizer, self.n_titles = tokenizer, config.stop_after_titles
+        self.stop_ids = set(int(i) for i in config.eos_ids)
+        terminator = int(config.processor.trie.eos_token_id) if config.processor is not None else None
+        if terminator in set(tokenizer.all_special_ids):  # after it only more terminators, removed when decoded
+            self.stop_ids.add(terminator)
+        self.stop = torch.tensor(sorted(self.stop_ids), dtype=torch.long, device=device)
+
+    def finished(self, generated: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+        """[len(alive)] bool: the row just emitted a stop token or its answer's titles are complete."""
+        done = torch.isin(generated[alive, -1], self.stop)
+        if self.n_titles is None:
+            return done
+        from recalign.llm.tasks import titles_final
+
+        for row, token in enumerate(generated[alive, -1].tolist()):
+            # Only a newline or a quote can make a title final: the other steps need no decoding.
+            piece = self.tokenizer.decode([token], skip_special_tokens=True)
+            if done[row] or ("\n" not in piece and '"' not in piece):
+                continue
+            text = self.tokenizer.decode(generated[int(alive[row])].tolist(), skip_special_tokens=True)
+            done[row] = titles_final(text, self.n_titles)
+        return done
+
