@@ -185,6 +185,21 @@ def test_sasrec_beats_bprmf_and_popularity_on_successor_data(sequential):
     assert hr["sasrec"] > hr["bprmf"] + 0.2 and hr["sasrec"] > hr["popularity"] + 0.5, hr
 
 
+def test_sasrec_min_steps_delays_early_stopping_on_a_small_dataset(sequential, monkeypatch):
+    """A validation check that never improves stops training after `patience` checks, but not before `min_steps`
+    optimizer steps (a small dataset has few steps per epoch); the best state is still the first check's."""
+    from recalign.teachers.training import ValidationRecall
+
+    monkeypatch.setattr(ValidationRecall, "__call__", lambda self, score, chunk=1024: 0.1)
+    data, train, valid, _ = sequential
+    settings = {**SMALL_SASREC, "epochs": 30, "patience": 2}
+    steps_per_epoch = int(np.ceil((train.groupby("user_id").size() >= 2).sum() / settings["batch_size"]))
+    early = SASRec(**settings, min_steps=0).fit(data, train, valid, progress=False)
+    assert (early.epochs_trained_, early.best_epoch_) == (3, 1)
+    held = SASRec(**settings, min_steps=9 * steps_per_epoch + 1).fit(data, train, valid, progress=False)
+    assert (held.epochs_trained_, held.best_epoch_) == (10, 1)
+
+
 def test_sasrec_uses_only_the_last_max_len_items(sequential):
     data, train, _, _ = sequential
     model = SASRec(**{**SMALL_SASREC, "epochs": 2, "max_len": 4}).fit(data, train, progress=False)

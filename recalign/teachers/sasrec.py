@@ -46,6 +46,9 @@ class SASRecConfig(TeacherConfig):
     epochs: int = Field(200, ge=1, description="maximum number of passes over the users")
     eval_every: int = Field(1, ge=1, description="epochs between early-stopping checks on the valid part")
     patience: int = Field(5, ge=1, description="checks without a better valid recall@10 before stopping")
+    min_steps: int = Field(1000, ge=0, description="early stopping cannot stop before this many optimizer steps: "
+                           "a small dataset has few steps per epoch (MovieLens-100K: 8 at batch 128), and a noisy "
+                           "validation check would otherwise stop it long before the model has learned")
     valid_users: int | None = Field(10000, ge=1, description="users sampled for the valid check (None: all)")
     max_train_seconds: float | None = Field(None, gt=0, description="stop after the epoch that crosses this "
                                             "wall-clock budget (None: no limit; makes the epoch count "
@@ -131,7 +134,9 @@ class SASRec(Recommender):
         trainable = np.flatnonzero(lengths >= 2)
         windows = sequences.padded(trainable, cfg.max_len + 1, pad=-1) + 1  # 0 = padding
 
-        monitor = EpochMonitor(dataset, train, valid, valid_history, cfg)
+        steps_per_epoch = max(1, math.ceil(len(trainable) / cfg.batch_size))
+        monitor = EpochMonitor(dataset, train, valid, valid_history, cfg,
+                               min_epochs=math.ceil(cfg.min_steps / steps_per_epoch))
         with epoch_progress(cfg.epochs, "SASRec", progress) as advance:
             for epoch in range(cfg.epochs):
                 self.network_.train()

@@ -65,10 +65,11 @@ class EpochMonitor:
     """
 
     def __init__(self, dataset, train: pd.DataFrame, valid: pd.DataFrame | None,
-                 valid_history: pd.DataFrame | None, config) -> None:
+                 valid_history: pd.DataFrame | None, config, min_epochs: int = 0) -> None:
         from recalign.eval.curves import CurveLog
 
         self.config = config
+        self.min_epochs = min_epochs  # early stopping cannot stop before this many epochs (the best state is kept)
         self.checker: ValidationRecall | None = None
         self.stopper: EarlyStopping | None = None
         self.history: UserSequences | None = None
@@ -91,7 +92,7 @@ class EpochMonitor:
             recall = self.checker(score)
             self.valid.append((epoch + 1, recall))
             fields["valid_recall@10"] = recall
-            stop = self.stopper.update(recall, epoch + 1, state())
+            stop = self.stopper.update(recall, epoch + 1, state()) and epoch + 1 >= self.min_epochs
         self.curve.add(epoch + 1, loss, recall)
         advance(**fields)
         budget = self.config.max_train_seconds
