@@ -193,3 +193,29 @@ def test_sampling_and_details_keep_model_generate(tiny):
     assert not fast_path_applies(model, GenerationConfig(), return_details=True)
     assert not fast_path_applies(model, GenerationConfig(fast=False))
     assert not fast_path_applies(model, GenerationConfig(), logits_processor=[lambda ids, scores: scores])
+
+
+def test_buffer_layers_write_in_place_and_keep_rows(tiny):
+    """The preallocated cache gives the DynamicCache's next-token logits, after a compaction and past its capacity."""
+    model, tokenizer = tiny
+    encoded = tokenizer(_prompts(tokenizer), add_special_tokens=False)["input_ids"]
+    n = shared_prefix_length(encoded)
+    config = DecodeConfig(max_new_tokens=1, eos_ids=[tokenizer.eos_token_id], pad_id=tokenizer.pad_token_id)
+    prefix = PrefixCache(model.eval(), encoded[0][:n], config)
+    ids, mask, positions = _suffix_inputs([e[n:] for e in encoded], n, tokenizer.pad_token_id, "cpu")
+    results = []
+    for capacity in (None, n + ids.shape[1] + 1):  # the second one must grow at the second step
+        cache = prefix.expanded(len(encoded), capacity)
+        with torch.no_grad():
+            out = _forward(model, config, ids, mask, positions, prefix.key, cache)
+            cache = getattr(out, prefix.key)
+            keep = torch.tensor([0, 2, 5])
+            cache.batch_select_indices(keep)
+            tokens, m, last = out.logits[keep, -1].argmax(-1)[:, None], mask[keep], positions[keep, -1:]
+            for _ in range(2):
+                m, last = torch.cat([m, torch.ones((3, 1), dtype=m.dtype)], 1), last + 1
+                out = _forward(model, config, tokens, m, last, prefix.key, cache)
+                tokens = out.logits[:, -1].argmax(-1)[:, None]
+        results.append(out.logits[:, -1])
+        assert type(cache.layers[0]).__name__ == ("DynamicLayer" if capacity is None else "BufferLayer")
+    assert torch.allclose(results[0], results[1], atol=1e-5)

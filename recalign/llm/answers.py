@@ -101,10 +101,18 @@ class AnswerLists:
         from recalign.llm.tasks import prompts_for
 
         prompts = prompts_for(self.task, rows, self.titles, self.tokenizer)
-        outputs = generate_answers(self.backend, self.model, self.tokenizer, prompts, self.generation,
+        outputs = generate_answers(self.backend, self.model, self.tokenizer, prompts, self.settings(),
                                    batch_size=self.batch_size, logits_processor=self.processor,
                                    progress=self.progress, scratch=self.scratch)
         return [o[0] for o in outputs]
+
+    def settings(self) -> GenerationConfig:
+        """The decoding settings; a list task may stop once k + 1 titles are final (`stop_after_titles`): its
+        first k grounded titles and CorrectCount (exactly k titles) are those of the whole answer."""
+        settings = self.generation or GenerationConfig()
+        if self.task.k > 1 and settings.stop_after_titles is None:
+            settings = settings.model_copy(update={"stop_after_titles": self.task.k + 1})
+        return settings
 
     def recommend(self, users, histories, k: int):
         """Top-k lists of `users` given their `histories` (UserSequences), -1 padded; or `GeneratedLists`."""

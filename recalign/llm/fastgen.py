@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 
 @dataclass
@@ -72,14 +73,60 @@ class PrefixCache:
             cache = getattr(out, self.key)
             self.layers = [(layer.keys, layer.values) for layer in cache.layers]
 
-    def expanded(self, batch: int):
-        """A fresh DynamicCache holding the prefix for `batch` rows (None without a prefix)."""
+    def expanded(self, batch: int, capacity: int | None = None):
+        """A fresh cache holding the prefix for `batch` rows; with `capacity` (tokens per row, prefix included)
+        its layers write into buffers allocated once (`BufferLayer`) when the model's layers allow it."""
         from transformers import DynamicCache
 
-        if not self.length:
-            return None
-        data = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in self.layers]
-        return DynamicCache(data, config=self.model.config)
+        cache = DynamicCache(config=self.model.config)
+        if capacity is not None and all(type(layer) is DynamicLayer for layer in cache.layers):
+            cache.layers = [BufferLayer(capacity) for _ in cache.layers]
+        for layer, (k, v) in zip(cache.layers, self.layers):
+            layer.update(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
+        return cache
+
+
+class BufferLayer(DynamicLayer):
+    """A transformers `DynamicLayer` whose keys/values live in a buffer of `capacity` positions allocated once:
+    each step writes its new positions in place instead of concatenating (copying) the whole cache, which took
+    ~70% of a 64-row decoding step of SmolLM2 on CPU. `keys`/`values` are views of the filled part."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity, self.length = int(capacity), 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        rows, heads = key_states.shape[:2]
+        self.key_buffer = key_states.new_empty((rows, heads, self.capacity, key_states.shape[-1]))
+        self.value_buffer = value_states.new_empty((rows, value_states.shape[1], self.capacity,
+                                                    value_states.shape[-1]))
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:  # never with the capacity decode_greedy asks for; grow rather than fail
+            self.capacity = max(end, 2 * self.capacity)
+            self.key_buffer = _grown(self.key_buffer, self.length, self.capacity)
+            self.value_buffer = _grown(self.value_buffer, self.length, self.capacity)
+        self.key_buffer[:, :, self.length:end] = key_states
+        self.value_buffer[:, :, self.length:end] = value_states
+        self.length = end
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+            self.keys = self.key_buffer[:, :, :self.length]
+            self.values = self.value_buffer[:, :, :self.length]
+
+
+def _grown(buffer: torch.Tensor, length: int, capacity: int) -> torch.Tensor:
+    grown = buffer.new_empty(buffer.shape[:2] + (capacity,) + buffer.shape[3:])
+    grown[:, :, :length] = buffer[:, :, :length]
+    return grown
 
 
 def _forward(model, config: DecodeConfig, ids, mask, positions, key: str, cache):
@@ -121,43 +168,43 @@ def _suffix_inputs(suffixes: list[Sequence[int]], prefix_length: int, pad_id: in
 
 def _decode_batch(model, tokenizer, suffixes: list[Sequence[int]], prefix: PrefixCache,
                   config: DecodeConfig) -> list[list[int]]:
-    """The generated token ids of one batch (the stop token included where the row stopped on one)."""
+    """The generated token ids of one batch, each row up to where it stopped (its stop token included).
+
+    Finished rows stay in the batch (fed padding, ignored) until they are a quarter of it; then the batch is
+    compacted: dropping rows copies the cache, so it is not done for every row that ends."""
     device = next(model.parameters()).device
     ids, mask, positions = _suffix_inputs(suffixes, prefix.length, config.pad_id, device)
-    cache = prefix.expanded(len(suffixes))
+    cache = prefix.expanded(len(suffixes), prefix.length + ids.shape[1] + config.max_new_tokens)
     out = _forward(model, config, ids, mask, positions, prefix.key, cache)
-    cache, logits = getattr(out, prefix.key), out.logits[:, -1, :]
+    logits = out.logits[:, -1, :]
     processor = config.processor.for_batch(0) if config.processor is not None else None
     stop = _StopRule(tokenizer, config, device)
-    alive = torch.arange(len(suffixes), device=device)        # batch rows still decoding, by original row
+    rows = torch.arange(len(suffixes), device=device)         # original row of each batch row
+    active = torch.ones(len(suffixes), dtype=torch.bool, device=device)
     generated = torch.zeros((len(suffixes), 0), dtype=torch.long, device=device)
+    lengths = torch.full((len(suffixes),), config.max_new_tokens, dtype=torch.long)  # tokens each row keeps
     last = positions[:, -1]
-    for _ in range(config.max_new_tokens):
+    for t in range(config.max_new_tokens):
         scores = logits.float()
         if processor is not None:
-            scores = processor(generated[alive], scores)
+            scores = processor(generated[rows], scores)
         step = torch.full((len(suffixes),), config.pad_id, dtype=torch.long, device=device)
-        step[alive] = scores.argmax(-1)
+        step[rows] = torch.where(active, scores.argmax(-1), step[rows])
         generated = torch.cat([generated, step[:, None]], dim=1)
-        keep = ~stop.finished(generated, alive)
-        if not bool(keep.any()):
+        ended = stop.finished(generated, rows, active)
+        lengths[rows[ended].cpu()] = t + 1
+        active &= ~ended
+        if not bool(active.any()):
             break
-        if not bool(keep.all()):
-            cache.batch_select_indices(keep.nonzero().squeeze(1))
-            alive, mask, last = alive[keep], mask[keep], last[keep]
-        mask = torch.cat([mask, torch.ones((len(alive), 1), dtype=mask.dtype, device=device)], dim=1)
+        if 4 * int((~active).sum()) >= len(rows):
+            keep = active.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            rows, active, mask, last = rows[keep], active[keep], mask[keep], last[keep]
+        mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=device)], dim=1)
         last = last + 1
-        out = _forward(model, config, generated[alive, -1:], mask, last[:, None], prefix.key, cache)
-        cache, logits = getattr(out, prefix.key), out.logits[:, -1, :]
-    return [_cut(row, stop.stop_ids) for row in generated.tolist()]
-
-
-def _cut(row: list[int], stop_ids: set[int]) -> list[int]:
-    """A row's tokens up to and including its first stop token (later columns are padding)."""
-    for position, token in enumerate(row):
-        if token in stop_ids:
-            return row[:position + 1]
-    return row
+        out = _forward(model, config, generated[rows, -1:], mask, last[:, None], prefix.key, cache)
+        logits = out.logits[:, -1, :]
+    return [row[:n] for row, n in zip(generated.tolist(), lengths.tolist())]
 
 
 class _StopRule:
@@ -171,19 +218,20 @@ class _StopRule:
             self.stop_ids.add(terminator)
         self.stop = torch.tensor(sorted(self.stop_ids), dtype=torch.long, device=device)
 
-    def finished(self, generated: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
-        """[len(alive)] bool: the row just emitted a stop token or its answer's titles are complete."""
-        done = torch.isin(generated[alive, -1], self.stop)
+    def finished(self, generated: torch.Tensor, rows: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """[len(rows)] bool: the active row just emitted a stop token or its answer's titles are complete."""
+        done = torch.isin(generated[rows, -1], self.stop) & active
         if self.n_titles is None:
             return done
-        from recalign.llm.tasks import titles_final
+        from recalign.llm import tasks
 
-        for row, token in enumerate(generated[alive, -1].tolist()):
+        for row, token in enumerate(generated[rows, -1].tolist()):
+            if done[row] or not active[row]:
+                continue
             # Only a newline or a quote can make a title final: the other steps need no decoding.
             piece = self.tokenizer.decode([token], skip_special_tokens=True)
-            if done[row] or ("\n" not in piece and '"' not in piece):
-                continue
-            text = self.tokenizer.decode(generated[int(alive[row])].tolist(), skip_special_tokens=True)
-            done[row] = titles_final(text, self.n_titles)
+            if "\n" in piece or '"' in piece:
+                text = self.tokenizer.decode(generated[int(rows[row])].tolist(), skip_special_tokens=True)
+                done[row] = tasks.titles_final(text, self.n_titles)
         return done
 

@@ -219,6 +219,14 @@ def fast_path_applies(model, settings: GenerationConfig, logits_processor: Any =
     return all(getattr(config, name, None) in allowed for name, allowed in _PROCESSOR_FIELDS.items())
 
 
+def generation_batch_size(settings: GenerationConfig, batch_size: int, model=None, logits_processor: Any = None
+                          ) -> int:
+    """Prompts per batch the transformers backend uses: `batch_size`, raised to `fast_batch_size` on the fast path."""
+    if fast_path_applies(model, settings, logits_processor):
+        return max(batch_size, settings.fast_batch_size or batch_size)
+    return batch_size
+
+
 def _generate_fast(model, tokenizer, encoded: list[list[int]], settings: GenerationConfig, batch_size: int,
                    logits_processor: Any, progress: bool) -> list[list[str]]:
     from recalign.llm.fastgen import DecodeConfig, decode_greedy
@@ -228,7 +236,7 @@ def _generate_fast(model, tokenizer, encoded: list[list[int]], settings: Generat
     config = DecodeConfig(settings.max_new_tokens, eos, tokenizer.pad_token_id, settings.stop_after_titles,
                           logits_processor)
     order = batch_order([len(ids) for ids in encoded])
-    batch_size = max(batch_size, settings.fast_batch_size or batch_size)
+    batch_size = generation_batch_size(settings, batch_size, model, logits_processor)
     was_training = model.training
     model.eval()
     try:

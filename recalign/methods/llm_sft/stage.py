@@ -27,6 +27,7 @@ from recalign.llm.answers import (
     first_targets,
     title_validity,
 )
+from recalign.llm.generate import GenerationConfig
 from recalign.llm.tasks import Rows, SeqRecTask
 from recalign.methods.llm_sft.config import LLMSFTConfig
 from recalign.stages import Stage
@@ -95,7 +96,7 @@ def evaluate_decodings(ctx: "RunContext", model, tokenizer, params: LLMSFTConfig
                                   ctx.stage_dir / "scratch")
         if pool is not None:  # the same lists, scored the same way; the answers come from the Ray workers
             lists_model = PooledAnswerLists(pool, tokenizer, params.task, titles, grounder, params.batch_size,
-                                            decoding)
+                                            decoding, params.generation)
         started = time.perf_counter()
         scored = ctx.evaluate(lists_model, part=part)
         scored["generation_seconds"] = round(time.perf_counter() - started, 3)
@@ -167,26 +168,28 @@ class PooledAnswerLists(AnswerLists):
     """`AnswerLists` whose answers come from a pool of `AnswerEngine` Ray workers, gathered in row order.
 
     The rows are cut into contiguous shards of the order in which generation batches them (longest prompt first,
-    `batch_size` prompts a batch; `recalign.llm.generate`), at batch boundaries: every prompt meets the same batch
-    and padding as in-process, so the answers are identical, not merely equal up to float noise.
+    `generation_batch_size` prompts a batch; `recalign.llm.generate`), at batch boundaries: every prompt meets the
+    same batch and padding as in-process. On the fast path a shard's shared prompt prefix may be longer than the
+    whole set's (more of it prefilled once): equal answers up to float rounding.
     """
 
     def __init__(self, pool, tokenizer, task: SeqRecTask, titles: Sequence[str], grounder, batch_size: int,
-                 decoding: Decoding):
-        super().__init__(None, tokenizer, task, titles, grounder, batch_size=batch_size)
+                 decoding: Decoding, generation: GenerationConfig | None = None):
+        super().__init__(None, tokenizer, task, titles, grounder, generation, batch_size=batch_size)
         self.pool, self.decoding = pool, decoding
 
     def answers(self, rows: Rows) -> list[str]:
         """The workers' answers, one per row, in row order."""
         from recalign.eval.ray_backend import shard_bounds
-        from recalign.llm.generate import batch_order
+        from recalign.llm.generate import batch_order, generation_batch_size
         from recalign.llm.tasks import prompts_for
 
         prompts = prompts_for(self.task, rows, self.titles, self.tokenizer)
         lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]] \
             if prompts else []
         order = batch_order(lengths)  # generate's own batches
-        shards = [order[start:stop] for start, stop in shard_bounds(len(order), len(self.pool), self.batch_size)]
+        size = generation_batch_size(self.settings(), self.batch_size)  # the workers' batches (trie or not)
+        shards = [order[start:stop] for start, stop in shard_bounds(len(order), len(self.pool), size)]
         answered = self.pool.map("answers", [(self.decoding, [int(rows.users[i]) for i in shard],
                                               [[int(item) for item in rows.histories[i]] for i in shard])
                                              for shard in shards])

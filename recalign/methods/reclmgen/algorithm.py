@@ -261,7 +261,9 @@ def generate_answers(config: RecLMGenConfig, model, tokenizer, task: str, rows: 
         return answer_records(task, rows, empty, torch.zeros(0, dtype=torch.long), [])
     prompts = prompts_for(ControlTask(max_history=config.max_history), rows, titles, tokenizer)
     widest = max(s.k for s in rows.labels)
-    settings = GenerationConfig(max_new_tokens=math.ceil(config.max_new_tokens * widest / 10), do_sample=False)
+    # Stopping once widest + 1 titles are final keeps every row's first k grounded titles and CorrectCount.
+    settings = GenerationConfig(max_new_tokens=math.ceil(config.max_new_tokens * widest / 10), do_sample=False,
+                                stop_after_titles=widest + 1)
     started, cpu = time.perf_counter(), time.process_time()
     answers = [a[0] for a in generate_on(config.backend, model, tokenizer, prompts, settings,
                                          batch_size=config.batch_size, progress=progress)]
