@@ -81,6 +81,7 @@ class EchoPool:
 
 def test_pooled_answers_cut_generation_batches_and_come_back_in_row_order():
     from recalign.llm.models import smollm2_tokenizer
+    from recalign.llm.generate import GenerationConfig
     from recalign.methods.llm_sft.stage import PooledAnswerLists
     from recalign.llm.tasks import Rows, SeqRecTask
 
@@ -89,12 +90,18 @@ def test_pooled_answers_cut_generation_batches_and_come_back_in_row_order():
     histories = [[0], [0, 0, 0], [0], [0, 0], [0, 0, 0, 0]]
     rows = Rows(np.array([10, 11, 12, 13, 14]), histories, np.full(5, -1))
     pool = EchoPool()
+    held = GenerationConfig(fast_batch_size=None)  # the fast path held to the stage's batch size
     lists = PooledAnswerLists(pool, smollm2_tokenizer(progress=False), SeqRecTask(max_history=5), TITLES, None,
-                              batch_size=2, decoding="constrained")
+                              batch_size=2, decoding="constrained", generation=held)
     assert lists.answers(rows) == ["u10:1", "u11:3", "u12:1", "u13:2", "u14:4"]
     assert [(decoding, users) for decoding, users, _ in pool.shards] == [("constrained", [14, 11, 13, 10]),
                                                                          ("constrained", [12])]
     assert lists.processor is None  # the trie lives on the workers, not on the driver
+    pool = EchoPool()  # the default fast path batches 64 prompts: the five rows are one batch, one shard
+    lists = PooledAnswerLists(pool, smollm2_tokenizer(progress=False), SeqRecTask(max_history=5), TITLES, None,
+                              batch_size=2, decoding="constrained")
+    assert lists.answers(rows) == ["u10:1", "u11:3", "u12:1", "u13:2", "u14:4"]
+    assert [users for _, users, _ in pool.shards] == [[14, 11, 13, 10, 12]]
 
 
 # ---- missing ray and bad settings: one-line ConfigErrors -------------------------------------------------------
