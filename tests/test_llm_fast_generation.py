@@ -219,3 +219,20 @@ def test_buffer_layers_write_in_place_and_keep_rows(tiny):
         results.append(out.logits[:, -1])
         assert type(cache.layers[0]).__name__ == ("DynamicLayer" if capacity is None else "BufferLayer")
     assert torch.allclose(results[0], results[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_constrained_beams_prefill_each_prompt_once_with_the_same_items(tiny, chat):
+    """Beam search: the prompt is prefilled once per prompt (not once per beam); items equal, scores to 1e-4."""
+    from recalign.llm.constrained import constrained_beam_search
+
+    model, tokenizer = tiny
+    prompts = _prompts(tokenizer) if chat else ["Dune ->", "x", "A much longer prompt about Emma ->", "Walden ->"]
+    with _Counter(model) as old:
+        items, scores = constrained_beam_search(model, tokenizer, prompts, CATALOG, k=4, batch_size=3,
+                                                prefill_once=False)
+    with _Counter(model) as new:
+        new_items, new_scores = constrained_beam_search(model, tokenizer, prompts, CATALOG, k=4, batch_size=3)
+    assert torch.equal(items, new_items)
+    assert torch.allclose(scores, new_scores, atol=1e-4)
+    assert new.tokens < (old.tokens / 2 if chat else old.tokens)  # short prompts: the beams dominate

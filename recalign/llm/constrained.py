@@ -321,6 +321,10 @@ class BeamSearchConfig(BaseModel):
     )
     prefix: str = Field("", description="text of the completion before the title (e.g. an opening quote)")
     suffix: str = Field("", description="text of the completion after the title (e.g. a closing quote + newline)")
+    prefill_once: bool = Field(
+        True, description="prefill each prompt once (its batch's shared prefix once), then copy the KV cache to "
+                          "the beams; false: model.generate prefills every beam's copy of the prompt"
+    )
 
 
 def constrained_beam_search(
@@ -359,16 +363,15 @@ def constrained_beam_search(
     tokenizer.padding_side = "left"  # generated tokens must start at the same column for every row
     try:
         for start in batches:
-            batch = tokenizer(
-                list(prompts[start : start + cfg.batch_size]),
-                return_tensors="pt",
-                padding=True,
-                add_special_tokens=cfg.add_special_tokens,
-            )
-            input_ids = batch["input_ids"].to(device)
-            out = _generate_beams(model, input_ids, batch["attention_mask"].to(device),
+            texts = list(prompts[start : start + cfg.batch_size])
+            if cfg.prefill_once:
+                input_ids, mask, cache = _prefilled(model, tokenizer, texts, cfg, num_beams, pad_id)
+            else:
+                batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=cfg.add_special_tokens)
+                input_ids, mask, cache = batch["input_ids"].to(device), batch["attention_mask"].to(device), None
+            out = _generate_beams(model, input_ids, mask,
                                   LogitsProcessorList([TrieLogitsProcessor(trie, input_ids.shape[1])]),
-                                  trie, cfg, num_beams, pad_id)
+                                  trie, cfg, num_beams, pad_id, cache)
             items, scores = _beam_items(trie, out, input_ids.shape[1], num_beams, cfg.k)
             all_items.append(items)
             all_scores.append(scores)
@@ -385,12 +388,41 @@ def _beam_search_config(config: BeamSearchConfig | None, overrides: dict[str, An
         raise ConfigError(f"constrained beam search: {str(exc).splitlines()[0]} ({sorted(overrides)})") from exc
 
 
+def _prefilled(model: Any, tokenizer: Any, texts: list[str], cfg: BeamSearchConfig, num_beams: int, pad_id: int
+               ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """(input ids [B, P + W], attention mask, KV cache of all but the last column, copied to every beam).
+
+    The batch's shared token prefix is run once and the suffixes, left-padded after it (padding masked, true
+    positions; `recalign.llm.fastgen`), once per prompt; `model.generate` then feeds only the last prompt column
+    of each beam (its position ids come from the mask's cumulative sum: the padding in the middle is skipped)."""
+    from recalign.llm.fastgen import DecodeConfig, PrefixCache, _forward, _suffix_inputs, shared_prefix_length
+
+    device = next(model.parameters()).device
+    encoded = tokenizer(texts, add_special_tokens=cfg.add_special_tokens)["input_ids"]
+    n = shared_prefix_length(encoded)
+    config = DecodeConfig(max_new_tokens=1, eos_ids=[], pad_id=pad_id)
+    with torch.no_grad():
+        prefix = PrefixCache(model, encoded[0][:n], config)
+        ids, mask, positions = _suffix_inputs([e[n:] for e in encoded], n, pad_id, device)
+        cache = prefix.expanded(len(encoded))
+        if ids.shape[1] > 1:
+            out = _forward(model, config, ids[:, :-1], mask[:, :-1], positions[:, :-1], prefix.key, cache)
+            cache = getattr(out, prefix.key)
+    prompt = torch.tensor(encoded[0][:n], dtype=torch.long, device=device).expand(len(encoded), n)
+    cache.batch_repeat_interleave(num_beams)
+    return torch.cat([prompt, ids], dim=1), mask, cache
+
+
 def _generate_beams(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, processors: Any,
-                    trie: CatalogTrie, cfg: BeamSearchConfig, num_beams: int, pad_id: int) -> Any:
+                    trie: CatalogTrie, cfg: BeamSearchConfig, num_beams: int, pad_id: int, cache: Any = None) -> Any:
     """One HF beam-search `generate` call under the trie's logits processor: all `num_beams` beams per prompt,
-    with their sequence scores."""
+    with their sequence scores (`cache`: the prompts' KV cache, already one copy per beam)."""
+    from recalign.llm.fastgen import cache_argument
+
+    extra = {cache_argument(model): cache} if cache is not None else {}
     with torch.no_grad():
         return model.generate(
+            **extra,
             input_ids=input_ids,
             attention_mask=attention_mask,
             num_beams=num_beams,
