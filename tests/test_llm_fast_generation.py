@@ -236,3 +236,18 @@ def test_constrained_beams_prefill_each_prompt_once_with_the_same_items(tiny, ch
     assert torch.equal(items, new_items)
     assert torch.allclose(scores, new_scores, atol=1e-4)
     assert new.tokens < (old.tokens / 2 if chat else old.tokens)  # short prompts: the beams dominate
+
+
+@pytest.mark.parametrize("rows", [3, 8])
+def test_chunked_prefill_of_a_large_batch_gives_the_same_answers(tiny, monkeypatch, rows):
+    """A 16-prompt batch prefills in length-sorted chunks written into one cache: answers as model.generate's."""
+    model, tokenizer = tiny
+    monkeypatch.setattr("recalign.llm.fastgen.PREFILL_ROWS", rows)
+    prompts = _prompts(tokenizer) + [p.replace("Recommend one book", "Name a novel") for p in _prompts(tokenizer)]
+    constraint = TrieConstraint(CatalogTrie.from_titles(CATALOG, tokenizer, prefix='"', suffix='"'))
+    for processor in (None, constraint):
+        old = generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=10, fast=False), batch_size=8,
+                       logits_processor=processor)
+        new = generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=10), batch_size=8,
+                       logits_processor=processor)
+        assert new == old

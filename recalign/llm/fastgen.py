@@ -14,7 +14,8 @@ keeping today's answers:
   of the answer are final (`recalign.llm.tasks.titles_final`); finished rows leave the batch once they are a
   quarter of it (their KV rows dropped), and the batch stops when no row is left.
 - large length-sorted batches (`GenerationConfig.fast_batch_size`, 64: a 64-row step costs little more than an
-  8-row one on a CPU), and a KV cache written in place (`BufferLayer`) instead of concatenated every step.
+  8-row one on a CPU), prefilled in chunks of `PREFILL_ROWS` (little padding), with a KV cache written in place
+  (`BufferLayer`) instead of concatenated every step.
 
 `recalign.llm.constrained.constrained_beam_search` uses `PrefixCache` and `_suffix_inputs` to prefill each prompt
 once before `model.generate`'s beam search.
@@ -102,8 +103,9 @@ class BufferLayer(DynamicLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         rows, heads = key_states.shape[:2]
-        self.key_buffer = key_states.new_empty((rows, heads, self.capacity, key_states.shape[-1]))
-        self.value_buffer = value_states.new_empty((rows, value_states.shape[1], self.capacity,
+        # Zeros, not garbage: masked positions must hold finite values (0 weight x NaN would be NaN).
+        self.key_buffer = key_states.new_zeros((rows, heads, self.capacity, key_states.shape[-1]))
+        self.value_buffer = value_states.new_zeros((rows, value_states.shape[1], self.capacity,
                                                     value_states.shape[-1]))
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -170,6 +172,38 @@ def _suffix_inputs(suffixes: list[Sequence[int]], prefix_length: int, pad_id: in
     return ids.to(device), mask.to(device), positions.to(device)
 
 
+PREFILL_ROWS = 8  # rows per prefill chunk: length-sorted chunks of 8 pad ~1% of the tokens, one chunk of 64 ~10%
+
+
+def _prefill(model, config: DecodeConfig, prefix: PrefixCache, ids: torch.Tensor, mask: torch.Tensor,
+             positions: torch.Tensor):
+    """(the batch's cache after its suffixes, the last position's logits [B, V]).
+
+    Large batches prefill in chunks of `PREFILL_ROWS` rows, each padded only to its own longest suffix, and the
+    chunks' keys/values are written into the batch's buffers right-aligned (the positions between prefix and a
+    shorter suffix stay zero and masked, as padding would be)."""
+    rows, width = ids.shape
+    cache = prefix.expanded(rows, prefix.length + width + config.max_new_tokens)
+    if rows <= PREFILL_ROWS or not prefix.length or not isinstance(cache.layers[0], BufferLayer):
+        out = _forward(model, config, ids, mask, positions, prefix.key, cache)
+        return getattr(out, prefix.key), out.logits[:, -1, :]
+    logits, n = [], prefix.length
+    for start in range(0, rows, PREFILL_ROWS):
+        part = slice(start, min(start + PREFILL_ROWS, rows))
+        real = int(mask[part, n:].sum(1).max())  # the chunk's longest suffix
+        chunk_mask = torch.cat([mask[part, :n], mask[part, n + width - real:]], dim=1)
+        out = _forward(model, config, ids[part, width - real:], chunk_mask, positions[part, width - real:],
+                       prefix.key, prefix.expanded(part.stop - start))
+        for layer, chunk in zip(cache.layers, getattr(out, prefix.key).layers):
+            layer.key_buffer[part, :, n + width - real:n + width] = chunk.keys[:, :, n:]
+            layer.value_buffer[part, :, n + width - real:n + width] = chunk.values[:, :, n:]
+        logits.append(out.logits[:, -1, :])
+    for layer in cache.layers:
+        layer.length = n + width
+        layer.keys, layer.values = layer.key_buffer[:, :, :n + width], layer.value_buffer[:, :, :n + width]
+    return cache, torch.cat(logits)
+
+
 def _decode_batch(model, tokenizer, suffixes: list[Sequence[int]], prefix: PrefixCache,
                   config: DecodeConfig) -> list[list[int]]:
     """The generated token ids of one batch, each row up to where it stopped (its stop token included).
@@ -178,9 +212,7 @@ def _decode_batch(model, tokenizer, suffixes: list[Sequence[int]], prefix: Prefi
     compacted: dropping rows copies the cache, so it is not done for every row that ends."""
     device = next(model.parameters()).device
     ids, mask, positions = _suffix_inputs(suffixes, prefix.length, config.pad_id, device)
-    cache = prefix.expanded(len(suffixes), prefix.length + ids.shape[1] + config.max_new_tokens)
-    out = _forward(model, config, ids, mask, positions, prefix.key, cache)
-    logits = out.logits[:, -1, :]
+    cache, logits = _prefill(model, config, prefix, ids, mask, positions)
     processor = config.processor.for_batch(0) if config.processor is not None else None
     stop = _StopRule(tokenizer, config, device)
     rows = torch.arange(len(suffixes), device=device)         # original row of each batch row
