@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -42,7 +45,10 @@ def tiny_dataset() -> Dataset:
 @pytest.fixture()
 def synthetic_dataset() -> Dataset:
     """A small seeded synthetic dataset (200 users, 60 items, sequences of 10-20) with learnable structure."""
-    from recalign.data.sources.synthetic import SyntheticSourceConfig, generate_synthetic
+    from recalign.data.sources.synthetic import (
+        SyntheticSourceConfig,
+        generate_synthetic,
+    )
 
     return generate_synthetic(SyntheticSourceConfig(n_users=200, n_items=60, n_categories=4, min_length=10,
                                                max_length=20, seed=0))
@@ -71,3 +77,19 @@ def toy_policy(seed: int = 0):
     with torch.no_grad():
         model.model.norm.weight.mul_(4.0)
     return model, tokenizer
+
+
+def hashing_encoder(texts, width: int = 16) -> np.ndarray:
+    """A deterministic `width`-d vector per text (seeded by its hash): stands in for a sentence encoder."""
+    out = [np.random.default_rng(int(hashlib.sha256(t.encode()).hexdigest()[:8], 16)).normal(size=width)
+           for t in texts]
+    return np.asarray(out, dtype=np.float32).reshape(len(texts), width)
+
+
+def use_hashing_text_encoder(monkeypatch, cache_dir, width: int = 16) -> None:
+    """Make RecGPT embed item texts with `hashing_encoder` (cached under `cache_dir`) instead of MiniLM."""
+    import recalign.methods.recgpt.algorithm as recgpt
+
+    real = recgpt.embed_texts
+    monkeypatch.setattr(recgpt, "embed_texts", lambda texts, model, **kw: real(
+        texts, model, **{**kw, "encoder": lambda t: hashing_encoder(t, width), "cache_dir": cache_dir}))

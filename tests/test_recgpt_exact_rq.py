@@ -3,7 +3,6 @@ RQ-KMeans item tokenizer (unique, deterministic codes through the same catalog p
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import math
@@ -11,6 +10,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import hashing_encoder as shared_hashing_encoder
+from conftest import use_hashing_text_encoder
 
 import recalign.methods.recgpt.algorithm as recgpt
 from recalign.methods.recgpt.beam import (
@@ -35,9 +36,7 @@ pytestmark = pytest.mark.fast
 
 def hashing_encoder(texts):
     """A deterministic 8-d vector per text (seeded by its hash): equal texts get equal vectors."""
-    out = [np.random.default_rng(int(hashlib.sha256(t.encode()).hexdigest()[:8], 16)).normal(size=8)
-           for t in texts]
-    return np.asarray(out, dtype=np.float32).reshape(len(texts), 8)
+    return shared_hashing_encoder(texts, width=8)
 
 
 def tiny_decoder(sizes, text_dim: int = 8, seed: int = 0) -> RecGPTDecoder:
@@ -163,9 +162,7 @@ def test_stage_with_rq_kmeans_codes_reports_exact_metrics_beside_the_unchanged_b
     from recalign.methods.recgpt.stage import exact_differences
     from recalign.runs import run_recipe
 
-    real = recgpt.embed_texts
-    monkeypatch.setattr(recgpt, "embed_texts", lambda texts, model, **kw: real(
-        texts, model, **{**kw, "encoder": hashing_encoder, "cache_dir": tmp_path / "cache"}))
+    use_hashing_text_encoder(monkeypatch, tmp_path / "cache", width=8)
     tokenizer = {"kind": "rq_kmeans", "rq_kmeans": {"levels": 2, "codebook_size": 4, "iterations": 3}}
     beam_only = run_recipe(stage_recipe(tokenizer=tokenizer), tmp_path / "run", progress=False)["stages"]["recgpt"]
     assert "inference" not in beam_only and not any(k.startswith("exact.") for k in beam_only)

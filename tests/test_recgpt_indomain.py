@@ -3,12 +3,12 @@ validation part, it beats Popularity on the recipe's test users; batching and th
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import numpy as np
 import pytest
 import torch
+from conftest import use_hashing_text_encoder
 
 import recalign.methods.recgpt.algorithm as recgpt
 from recalign.methods.recgpt.decoder import DecoderConfig, RecGPTDecoder, pad_histories
@@ -17,18 +17,9 @@ from recalign.recipes import recipe_from_dict
 from recalign.runs import run_recipe
 
 
-def hashing_encoder(texts):
-    """A deterministic 16-d vector per text (seeded by its hash): stands in for a sentence encoder."""
-    out = [np.random.default_rng(int(hashlib.sha256(t.encode()).hexdigest()[:8], 16)).normal(size=16)
-           for t in texts]
-    return np.asarray(out, dtype=np.float32).reshape(len(texts), 16)
-
-
 @pytest.fixture(autouse=True)
 def fake_text_encoder(monkeypatch, tmp_path):
-    real = recgpt.embed_texts
-    monkeypatch.setattr(recgpt, "embed_texts", lambda texts, model, **kw: real(
-        texts, model, **{**kw, "encoder": hashing_encoder, "cache_dir": tmp_path / "cache"}))
+    use_hashing_text_encoder(monkeypatch, tmp_path / "cache")
 
 
 def indomain_recipe(seed: int = 0) -> dict:
@@ -69,7 +60,7 @@ def test_zero_shot_fingerprint_ignores_the_in_domain_keys():
 
 def test_length_grouped_batches_cover_every_row_once_and_are_seeded():
     lengths = [int(x) for x in np.random.default_rng(0).integers(2, 20, size=103)]
-    make = lambda: batch_order(lengths, 10, torch.Generator().manual_seed(4), grouped=True)  # noqa: E731
+    make = lambda: batch_order(lengths, 10, torch.Generator().manual_seed(4), grouped=True)
     batches = make()
     assert sorted(i for b in batches for i in b) == list(range(103)) and batches == make()
     spread = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches]

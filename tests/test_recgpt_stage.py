@@ -2,31 +2,22 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import numpy as np
 import pytest
 import torch
+from conftest import use_hashing_text_encoder
 
 import recalign.methods.recgpt.algorithm as recgpt
-from recalign.recipes import recipe_from_dict
 from recalign.methods.recgpt.codes import ItemCodes
+from recalign.recipes import recipe_from_dict
 from recalign.runs import run_recipe
-
-
-def hashing_encoder(texts):
-    """A deterministic 16-d vector per text (seeded by its hash): stands in for a sentence encoder."""
-    out = [np.random.default_rng(int(hashlib.sha256(t.encode()).hexdigest()[:8], 16)).normal(size=16)
-           for t in texts]
-    return np.asarray(out, dtype=np.float32).reshape(len(texts), 16)
 
 
 @pytest.fixture(autouse=True)
 def fake_text_encoder(monkeypatch, tmp_path):
-    real = recgpt.embed_texts
-    monkeypatch.setattr(recgpt, "embed_texts", lambda texts, model, **kw: real(
-        texts, model, **{**kw, "encoder": hashing_encoder, "cache_dir": tmp_path / "cache"}))
+    use_hashing_text_encoder(monkeypatch, tmp_path / "cache")
 
 
 def synthetic(seed: int, n_users: int = 24, n_items: int = 30) -> dict:
