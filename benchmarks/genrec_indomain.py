@@ -247,6 +247,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: 3,000 training users, 3 epochs")
     parser.add_argument("--datasets", nargs="+", default=["beauty", "toys"], choices=["beauty", "toys"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--seeds-for", nargs="+", default=[], metavar="DATASET=S,S",
+                        help="seeds of one dataset instead of --seeds, e.g. toys=0 (one seed of Toys beside three "
+                             "of Beauty: the 90-minute budget run)")
     parser.add_argument("--codes", nargs="*", default=["rq_kmeans", "fsq"], choices=list(CODES),
                         help="code kinds to run (none: baselines only)")
     parser.add_argument("--code-seeds", type=int, default=None, help="seeds run for codes after the first "
@@ -270,6 +273,10 @@ def main() -> None:
     parser.add_argument("--hot-path", action="store_true", help="only the before/after epoch-time comparison "
                                                                 "(-> genrec_indomain_hotpath.json)")
     args = parser.parse_args()
+    for spec in args.seeds_for:
+        key, eq, seeds = spec.partition("=")
+        if key not in ("beauty", "toys") or not eq or not all(x.strip().isdigit() for x in seeds.split(",")):
+            parser.error(f"--seeds-for {spec!r}: expected DATASET=S[,S...] with DATASET beauty or toys")
     torch.set_num_threads(args.threads)
     args.text_model = use_text_encoder(args.text)
     if args.merge:
@@ -304,6 +311,15 @@ def main() -> None:
     print(f"wrote {out}")
 
 
+def dataset_seeds(args, name: str) -> list[int]:
+    """`--seeds`, unless `--seeds-for NAME=...` names other seeds for this dataset."""
+    for spec in args.seeds_for:
+        key, _, seeds = spec.partition("=")
+        if key == name:
+            return [int(s) for s in seeds.split(",") if s]
+    return list(args.seeds)
+
+
 def run_dataset(name: str, args, size: dict, found: tuple[list, dict, dict], save, log) -> None:
     """Baselines and every RecGPT run of one dataset on its test users; `found` (rows, curves, differences) grows
     and `save()` rewrites the report after each run."""
@@ -313,7 +329,7 @@ def run_dataset(name: str, args, size: dict, found: tuple[list, dict, dict], sav
     eligible, _, _ = relevant_items(split.test, ds.n_users)
     users = eval_users(eligible, size["test_users"], 0)  # the same users for every model and seed
     log(f"{ds.name}: {ds.n_users} users, {ds.n_items} items, {len(users)} test users")
-    for i, seed in enumerate(args.seeds):
+    for i, seed in enumerate(dataset_seeds(args, name)):
         if args.baselines == "all" or (args.baselines == "first-seed" and i == 0):
             rows += run_baselines(ds, split, users, seed, size, log)
             save()
@@ -366,7 +382,8 @@ def write_report(out: Path, args, size: dict, rows, curves, differences, started
               "settings": {**size, "text": args.text, "train_users": args.train_users,
                            "max_train_seconds": args.max_train_seconds, "layers": args.layers, "dim": args.dim,
                            "lr": args.lr, "beam": args.beam,
-                           "codes": {c: CODES[c] for c in args.codes}, "sasrec": SASREC, "seeds": args.seeds},
+                           "codes": {c: CODES[c] for c in args.codes}, "sasrec": SASREC, "seeds": args.seeds,
+                           "seeds_for": args.seeds_for},
               "machine": {"python": platform.python_version(), "torch": torch.__version__,
                           "threads": torch.get_num_threads(), "load_average": list(os.getloadavg())},
               "anchors": ANCHORS, "rows": rows, "summary": means, "exact_minus_beam": differences,

@@ -575,7 +575,9 @@ def evaluate_run(
                 from recalign.methods.llm_sft.stage import reevaluate_llm_stage
                 from recalign.methods import get_stage
 
-                params = get_stage(stage.kind).params.model_validate(stage.params)
+                from recalign.stages import resolve_model_reference
+
+                params = resolve_model_reference(get_stage(stage.kind).params.model_validate(stage.params), run_dir)
                 rows[stage.name] = reevaluate_llm_stage(ctx, params, part=part)
             else:
                 err.print(f"[{stage.name}] {stage.kind} stages are not re-evaluated; see {run_dir}/metrics.json",

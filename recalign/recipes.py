@@ -16,7 +16,7 @@ from recalign.config import (MOVED_TO_EVAL, Recipe, StageConfig, _describe, appl
                              validate_data_source)
 from recalign.errors import ConfigError, RecalignError, quoted
 from recalign.methods import KIND_ALIASES, STAGE_KINDS, get_stage
-from recalign.stages import fill_seeds
+from recalign.stages import fill_seeds, model_reference
 
 __all__ = ["load_recipe", "recipe_from_dict", "validate_stage_params", "stage_dependencies", "get_stage"]
 
@@ -120,7 +120,10 @@ def stage_dependencies(stages: Sequence[_StageLike]) -> dict[str, dict[str, str]
     result: dict[str, dict[str, str]] = {}
     for position, spec in enumerate(stages):
         kind = get_stage(spec.kind)
-        declared = kind.depends_on(kind.params.model_validate(spec.params), names)
+        params = kind.params.model_validate(spec.params)
+        declared = dict(kind.depends_on(params, names))
+        if model_reference(params) is not None:  # `model: stage:<name>`: the model an earlier stage saved
+            declared["model"] = model_reference(params)
         for field_name, target in declared.items():
             where = f"stages.{spec.name}.params.{field_name}"
             if target not in names:

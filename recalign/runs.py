@@ -52,7 +52,7 @@ from recalign.preparation import (
 )
 from recalign.processes import process_rank, world_size
 from recalign.recipes import stage_dependencies
-from recalign.stages import DONE, RunContext, fill_seeds
+from recalign.stages import DONE, RunContext, fill_seeds, model_reference, resolve_model_reference
 
 if TYPE_CHECKING:
     from recalign.data.split import Split
@@ -314,6 +314,7 @@ def _run_stage(spec: StageConfig, config_hash: str, run_dir: Path, dataset: Data
     """Run one stage in a temp folder and rename it into place when it succeeded."""
     stage = get_stage(spec.kind)
     params = fill_seeds(stage.params.model_validate(spec.params), recipe.seed)  # no-op for a loaded recipe
+    params = resolve_model_reference(params, run_dir)  # `model: stage:<name>` -> that stage's model folder
     final = run_dir / "stages" / spec.name
     with atomic_folder(final, fixed_tmp=True) as tmp:
         ctx = RunContext(run_dir=run_dir, stage_dir=tmp, dataset=dataset, split=split, seed=recipe.seed,
@@ -329,6 +330,9 @@ def _run_stage(spec: StageConfig, config_hash: str, run_dir: Path, dataset: Data
         seconds = time.perf_counter() - started
         if not isinstance(metrics, dict):
             raise RecalignError(f"stage {spec.name!r} ({spec.kind}) returned {type(metrics).__name__}, not a dict")
+        if model_reference(stage.params.model_validate(spec.params)) is not None \
+                and metrics.get("model") == getattr(params, "model", None):
+            metrics["model"] = spec.params["model"]  # the recipe's `stage:<name>`, not this machine's path
         metrics = {"kind": spec.kind, **metrics, "stage_seconds": round(seconds, 3)}
         write_json(tmp / "metrics.json", metrics)
         write_json(tmp / DONE, {"config_hash": config_hash, "finished": time.strftime("%Y-%m-%d %H:%M:%S")})

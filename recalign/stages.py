@@ -64,6 +64,31 @@ class Stage:
             raise ValueError(f"Stage.reads: unknown recipe sections {sorted(unknown)}; known: {sorted(RECIPE_SECTIONS)}")
 
 
+# ---- model references ------------------------------------------------------------------------------
+
+MODEL_REFERENCE = "stage:"  # `model: stage:toy-lm` = the model an earlier stage saved under <stage>/model
+
+
+def model_reference(params: BaseModel) -> str | None:
+    """The earlier stage a params' `model: stage:<name>` names, or None (a plain model name or no model field)."""
+    model = getattr(params, "model", None)
+    if isinstance(model, str) and model.startswith(MODEL_REFERENCE):
+        return model[len(MODEL_REFERENCE):]
+    return None
+
+
+def resolve_model_reference(params: BaseModel, run_dir: Path) -> BaseModel:
+    """`params` with `model: stage:<name>` replaced by that stage's saved model folder (run/stages/<name>/model);
+    other params unchanged. A missing folder is a ConfigError naming the stage."""
+    name = model_reference(params)
+    if name is None:
+        return params
+    folder = run_dir / "stages" / name / "model"
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"model: {MODEL_REFERENCE}{name}: stage {name!r} saved no model at {folder}")
+    return params.model_copy(update={"model": str(folder.resolve())})
+
+
 # ---- the seed rule ----------------------------------------------------------------------------------
 
 def is_seed_field(name: str) -> bool:

@@ -14,6 +14,7 @@ from recalign.methods.recgpt.stage import RECGPT_STAGE
 from recalign.methods.reclmgen.stage import RECLMGEN_STAGE
 from recalign.methods.sprec.stage import SPREC_STAGE
 from recalign.methods.teacher.stage import TEACHER_STAGE
+from recalign.methods.toy_lm.stage import TOY_LM_STAGE
 from recalign.methods.trackrec.stage import TRACKREC_STAGE
 from recalign.methods.trd.stage import TRD_STAGE
 from recalign.stages import Stage
@@ -27,6 +28,7 @@ STAGE_KINDS: dict[str, Stage] = {
     "reclmgen": RECLMGEN_STAGE,
     "trackrec": TRACKREC_STAGE,
     "recgpt": RECGPT_STAGE,
+    "toy-lm": TOY_LM_STAGE,
 }
 # older recipe kinds that still work: alias -> kind. `controllable` was RecLM-gen's first name here.
 KIND_ALIASES: dict[str, str] = {"controllable": "reclmgen"}

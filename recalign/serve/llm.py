@@ -492,7 +492,7 @@ def llm_app_from_stage(folder: str | os.PathLike, *, token: str | None = None,
                        progress: bool = False, backend=None) -> FastAPI:
     """The LLM app of a finished llm-sft stage RUN/stages/NAME: its base model + saved adapter, task and catalog."""
     from recalign.llm.models import load_model
-    from recalign.stages import DONE
+    from recalign.stages import DONE, resolve_model_reference
     from recalign.runs import open_run
     from recalign.methods import get_stage
 
@@ -504,7 +504,7 @@ def llm_app_from_stage(folder: str | os.PathLike, *, token: str | None = None,
     spec = next((s for s in recipe.stages if s.name == stage_dir.name), None)
     if spec is None or spec.kind != "llm-sft":
         raise ConfigError(f"{stage_dir}: not an llm-sft stage of {run_dir} (kind {getattr(spec, 'kind', None)})")
-    params = get_stage(spec.kind).params.model_validate(spec.params)
+    params = resolve_model_reference(get_stage(spec.kind).params.model_validate(spec.params), run_dir)
     if params.save == "none":
         raise ConfigError(f"{stage_dir}: the stage saved no model (save: none)")
     model_dir = stage_dir / "model"
