@@ -524,7 +524,7 @@ def train_llm_sft(
 
 
 def _run(recipe, run_dir: Path, quiet: bool) -> None:
-    from recalign.eval.report import results_table
+    from recalign.eval.report import claims_table, results_table
     from recalign.processes import process_rank
     from recalign.runs import run_recipe
 
@@ -532,6 +532,9 @@ def _run(recipe, run_dir: Path, quiet: bool) -> None:
     if process_rank() > 0:  # one table, from rank 0
         return
     out.print(results_table(summary, recipe.eval.table))
+    claims = claims_table(summary)
+    if claims is not None:
+        out.print(claims)
     out.print(f"run folder: {run_dir} (report.md, report.html, metrics.json)")
 
 

@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from recalign.errors import ConfigError, quoted, shorten
+from recalign.eval.claims import ClaimSpec
 
 
 class StrictConfig(BaseModel):
@@ -148,6 +149,21 @@ class Recipe(StrictConfig):
     split: SplitConfig = Field(default_factory=SplitConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     stages: list[StageConfig] = Field(description="the stages to run in order (at least one)")
+    claims: list[ClaimSpec] = Field(default_factory=list,
+                                    description="claims checked after the stages: a row against a baseline row on "
+                                                "one metric, paired bootstrap over the same users "
+                                                "(recalign.eval.claims)")
+
+    @model_validator(mode="after")
+    def _claims_name_stages(self) -> "Recipe":
+        names = {stage.name for stage in self.stages}
+        for i, claim in enumerate(self.claims):
+            for key in ("row", "baseline"):
+                stage = getattr(claim, key).partition(":")[0]
+                if stage not in names:
+                    raise ValueError(f"claims[{i}].{key}: no stage named {quoted(stage)}; stages: "
+                                     f"{', '.join(s.name for s in self.stages)}")
+        return self
 
     @field_validator("datasets", mode="before")
     @classmethod

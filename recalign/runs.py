@@ -331,8 +331,8 @@ def _run_stage(spec: StageConfig, config_hash: str, run_dir: Path, dataset: Data
         if not isinstance(metrics, dict):
             raise RecalignError(f"stage {spec.name!r} ({spec.kind}) returned {type(metrics).__name__}, not a dict")
         if model_reference(stage.params.model_validate(spec.params)) is not None \
-                and metrics.get("model") == getattr(params, "model", None):
-            metrics["model"] = spec.params["model"]  # the recipe's `stage:<name>`, not this machine's path
+                and isinstance(metrics.get("model"), str):  # the recipe's `stage:<name>`, not this machine's path
+            metrics["model"] = metrics["model"].replace(str(params.model), str(spec.params["model"]))
         metrics = {"kind": spec.kind, **metrics, "stage_seconds": round(seconds, 3)}
         write_json(tmp / "metrics.json", metrics)
         write_json(tmp / DONE, {"config_hash": config_hash, "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
@@ -341,7 +341,11 @@ def _run_stage(spec: StageConfig, config_hash: str, run_dir: Path, dataset: Data
 
 
 def _write_summary(run_dir: Path, recipe: Recipe, fingerprint: str, results: dict[str, dict]) -> dict:
+    from recalign.eval.claims import check_claims
+
     summary = {"recipe": recipe.name, "dataset": fingerprint, "seed": recipe.seed, "stages": results}
+    if recipe.claims:  # each claim: a row against its baseline, paired bootstrap over the same users
+        summary["claims"] = check_claims(run_dir, recipe.claims, seed=recipe.seed)
     write_json(run_dir / "metrics.json", summary)
     return summary
 

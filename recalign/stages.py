@@ -199,9 +199,14 @@ class RunContext:
         seed = self.recipe.eval.users_seed if self.recipe.eval.users_seed is not None else self.seed
         return eval_users(eligible, self.recipe.eval.users, seed)
 
-    def evaluate(self, model: "Recommender | ListRecommender", part: str = "test", **overrides: Any) -> dict:
+    def evaluate(self, model: "Recommender | ListRecommender", part: str = "test", label: str | None = None,
+                 **overrides: Any) -> dict:
         """Evaluate a recommender (scores) or a list recommender with the recipe's protocol (ks, full/sampled,
-        history exclusion, seed) on the recipe's users (`eval.users`); records `users_hash` of the users."""
+        history exclusion, seed) on the recipe's users (`eval.users`); records `users_hash` of the users.
+
+        The users' lists are kept in <stage>/lists/<label>.pt (default label: the part), so that a claim can
+        compare two rows user by user (`recalign.eval.claims`); a later evaluation with the same label replaces it.
+        """
         from recalign.eval.evaluate import evaluate
 
         spec = self.recipe.eval
@@ -217,11 +222,25 @@ class RunContext:
             # they can be inspected or reused by other tools.
             options["candidates_path"] = (self.run_dir / "candidates" / f"{part}-{self.dataset.fingerprint()[:12]}-"
                                           f"n{options['n_negatives']}-seed{options['seed']}.pt")
-        result = evaluate(model, self.dataset, self.split, part=part, **options)
+        kept: dict = {}
+        result = evaluate(model, self.dataset, self.split, part=part, keep=kept, **options)
         if options.get("users") is not None:
             result["users_hash"] = users_hash(options["users"])
+        save_lists(self.stage_dir / LISTS / f"{label or part}.pt", kept)
         return result
 
+
+
+LISTS = "lists"  # <stage>/lists/<label>.pt: the evaluated users' lists and targets
+
+
+def save_lists(path: Path, kept: dict) -> None:
+    """Write the tensors an evaluation kept (users, lists, relevant, n_relevant, n_items); torch.load with
+    weights_only=True reads them back (no pickle of arbitrary objects)."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({key: value for key, value in kept.items()}, path)
 
 
 def users_hash(users: "np.ndarray | list[int]") -> str:

@@ -143,6 +143,7 @@ def evaluate(
     candidates_path: str | os.PathLike | None = None,
     users: Sequence[int] | np.ndarray | None = None,
     n_users: int | None = None,
+    keep: dict | None = None,
 ) -> dict:
     """Rank the users with a target in `part`, given `split.history(part)`; every list metric at every K.
 
@@ -155,6 +156,8 @@ def evaluate(
     mgu/dgu when items have categories, valid_ratio; the validity metrics of docs/metrics.md §2.4 for generated
     answers) plus n_users, n_eligible, n_removed (users with no target in `part`), protocol, part,
     exclude_history, k, ranking ("scores" or "lists") and the candidate seed for "sampled".
+    `keep` (a dict) receives what the metrics were computed from, for paired comparisons later
+    (`recalign.eval.claims`): users, lists [U, K], relevant, n_relevant, n_items.
     """
     ks, scores_model = _checked_settings(model, protocol, ks)
     history = dataset.sequences(split.history(part))
@@ -171,6 +174,9 @@ def evaluate(
     else:
         lists, generated = _model_lists(model, history, chosen, ks[-1])
     inputs = _list_inputs(dataset, split, history, chosen, lists, generated, relevant, counts, parity)
+    if keep is not None:
+        keep.update(users=torch.as_tensor(chosen, dtype=torch.long), lists=inputs.lists.clone(),
+                    relevant=relevant.clone(), n_relevant=counts.clone(), n_items=torch.tensor(dataset.n_items))
     result: dict = score_lists(inputs, ks)
     result.update(_run_fields(dataset, eligible, chosen, protocol=protocol, part=part, exclude_history=exclude_history,
                               ks=ks, scores_model=scores_model, n_negatives=n_negatives, seed=seed, parity=parity))

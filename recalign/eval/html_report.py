@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 from recalign.eval.report import (
+    collect_claims,
     choose_columns,
     column_title,
     protocol_note,
@@ -307,15 +308,6 @@ def figures_sections(folder: Path) -> str:
         if figures:
             parts += [f"<h2>{_e(title)}</h2>", '<div class="figures">', *figures, "</div>"]
     return "\n".join(parts)
-
-
-def collect_claims(summary: dict) -> list[dict]:
-    """The claims the metrics carry: a top-level `claims` list and each stage's `claims` list (objects)."""
-    claims = [dict(c) for c in summary.get("claims") or [] if isinstance(c, dict)]
-    for name, metrics in summary.get("stages", {}).items():
-        entries = metrics.get("claims") if isinstance(metrics, dict) else None
-        claims += [{"stage": name, **c} for c in entries or [] if isinstance(c, dict)]
-    return claims
 
 
 def _plain(value: object) -> str:

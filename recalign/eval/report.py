@@ -154,6 +154,30 @@ def markdown_table(summary: dict, columns: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
+def collect_claims(summary: dict) -> list[dict]:
+    """The claims a run's metrics carry: the recipe's (`claims`) and each stage's own `claims` list."""
+    claims = [dict(c) for c in summary.get("claims") or [] if isinstance(c, dict)]
+    for name, metrics in (summary.get("stages") or {}).items():
+        entries = metrics.get("claims") if isinstance(metrics, dict) else None
+        claims += [{"stage": name, **c} for c in entries or [] if isinstance(c, dict)]
+    return claims
+
+
+def claims_table(summary: dict) -> Table | None:
+    """The claims as a rich table for the console (None when there are none)."""
+    from recalign.eval.claims import COLUMNS, claim_cells
+
+    claims = collect_claims(summary)
+    if not claims:
+        return None
+    table = Table(title="claims (row - baseline, 95% paired-bootstrap interval)")
+    for column in COLUMNS:
+        table.add_column(column, justify="right" if column in ("value", "baseline_value", "difference") else "left")
+    for claim in claims:
+        table.add_row(*claim_cells(claim))
+    return table
+
+
 def write_report(run_dir: str | os.PathLike, columns: list[str] | None = None) -> Path:
     """Write run_dir/report.md: what ran on which data, the results table, every metric per stage."""
     folder = Path(run_dir)
@@ -171,7 +195,14 @@ def write_report(run_dir: str | os.PathLike, columns: list[str] | None = None) -
                   f"{counts.get('interactions')} interactions; split `{dataset.get('split', {}).get('kind')}`; "
                   f"seed {summary.get('seed')}.", ""]
     note = protocol_note(summary.get("stages", {}))
-    lines += ["## Results", "", markdown_table(summary, columns), ""] + ([note, ""] if note else []) + [
+    from recalign.eval.claims import claims_markdown
+
+    claims = claims_markdown(collect_claims(summary))
+    lines += ["## Results", "", markdown_table(summary, columns), ""] + ([note, ""] if note else [])
+    lines += (["## Claims", "", "Each claim compares two rows on the same users: the difference with its 95% "
+               "paired-bootstrap interval, and whether the claimed direction holds.", "", claims, ""]
+              if claims else [])
+    lines += [
               "The resolved recipe is `config.yaml`; per-stage artifacts are under `stages/<name>/`.", "",
               "## All metrics", ""]
     for name, metrics in summary.get("stages", {}).items():

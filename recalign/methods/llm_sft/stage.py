@@ -98,7 +98,7 @@ def evaluate_decodings(ctx: "RunContext", model, tokenizer, params: LLMSFTConfig
             lists_model = PooledAnswerLists(pool, tokenizer, params.task, titles, grounder, params.batch_size,
                                             decoding, params.generation)
         started = time.perf_counter()
-        scored = ctx.evaluate(lists_model, part=part)
+        scored = ctx.evaluate(lists_model, part=part, label=None if position == 0 else f"{part}-{decoding}")
         scored["generation_seconds"] = round(time.perf_counter() - started, 3)
         scored.update(title_validity(lists_model.answers_, titles, params.task))
         prefix = "" if position == 0 else f"{decoding}."

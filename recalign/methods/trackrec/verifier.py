@@ -32,10 +32,13 @@ NO_FORMS = ("No", " No", "no", " no", "NO")
 
 
 def _single_token_ids(tokenizer, forms: Sequence[str]) -> list[int]:
+    """The ids of the forms that are one known token (a word-level vocabulary maps unknown forms to its unknown
+    token, which is no answer)."""
+    unknown = getattr(tokenizer, "unk_token_id", None)
     ids = []
     for form in forms:
         encoded = tokenizer.encode(form, add_special_tokens=False)
-        if len(encoded) == 1:
+        if len(encoded) == 1 and encoded[0] != unknown:
             ids.append(int(encoded[0]))
     return sorted(set(ids))
 

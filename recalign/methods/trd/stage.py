@@ -151,7 +151,7 @@ def run_recipe_stage(ctx: "RunContext", config: TRDConfig) -> dict:
         started = time.perf_counter()
         metrics = ctx.evaluate(lists, part="test")
         seconds["student_rerank"] = time.perf_counter() - started
-        teacher_metrics = ctx.evaluate(teacher, part="test")
+        teacher_metrics = ctx.evaluate(teacher, part="test", label="teacher")
     _save_student(ctx, student, teacher, config)
     gain = _relative_gain(metrics.get("ndcg@10"), teacher_metrics.get("ndcg@10"))
     ctx.log(f"test ndcg@10 teacher {teacher_metrics.get('ndcg@10', float('nan')):.4f} "

@@ -1,0 +1,137 @@
+"""Claims: "this row beats that row on this metric", measured user by user with a paired bootstrap interval.
+
+A recipe lists its claims (`claims:`); each names two evaluated rows of the run (a stage, or one of a stage's
+labelled evaluations: "trd:teacher"), one list metric and the expected direction. Both rows were scored on the
+same users by the same evaluator, which kept their lists (`RunContext.evaluate` -> <stage>/lists/<label>.pt), so
+the difference is recomputed on resampled users (the same resample for both rows) and read against its interval:
+
+    higher     holds when the whole interval is above 0        (e.g. llm-sft above Popularity on HR@10)
+    lower      holds when the whole interval is below 0        (e.g. SPRec's ORRatio below its SFT's)
+    not_lower  holds unless the whole interval is below 0      (e.g. "HR not significantly lower")
+
+Stages may also report claims they checked themselves (a `claims` list in their metrics, same keys).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from recalign.errors import ConfigError
+
+EXPECTATIONS = ("higher", "lower", "not_lower")
+COLUMNS = ("method", "claim", "metric", "value", "baseline", "baseline_value", "difference", "interval", "verdict")
+
+
+class ClaimSpec(BaseModel):
+    """One claim of a recipe: `row` against `baseline` on `metric`, expected `expect`."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: str = Field(description="the method whose claim it is, as the table shows it (e.g. SPRec)")
+    claim: str = Field(description="the claim in words")
+    row: str = Field(description="the evaluated row: a stage name, or stage:label for a labelled evaluation")
+    baseline: str = Field(description="the row it is compared with (same forms)")
+    metric: str = Field(description="a list metric, e.g. hr@10, ndcg@10, div_ratio@10, or_ratio@10")
+    expect: Literal["higher", "lower", "not_lower"] = Field("higher", description="direction that makes it hold")
+
+
+def lists_path(run_dir: Path, row: str) -> Path:
+    """<run>/stages/<stage>/lists/<label>.pt of a row "stage" (label "test") or "stage:label"."""
+    stage, _, label = row.partition(":")
+    return run_dir / "stages" / stage / "lists" / f"{label or 'test'}.pt"
+
+
+def load_lists(path: Path) -> dict:
+    """The tensors an evaluation kept (weights_only: no arbitrary unpickling)."""
+    import torch
+
+    if not path.is_file():
+        raise ConfigError(f"claims: {path} is missing (the row was not evaluated in this run)")
+    return torch.load(path, weights_only=True)
+
+
+def metric_on_rows(kept: dict, metric: str):
+    """index -> {metric: value} on those rows (repeats allowed) of a kept evaluation."""
+    from recalign.eval.lists import ListInputs, score_lists
+
+    k = int(metric.split("@", 1)[1]) if "@" in metric else 1
+    lists, relevant, n_relevant = kept["lists"], kept["relevant"], kept["n_relevant"]
+    n_items = int(kept["n_items"])
+    if lists.shape[1] < k:  # a shorter list: its missing slots are misses
+        import torch
+
+        lists = torch.cat([lists, torch.full((lists.shape[0], k - lists.shape[1]), -1, dtype=lists.dtype)], dim=1)
+
+    def scores(index: np.ndarray) -> dict:
+        import torch
+
+        rows = torch.as_tensor(index, dtype=torch.long)
+        inputs = ListInputs(lists[rows], relevant[rows], n_items, n_relevant=n_relevant[rows])
+        out = score_lists(inputs, [k], metrics=["accuracy", "coverage", "valid_ratio"])
+        if metric not in out:
+            raise ConfigError(f"claims: unknown metric {metric!r}; e.g. hr@10, ndcg@10, div_ratio@10, or_ratio@10")
+        return out
+
+    return scores
+
+
+def verdict(low: float, high: float, expect: str) -> str:
+    """"holds" or "does not hold" for an interval of row - baseline."""
+    holds = {"higher": low > 0, "lower": high < 0, "not_lower": high >= 0}[expect]
+    return "holds" if holds else "does not hold"
+
+
+def check_claim(run_dir: Path, spec: ClaimSpec, n_resamples: int = 1000, seed: int = 0) -> dict:
+    """The measured claim: both values, their difference with a 95% paired-bootstrap interval, the verdict."""
+    from recalign.eval.bootstrap import paired_bootstrap
+
+    a, b = load_lists(lists_path(run_dir, spec.row)), load_lists(lists_path(run_dir, spec.baseline))
+    if a["users"].shape != b["users"].shape or not bool((a["users"] == b["users"]).all()):
+        raise ConfigError(f"claims: {spec.row} and {spec.baseline} were not scored on the same users")
+    found = paired_bootstrap(metric_on_rows(a, spec.metric), metric_on_rows(b, spec.metric), len(a["users"]),
+                             [spec.metric], n_resamples=n_resamples, seed=seed)[spec.metric]
+    return {"method": spec.method, "claim": spec.claim, "row": spec.row, "baseline": spec.baseline,
+            "metric": spec.metric, "expect": spec.expect, "value": found["a"], "baseline_value": found["b"],
+            "difference": found["diff"], "low": found["low"], "high": found["high"], "n_users": int(len(a["users"])),
+            "verdict": verdict(found["low"], found["high"], spec.expect)}
+
+
+def check_claims(run_dir: Path, specs: Sequence[ClaimSpec], n_resamples: int = 1000, seed: int = 0) -> list[dict]:
+    """Every claim of the recipe, in order; a claim whose rows are missing reports why instead of a number."""
+    out = []
+    for spec in specs:
+        try:
+            out.append(check_claim(run_dir, spec, n_resamples, seed))
+        except ConfigError as exc:
+            out.append({"method": spec.method, "claim": spec.claim, "row": spec.row, "baseline": spec.baseline,
+                        "metric": spec.metric, "expect": spec.expect, "verdict": f"not measured: {exc}"})
+    return out
+
+
+def claim_cells(claim: dict) -> list[str]:
+    """One table row of a claim (COLUMNS), numbers with 4 decimals."""
+    def number(key: str) -> str:
+        value = claim.get(key)
+        return f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
+
+    interval = f"[{claim['low']:+.4f}, {claim['high']:+.4f}]" if "low" in claim else "n/a"
+    difference = f"{claim['difference']:+.4f}" if "difference" in claim else "n/a"
+    return [str(claim.get("method", "")), str(claim.get("claim", "")), str(claim.get("metric", "")),
+            number("value"), str(claim.get("baseline", "")), number("baseline_value"), difference, interval,
+            str(claim.get("verdict", ""))]
+
+
+def claims_markdown(claims: Sequence[dict]) -> str:
+    """The claims as a Markdown table (empty string when there are none)."""
+    if not claims:
+        return ""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cell.replace("|", "/") for cell in claim_cells(c)) + " |" for c in claims]
+    return "\n".join(lines)
+
+
+__all__ = ["COLUMNS", "ClaimSpec", "EXPECTATIONS", "check_claim", "check_claims", "claim_cells", "claims_markdown",
+           "lists_path", "load_lists", "metric_on_rows", "verdict"]
