@@ -52,7 +52,7 @@ from recalign.preparation import (
 )
 from recalign.processes import process_rank, world_size
 from recalign.recipes import stage_dependencies
-from recalign.stages import DONE, RunContext, fill_seeds, model_reference, resolve_model_reference
+from recalign.stages import DONE, RunContext, fill_seeds, model_references_in, resolve_model_reference
 
 if TYPE_CHECKING:
     from recalign.data.split import Split
@@ -330,9 +330,8 @@ def _run_stage(spec: StageConfig, config_hash: str, run_dir: Path, dataset: Data
         seconds = time.perf_counter() - started
         if not isinstance(metrics, dict):
             raise RecalignError(f"stage {spec.name!r} ({spec.kind}) returned {type(metrics).__name__}, not a dict")
-        if model_reference(stage.params.model_validate(spec.params)) is not None \
-                and isinstance(metrics.get("model"), str):  # the recipe's `stage:<name>`, not this machine's path
-            metrics["model"] = metrics["model"].replace(str(params.model), str(spec.params["model"]))
+        if isinstance(metrics.get("model"), str):  # a model an earlier stage saved: `stage:<name>`, not a path
+            metrics["model"] = model_references_in(metrics["model"], run_dir)
         metrics = {"kind": spec.kind, **metrics, "stage_seconds": round(seconds, 3)}
         write_json(tmp / "metrics.json", metrics)
         write_json(tmp / DONE, {"config_hash": config_hash, "finished": time.strftime("%Y-%m-%d %H:%M:%S")})

@@ -80,13 +80,28 @@ def model_reference(params: BaseModel) -> str | None:
 def resolve_model_reference(params: BaseModel, run_dir: Path) -> BaseModel:
     """`params` with `model: stage:<name>` replaced by that stage's saved model folder (run/stages/<name>/model);
     other params unchanged. A missing folder is a ConfigError naming the stage."""
-    name = model_reference(params)
-    if name is None:
+    if model_reference(params) is None:
         return params
+    return params.model_copy(update={"model": resolve_model_name(params.model, run_dir)})
+
+
+def model_references_in(text: str, run_dir: Path) -> str:
+    """`text` with every `<run>/stages/<name>/model` folder written back as `stage:<name>` (for tables)."""
+    import re
+
+    stages = re.escape(str((run_dir / "stages").resolve()))
+    return re.sub(stages + r"[/\\]([^/\\\s,]+)[/\\]model", lambda m: MODEL_REFERENCE + m.group(1), text)
+
+
+def resolve_model_name(model: str, run_dir: Path) -> str:
+    """`stage:<name>` -> that stage's saved model folder (absolute); any other model name unchanged."""
+    if not model.startswith(MODEL_REFERENCE):
+        return model
+    name = model[len(MODEL_REFERENCE):]
     folder = run_dir / "stages" / name / "model"
     if not (folder / "config.json").is_file():
         raise ConfigError(f"model: {MODEL_REFERENCE}{name}: stage {name!r} saved no model at {folder}")
-    return params.model_copy(update={"model": str(folder.resolve())})
+    return str(folder.resolve())
 
 
 # ---- the seed rule ----------------------------------------------------------------------------------

@@ -114,9 +114,10 @@ class ToyCorpus:
 
 
 def toy_corpus(dataset, sequences: Sequence[Sequence[int]], window: int, stride: int) -> ToyCorpus:
-    """Every user's train sequence cut into windows of `window` titles (a new window every `stride` items), each
-    written as the prompts write a history: quoted titles separated by ", "; plus each item's text."""
-    from recalign.llm.prompts import quoted
+    """Every user's train sequence cut into windows of `window` titles (a new window every `stride` items), written
+    as prompts and answers write titles: alternately quoted titles separated by ", " and a numbered list, one
+    quoted title per line; plus each item's text."""
+    from recalign.llm.prompts import numbered, quoted
 
     titles = dataset.titles()
     windows = []
@@ -124,7 +125,9 @@ def toy_corpus(dataset, sequences: Sequence[Sequence[int]], window: int, stride:
         seq = list(seq)
         starts = range(0, max(1, len(seq) - window + 1), stride) if len(seq) > window else [0]
         for start in starts:
-            windows.append(quoted([titles[i] for i in seq[start:start + window]]))
+            names = [titles[i] for i in seq[start:start + window]]
+            # every other window as a numbered list: the two ways prompts and answers write titles
+            windows.append(numbered(names) if len(windows) % 2 else quoted(names))
     items = [str(t) for t in dataset.items["text"].fillna("")] if "text" in dataset.items.columns else []
     return ToyCorpus(windows, items)
 

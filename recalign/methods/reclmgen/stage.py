@@ -30,7 +30,7 @@ from recalign.methods.reclmgen.answers import TaskAnswers, load_answers
 from recalign.methods.reclmgen.baselines import control_table
 from recalign.methods.reclmgen.config import RecLMGenConfig, RecLMGenStageConfig
 from recalign.methods.reclmgen.tasks import TEST_TASKS
-from recalign.stages import DONE, Stage
+from recalign.stages import DONE, Stage, resolve_model_name
 
 if TYPE_CHECKING:
     from recalign.stages import RunContext
@@ -110,7 +110,42 @@ def run_stage(ctx: "RunContext", params) -> dict:
     for task, values in out["metrics"].items():
         metrics.update({f"{task}/{name}": value for name, value in values.items() if isinstance(value, (int, float))})
     _write_outputs(ctx.stage_dir, out, sft_adapter)
-    return {**_summary(config, out, work), **metrics}
+    claims = rl_claims(ctx, config, out) if config.init_from is not None and config.algorithm != "none" else {}
+    return {**_summary(config, out, work), **metrics, **claims}
+
+
+# RecLM-gen's claims after RL against the SFT model it started from (paper §5.6): (task, metric, expected, words)
+RL_CLAIMS = (("+c", "target_category_rate", "higher", "+C TargetCategoryRate up"),
+             ("-c", "target_category_rate", "lower", "-C TargetCategoryRate down"),
+             ("lp", "category_rate_correct", "higher", "LP CategoryRateCorrect up"),
+             ("mp", "category_rate_correct", "higher", "MP CategoryRateCorrect up"),
+             ("ep", "category_rate_correct", "higher", "EP CategoryRateCorrect up"),
+             ("seqrec", "recall", "not_lower", "SeqRec Recall not significantly lower"))
+
+
+def rl_claims(ctx: "RunContext", config: RecLMGenConfig, out: dict) -> dict:
+    """{"claims": [...]}: this stage's test answers against its init_from stage's (the SFT model RL started from),
+    paired bootstrap over the users both answered (`baselines.compare_tasks`)."""
+    from recalign.eval.claims import verdict
+    from recalign.methods.reclmgen.baselines import compare_tasks
+    from recalign.methods.reclmgen.metrics import CategoryTable
+
+    sft = stage_answers(ctx.stage_output(config.init_from))
+    categories = CategoryTable.from_item_categories(ctx.dataset.item_categories())
+    compared = compare_tasks(out["tasks"], sft, categories, n_resamples=1000, seed=ctx.seed)
+    claims = []
+    for prefix, metric, expect, words in RL_CLAIMS:
+        for task, found in compared.items():
+            if task.split("_")[0] != prefix or metric not in found:
+                continue
+            b = found[metric]
+            claims.append({"method": f"RecLM-gen ({config.algorithm.upper()})",
+                           "claim": f"{words} after {config.algorithm.upper()} against SFT",
+                           "row": ctx.stage.name if ctx.stage else "reclmgen", "baseline": config.init_from,
+                           "metric": f"{task}/{metric}", "expect": expect, "value": b["a"], "baseline_value": b["b"],
+                           "difference": b["diff"], "low": b["low"], "high": b["high"],
+                           "verdict": verdict(b["low"], b["high"], expect)})
+    return {"claims": claims}
 
 
 RECLMGEN_KINDS = ("reclmgen", "controllable")  # the recipe kind and its older alias
@@ -124,6 +159,7 @@ def _starting_model(ctx: "RunContext", config: RecLMGenConfig) -> tuple[RecLMGen
         other = read_json(folder / "metrics.json")
         if other.get("kind") not in RECLMGEN_KINDS or not (folder / SFT_ADAPTER).is_dir():
             raise ConfigError(f"init_from: stage '{config.init_from}' is not a reclmgen stage with an SFT model")
+        other["model"] = resolve_model_name(other["model"], ctx.run_dir)  # a `stage:<name>` reference
         if config.model is not None and config.model != other["model"]:
             raise ConfigError(f"model: '{config.model}' differs from the init_from stage's model '{other['model']}'")
         config = config.model_copy(update={"model": other["model"]})
