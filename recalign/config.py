@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from recalign.errors import ConfigError, quoted, shorten
-from recalign.eval.claims import ClaimSpec
+from recalign.eval.claims import ClaimConfig
 
 
 class StrictConfig(BaseModel):
@@ -149,7 +149,7 @@ class Recipe(StrictConfig):
     split: SplitConfig = Field(default_factory=SplitConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     stages: list[StageConfig] = Field(description="the stages to run in order (at least one)")
-    claims: list[ClaimSpec] = Field(default_factory=list,
+    claims: list[ClaimConfig] = Field(default_factory=list,
                                     description="claims checked after the stages: a row against a baseline row on "
                                                 "one metric, paired bootstrap over the same users "
                                                 "(recalign.eval.claims)")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from recalign.errors import ConfigError
-from recalign.eval.claims import ClaimSpec, check_claim, check_claims, claims_markdown, verdict
+from recalign.eval.claims import ClaimConfig, check_claim, check_claims, claims_markdown, verdict
 
 
 def _keep(folder, stage: str, label: str, lists, targets, users=(0, 1, 2, 3)):
@@ -23,7 +23,7 @@ def test_claim_is_the_paired_difference_with_its_interval(tmp_path):
     # HR@1 by hand: the row hits users 0, 1, 2 (3/4), the baseline only user 3 (1/4): difference +0.5.
     _keep(tmp_path, "model", "test", [[1, 0], [2, 0], [3, 0], [9, 0]], TARGETS)
     _keep(tmp_path, "pop", "test", [[0, 1], [0, 2], [0, 3], [4, 0]], TARGETS)
-    spec = ClaimSpec(method="m", claim="beats pop", row="model", baseline="pop", metric="hr@1")
+    spec = ClaimConfig(method="m", claim="beats pop", row="model", baseline="pop", metric="hr@1")
     found = check_claim(tmp_path, spec, n_resamples=200, seed=0)
     assert found["value"] == pytest.approx(0.75) and found["baseline_value"] == pytest.approx(0.25)
     assert found["difference"] == pytest.approx(0.5)
@@ -42,7 +42,7 @@ def test_verdicts_read_the_interval_in_the_claimed_direction():
 def test_rows_on_different_users_or_missing_rows_are_not_measured(tmp_path):
     _keep(tmp_path, "model", "test", [[1], [2], [3], [4]], TARGETS)
     _keep(tmp_path, "other", "teacher", [[1], [2], [3], [4]], TARGETS, users=(0, 1, 2, 5))
-    spec = ClaimSpec(method="m", claim="c", row="model", baseline="other:teacher", metric="hr@1")
+    spec = ClaimConfig(method="m", claim="c", row="model", baseline="other:teacher", metric="hr@1")
     with pytest.raises(ConfigError, match="same users"):
         check_claim(tmp_path, spec)
     (missing,) = check_claims(tmp_path, [spec.model_copy(update={"baseline": "absent"})])

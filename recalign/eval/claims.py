@@ -26,7 +26,7 @@ EXPECTATIONS = ("higher", "lower", "not_lower")
 COLUMNS = ("method", "claim", "metric", "value", "baseline", "baseline_value", "difference", "interval", "verdict")
 
 
-class ClaimSpec(BaseModel):
+class ClaimConfig(BaseModel):
     """One claim of a recipe: `row` against `baseline` on `metric`, expected `expect`."""
 
     model_config = ConfigDict(extra="forbid")
@@ -84,7 +84,7 @@ def verdict(low: float, high: float, expect: str) -> str:
     return "holds" if holds else "does not hold"
 
 
-def check_claim(run_dir: Path, spec: ClaimSpec, n_resamples: int = 1000, seed: int = 0) -> dict:
+def check_claim(run_dir: Path, spec: ClaimConfig, n_resamples: int = 1000, seed: int = 0) -> dict:
     """The measured claim: both values, their difference with a 95% paired-bootstrap interval, the verdict."""
     from recalign.eval.bootstrap import paired_bootstrap
 
@@ -99,7 +99,7 @@ def check_claim(run_dir: Path, spec: ClaimSpec, n_resamples: int = 1000, seed: i
             "verdict": verdict(found["low"], found["high"], spec.expect)}
 
 
-def check_claims(run_dir: Path, specs: Sequence[ClaimSpec], n_resamples: int = 1000, seed: int = 0) -> list[dict]:
+def check_claims(run_dir: Path, specs: Sequence[ClaimConfig], n_resamples: int = 1000, seed: int = 0) -> list[dict]:
     """Every claim of the recipe, in order; a claim whose rows are missing reports why instead of a number."""
     out = []
     for spec in specs:
@@ -133,5 +133,5 @@ def claims_markdown(claims: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["COLUMNS", "ClaimSpec", "EXPECTATIONS", "check_claim", "check_claims", "claim_cells", "claims_markdown",
+__all__ = ["COLUMNS", "ClaimConfig", "EXPECTATIONS", "check_claim", "check_claims", "claim_cells", "claims_markdown",
            "lists_path", "load_lists", "metric_on_rows", "verdict"]
