@@ -20,12 +20,14 @@ import os
 from pathlib import Path
 
 from recalign.eval.report import (
-    collect_claims,
     choose_columns,
+    collect_claims,
     column_title,
+    other_task_note,
     protocol_note,
     read_run_metrics,
     recipe_columns,
+    split_rows,
     stage_seconds,
 )
 from recalign.io import read_json, write_atomic
@@ -179,6 +181,7 @@ def results_section(summary: dict, columns: list[str] | None) -> str:
     """The sortable results table: one row per stage, the chosen metric columns and the train time."""
     stages = summary.get("stages", {})
     columns = choose_columns(stages, columns)
+    stages, others = split_rows(stages, columns)
     times = {name: stage_seconds(m) for name, m in stages.items()}
     with_time = any(t is not None for t in times.values())
     heads = ['<th class="text" data-key="stage">stage</th>', '<th class="text" data-key="model">model</th>']
@@ -197,7 +200,7 @@ def results_section(summary: dict, columns: list[str] | None) -> str:
     parts = ["<h2 id=\"results-heading\">Results</h2>", _users_line(stages),
              '<table id="results"><thead><tr>' + "".join(heads) + "</tr></thead><tbody>",
              "\n".join(rows), "</tbody></table>"]
-    parts += [f'<p class="note">{_e(note)}</p>'] if note else []
+    parts += [f'<p class="note">{_e(n)}</p>' for n in (note, other_task_note(others)) if n]
     return "\n".join(p for p in parts if p)
 
 

@@ -127,10 +127,39 @@ def protocol_note(stages: dict[str, dict]) -> str | None:
             "their own protocol, the other stages under the recipe's evaluation.")
 
 
+OTHER_TASK_KEYS = ("acc", "auc", "logloss", "valid_ratio")  # what a stage of another task (TrackRec's CTR) shows
+
+
+def split_rows(stages: dict[str, dict], columns: list[str]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """(stages shown as table rows, stages of another task): a stage with no value in any column but valid_ratio
+    (TrackRec's CTR test in a ranking table) is listed under the table instead of as a row of dashes. When no stage
+    has such a value, every stage is a row."""
+    def ranked(metrics: dict) -> bool:
+        return any(isinstance(metrics.get(c), (int, float)) for c in columns if c != "valid_ratio")
+
+    rows = {name: m for name, m in stages.items() if ranked(m)}
+    if not rows:
+        return dict(stages), {}
+    return rows, {name: m for name, m in stages.items() if name not in rows}
+
+
+def other_task_note(others: dict[str, dict]) -> str | None:
+    """One line naming the stages of another task and their own headline metrics; None when there are none."""
+    if not others:
+        return None
+    parts = []
+    for name, m in others.items():
+        model = m.get("model") or m.get("teacher") or m.get("kind") or ""
+        values = ", ".join(f"{k} {_cell(m[k])}" for k in OTHER_TASK_KEYS if isinstance(m.get(k), (int, float)))
+        parts.append(f"{name} ({'; '.join(str(x) for x in (model, values) if x)})")
+    return "Another task, not ranked in this table: " + "; ".join(parts) + "."
+
+
 def results_table(summary: dict, columns: list[str] | None = None, title: str | None = None) -> Table:
-    """A rich table: rows = stages, columns = metrics + train time."""
+    """A rich table: rows = stages, columns = metrics + train time (stages of another task: a line below)."""
     stages = summary.get("stages", {})
     columns = choose_columns(stages, columns)
+    stages, others = split_rows(stages, columns)
     table = Table(title=title or f"{summary.get('recipe', 'run')} (dataset {summary.get('dataset', '?')})")
     table.add_column("stage", style="bold")
     table.add_column("model")
@@ -140,7 +169,8 @@ def results_table(summary: dict, columns: list[str] | None = None, title: str | 
         table.add_column("train s", justify="right")
     for row in table_rows(stages, columns):
         table.add_row(*row)
-    table.caption = protocol_note(stages)
+    notes = [n for n in (protocol_note(stages), other_task_note(others)) if n]
+    table.caption = "\n".join(notes) if notes else None
     return table
 
 
@@ -148,10 +178,12 @@ def markdown_table(summary: dict, columns: list[str] | None = None) -> str:
     """The same table as GitHub Markdown."""
     stages = summary.get("stages", {})
     columns = choose_columns(stages, columns)
+    stages, others = split_rows(stages, columns)
     header = ["stage", "model", *map(column_title, columns)] + (["train s"] if has_times(stages) else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(stages, columns)]
-    return "\n".join(lines)
+    note = other_task_note(others)
+    return "\n".join(lines + (["", note] if note else []))
 
 
 def collect_claims(summary: dict) -> list[dict]:

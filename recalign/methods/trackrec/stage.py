@@ -67,7 +67,27 @@ def _stage_metrics(config: TrackRecConfig, records: list[dict], work: Path) -> d
     metrics.update({k: last[k] for k in ("acc", "auc", "logloss", "valid_ratio", "n_test") if last.get(k) is not None})
     metrics.update({f"first/{k}": records[0][k] for k in ("acc", "auc", "logloss", "valid_ratio")
                     if records[0].get(k) is not None})
-    return metrics
+    claim = valid_ratio_claim(records[0], last)
+    return {**metrics, **({"claims": [claim]} if claim else {})}
+
+
+def valid_ratio_claim(first: dict, last: dict) -> dict | None:
+    """The aligned V answers the LLM test with Yes/No (valid ratio) against iteration 0's V, with a 95% normal
+    interval of the difference of the two proportions (each over the test impressions); None without both."""
+    import math
+
+    from recalign.eval.claims import verdict
+
+    n = last.get("n_test") or first.get("n_test")
+    a, b = last.get("valid_ratio"), first.get("valid_ratio")
+    if not n or a is None or b is None or last is first:
+        return None
+    half = 1.96 * math.sqrt(max(a * (1 - a) + b * (1 - b), 1e-12) / n)
+    diff = a - b
+    return {"method": "TrackRec", "claim": f"the LLM test's valid ratio rises after {last['iteration']} alignment "
+            "iteration(s)", "row": "trackrec", "baseline": "trackrec:iteration 0", "metric": "valid_ratio",
+            "expect": "higher", "value": a, "baseline_value": b, "difference": diff, "low": diff - half,
+            "high": diff + half, "verdict": verdict(diff - half, diff + half, "higher")}
 
 
 def alternation_table(records: list[dict]) -> str:
