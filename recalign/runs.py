@@ -190,7 +190,7 @@ def _run_stages(recipe: Recipe, run_dir: Path, dataset: Dataset, split: "Split",
         with _full_disk(run_dir, f"in stage {quoted(spec.name)}"):
             results[spec.name] = _run_stage(spec, hashes[spec.name], run_dir, dataset, split, recipe, progress,
                                             echo, get_stage)
-            _write_summary(run_dir, recipe, fingerprint, results)
+            _write_summary(run_dir, recipe, fingerprint, results, with_claims=False)
 
 
 @contextlib.contextmanager
@@ -339,11 +339,13 @@ def _run_stage(spec: StageConfig, config_hash: str, run_dir: Path, dataset: Data
     return read_json(final / "metrics.json")
 
 
-def _write_summary(run_dir: Path, recipe: Recipe, fingerprint: str, results: dict[str, dict]) -> dict:
+def _write_summary(run_dir: Path, recipe: Recipe, fingerprint: str, results: dict[str, dict],
+                   with_claims: bool = True) -> dict:
+    """metrics.json: every finished stage's metrics and (`with_claims`, once the stages are done) the claims."""
     from recalign.eval.claims import check_claims
 
     summary = {"recipe": recipe.name, "dataset": fingerprint, "seed": recipe.seed, "stages": results}
-    if recipe.claims:  # each claim: a row against its baseline, paired bootstrap over the same users
+    if recipe.claims and with_claims:  # each claim: a row against its baseline, paired bootstrap over the same users
         summary["claims"] = check_claims(run_dir, recipe.claims, seed=recipe.seed)
     write_json(run_dir / "metrics.json", summary)
     return summary

@@ -65,6 +65,16 @@ def metric_on_rows(kept: dict, metric: str):
 
         lists = torch.cat([lists, torch.full((lists.shape[0], k - lists.shape[1]), -1, dtype=lists.dtype)], dim=1)
 
+    per_row = _per_row_values(metric, lists, relevant, n_relevant, k)
+    if per_row is not None:  # a mean over users: bootstrap the per-user values directly
+        values, known = per_row
+
+        def means(index: np.ndarray) -> dict:
+            chosen = index[known[index]]
+            return {metric: float(values[chosen].mean()) if len(chosen) else 0.0}
+
+        return means
+
     def scores(index: np.ndarray) -> dict:
         import torch
 
@@ -76,6 +86,21 @@ def metric_on_rows(kept: dict, metric: str):
         return out
 
     return scores
+
+
+def _per_row_values(metric: str, lists, relevant, n_relevant, k: int):
+    """(per-user values, users with a known target) of a metric that is a mean over users (hr, recall, precision,
+    ndcg, mrr, map), as `score_lists` computes it; None for set metrics (coverage, div_ratio, or_ratio, ...)."""
+    from recalign.eval import metrics as m
+
+    functions = {"hr": m.hit_ratio, "recall": m.recall, "precision": m.precision, "ndcg": m.ndcg, "mrr": m.mrr,
+                 "map": m.map_at_k}
+    function = functions.get(metric.split("@", 1)[0])
+    if function is None or "@" not in metric:
+        return None
+    values = function(lists, relevant, k, n_relevant=n_relevant, reduce="none").double().numpy()
+    known = (relevant.reshape(len(relevant), -1) >= 0).any(dim=1).numpy()
+    return values, known
 
 
 def verdict(low: float, high: float, expect: str) -> str:
