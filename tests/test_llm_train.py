@@ -49,6 +49,42 @@ def test_labels_mask_exactly_the_prompt_tokens(tiny, tmp_path):
         assert row["labels"][-1] == tokenizer.eos_token_id
 
 
+def _padding_per_epoch(trainer) -> tuple[int, int]:
+    """(padded slots, real tokens) over one pass of the trainer's own train dataloader."""
+    padded = real = 0
+    for batch in trainer.get_train_dataloader():
+        mask = batch["attention_mask"]
+        padded += int((mask == 0).sum())
+        real += int(mask.sum())
+    return padded, real
+
+
+def test_length_grouped_batches_train_on_less_padding(tiny, tmp_path):
+    """`length_grouped`: the same examples (same real tokens), fewer padded slots than random batches."""
+    model, tokenizer = tiny
+    sequences = [[i % 6] * (1 + (i * 7) % 10) + [(i + 1) % 6] for i in range(64)]  # histories of 1..10 items
+    rows = rows_from_sequences(sequences, max_history=10)
+    examples = sft_examples(SeqRecTask(), rows, TITLES, tokenizer)
+    found = {}
+    for grouped in (False, True):
+        settings = SFTConfig(max_steps=1, batch_size=8, length_grouped=grouped, max_length=512)
+        found[grouped] = _padding_per_epoch(make_sft_trainer(model, tokenizer, examples, settings,
+                                                             output_dir=tmp_path / str(grouped)))
+    assert found[True][1] == found[False][1]  # every example once either way
+    assert found[True][0] < 0.3 * found[False][0], found
+
+
+def test_length_grouped_order_is_a_seeded_permutation_of_similar_length_batches():
+    from recalign.llm.train import length_grouped_order
+
+    lengths = [(i * 37) % 101 for i in range(64)]
+    order = length_grouped_order(lengths, 8, seed=3)
+    assert sorted(order) == list(range(64)) and order == length_grouped_order(lengths, 8, seed=3)
+    assert order != length_grouped_order(lengths, 8, seed=4)
+    spans = [max(lengths[i] for i in order[b:b + 8]) - min(lengths[i] for i in order[b:b + 8]) for b in range(0, 64, 8)]
+    assert max(spans) <= 20  # one window: batches of neighbours in the sorted lengths (0..100 over 64 examples)
+
+
 def test_without_completion_only_every_token_is_a_label(tiny, tmp_path):
     model, tokenizer = tiny
     examples = [{"prompt": "Dune Emma ->", "completion": ' "Ulysses"'}]

@@ -23,7 +23,8 @@ from recalign.llm.trainer import (LoraConfig, TrainerConfig, TrainResult, datase
                                   known_library_warnings_silenced, lora_config, make_adapter_trainable, quiet_trainer,
                                   run_trainer)
 
-__all__ = ["SFTConfig", "SFTResult", "LoraConfig", "sft_config", "make_sft_trainer", "train_sft"]
+__all__ = ["SFTConfig", "SFTResult", "LoraConfig", "length_grouped_order", "sft_config", "make_sft_trainer",
+           "train_sft"]
 
 
 class SFTConfig(TrainerConfig):
@@ -33,6 +34,10 @@ class SFTConfig(TrainerConfig):
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
     max_grad_norm: float = Field(1.0, gt=0.0, description="gradient clipping norm")
     completion_only: bool = Field(True, description="loss on completion tokens only (prompt labels = -100)")
+    length_grouped: bool = Field(False, description="with shuffle: batches of examples of similar length (seeded "
+                                                    "shuffle, sorted within windows of 50 batches, batches in "
+                                                    "seeded order), so less padding is trained on "
+                                                    "(benchmarks/sft_throughput.py)")
 
 
 @dataclass
@@ -46,8 +51,27 @@ def sft_config(settings: SFTConfig, output_dir: str | Path, progress: bool = Fal
     """The TRL `SFTConfig` for `settings`: CPU-safe (`recalign.llm.trainer.trainer_args`)."""
     from trl import SFTConfig as TRLSFTConfig
 
+    kwargs = settings.trl_kwargs(output_dir, bf16=bf16)
+    if settings.length_grouped and settings.shuffle:  # the examples come in length-grouped order (make_sft_trainer)
+        kwargs["train_sampling_strategy"] = "sequential"
     return TRLSFTConfig(weight_decay=settings.weight_decay, max_grad_norm=settings.max_grad_norm,
-                     completion_only_loss=settings.completion_only, **settings.trl_kwargs(output_dir, bf16=bf16))
+                        completion_only_loss=settings.completion_only, **kwargs)
+
+
+def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int, window: int = 50) -> list[int]:
+    """An epoch's example order whose batches hold examples of similar length: a seeded shuffle, each window of
+    `window` batches sorted by length and cut into batches, then the batches in a seeded random order (every
+    example once; the longest batch is not always first, so memory peaks are not front-loaded by design)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(lengths))
+    span = max(1, batch_size * window)
+    batches = []
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start:start + span].tolist(), key=lambda i: lengths[i])
+        batches += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
+    return [i for b in rng.permutation(len(batches)) for i in batches[b]]
 
 
 def _check_examples(examples: Sequence[dict]) -> None:
@@ -83,6 +107,10 @@ def make_sft_trainer(model, tokenizer, examples, settings: SFTConfig | None = No
         data = HFDataset.from_list([{"prompt": e["prompt"], "completion": e["completion"]} for e in examples])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if settings.length_grouped and settings.shuffle:
+        lengths = [len(ids) for ids in tokenizer([p + c for p, c in zip(data["prompt"], data["completion"])],
+                                                 add_special_tokens=False)["input_ids"]]
+        data = data.select(length_grouped_order(lengths, settings.batch_size * settings.grad_accum, settings.seed))
     peft_config = None
     if isinstance(model, PeftModel):
         make_adapter_trainable(model)
