@@ -570,7 +570,7 @@ def evaluate_run(
             if not (stage_dir / DONE).is_file():
                 continue
             ctx = RunContext(run_dir=run_dir, stage_dir=stage_dir, dataset=dataset, split=split, seed=recipe.seed,
-                             progress=not quiet, recipe=recipe, stage=stage)
+                             progress=not quiet, recipe=recipe, stage=stage, keep_lists=False)  # a finished run
             if stage.kind == "teacher":
                 model = ctx.load_teacher(stage.name)
                 rows[stage.name] = {"model": getattr(model, "name", stage.kind), **ctx.evaluate(model, part=part)}

@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from recalign.errors import ConfigError, quoted, shorten
-from recalign.eval.claims import ClaimConfig
+from recalign.eval.claims import ClaimConfig, metric_k
 
 
 class StrictConfig(BaseModel):
@@ -158,6 +158,9 @@ class Recipe(StrictConfig):
     def _claims_name_stages(self) -> "Recipe":
         names = {stage.name for stage in self.stages}
         for i, claim in enumerate(self.claims):
+            if metric_k(claim.metric) > max(self.eval.ks):
+                raise ValueError(f"claims[{i}].metric: {claim.metric} is cut at a K above the largest eval.ks "
+                                 f"({max(self.eval.ks)}): the evaluated lists are not that long")
             for key in ("row", "baseline"):
                 stage = getattr(claim, key).partition(":")[0]
                 if stage not in names:

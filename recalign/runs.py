@@ -176,8 +176,11 @@ def _run_locked(recipe: Recipe, run_dir: Path, progress: bool, echo: Callable[[s
 def _run_stages(recipe: Recipe, run_dir: Path, dataset: Dataset, split: "Split", progress: bool,
                 echo: Callable[[str], None] | None, results: dict[str, dict]) -> None:
     """Run the stages not finished with their current config, adding each one's metrics to `results`."""
+    from recalign.recipes import stage_dependencies
+
     fingerprint = dataset.fingerprint()
     hashes = stage_hashes(recipe, fingerprint)
+    dependencies = stage_dependencies(recipe.stages)
     (run_dir / "stages").mkdir(exist_ok=True)
     for spec in recipe.stages:
         final = run_dir / "stages" / spec.name
@@ -188,8 +191,9 @@ def _run_stages(recipe: Recipe, run_dir: Path, dataset: Dataset, split: "Split",
                 echo(f"[{spec.name}] finished earlier with the same config: skipped")
             continue
         with _full_disk(run_dir, f"in stage {quoted(spec.name)}"):
+            depends = {name: hashes[name] for name in sorted(set(dependencies[spec.name].values()))}
             results[spec.name] = _run_stage(spec, hashes[spec.name], run_dir, dataset, split, recipe, progress,
-                                            echo, get_stage)
+                                            echo, get_stage, depends)
             _write_summary(run_dir, recipe, fingerprint, results, with_claims=False)
 
 
@@ -275,7 +279,10 @@ def _follow_recipe(recipe: Recipe, run_dir: Path, get_stage) -> dict:
     recipe = recipe.model_copy(update={"data": absolute_data_paths(recipe.data), "datasets": {
         role: [absolute_data_paths(spec) for spec in specs] for role, specs in recipe.datasets.items()}})
     dataset, split = make_split(prepare_data(recipe.data, cache_dir=run_dir / "data"), recipe.split, recipe.seed)
+    from recalign.recipes import stage_dependencies
+
     hashes = stage_hashes(recipe, dataset.fingerprint())
+    dependencies = stage_dependencies(recipe.stages)
     scratch = run_dir / RANKS / f"{_launch_id()}-rank{process_rank()}"
     (scratch / "stages").mkdir(parents=True, exist_ok=True)
     try:
@@ -283,7 +290,8 @@ def _follow_recipe(recipe: Recipe, run_dir: Path, get_stage) -> dict:
             final = run_dir / "stages" / spec.name
             if get_stage(spec.kind).multi_process and not stage_is_done(final, hashes[spec.name]):
                 _copy_work(run_dir / "work", scratch / "work", spec.name)  # resume where rank 0 resumes
-                _run_stage(spec, hashes[spec.name], scratch, dataset, split, recipe, False, None, get_stage)
+                depends = {name: hashes[name] for name in sorted(set(dependencies[spec.name].values()))}
+                _run_stage(spec, hashes[spec.name], scratch, dataset, split, recipe, False, None, get_stage, depends)
                 shutil.rmtree(scratch / "stages" / spec.name)
             _wait_for(lambda: stage_is_done(final, hashes[spec.name]))
             (scratch / "stages" / spec.name).symlink_to(final, target_is_directory=True)
@@ -310,15 +318,17 @@ def _start_run_folder(run_dir: Path, recipe: Recipe, raw_dataset: Dataset, datas
 
 
 def _run_stage(spec: StageConfig, config_hash: str, run_dir: Path, dataset: Dataset, split: "Split",
-               recipe: Recipe, progress: bool, echo: Callable[[str], None] | None, get_stage) -> dict:
-    """Run one stage in a temp folder and rename it into place when it succeeded."""
+               recipe: Recipe, progress: bool, echo: Callable[[str], None] | None, get_stage,
+               depends: dict[str, str] | None = None) -> dict:
+    """Run one stage in a temp folder and rename it into place when it succeeded (`depends`: the config hashes of
+    the earlier stages it reads, which key its work folder)."""
     stage = get_stage(spec.kind)
     params = fill_seeds(stage.params.model_validate(spec.params), recipe.seed)  # no-op for a loaded recipe
     params = resolve_model_reference(params, run_dir)  # `model: stage:<name>` -> that stage's model folder
     final = run_dir / "stages" / spec.name
     with atomic_folder(final, fixed_tmp=True) as tmp:
         ctx = RunContext(run_dir=run_dir, stage_dir=tmp, dataset=dataset, split=split, seed=recipe.seed,
-                         progress=progress, recipe=recipe, stage=spec, echo=echo)
+                         progress=progress, recipe=recipe, stage=spec, echo=echo, depends=dict(depends or {}))
         ctx.log(f"start ({spec.kind}, config {config_hash})")
         seed_everything(recipe.seed)
         started = time.perf_counter()

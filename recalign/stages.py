@@ -166,6 +166,8 @@ class RunContext:
     recipe: Recipe
     stage: StageConfig | None = None
     echo: Callable[[str], None] | None = field(default=None, repr=False)
+    depends: dict[str, str] = field(default_factory=dict)  # earlier stage it reads -> that stage's config hash
+    keep_lists: bool = True  # evaluate() keeps the users' lists for claims (False: re-evaluating a finished run)
 
     def stage_output(self, name: str) -> Path:
         """The folder of an earlier, finished stage."""
@@ -180,7 +182,8 @@ class RunContext:
         """run/work/<stage>-<key>: where a long stage keeps its resumable state (outside its stage folder, which is
         rebuilt on every attempt); the key is a hash of `depends_on`, everything the stage's result depends on."""
         name = self.stage.name if self.stage is not None else default_name
-        return self.run_dir / "work" / f"{name}-{stable_hash(depends_on)}"
+        key = {**depends_on, "earlier_stages": self.depends} if self.depends else depends_on  # e.g. a retrained toy LM
+        return self.run_dir / "work" / f"{name}-{stable_hash(key)}"
 
     def datasets(self, role: str) -> list[Dataset]:
         """The recipe's datasets of one role (`eval` is the split dataset), prepared once into data/<role>-<i>/."""
@@ -219,8 +222,9 @@ class RunContext:
         """Evaluate a recommender (scores) or a list recommender with the recipe's protocol (ks, full/sampled,
         history exclusion, seed) on the recipe's users (`eval.users`); records `users_hash` of the users.
 
-        The users' lists are kept in <stage>/lists/<label>.pt (default label: the part), so that a claim can
-        compare two rows user by user (`recalign.eval.claims`); a later evaluation with the same label replaces it.
+        The users' lists are kept in <stage>/lists/<label>.pt with the evaluation's setting, so that a claim can
+        compare two rows user by user (`recalign.eval.claims`). Default label: the part ("test"), or the part and a
+        short hash for other settings than the recipe's; a later evaluation with the same label replaces it.
         """
         from recalign.eval.evaluate import evaluate
 
@@ -241,7 +245,14 @@ class RunContext:
         result = evaluate(model, self.dataset, self.split, part=part, keep=kept, **options)
         if options.get("users") is not None:
             result["users_hash"] = users_hash(options["users"])
-        save_lists(self.stage_dir / LISTS / f"{label or part}.pt", kept)
+        if self.keep_lists:
+            setting = {"part": part, "protocol": options["protocol"], "exclude_history": options["exclude_history"],
+                       "parity": options.get("parity")}
+            default = {"part": part, "protocol": spec.protocol, "exclude_history": spec.exclude_history,
+                       "parity": None}
+            # a label of its own for an evaluation under other settings than the recipe's (e.g. history allowed)
+            name = label or (part if setting == default else f"{part}-{stable_hash(setting)[:8]}")
+            save_lists(self.stage_dir / LISTS / f"{name}.pt", kept, setting)
         return result
 
 
@@ -249,13 +260,13 @@ class RunContext:
 LISTS = "lists"  # <stage>/lists/<label>.pt: the evaluated users' lists and targets
 
 
-def save_lists(path: Path, kept: dict) -> None:
-    """Write the tensors an evaluation kept (users, lists, relevant, n_relevant, n_items); torch.load with
-    weights_only=True reads them back (no pickle of arbitrary objects)."""
+def save_lists(path: Path, kept: dict, setting: dict) -> None:
+    """Write the tensors an evaluation kept (users, lists, relevant, n_relevant, n_items) and its setting (part,
+    protocol, exclude_history, parity); torch.load with weights_only=True reads them back (no arbitrary pickle)."""
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({key: value for key, value in kept.items()}, path)
+    torch.save({**kept, "setting": {k: v for k, v in setting.items() if v is not None}}, path)
 
 
 def users_hash(users: "np.ndarray | list[int]") -> str:

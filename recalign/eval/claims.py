@@ -9,6 +9,9 @@ the difference is recomputed on resampled users (the same resample for both rows
     lower      holds when the whole interval is below 0        (e.g. SPRec's ORRatio below its SFT's)
     not_lower  holds unless the whole interval is below 0      (e.g. "HR not significantly lower")
 
+Set metrics (Coverage, DivRatio, ORRatio) are not means over users, and a bootstrap resample's duplicated users
+would bias them; they are judged by the paired permutation test instead (the observed direction, p < 0.05).
+
 Stages may also report claims they checked themselves (a `claims` list in their metrics, same keys).
 """
 
@@ -26,6 +29,10 @@ EXPECTATIONS = ("higher", "lower", "not_lower")
 COLUMNS = ("method", "claim", "metric", "value", "baseline", "baseline_value", "difference", "interval", "verdict")
 
 
+SET_METRICS = ("coverage", "div_ratio", "or_ratio")  # properties of the set of lists, not means over users
+CLAIM_METRIC = r"^(hr|recall|precision|ndcg|mrr|map|coverage|div_ratio|or_ratio)@[1-9][0-9]*$|^valid_ratio$"
+
+
 class ClaimConfig(BaseModel):
     """One claim of a recipe: `row` against `baseline` on `metric`, expected `expect`."""
 
@@ -34,7 +41,9 @@ class ClaimConfig(BaseModel):
     claim: str = Field(description="the claim in words")
     row: str = Field(description="the evaluated row: a stage name, or stage:label for a labelled evaluation")
     baseline: str = Field(description="the row it is compared with (same forms)")
-    metric: str = Field(description="a list metric, e.g. hr@10, ndcg@10, div_ratio@10, or_ratio@10")
+    metric: str = Field(description="a list metric: hr, recall, precision, ndcg, mrr, map, coverage, div_ratio or "
+                                    "or_ratio @K (K at most the largest eval.ks), or valid_ratio",
+                        pattern=CLAIM_METRIC)
     expect: Literal["higher", "lower", "not_lower"] = Field("higher", description="direction that makes it hold")
 
 
@@ -103,6 +112,33 @@ def _per_row_values(metric: str, lists, relevant, n_relevant, k: int):
     return values, known
 
 
+def metric_k(metric: str) -> int:
+    """The cut-off of "name@K" (1 for valid_ratio)."""
+    return int(metric.split("@", 1)[1]) if "@" in metric else 1
+
+
+def set_metric(kept: dict, metric: str):
+    """lists -> {metric: value} for a set metric (DivRatio, ORRatio, Coverage) of a kept evaluation's rows."""
+    from recalign.eval.lists import ListInputs, score_lists
+
+    k = metric_k(metric)
+
+    def scores(lists) -> dict:
+        inputs = ListInputs(lists, kept["relevant"], int(kept["n_items"]), n_relevant=kept["n_relevant"])
+        return score_lists(inputs, [k], metrics=["coverage"])
+
+    return scores
+
+
+def permutation_verdict(difference: float, p_value: float, expect: str, alpha: float = 0.05) -> str:
+    """The verdict of a set metric from the paired permutation test: the observed direction, significant at
+    `alpha` (`not_lower` holds unless the row is significantly lower)."""
+    significant = p_value < alpha
+    holds = {"higher": significant and difference > 0, "lower": significant and difference < 0,
+             "not_lower": not (significant and difference < 0)}[expect]
+    return "holds" if holds else "does not hold"
+
+
 def verdict(low: float, high: float, expect: str) -> str:
     """"holds" or "does not hold" for an interval of row - baseline."""
     holds = {"higher": low > 0, "lower": high < 0, "not_lower": high >= 0}[expect]
@@ -111,17 +147,30 @@ def verdict(low: float, high: float, expect: str) -> str:
 
 def check_claim(run_dir: Path, spec: ClaimConfig, n_resamples: int = 1000, seed: int = 0) -> dict:
     """The measured claim: both values, their difference with a 95% paired-bootstrap interval, the verdict."""
-    from recalign.eval.bootstrap import paired_bootstrap
+    from recalign.eval.bootstrap import paired_bootstrap, paired_permutation_test
 
     a, b = load_lists(lists_path(run_dir, spec.row)), load_lists(lists_path(run_dir, spec.baseline))
     if a["users"].shape != b["users"].shape or not bool((a["users"] == b["users"]).all()):
         raise ConfigError(f"claims: {spec.row} and {spec.baseline} were not scored on the same users")
+    if a.get("setting") != b.get("setting"):
+        raise ConfigError(f"claims: {spec.row} ({a.get('setting')}) and {spec.baseline} ({b.get('setting')}) were "
+                          "scored under different settings")
+    k = metric_k(spec.metric)
+    if k > min(a["lists"].shape[1], b["lists"].shape[1]):
+        raise ConfigError(f"claims: {spec.metric} needs lists of {k}; the rows kept "
+                          f"{min(a['lists'].shape[1], b['lists'].shape[1])} (raise eval.ks)")
+    out = {"method": spec.method, "claim": spec.claim, "row": spec.row, "baseline": spec.baseline,
+           "metric": spec.metric, "expect": spec.expect, "n_users": int(len(a["users"]))}
+    if spec.metric.split("@", 1)[0] in SET_METRICS:  # not a mean over users: resampling duplicates would bias it
+        found = paired_permutation_test(a["lists"], b["lists"], set_metric(a, spec.metric), [spec.metric],
+                                        n_permutations=n_resamples, seed=seed)[spec.metric]
+        return {**out, "value": found["a"], "baseline_value": found["b"], "difference": found["diff"],
+                "p_value": found["p_value"], "verdict": permutation_verdict(found["diff"], found["p_value"],
+                                                                            spec.expect)}
     found = paired_bootstrap(metric_on_rows(a, spec.metric), metric_on_rows(b, spec.metric), len(a["users"]),
                              [spec.metric], n_resamples=n_resamples, seed=seed)[spec.metric]
-    return {"method": spec.method, "claim": spec.claim, "row": spec.row, "baseline": spec.baseline,
-            "metric": spec.metric, "expect": spec.expect, "value": found["a"], "baseline_value": found["b"],
-            "difference": found["diff"], "low": found["low"], "high": found["high"], "n_users": int(len(a["users"])),
-            "verdict": verdict(found["low"], found["high"], spec.expect)}
+    return {**out, "value": found["a"], "baseline_value": found["b"], "difference": found["diff"],
+            "low": found["low"], "high": found["high"], "verdict": verdict(found["low"], found["high"], spec.expect)}
 
 
 def check_claims(run_dir: Path, specs: Sequence[ClaimConfig], n_resamples: int = 1000, seed: int = 0) -> list[dict]:
@@ -130,7 +179,7 @@ def check_claims(run_dir: Path, specs: Sequence[ClaimConfig], n_resamples: int =
     for spec in specs:
         try:
             out.append(check_claim(run_dir, spec, n_resamples, seed))
-        except ConfigError as exc:
+        except Exception as exc:  # one claim that cannot be measured must not cost the run its summary
             out.append({"method": spec.method, "claim": spec.claim, "row": spec.row, "baseline": spec.baseline,
                         "metric": spec.metric, "expect": spec.expect, "verdict": f"not measured: {exc}"})
     return out
@@ -142,7 +191,8 @@ def claim_cells(claim: dict) -> list[str]:
         value = claim.get(key)
         return f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
 
-    interval = f"[{claim['low']:+.4f}, {claim['high']:+.4f}]" if "low" in claim else "n/a"
+    interval = f"[{claim['low']:+.4f}, {claim['high']:+.4f}]" if "low" in claim else \
+        f"permutation p={claim['p_value']:.3f}" if "p_value" in claim else "n/a"
     difference = f"{claim['difference']:+.4f}" if "difference" in claim else "n/a"
     return [str(claim.get("method", "")), str(claim.get("claim", "")), str(claim.get("metric", "")),
             number("value"), str(claim.get("baseline", "")), number("baseline_value"), difference, interval,

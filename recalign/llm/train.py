@@ -59,9 +59,9 @@ def sft_config(settings: SFTConfig, output_dir: str | Path, progress: bool = Fal
 
 
 def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int, window: int = 50) -> list[int]:
-    """An epoch's example order whose batches hold examples of similar length: a seeded shuffle, each window of
-    `window` batches sorted by length and cut into batches, then the batches in a seeded random order (every
-    example once; the longest batch is not always first, so memory peaks are not front-loaded by design)."""
+    """An example order whose batches hold examples of similar length: a seeded shuffle, each window of `window`
+    batches sorted by length and cut into batches, then the batches in a seeded random order (every example once).
+    The trainer then reads the examples in this order (sequential sampler), the same order in every epoch."""
     import numpy as np
 
     rng = np.random.default_rng(seed)

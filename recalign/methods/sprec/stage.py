@@ -39,7 +39,8 @@ def run_stage(ctx, params) -> dict:
     summary = run_sprec(config, ctx.dataset, ctx.split, work, progress=ctx.progress, log=ctx.log, evaluator=evaluator)
     comparisons = _write_report(ctx, config, summary, work, evaluator)
     _copy_final_adapters(ctx, summary, work)
-    return {**_stage_metrics(ctx, summary, protocol, work), **paper_claims(comparisons)}
+    return {**_stage_metrics(ctx, summary, protocol, work),
+            **paper_claims(comparisons, ctx.stage.name if ctx.stage else "sprec")}
 
 
 # SPRec's claim against its own SFT (paper §4): more diverse lists, fewer over-recommended items, accuracy kept.
@@ -48,24 +49,30 @@ CLAIMS = (("div_ratio", "higher", "DivRatio up against its SFT"),
           ("hr", "not_lower", "HR not significantly lower than its SFT"))
 
 
-def paper_claims(comparisons: list[dict] | None) -> dict:
-    """{"claims": [...]} from the last SPRec iteration's paired bootstrap against SFT (empty without one)."""
-    from recalign.eval.claims import verdict
+def paper_claims(comparisons: list[dict] | None, row: str = "sprec") -> dict:
+    """{"claims": [...]} from the last SPRec iteration's comparison with SFT (empty without one): HR by its
+    paired-bootstrap interval; DivRatio and ORRatio, set metrics a bootstrap would bias, by the paired permutation
+    test (observed direction, p < 0.05)."""
+    from recalign.eval.claims import SET_METRICS, permutation_verdict, verdict
 
     last = [c for c in comparisons or [] if c.get("variant") == "sprec"]
     if not last:
         return {}
-    found = last[-1]["bootstrap"]
+    boot, perm = last[-1]["bootstrap"], last[-1].get("permutation") or {}
     claims = []
     for name, expect, text in CLAIMS:
-        key = next((k for k in found if k.split("@")[0] == name), None)
+        key = next((k for k in boot if k.split("@")[0] == name), None)
         if key is None:
             continue
-        b = found[key]
-        claims.append({"method": "SPRec", "claim": f"{text} (iteration {last[-1]['iteration']})", "row": "sprec",
-                       "baseline": "sprec:sft", "metric": key, "expect": expect, "value": b["a"],
-                       "baseline_value": b["b"], "difference": b["diff"], "low": b["low"], "high": b["high"],
-                       "verdict": verdict(b["low"], b["high"], expect)})
+        b = boot[key]
+        claim = {"method": "SPRec", "claim": f"{text} (iteration {last[-1]['iteration']})", "row": row,
+                 "baseline": f"{row}:sft", "metric": key, "expect": expect, "value": b["a"], "baseline_value": b["b"],
+                 "difference": b["diff"]}
+        if name in SET_METRICS and key in perm:
+            p = perm[key]["p_value"]
+            claims.append({**claim, "p_value": p, "verdict": permutation_verdict(b["diff"], p, expect)})
+        elif name not in SET_METRICS:
+            claims.append({**claim, "low": b["low"], "high": b["high"], "verdict": verdict(b["low"], b["high"], expect)})
     return {"claims": claims}
 
 

@@ -34,7 +34,7 @@ def run_stage(ctx, params: TrackRecStageConfig) -> dict:
                            TitleCatalog.of(ctx.dataset, params.noun), work, progress=ctx.progress, log=ctx.log)
     records = summary["iterations"]
     _write_reports(ctx, records, work)
-    return _stage_metrics(config, records, work)
+    return _stage_metrics(config, records, work, ctx.stage.name if ctx.stage else "trackrec")
 
 
 def _work_dir(ctx, params: TrackRecStageConfig, config: TrackRecConfig) -> Path:
@@ -59,7 +59,7 @@ def _write_reports(ctx, records: list[dict], work: Path) -> None:
         shutil.copy2(folder / "cots.parquet", ctx.stage_dir / f"cots_{name}.parquet")
 
 
-def _stage_metrics(config: TrackRecConfig, records: list[dict], work: Path) -> dict:
+def _stage_metrics(config: TrackRecConfig, records: list[dict], work: Path, row: str = "trackrec") -> dict:
     """The stage's metrics: the last iteration's LLM test, and iteration 0's under `first/`."""
     last = records[-1]
     metrics = {"model": f"G {config.model}, V {verifier_base(config)}", "teacher": teacher_name(config.teacher),
@@ -67,11 +67,11 @@ def _stage_metrics(config: TrackRecConfig, records: list[dict], work: Path) -> d
     metrics.update({k: last[k] for k in ("acc", "auc", "logloss", "valid_ratio", "n_test") if last.get(k) is not None})
     metrics.update({f"first/{k}": records[0][k] for k in ("acc", "auc", "logloss", "valid_ratio")
                     if records[0].get(k) is not None})
-    claim = valid_ratio_claim(records[0], last)
+    claim = valid_ratio_claim(records[0], last, row)
     return {**metrics, **({"claims": [claim]} if claim else {})}
 
 
-def valid_ratio_claim(first: dict, last: dict) -> dict | None:
+def valid_ratio_claim(first: dict, last: dict, row: str = "trackrec") -> dict | None:
     """The aligned V answers the LLM test with Yes/No (valid ratio) against iteration 0's V, with a 95% normal
     interval of the difference of the two proportions (each over the test impressions); None without both."""
     import math
@@ -85,7 +85,7 @@ def valid_ratio_claim(first: dict, last: dict) -> dict | None:
     half = 1.96 * math.sqrt(max(a * (1 - a) + b * (1 - b), 1e-12) / n)
     diff = a - b
     return {"method": "TrackRec", "claim": f"the LLM test's valid ratio rises after {last['iteration']} alignment "
-            "iteration(s)", "row": "trackrec", "baseline": "trackrec:iteration 0", "metric": "valid_ratio",
+            "iteration(s)", "row": row, "baseline": f"{row}:iteration 0", "metric": "valid_ratio",
             "expect": "higher", "value": a, "baseline_value": b, "difference": diff, "low": diff - half,
             "high": diff + half, "verdict": verdict(diff - half, diff + half, "higher")}
 
