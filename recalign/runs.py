@@ -176,8 +176,6 @@ def _run_locked(recipe: Recipe, run_dir: Path, progress: bool, echo: Callable[[s
 def _run_stages(recipe: Recipe, run_dir: Path, dataset: Dataset, split: "Split", progress: bool,
                 echo: Callable[[str], None] | None, results: dict[str, dict]) -> None:
     """Run the stages not finished with their current config, adding each one's metrics to `results`."""
-    from recalign.recipes import stage_dependencies
-
     fingerprint = dataset.fingerprint()
     hashes = stage_hashes(recipe, fingerprint)
     dependencies = stage_dependencies(recipe.stages)
@@ -191,9 +189,8 @@ def _run_stages(recipe: Recipe, run_dir: Path, dataset: Dataset, split: "Split",
                 echo(f"[{spec.name}] finished earlier with the same config: skipped")
             continue
         with _full_disk(run_dir, f"in stage {quoted(spec.name)}"):
-            depends = {name: hashes[name] for name in sorted(set(dependencies[spec.name].values()))}
             results[spec.name] = _run_stage(spec, hashes[spec.name], run_dir, dataset, split, recipe, progress,
-                                            echo, get_stage, depends)
+                                            echo, get_stage, _read_hashes(dependencies[spec.name], hashes))
             _write_summary(run_dir, recipe, fingerprint, results, with_claims=False)
 
 
@@ -279,8 +276,6 @@ def _follow_recipe(recipe: Recipe, run_dir: Path, get_stage) -> dict:
     recipe = recipe.model_copy(update={"data": absolute_data_paths(recipe.data), "datasets": {
         role: [absolute_data_paths(spec) for spec in specs] for role, specs in recipe.datasets.items()}})
     dataset, split = make_split(prepare_data(recipe.data, cache_dir=run_dir / "data"), recipe.split, recipe.seed)
-    from recalign.recipes import stage_dependencies
-
     hashes = stage_hashes(recipe, dataset.fingerprint())
     dependencies = stage_dependencies(recipe.stages)
     scratch = run_dir / RANKS / f"{_launch_id()}-rank{process_rank()}"
@@ -290,8 +285,8 @@ def _follow_recipe(recipe: Recipe, run_dir: Path, get_stage) -> dict:
             final = run_dir / "stages" / spec.name
             if get_stage(spec.kind).multi_process and not stage_is_done(final, hashes[spec.name]):
                 _copy_work(run_dir / "work", scratch / "work", spec.name)  # resume where rank 0 resumes
-                depends = {name: hashes[name] for name in sorted(set(dependencies[spec.name].values()))}
-                _run_stage(spec, hashes[spec.name], scratch, dataset, split, recipe, False, None, get_stage, depends)
+                _run_stage(spec, hashes[spec.name], scratch, dataset, split, recipe, False, None, get_stage,
+                           _read_hashes(dependencies[spec.name], hashes))
                 shutil.rmtree(scratch / "stages" / spec.name)
             _wait_for(lambda: stage_is_done(final, hashes[spec.name]))
             (scratch / "stages" / spec.name).symlink_to(final, target_is_directory=True)
@@ -315,6 +310,11 @@ def _start_run_folder(run_dir: Path, recipe: Recipe, raw_dataset: Dataset, datas
         "split": {"kind": recipe.split.kind, "train": len(split.train), "valid": len(split.valid),
                   "test": len(split.test), **{k: len(v) for k, v in split.extra.items()}},
     })
+
+
+def _read_hashes(declared: dict[str, str], hashes: dict[str, str]) -> dict[str, str]:
+    """{earlier stage: its config hash} of the stages a stage reads (`declared`: params field -> stage name)."""
+    return {name: hashes[name] for name in sorted(set(declared.values()))}
 
 
 def _run_stage(spec: StageConfig, config_hash: str, run_dir: Path, dataset: Dataset, split: "Split",

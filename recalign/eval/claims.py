@@ -25,7 +25,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from recalign.errors import ConfigError
 
-EXPECTATIONS = ("higher", "lower", "not_lower")
 COLUMNS = ("method", "claim", "metric", "value", "baseline", "baseline_value", "difference", "interval", "verdict")
 
 
@@ -63,53 +62,26 @@ def load_lists(path: Path) -> dict:
 
 
 def metric_on_rows(kept: dict, metric: str):
-    """index -> {metric: value} on those rows (repeats allowed) of a kept evaluation."""
-    from recalign.eval.lists import ListInputs, score_lists
-
-    k = int(metric.split("@", 1)[1]) if "@" in metric else 1
-    lists, relevant, n_relevant = kept["lists"], kept["relevant"], kept["n_relevant"]
-    n_items = int(kept["n_items"])
-    if lists.shape[1] < k:  # a shorter list: its missing slots are misses
-        import torch
-
-        lists = torch.cat([lists, torch.full((lists.shape[0], k - lists.shape[1]), -1, dtype=lists.dtype)], dim=1)
-
-    per_row = _per_row_values(metric, lists, relevant, n_relevant, k)
-    if per_row is not None:  # a mean over users: bootstrap the per-user values directly
-        values, known = per_row
-
-        def means(index: np.ndarray) -> dict:
-            chosen = index[known[index]]
-            return {metric: float(values[chosen].mean()) if len(chosen) else 0.0}
-
-        return means
-
-    def scores(index: np.ndarray) -> dict:
-        import torch
-
-        rows = torch.as_tensor(index, dtype=torch.long)
-        inputs = ListInputs(lists[rows], relevant[rows], n_items, n_relevant=n_relevant[rows])
-        out = score_lists(inputs, [k], metrics=["accuracy", "coverage", "valid_ratio"])
-        if metric not in out:
-            raise ConfigError(f"claims: unknown metric {metric!r}; e.g. hr@10, ndcg@10, div_ratio@10, or_ratio@10")
-        return out
-
-    return scores
-
-
-def _per_row_values(metric: str, lists, relevant, n_relevant, k: int):
-    """(per-user values, users with a known target) of a metric that is a mean over users (hr, recall, precision,
-    ndcg, mrr, map), as `score_lists` computes it; None for set metrics (coverage, div_ratio, or_ratio, ...)."""
+    """index -> {metric: value} on those rows (repeats allowed) of a kept evaluation, for a metric that is a mean
+    over users (hr, recall, precision, ndcg, mrr, map @K, valid_ratio): the per-user values are computed once, as
+    `score_lists` computes them (users without a known target left out), and each resample averages them."""
     from recalign.eval import metrics as m
 
-    functions = {"hr": m.hit_ratio, "recall": m.recall, "precision": m.precision, "ndcg": m.ndcg, "mrr": m.mrr,
-                 "map": m.map_at_k}
-    function = functions.get(metric.split("@", 1)[0])
-    if function is None or "@" not in metric:
-        return None
-    values = function(lists, relevant, k, n_relevant=n_relevant, reduce="none").double().numpy()
+    lists, relevant = kept["lists"], kept["relevant"]
+    name, k = metric.split("@", 1)[0], metric_k(metric)
+    if name == "valid_ratio":
+        values = (lists >= 0).any(dim=1).double().numpy()
+    else:
+        functions = {"hr": m.hit_ratio, "recall": m.recall, "precision": m.precision, "ndcg": m.ndcg, "mrr": m.mrr,
+                     "map": m.map_at_k}
+        values = functions[name](lists, relevant, k, n_relevant=kept["n_relevant"], reduce="none").double().numpy()
     known = (relevant.reshape(len(relevant), -1) >= 0).any(dim=1).numpy()
-    return values, known
+
+    def means(index: np.ndarray) -> dict:
+        chosen = index[known[index]]
+        return {metric: float(values[chosen].mean()) if len(chosen) else 0.0}
+
+    return means
 
 
 def metric_k(metric: str) -> int:
@@ -145,8 +117,20 @@ def verdict(low: float, high: float, expect: str) -> str:
     return "holds" if holds else "does not hold"
 
 
+def measured_claim(method: str, claim: str, row: str, baseline: str, metric: str, expect: str, found: dict) -> dict:
+    """A claims-table entry from one paired comparison `found` ({a, b, diff} with the bootstrap interval's low and
+    high, or with a permutation test's p_value) and its verdict."""
+    out = {"method": method, "claim": claim, "row": row, "baseline": baseline, "metric": metric, "expect": expect,
+           "value": found["a"], "baseline_value": found["b"], "difference": found["diff"]}
+    if "low" in found:
+        return {**out, "low": found["low"], "high": found["high"],
+                "verdict": verdict(found["low"], found["high"], expect)}
+    return {**out, "p_value": found["p_value"], "verdict": permutation_verdict(found["diff"], found["p_value"], expect)}
+
+
 def check_claim(run_dir: Path, spec: ClaimConfig, n_resamples: int = 1000, seed: int = 0) -> dict:
-    """The measured claim: both values, their difference with a 95% paired-bootstrap interval, the verdict."""
+    """The measured claim: both values, their difference with a 95% paired-bootstrap interval (a permutation
+    test's p-value for set metrics), the verdict."""
     from recalign.eval.bootstrap import paired_bootstrap, paired_permutation_test
 
     a, b = load_lists(lists_path(run_dir, spec.row)), load_lists(lists_path(run_dir, spec.baseline))
@@ -159,18 +143,14 @@ def check_claim(run_dir: Path, spec: ClaimConfig, n_resamples: int = 1000, seed:
     if k > min(a["lists"].shape[1], b["lists"].shape[1]):
         raise ConfigError(f"claims: {spec.metric} needs lists of {k}; the rows kept "
                           f"{min(a['lists'].shape[1], b['lists'].shape[1])} (raise eval.ks)")
-    out = {"method": spec.method, "claim": spec.claim, "row": spec.row, "baseline": spec.baseline,
-           "metric": spec.metric, "expect": spec.expect, "n_users": int(len(a["users"]))}
     if spec.metric.split("@", 1)[0] in SET_METRICS:  # not a mean over users: resampling duplicates would bias it
         found = paired_permutation_test(a["lists"], b["lists"], set_metric(a, spec.metric), [spec.metric],
                                         n_permutations=n_resamples, seed=seed)[spec.metric]
-        return {**out, "value": found["a"], "baseline_value": found["b"], "difference": found["diff"],
-                "p_value": found["p_value"], "verdict": permutation_verdict(found["diff"], found["p_value"],
-                                                                            spec.expect)}
-    found = paired_bootstrap(metric_on_rows(a, spec.metric), metric_on_rows(b, spec.metric), len(a["users"]),
-                             [spec.metric], n_resamples=n_resamples, seed=seed)[spec.metric]
-    return {**out, "value": found["a"], "baseline_value": found["b"], "difference": found["diff"],
-            "low": found["low"], "high": found["high"], "verdict": verdict(found["low"], found["high"], spec.expect)}
+    else:
+        found = paired_bootstrap(metric_on_rows(a, spec.metric), metric_on_rows(b, spec.metric), len(a["users"]),
+                                 [spec.metric], n_resamples=n_resamples, seed=seed)[spec.metric]
+    return {**measured_claim(spec.method, spec.claim, spec.row, spec.baseline, spec.metric, spec.expect, found),
+            "n_users": int(len(a["users"]))}
 
 
 def check_claims(run_dir: Path, specs: Sequence[ClaimConfig], n_resamples: int = 1000, seed: int = 0) -> list[dict]:
@@ -208,5 +188,6 @@ def claims_markdown(claims: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["COLUMNS", "ClaimConfig", "EXPECTATIONS", "check_claim", "check_claims", "claim_cells", "claims_markdown",
-           "lists_path", "load_lists", "metric_on_rows", "verdict"]
+__all__ = ["COLUMNS", "ClaimConfig", "SET_METRICS", "check_claim", "check_claims", "claim_cells", "claims_markdown",
+           "lists_path", "load_lists", "measured_claim", "metric_k", "metric_on_rows", "permutation_verdict",
+           "set_metric", "verdict"]

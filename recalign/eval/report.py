@@ -202,7 +202,7 @@ def claims_table(summary: dict) -> Table | None:
     claims = collect_claims(summary)
     if not claims:
         return None
-    table = Table(title="claims (row - baseline, 95% paired-bootstrap interval)")
+    table = Table(title="claims (row - baseline: 95% paired-bootstrap interval, or permutation p for set metrics)")
     for column in COLUMNS:
         table.add_column(column, justify="right" if column in ("value", "baseline_value", "difference") else "left")
     for claim in claims:
@@ -232,7 +232,8 @@ def write_report(run_dir: str | os.PathLike, columns: list[str] | None = None) -
     claims = claims_markdown(collect_claims(summary))
     lines += ["## Results", "", markdown_table(summary, columns), ""] + ([note, ""] if note else [])
     lines += (["## Claims", "", "Each claim compares two rows on the same users: the difference with its 95% "
-               "paired-bootstrap interval, and whether the claimed direction holds.", "", claims, ""]
+               "paired-bootstrap interval (set metrics such as DivRatio: a paired permutation test's p-value), and "
+               "whether the claimed direction holds.", "", claims, ""]
               if claims else [])
     lines += [
               "The resolved recipe is `config.yaml`; per-stage artifacts are under `stages/<name>/`.", "",

@@ -92,14 +92,16 @@ def template_texts() -> list[str]:
     return out
 
 
+def item_texts(dataset) -> list[str]:
+    """Each item's text (none when the catalog has no text column)."""
+    items = dataset.items
+    return [str(t) for t in items["text"].fillna("")] if "text" in items.columns else []
+
+
 def catalog_texts(dataset) -> list[str]:
     """Titles, quoted titles, categories and item texts of the catalog."""
-    items = dataset.items
     texts = [*dataset.titles(), *(f'"{t}", "{t}"' for t in dataset.titles())]
-    texts += [c for cats in dataset.item_categories() for c in cats]
-    if "text" in items.columns:
-        texts += [str(t) for t in items["text"].fillna("")]
-    return texts
+    return texts + [c for cats in dataset.item_categories() for c in cats] + item_texts(dataset)
 
 
 @dataclass
@@ -128,8 +130,7 @@ def toy_corpus(dataset, sequences: Sequence[Sequence[int]], window: int, stride:
             names = [titles[i] for i in seq[start:start + window]]
             # every other window as a numbered list: the two ways prompts and answers write titles
             windows.append(numbered(names) if len(windows) % 2 else quoted(names))
-    items = [str(t) for t in dataset.items["text"].fillna("")] if "text" in dataset.items.columns else []
-    return ToyCorpus(windows, items)
+    return ToyCorpus(windows, item_texts(dataset))
 
 
 def pretrain_causal_lm(model, tokenizer, texts: Sequence[str], *, epochs: int, lr: float, batch_size: int,
@@ -171,5 +172,5 @@ def pretrain_causal_lm(model, tokenizer, texts: Sequence[str], *, epochs: int, l
     return curve
 
 
-__all__ = ["CHAT_TEMPLATE", "ToyCorpus", "catalog_texts", "pretrain_causal_lm", "template_texts", "toy_corpus",
+__all__ = ["CHAT_TEMPLATE", "ToyCorpus", "catalog_texts", "item_texts", "pretrain_causal_lm", "template_texts", "toy_corpus",
            "word_tokenizer", "word_vocabulary"]

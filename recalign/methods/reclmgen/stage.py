@@ -126,7 +126,7 @@ RL_CLAIMS = (("+c", "target_category_rate", "higher", "+C TargetCategoryRate up"
 def rl_claims(ctx: "RunContext", config: RecLMGenConfig, out: dict) -> dict:
     """{"claims": [...]}: this stage's test answers against its init_from stage's (the SFT model RL started from),
     paired bootstrap over the users both answered (`baselines.compare_tasks`)."""
-    from recalign.eval.claims import verdict
+    from recalign.eval.claims import measured_claim
     from recalign.methods.reclmgen.baselines import compare_tasks
     from recalign.methods.reclmgen.metrics import CategoryTable
 
@@ -138,13 +138,10 @@ def rl_claims(ctx: "RunContext", config: RecLMGenConfig, out: dict) -> dict:
         for task, found in compared.items():
             if task.split("_")[0] != prefix or metric not in found:
                 continue
-            b = found[metric]
-            claims.append({"method": f"RecLM-gen ({config.algorithm.upper()})",
-                           "claim": f"{words} after {config.algorithm.upper()} against SFT",
-                           "row": ctx.stage.name if ctx.stage else "reclmgen", "baseline": config.init_from,
-                           "metric": f"{task}/{metric}", "expect": expect, "value": b["a"], "baseline_value": b["b"],
-                           "difference": b["diff"], "low": b["low"], "high": b["high"],
-                           "verdict": verdict(b["low"], b["high"], expect)})
+            algorithm = config.algorithm.upper()
+            claims.append(measured_claim(f"RecLM-gen ({algorithm})", f"{words} after {algorithm} against SFT",
+                                         ctx.stage.name if ctx.stage else "reclmgen", config.init_from,
+                                         f"{task}/{metric}", expect, found[metric]))
     return {"claims": claims}
 
 

@@ -53,7 +53,7 @@ def paper_claims(comparisons: list[dict] | None, row: str = "sprec") -> dict:
     """{"claims": [...]} from the last SPRec iteration's comparison with SFT (empty without one): HR by its
     paired-bootstrap interval; DivRatio and ORRatio, set metrics a bootstrap would bias, by the paired permutation
     test (observed direction, p < 0.05)."""
-    from recalign.eval.claims import SET_METRICS, permutation_verdict, verdict
+    from recalign.eval.claims import SET_METRICS, measured_claim
 
     last = [c for c in comparisons or [] if c.get("variant") == "sprec"]
     if not last:
@@ -62,17 +62,10 @@ def paper_claims(comparisons: list[dict] | None, row: str = "sprec") -> dict:
     claims = []
     for name, expect, text in CLAIMS:
         key = next((k for k in boot if k.split("@")[0] == name), None)
-        if key is None:
-            continue
-        b = boot[key]
-        claim = {"method": "SPRec", "claim": f"{text} (iteration {last[-1]['iteration']})", "row": row,
-                 "baseline": f"{row}:sft", "metric": key, "expect": expect, "value": b["a"], "baseline_value": b["b"],
-                 "difference": b["diff"]}
-        if name in SET_METRICS and key in perm:
-            p = perm[key]["p_value"]
-            claims.append({**claim, "p_value": p, "verdict": permutation_verdict(b["diff"], p, expect)})
-        elif name not in SET_METRICS:
-            claims.append({**claim, "low": b["low"], "high": b["high"], "verdict": verdict(b["low"], b["high"], expect)})
+        found = (perm if name in SET_METRICS else boot).get(key) if key is not None else None
+        if found is not None:
+            claims.append(measured_claim("SPRec", f"{text} (iteration {last[-1]['iteration']})", row, f"{row}:sft",
+                                         key, expect, found))
     return {"claims": claims}
 
 

@@ -33,10 +33,8 @@ class NextTitleScorer:
     def __init__(self, model, tokenizer, titles: list[str], max_history: int = 10, batch_size: int = 64):
         import torch
 
-        from recalign.llm.prompts import quoted
-
         self.model, self.tokenizer, self.titles = model, tokenizer, titles
-        self.max_history, self.batch_size, self.quoted = max_history, batch_size, quoted
+        self.max_history, self.batch_size = max_history, batch_size
         ids = tokenizer.convert_tokens_to_ids(titles)
         if any(i == tokenizer.unk_token_id for i in ids):
             raise ConfigError("toy-lm: every title must be one token of the tokenizer")
@@ -47,10 +45,12 @@ class NextTitleScorer:
         import numpy as np
         import torch
 
-        texts = [self.quoted([self.titles[i] for i in history[int(u)][-self.max_history:]]) + ', "'
+        from recalign.llm.prompts import quoted
+
+        texts = [quoted([self.titles[i] for i in history[int(u)][-self.max_history:]]) + ', "'
                  for u in np.asarray(users)]
         out = []
-        self.tokenizer.padding_side = "left"
+        self.tokenizer.padding_side = "left"  # the last position is every row's next title (RoPE: offsets cancel)
         with torch.no_grad():
             for start in range(0, len(texts), self.batch_size):
                 enc = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True,

@@ -76,18 +76,16 @@ def valid_ratio_claim(first: dict, last: dict, row: str = "trackrec") -> dict | 
     interval of the difference of the two proportions (each over the test impressions); None without both."""
     import math
 
-    from recalign.eval.claims import verdict
+    from recalign.eval.claims import measured_claim
 
     n = last.get("n_test") or first.get("n_test")
     a, b = last.get("valid_ratio"), first.get("valid_ratio")
     if not n or a is None or b is None or last is first:
         return None
     half = 1.96 * math.sqrt(max(a * (1 - a) + b * (1 - b), 1e-12) / n)
-    diff = a - b
-    return {"method": "TrackRec", "claim": f"the LLM test's valid ratio rises after {last['iteration']} alignment "
-            "iteration(s)", "row": row, "baseline": f"{row}:iteration 0", "metric": "valid_ratio",
-            "expect": "higher", "value": a, "baseline_value": b, "difference": diff, "low": diff - half,
-            "high": diff + half, "verdict": verdict(diff - half, diff + half, "higher")}
+    found = {"a": a, "b": b, "diff": a - b, "low": a - b - half, "high": a - b + half}
+    return measured_claim("TrackRec", f"the LLM test's valid ratio rises after {last['iteration']} alignment "
+                          "iteration(s)", row, f"{row}:iteration 0", "valid_ratio", "higher", found)
 
 
 def alternation_table(records: list[dict]) -> str:
